@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the whole test suite from a clean clone: sets up .venv, installs a headless browser for the
+# web UI test when the system package manager allows it, then runs pytest. Extra args go to pytest.
+set -e
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+source dev/setup_env.sh
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium + chromedriver for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+        || echo "[setup] could not install chromium; the browser test will be skipped"
+fi
+python -m pytest "$@"

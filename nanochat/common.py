@@ -1,0 +1,258 @@
+"""
+Runtime helpers shared by every stage: where artifacts live, which device and dtype we compute in,
+distributed set-up under torchrun, printing, peak-FLOPs lookup and the one download helper.
+Device, dtype and process-group decisions are made here and nowhere else.
+"""
+
+import os
+import re
+import sys
+import time
+import fcntl
+import logging
+import urllib.error
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Logging: a level-coloured formatter, numbers highlighted in INFO lines
+
+class ColoredFormatter(logging.Formatter):
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+    RESET, BOLD = "\033[0m", "\033[1m"
+
+    def format(self, record):
+        levelname = record.levelname
+        if levelname in self.COLORS:
+            record.levelname = f"{self.COLORS[levelname]}{self.BOLD}{levelname}{self.RESET}"
+        message = super().format(record)
+        if levelname == "INFO":
+            message = re.sub(r"(\d+\.?\d*\s*(?:GB|MB|%|docs))", rf"{self.BOLD}\1{self.RESET}", message)
+            message = re.sub(r"(Shard \d+)", rf"{self.COLORS['INFO']}{self.BOLD}\1{self.RESET}", message)
+        record.levelname = levelname
+        return message
+
+def setup_default_logging():
+    handler = logging.StreamHandler()
+    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+setup_default_logging()
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# Where artifacts live
+
+def get_base_dir():
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+# -----------------------------------------------------------------------------
+# Printing and distributed info
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+def print_banner():
+    banner = r"""
+                                                       █████                █████
+                                                      ░░███                ░░███
+ ████████    ██████   ████████    ██████   ██████  ░███████    ██████   ███████
+░░███░░███  ░░░░░███ ░░███░░███  ███░░███ ███░░███ ░███░░███  ░░░░░███ ░░░███░
+ ░███ ░███   ███████  ░███ ░███ ░███ ░███░███ ░░░  ░███ ░███   ███████   ░███
+ ░███ ░███  ███░░███  ░███ ░███ ░███ ░███░███  ███ ░███ ░███  ███░░███   ░███ ███
+ ████ █████░░████████ ████ █████░░██████ ░░██████  ████ █████░░████████  ░░█████
+░░░░ ░░░░░  ░░░░░░░░ ░░░░ ░░░░░  ░░░░░░   ░░░░░░  ░░░░ ░░░░░  ░░░░░░░░    ░░░░░
+"""
+    print0(banner)
+
+def is_ddp_requested():
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from torchrun's environment, else a single process."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+# -----------------------------------------------------------------------------
+# Device and compute dtype
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+def _choose_compute_dtype():
+    # One decision for the whole program: weights stay fp32 masters, activations flow in this dtype.
+    forced = os.environ.get("NANOCHAT_DTYPE", "").strip()
+    choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if forced:
+        if forced not in choices:
+            raise SystemExit(f"error: NANOCHAT_DTYPE={forced!r} is not one of {', '.join(choices)}")
+        return choices[forced], f"forced by NANOCHAT_DTYPE={forced}"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return torch.bfloat16, f"CUDA compute capability {major}.{minor} supports bf16"
+        return torch.float32, f"CUDA compute capability {major}.{minor} < 8.0 has no fast bf16 (set NANOCHAT_DTYPE=float16 to force fp16)"
+    return torch.float32, "no CUDA device: computing in fp32"
+
+COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _choose_compute_dtype()
+
+def compute_init(device_type="cuda"):
+    """Seed, set precision flags and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
+    assert device_type in ("cuda", "mps", "cpu"), f"invalid device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device-type=cuda but no CUDA device is available (try --device-type=cpu)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device-type=mps but MPS is not available (try --device-type=cpu)")
+
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        # gloo lets multi-process runs work on CPU too (tests, laptops, CPU clusters)
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0 and ddp:
+        logger.info(f"Distributed world size: {world_size}")
+    return ddp, rank, local_rank, world_size, device
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run=dummy)."""
+    def log(self, *args, **kwargs):
+        pass
+    def finish(self):
+        pass
+
+# -----------------------------------------------------------------------------
+# Peak FLOPs (bf16 dense) for MFU. First substring match wins, so specific names come first.
+
+_PEAK_FLOPS = [
+    (["gb200"], 2.5e15), (["grace blackwell"], 2.5e15), (["b200"], 2.25e15), (["b100"], 1.8e15),
+    (["h200", "nvl"], 836e12), (["h200", "pcie"], 836e12), (["h200"], 989e12),
+    (["h100", "nvl"], 835e12), (["h100", "pcie"], 756e12), (["h100"], 989e12),
+    (["h800", "nvl"], 989e12), (["h800"], 756e12),
+    (["a100"], 312e12), (["a800"], 312e12), (["a40"], 149.7e12), (["a30"], 165e12),
+    (["l40s"], 362e12), (["l40-s"], 362e12), (["l40 s"], 362e12), (["l4"], 121e12),
+    (["mi355"], 2.5e15), (["mi325"], 1.3074e15), (["mi300x"], 1.3074e15), (["mi300a"], 980.6e12),
+    (["mi250x"], 383e12), (["mi250"], 362.1e12),
+    (["5090"], 209.5e12), (["4090"], 165.2e12), (["3090"], 71e12),
+]
+
+def get_peak_flops(device_name):
+    """bf16 dense peak FLOP/s of a GPU by name, or None when unknown (callers then print MFU as n/a, not 0%)."""
+    name = (device_name or "").lower()
+    for keys, flops in _PEAK_FLOPS:
+        if all(k in name for k in keys):
+            return flops
+    if "data center gpu max 1550" in name and torch.xpu.is_available():
+        return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
+    print0(f"Peak FLOPs of device {device_name!r} are unknown: MFU will be reported as n/a")
+    return None
+
+# -----------------------------------------------------------------------------
+# Downloads: retries with backoff, temp file + rename, clear failure when offline
+
+class DownloadError(RuntimeError):
+    pass
+
+def _is_offline_error(exc):
+    # DNS failures and refused connections will not fix themselves in a few seconds
+    reason = getattr(exc, "reason", exc)
+    text = str(reason).lower()
+    return isinstance(reason, (ConnectionRefusedError, OSError)) and any(
+        s in text for s in ("name or service not known", "temporary failure in name resolution",
+                            "nodename nor servname", "connection refused", "network is unreachable",
+                            "no address associated", "errno -2", "errno -3", "errno 111", "errno 101"))
+
+def download_file(url, dest_path, retries=5, timeout=30, desc=None):
+    """Download url to dest_path atomically. Returns dest_path. Raises DownloadError when it finally fails."""
+    desc = desc or os.path.basename(dest_path)
+    dest_dir = os.path.dirname(os.path.abspath(dest_path))
+    os.makedirs(dest_dir, exist_ok=True)
+    tmp_path = f"{dest_path}.tmp.{os.getpid()}"
+    offline_failures = 0
+    last_error = None
+    for attempt in range(1, retries + 1):
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
+            with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp_path, "wb") as f:
+                expected = response.headers.get("Content-Length")
+                written = 0
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    written += len(chunk)
+                if expected is not None and written != int(expected):
+                    raise DownloadError(f"truncated body: got {written} of {expected} bytes")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, dest_path)
+            return dest_path
+        except (urllib.error.URLError, OSError, DownloadError, TimeoutError) as e:
+            last_error = e
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code != 429:
+                break  # not found / forbidden: retrying will not help
+            if _is_offline_error(e):
+                offline_failures += 1
+                if offline_failures >= 2:
+                    break
+            if attempt < retries:
+                wait = min(2 ** attempt, 30) if not _is_offline_error(e) else 1
+                print0(f"Download of {desc} failed (attempt {attempt}/{retries}: {e}); retrying in {wait}s")
+                time.sleep(wait)
+    hint = ("the network looks unreachable; download it on a connected machine and copy it to "
+            f"{dest_path}, or use the offline options described in the README") if _is_offline_error(last_error) \
+        else "check the URL and your connection, then run the command again (finished files are kept)"
+    raise DownloadError(f"could not download {desc} from {url}: {last_error}; {hint}")
+
+def download_file_with_lock(url, filename, postprocess_fn=None):
+    """Download url to <base_dir>/filename once, even when several ranks ask at the same time."""
+    file_path = os.path.join(get_base_dir(), filename)
+    if os.path.exists(file_path):
+        return file_path
+    with open(file_path + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(file_path):  # another rank may have finished while we waited
+                print0(f"Downloading {url}")
+                download_file(url, file_path)
+                print0(f"Downloaded to {file_path}")
+                if postprocess_fn is not None:
+                    postprocess_fn(file_path)
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+    return file_path

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole nanochat pipeline on a CPU (or Apple silicon), small enough to finish in about half an hour
+# on a 2-core machine: environment, data, tokenizer, base model, base eval, SFT, chat eval, a one-shot
+# chat and report.md. The model is tiny, so expect babble with real words, not wisdom; the point is that
+# every stage runs and the numbers move the right way.
+#
+#   bash runs/runcpu.sh
+#
+# Offline it builds the pretraining corpus from text already on this machine and says so. If a folder
+# laid out like shared/data (eval_bundle/, gsm8k/, mmlu/, nanochat_identity/, english_words/) sits beside
+# the repo as ../shared/data, or NANOCHAT_LOCAL_DATA points at one, the evals and SFT use it.
+# It stops at the first failing step, printing that step's name.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+if [ -z "${NANOCHAT_LOCAL_DATA:-}" ] && [ -d "$REPO_ROOT/../shared/data" ]; then
+    export NANOCHAT_LOCAL_DATA="$(cd "$REPO_ROOT/../shared/data" && pwd)"
+fi
+if [ -z "${NANOCHAT_EVAL_BUNDLE:-}" ] && [ -n "${NANOCHAT_LOCAL_DATA:-}" ] && [ -d "$NANOCHAT_LOCAL_DATA/eval_bundle" ]; then
+    export NANOCHAT_EVAL_BUNDLE="$NANOCHAT_LOCAL_DATA/eval_bundle"
+fi
+
+CURRENT_STEP="setup"
+trap 'echo; echo "runcpu.sh: step \"$CURRENT_STEP\" failed (see the error above)"; exit 1' ERR
+step() {
+    CURRENT_STEP="$1"
+    echo
+    echo "=== [$(date +%H:%M:%S)] $1"
+}
+START_TIME=$(date +%s)
+
+step "setup: virtual environment"
+source dev/setup_env.sh
+python -m nanochat.report reset
+
+step "data: pretraining shards"
+if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4; then
+    echo "Pretraining shards could not be downloaded: building the offline default corpus"
+    echo "(docstrings and docs of the installed Python standard library and packages) instead."
+    export NANOCHAT_DATASET=offline
+    python -m nanochat.dataset --offline-corpus
+fi
+
+step "tokenizer: train and evaluate"
+python -m scripts.tok_train --max-chars=200000000 --vocab-size=8192
+python -m scripts.tok_eval
+
+step "base model: pretrain"
+python -m scripts.base_train \
+    --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=256 \
+    --device-batch-size=16 --total-batch-size=8192 \
+    --num-iterations=600 --eval-every=100 --eval-tokens=131072 \
+    --core-metric-every=-1 --sample-every=300 --run="$WANDB_RUN"
+
+step "base model: evaluate (bpb, samples, CORE)"
+python -m scripts.base_eval --device-batch-size=1 --split-tokens=32768 --max-per-task=16
+
+step "chat: supervised finetuning"
+python -m scripts.chat_sft --num-iterations=150 --eval-every=50 --run="$WANDB_RUN"
+
+step "chat: evaluate"
+python -m scripts.chat_eval -i sft -x 50
+
+step "chat: one-shot prompt"
+python -m scripts.chat_cli -i sft -p "Why is the sky blue?" -t 0.6
+
+step "report"
+python -m nanochat.report generate
+
+echo
+echo "runcpu.sh finished in $(( ($(date +%s) - START_TIME) / 60 )) min; the report is at ./report.md"
+echo "Talk to the model: python -m scripts.chat_cli -i sft   or   python -m scripts.chat_web -i sft"

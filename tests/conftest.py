@@ -1,0 +1,67 @@
+"""
+Shared test fixtures: a temporary base dir, a tiny tokenizer, tiny GPT models, and the real data beside the repo.
+Everything here is small enough to build in seconds on a 2-core CPU and needs no network.
+"""
+
+import os
+import inspect
+import pathlib
+
+import pytest
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_corpus():
+    """Real English text that every Python install carries: docstrings of a few stdlib modules."""
+    import json, collections, argparse, pathlib as pl, textwrap, string, random, functools
+    texts = []
+    for module in (json, collections, argparse, pl, textwrap, string, random, functools):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 40:
+                texts.append(doc)
+    return sorted(set(texts))
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """A fresh NANOCHAT_BASE_DIR so tests never touch ~/.cache/nanochat."""
+    path = tmp_path / "nanochat_base"
+    path.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.train_from_iterator(iter(tiny_corpus()), vocab_size=512)
+
+
+def make_tiny_model(vocab_size, n_layer=2, n_embd=64, n_head=2, sequence_len=64, window_pattern="SL", seed=0):
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_head, n_embd=n_embd, window_pattern=window_pattern)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+@pytest.fixture
+def tiny_model_factory():
+    return make_tiny_model
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (it sits beside the repo as ../shared/data)")
+    return SHARED_DATA
