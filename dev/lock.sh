@@ -9,7 +9,7 @@ python3 -m venv "$TMP/venv"
 "$TMP/venv/bin/pip" install -q "$REPO_ROOT[dev]"
 {
     echo "# Exact versions for the test and CPU environments; regenerate with: bash dev/lock.sh"
-    "$TMP/venv/bin/pip" freeze --exclude nanochat | sed -e 's/+cpu$//' -e '/ @ /d'
+    "$TMP/venv/bin/pip" freeze --all --exclude nanochat --exclude pip | sed -e 's/+cpu$//' -e '/ @ /d'
 } > "$REPO_ROOT/requirements.lock"
 rm -rf "$TMP"
 echo "wrote requirements.lock"
