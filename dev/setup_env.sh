@@ -14,7 +14,7 @@ STAMP="$VENV/.nanochat-installed"
 WANT="$(cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[setup] installing pinned dependencies from requirements.lock"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q --upgrade pip || true
     # torch is pinned exactly in the lock; on a machine with a local wheel of that version it installs from disk
     "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements.lock"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT"
