@@ -1,0 +1,263 @@
+"""
+One attention entry point for training and KV-cache decoding, mirroring the Flash Attention 3 API:
+
+    flash_attn_func(q, k, v, causal=False, window_size=(-1, -1))
+    flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1), cache_pos=None)
+
+Tensors are (B, T, heads, D); k/v may have fewer heads than q (GQA). window_size = (left, right): a query at
+position i sees keys in [i - left, i] (left < 0: unlimited). The fastest available backend is chosen here and
+nowhere else:
+
+  fa3   Flash Attention 3 kernels loaded through the `kernels` package: CUDA Hopper (sm90) with bf16 compute
+  flex  PyTorch FlexAttention with block-sparse masks (compiled): every other CUDA GPU. Sliding windows skip
+        whole masked tiles instead of computing a dense mask (the reference fell back to SDPA + dense mask)
+  sdpa  torch scaled_dot_product_attention: CPU / MPS. Full-context layers take the fused causal path;
+        sliding windows need an explicit (dense) mask
+
+The choice is printed once per device type. Tests may force a backend with set_backend_override().
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, print0
+
+BACKENDS = ("fa3", "flex", "sdpa")
+
+_backend_override = None   # None = automatic; else one of BACKENDS (tests)
+_resolved = {}             # device type -> (backend, reason)
+_fa3_module = None
+_fa3_reason = None
+
+
+# -----------------------------------------------------------------------------------------------------
+# backend resolution
+
+def _load_fa3():
+    """Try once to load the FA3 kernels. Returns (module or None, reason). Failures are reported, not hidden."""
+    global _fa3_module, _fa3_reason
+    if _fa3_reason is not None:
+        return _fa3_module, _fa3_reason
+    if not torch.cuda.is_available():
+        _fa3_reason = "no CUDA device"
+    elif COMPUTE_DTYPE != torch.bfloat16:
+        _fa3_reason = f"compute dtype is {COMPUTE_DTYPE} and FA3 kernels need bf16"
+    elif torch.cuda.get_device_capability()[0] != 9:
+        major, minor = torch.cuda.get_device_capability()
+        _fa3_reason = f"GPU is sm{major}{minor}; the FA3 kernels target Hopper (sm90)"
+    else:
+        try:
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            from kernels import get_kernel
+            _fa3_module = get_kernel("varunneal/flash-attention-3").flash_attn_interface
+            _fa3_reason = "Hopper GPU with bf16: loaded varunneal/flash-attention-3 via `kernels`"
+        except Exception as e:  # missing package, offline hub, incompatible build...
+            _fa3_reason = f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
+    return _fa3_module, _fa3_reason
+
+
+def _flex_available():
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def get_backend(device_type=None):
+    """(backend, reason) used for tensors on `device_type` (default: cuda if available else cpu)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if _backend_override is not None:
+        if _backend_override == "fa3":
+            module, reason = _load_fa3()
+            assert module is not None, f"attention backend 'fa3' forced but unavailable: {reason}"
+        return _backend_override, "forced by set_backend_override()"
+    if device_type not in _resolved:
+        if device_type == "cuda":
+            module, fa3_reason = _load_fa3()
+            if module is not None:
+                choice = ("fa3", fa3_reason)
+            elif _flex_available():
+                choice = ("flex", f"FA3 unavailable ({fa3_reason}); FlexAttention with block-sparse window masks")
+            else:
+                choice = ("sdpa", f"FA3 unavailable ({fa3_reason}) and no FlexAttention in this torch; "
+                                  "sliding windows use a dense mask, GPU utilization will be terrible "
+                                  "(consider --window-pattern=L)")
+        else:
+            choice = ("sdpa", f"{device_type} device: PyTorch SDPA (fused causal path for full-context layers, "
+                              "dense mask for sliding windows)")
+        _resolved[device_type] = choice
+        print0(f"Attention backend: {choice[0]} ({choice[1]})")
+    return _resolved[device_type]
+
+
+def set_backend_override(name):
+    """Force a backend (tests): 'fa3', 'flex', 'sdpa', or None for automatic."""
+    global _backend_override
+    assert name is None or name in BACKENDS, f"unknown attention backend {name!r}"
+    _backend_override = name
+
+
+def has_fa3():
+    return _load_fa3()[0] is not None
+
+
+# -----------------------------------------------------------------------------------------------------
+# masks shared by the non-FA3 backends
+
+def _window_covers_all(window_size, Tk):
+    left = window_size[0]
+    return left < 0 or left >= Tk - 1
+
+
+def _check_window(causal, window_size):
+    left, right = window_size
+    if not causal and (left >= 0 or right >= 0):
+        raise NotImplementedError("windowed attention is only supported with causal=True")
+
+
+_dense_masks = {}
+
+def _dense_mask(Tq, Tk, left, device):
+    """Boolean (Tq, Tk) mask: query row r sits at absolute position Tk - Tq + r (queries are the newest tokens)."""
+    key = (Tq, Tk, left, str(device))
+    mask = _dense_masks.get(key)
+    if mask is None:
+        q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+        k_pos = torch.arange(Tk, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if left >= 0:
+            mask = mask & (q_pos - k_pos <= left)
+        if len(_dense_masks) > 64:
+            _dense_masks.clear()
+        _dense_masks[key] = mask
+    return mask
+
+
+# -----------------------------------------------------------------------------------------------------
+# SDPA backend
+
+def _sdpa(q, k, v, causal, window_size):
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D), queries aligned to the end of the keys."""
+    Tq, Tk = q.size(1), k.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    left = window_size[0]
+    if not causal:
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    elif Tq == Tk and _window_covers_all(window_size, Tk):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # fused causal kernel
+    elif Tq == 1:
+        # decoding one token: it may see the last left+1 keys, which are all in the past
+        if not _window_covers_all(window_size, Tk):
+            k, v = k[:, :, Tk - (left + 1):], v[:, :, Tk - (left + 1):]
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(Tq, Tk, left, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------------------------------
+# FlexAttention backend
+
+_flex_fn = {}
+_block_masks = {}
+
+def _flex_attention_fn(device_type):
+    if device_type not in _flex_fn:
+        from torch.nn.attention.flex_attention import flex_attention
+        # fused kernels need compilation; on CPU (tests only) the eager path is exact and needs no compiler
+        _flex_fn[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return _flex_fn[device_type]
+
+
+def _block_mask(Tq, Tk, left, device):
+    key = (Tq, Tk, left, str(device))
+    bm = _block_masks.get(key)
+    if bm is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+        offset = Tk - Tq
+
+        def causal_window(b, h, q_idx, kv_idx):
+            q_pos = q_idx + offset
+            allowed = kv_idx <= q_pos
+            if left >= 0:
+                allowed = allowed & (q_pos - kv_idx <= left)
+            return allowed
+
+        bm = create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+        if len(_block_masks) > 64:
+            _block_masks.clear()
+        _block_masks[key] = bm
+    return bm
+
+
+def _flex(q, k, v, causal, window_size):
+    Tq, Tk = q.size(1), k.size(1)
+    if not causal or Tq == 1:
+        return _sdpa(q, k, v, causal, window_size)  # unmasked / single-query decode: SDPA is already optimal
+    left = window_size[0] if not _window_covers_all(window_size, Tk) else -1
+    gqa = q.size(2) != k.size(2)
+    flex = _flex_attention_fn(q.device.type)
+    y = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+             block_mask=_block_mask(Tq, Tk, left, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def prepare_masks(seq_len, window_sizes, device):
+    """Build the FlexAttention block masks for full-length training sequences ahead of time (called by
+    GPT.init_weights), so a torch.compile'd model only looks them up and never traces mask construction."""
+    device = torch.device(device)
+    if device.type != "cuda" or get_backend("cuda")[0] != "flex":
+        return
+    for left, _ in window_sizes:
+        window = (left, 0)
+        _block_mask(seq_len, seq_len, left if not _window_covers_all(window, seq_len) else -1, device)
+
+
+# -----------------------------------------------------------------------------------------------------
+# public entry points
+
+def _fa3_output(out):
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention over a whole sequence (training / no cache). Returns (B, T, H, D)."""
+    _check_window(causal, window_size)
+    backend, _ = get_backend(q.device.type)
+    if backend == "fa3":
+        return _fa3_output(_fa3_module.flash_attn_func(q, k, v, causal=causal, window_size=window_size))
+    if backend == "flex":
+        return _flex(q, k, v, causal, window_size)
+    return _sdpa(q, k, v, causal, window_size)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1), cache_pos=None):
+    """Attention of new queries over a KV cache (B, T_max, Hkv, D). The new k/v (if given) are written into
+    the cache in place at [pos, pos + T_new); the caller advances cache_seqlens afterwards. All rows share the
+    same position. `cache_pos` (python int) avoids a device->host sync when the caller already knows it."""
+    _check_window(causal, window_size)
+    backend, _ = get_backend(q.device.type)
+    if backend == "fa3":
+        return _fa3_output(_fa3_module.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                               causal=causal, window_size=window_size))
+    pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
+    T_new = q.size(1)
+    if k is not None:
+        if pos + T_new > k_cache.size(1):
+            raise ValueError(f"KV cache overflow: {pos} cached + {T_new} new tokens > cache length {k_cache.size(1)}")
+        k_cache[:, pos:pos + T_new] = k.to(k_cache.dtype)
+        v_cache[:, pos:pos + T_new] = v.to(v_cache.dtype)
+        end = pos + T_new
+    else:
+        end = pos
+    k_all, v_all = k_cache[:, :end], v_cache[:, :end]
+    if backend == "flex":
+        return _flex(q, k_all, v_all, causal, window_size)
+    return _sdpa(q, k_all, v_all, causal, window_size)

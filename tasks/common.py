@@ -1,0 +1,232 @@
+"""
+The task machinery shared by every dataset in tasks/:
+- Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
+- TaskMixture (deterministic seed-42 shuffle of several tasks) and TaskSequence (plain concatenation);
+- render_mc: the exact multiple-choice prompt;
+- where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
+- validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
+
+Local data (NANOCHAT_LOCAL_DATA=<dir>) is laid out like the project's shared/data folder:
+  gsm8k/{train,test}.jsonl (and *_socratic.jsonl), mmlu/{dev,test,val,auxiliary_train}/*.csv,
+  humaneval/HumanEval.jsonl.gz, nanochat_identity/identity_conversations.jsonl, english_words/words_alpha.txt,
+  eval_bundle/eval_data/world_knowledge/arc_{easy,challenge}.jsonl (ARC test only), smoltalk/{train,test}.jsonl.
+When that env var is set and holds the needed file, it wins over the hub, so a run does not depend on whether the
+network happens to be up. A missing local file falls through to the hub cache, then to a download.
+"""
+
+import os
+import gzip
+import json
+import math
+import random
+from pathlib import Path
+
+from nanochat.common import DownloadError
+from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir, is_hub_cached, is_offline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DATA_DIR = REPO_ROOT / "data"  # our own small offline data (identity conversations)
+
+
+class TaskDataError(RuntimeError):
+    """A task's data is unavailable or malformed. The message says which file/row and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+class Task:
+    """A view over a dataset: task[i] is example start + i*step of the underlying data."""
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0, f"start must be >= 0, got {start}"
+        assert stop is None or stop >= start, f"stop must be None or >= start, got start={start} stop={stop}"
+        assert step >= 1, f"step must be >= 1, got {step}"
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self):
+        raise NotImplementedError  # 'generative' or 'categorical'
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion):
+        raise NotImplementedError
+
+    def __len__(self):
+        # stop is clamped to the data size: asking for stop=5200 of a smaller local copy gives what exists
+        # instead of a view whose tail crashes when indexed
+        n = self.num_examples()
+        stop = n if self.stop is None else min(self.stop, n)
+        return max(0, math.ceil((stop - self.start) / self.step))
+
+    def __getitem__(self, index):
+        assert isinstance(index, int), f"task index must be an int, got {type(index).__name__}"
+        return self.get_example(self.start + index * self.step)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class TaskMixture(Task):
+    """Several tasks shuffled together with a fixed seed: same tasks and lengths -> same order, every run.
+    Pass a task twice to oversample it."""
+
+    def __init__(self, tasks, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        self.tasks = tasks
+        self.lengths = [len(task) for task in tasks]
+        self.num_conversations = sum(self.lengths)
+        self.index_map = [(t, i) for t, length in enumerate(self.lengths) for i in range(length)]
+        random.Random(42).shuffle(self.index_map)  # interleave the tasks through the whole mixture
+
+    def num_examples(self):
+        return self.num_conversations
+
+    def get_example(self, index):
+        assert 0 <= index < self.num_conversations, f"index {index} out of range for mixture of {self.num_conversations}"
+        task_index, local_index = self.index_map[index]
+        return self.tasks[task_index][local_index]
+
+
+class TaskSequence(Task):
+    """Tasks one after another, unshuffled (a curriculum)."""
+
+    def __init__(self, tasks, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        self.tasks = tasks
+        self.lengths = [len(task) for task in tasks]
+        self.num_conversations = sum(self.lengths)
+
+    def num_examples(self):
+        return self.num_conversations
+
+    def get_example(self, index):
+        assert 0 <= index < self.num_conversations, f"index {index} out of range for sequence of {self.num_conversations}"
+        for task, length in zip(self.tasks, self.lengths):
+            if index < length:
+                return task[index]
+            index -= length
+
+
+def render_mc(question, letters, choices):
+    """The multiple-choice user message. The letter comes after its choice and with no space after '=', so the
+    prompt contains the very token ('A', not ' A') the assistant answers with."""
+    text = f"Multiple Choice question: {question}\n"
+    for letter, choice in zip(letters, choices):
+        text += f"- {choice}={letter}\n"
+    text += "\nRespond only with the letter of the correct answer."
+    return text
+
+
+# -----------------------------------------------------------------------------
+# Conversation validation
+
+def validate_messages(messages, where, allow_system=False, require_nonempty=True):
+    """Raise TaskDataError naming `where` (e.g. 'file.jsonl:12') unless messages is a well-formed conversation:
+    optional leading system message (if allowed), then >= 2 messages alternating user/assistant from the user,
+    every content a string (non-empty for user/assistant when require_nonempty)."""
+    if not isinstance(messages, list):
+        raise TaskDataError(f"{where}: a conversation must be a JSON list of messages, got {type(messages).__name__}")
+    body = messages
+    if allow_system and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        body = messages[1:]
+    if len(body) < 2:
+        raise TaskDataError(f"{where}: a conversation needs at least a user and an assistant message, got {len(body)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise TaskDataError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        content = message["content"]
+        if not isinstance(content, str):
+            raise TaskDataError(f"{where}: message {i} ({message['role']}) content must be a string")
+        if require_nonempty and message["role"] != "system" and not content.strip():
+            raise TaskDataError(f"{where}: message {i} ({message['role']}) has empty content")
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            offset = len(messages) - len(body)
+            raise TaskDataError(f"{where}: message {i + offset} has role {message['role']!r}, expected {expected!r} "
+                                "(roles must alternate user/assistant, starting with user)")
+
+
+# -----------------------------------------------------------------------------
+# Where data comes from
+
+def read_jsonl(path, required_keys=None):
+    """Rows of a JSONL file (.gz ok), blank lines skipped. A broken line, or an object missing one of
+    required_keys, raises TaskDataError naming file:line: a bad row is reported, never silently dropped."""
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if required_keys is not None and (not isinstance(row, dict) or any(k not in row for k in required_keys)):
+                raise TaskDataError(f"{path}:{lineno}: expected a JSON object with keys {list(required_keys)}")
+            rows.append(row)
+    return rows
+
+
+def local_data_dir():
+    """The NANOCHAT_LOCAL_DATA directory, or None when unset."""
+    value = os.environ.get("NANOCHAT_LOCAL_DATA", "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise TaskDataError(f"NANOCHAT_LOCAL_DATA={value} is not a directory; point it at a folder laid out like "
+                            "shared/data (gsm8k/, mmlu/, humaneval/, nanochat_identity/, english_words/) or unset it")
+    return path
+
+
+def local_path(*parts):
+    """<NANOCHAT_LOCAL_DATA>/<parts...> if the env var is set and that file or folder exists, else None."""
+    root = local_data_dir()
+    if root is None:
+        return None
+    path = root.joinpath(*parts)
+    return path if path.exists() else None
+
+
+def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint="", load_fallback=None):
+    """The rows of one dataset split, shuffled with seed 42 (so index i is the same row whichever source).
+    Tries load_local() (a list of row dicts, or None when there is no local copy), then the hub cache/download,
+    then load_fallback() (same contract; a copy of lesser standing, e.g. from the CORE eval bundle).
+    `what` names the task in messages, `local_hint` says which local file would serve it."""
+    rows = load_local() if load_local is not None else None
+    if rows is not None:
+        if not rows:
+            raise TaskDataError(f"{what}: the local copy is empty ({local_hint})")
+        return HubDataset.from_rows(rows).shuffle(seed=42)
+    try:
+        return load_hub_dataset(repo_id, subset, split).shuffle(seed=42)
+    except DownloadError as e:
+        rows = load_fallback() if load_fallback is not None else None
+        if rows:
+            print(f"{what}: hub unavailable ({e}); using the fallback copy instead")
+            return HubDataset.from_rows(rows).shuffle(seed=42)
+        hint = f" ({local_hint} under it)" if local_hint else ""
+        raise TaskDataError(
+            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder laid out like "
+            f"shared/data{hint}; or put the hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a "
+            "manifest.json listing them.") from e
+
+
+def is_task_data_available(repo_id, subset, split, load_local_exists=False):
+    """Cheap check used by the offline mixture: a local copy or a complete hub cache exists (no network)."""
+    return bool(load_local_exists) or is_hub_cached(repo_id, subset, split)
+
+
+__all__ = ["read_jsonl", "Task", "TaskMixture", "TaskSequence", "render_mc", "validate_messages", "TaskDataError",
+           "local_data_dir", "local_path", "load_task_dataset", "is_task_data_available", "is_offline",
+           "BUNDLED_DATA_DIR"]

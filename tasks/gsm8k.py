@@ -1,0 +1,81 @@
+"""
+GSM8K (openai/gsm8k): grade-school math word problems. Generative; has a 0/1 reward for RL.
+
+The reference answers carry calculator annotations like `<<48/2=24>>`. They become tool calls: a python part with
+the expression and a python_output part with the result, so the model learns to call the calculator mid-answer.
+Local copy: <NANOCHAT_LOCAL_DATA>/gsm8k/{train,test}.jsonl (main) or {split}_socratic.jsonl (socratic).
+"""
+
+import re
+
+from tasks.common import Task, load_task_dataset, local_path, read_jsonl
+
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+ANNOTATION_RE = re.compile(r"(<<[^>]+>>)")
+
+
+def extract_answer(text):
+    """The number after '#### ', commas removed, or None."""
+    match = ANSWER_RE.search(text)
+    if match is None:
+        return None
+    return match.group(1).strip().replace(",", "")
+
+
+def answer_to_parts(answer):
+    """Split a GSM8K answer into text / python / python_output parts (empty text pieces are kept)."""
+    parts = []
+    for piece in ANNOTATION_RE.split(answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            expression, _, result = inner.rpartition("=")
+            if not _:  # no '=': the whole annotation is the expression
+                expression, result = inner, ""
+            parts.append({"type": "python", "text": expression})
+            parts.append({"type": "python_output", "text": result})
+        else:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(Task):
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        assert subset in ("main", "socratic"), "GSM8K subset must be main|socratic"
+        assert split in ("train", "test"), "GSM8K split must be train|test"
+        filename = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
+
+        def load_local():
+            path = local_path("gsm8k", filename)
+            return read_jsonl(path, ("question", "answer")) if path else None
+
+        self.ds = load_task_dataset(f"GSM8K {subset}/{split}", "openai/gsm8k", subset, split, load_local,
+                                    local_hint=f"gsm8k/{filename}")
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        messages = [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": answer_to_parts(row["answer"])},
+        ]
+        return {"messages": messages}
+
+    def evaluate(self, conversation, completion):
+        """1 if the completion's '#### <number>' equals the reference's (exact string after comma removal)."""
+        assert isinstance(completion, str), "completion must be a string"
+        reference_parts = conversation["messages"][-1]["content"]
+        reference = reference_parts[-1]["text"] if isinstance(reference_parts, list) else reference_parts
+        ref = extract_answer(reference)
+        pred = extract_answer(completion)
+        return int(pred is not None and pred == ref)
+
+    def reward(self, conversation, completion):
+        return float(self.evaluate(conversation, completion))

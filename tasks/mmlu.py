@@ -1,0 +1,91 @@
+"""
+MMLU (cais/mmlu): 4-way multiple choice over 57 subjects. Categorical.
+
+Hub layout (followed here): subset "all", splits auxiliary_train | validation | dev | test. The older spelling
+MMLU("auxiliary_train", "train") is accepted and means the same thing.
+Local copy: <NANOCHAT_LOCAL_DATA>/mmlu/<dir>/*.csv with dir = dev | test | val | auxiliary_train, one CSV per
+subject named <subject>_<split>.csv, either with a header `question,choice0,choice1,choice2,choice3,answer`
+(answer = index 0-3) or in the original headerless layout (question, 4 choices, answer letter A-D).
+"""
+
+import csv
+
+from tasks.common import Task, TaskDataError, load_task_dataset, local_path, render_mc
+
+LOCAL_DIRS = {"dev": ("dev",), "test": ("test",), "validation": ("val", "validation"),
+              "auxiliary_train": ("auxiliary_train",)}
+
+
+def read_mmlu_csv(path, subject):
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, record in enumerate(csv.reader(f), 1):
+            if lineno == 1 and record and record[0].strip().lower() == "question":
+                continue  # header
+            if len(record) != 6:
+                raise TaskDataError(f"{path}:{lineno}: expected 6 columns (question, 4 choices, answer), got {len(record)}")
+            question, *choices, answer = record
+            answer = answer.strip()
+            if answer in ("A", "B", "C", "D"):
+                answer = "ABCD".index(answer)
+            elif answer in ("0", "1", "2", "3"):
+                answer = int(answer)
+            else:
+                raise TaskDataError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer!r}")
+            rows.append({"question": question, "subject": subject, "choices": choices, "answer": answer})
+    return rows
+
+
+def load_local_mmlu(split):
+    """All subjects of a split from the local CSVs, in subject order (as the hub's 'all' config), or None."""
+    for dirname in LOCAL_DIRS[split]:
+        folder = local_path("mmlu", dirname)
+        if folder is None:
+            continue
+        files = sorted(folder.glob("*.csv"))
+        if not files:
+            continue
+        rows = []
+        for path in files:
+            subject = path.stem
+            for suffix in ("_" + dirname, "_" + split):
+                subject = subject.removesuffix(suffix)
+            rows.extend(read_mmlu_csv(path, subject))
+        return rows
+    return None
+
+
+class MMLU(Task):
+
+    letters = ("A", "B", "C", "D")
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        if subset == "auxiliary_train" and split == "train":
+            subset, split = "all", "auxiliary_train"  # the older way of naming the same rows
+        assert subset == "all", "MMLU subset must be 'all' (or 'auxiliary_train' with split 'train')"
+        assert split in LOCAL_DIRS, f"MMLU split must be one of {list(LOCAL_DIRS)}"
+        self.subset, self.split = subset, split
+        self.ds = load_task_dataset(f"MMLU {split}", "cais/mmlu", subset, split, lambda: load_local_mmlu(split),
+                                    local_hint=f"mmlu/{LOCAL_DIRS[split][0]}/*.csv")
+
+    @property
+    def eval_type(self):
+        return "categorical"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        choices = row["choices"]
+        assert len(choices) == 4, f"MMLU row {index} has {len(choices)} choices, expected 4"
+        messages = [
+            {"role": "user", "content": render_mc(row["question"], self.letters, choices)},
+            {"role": "assistant", "content": self.letters[row["answer"]]},
+        ]
+        return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
+
+    def evaluate(self, conversation, completion):
+        assert completion in self.letters, f"MMLU answer must be one of {self.letters}, got {completion!r}"
+        return completion == conversation["messages"][-1]["content"]

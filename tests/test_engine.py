@@ -1,0 +1,309 @@
+"""
+The inference engine (spec data_eval_report.md 6, 7.3, 9.1): KV cache bookkeeping, sampling, seeds, batching,
+the calculator tool state machine with a scripted fake model, and a tiny real GPT whose cached generation must
+equal naive uncached greedy generation.
+"""
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
+from nanochat.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # tiny tensors: a second intra-op thread only adds spin-wait contention on a shared 2-core machine (~50x slower)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+# -------------------------------------------------------------------------------------------------
+# mocks (spec 9.1): byte-level tokenizer with 6 specials, a model returning uniform logits
+
+SPECIALS = {"<|python_start|>": 256, "<|python_end|>": 257, "<|output_start|>": 258, "<|output_end|>": 259,
+            "<|assistant_end|>": 260, "<|bos|>": 261}
+VOCAB = 262
+
+
+class ByteTokenizer:
+    def encode_special(self, name):
+        return SPECIALS[name]
+
+    def get_bos_token_id(self):
+        return SPECIALS["<|bos|>"]
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class MockConfig:
+    n_kv_head: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    n_layer: int = 2
+    sequence_len: int = 128
+
+
+class UniformModel:
+    """Returns all-zero logits and advances the cache, like a real model would."""
+
+    def __init__(self):
+        self.config = MockConfig()
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return torch.zeros(B, T, VOCAB)
+
+
+class ScriptedModel(UniformModel):
+    """Puts (almost) all probability on script[i] for the i-th generated position, so what the engine does
+    with each token (tool calls, forcing, stopping) is fully determined."""
+
+    def __init__(self, script, prompt_len):
+        super().__init__()
+        self.script, self.prompt_len = script, prompt_len
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        start = kv_cache.get_pos() if kv_cache is not None else 0
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = torch.full((B, T, VOCAB), -100.0)
+        for t in range(T):
+            gen_index = start + t + 1 - self.prompt_len  # index of the token these logits predict
+            if 0 <= gen_index < len(self.script):
+                logits[:, t, self.script[gen_index]] = 100.0
+        return logits
+
+
+# -------------------------------------------------------------------------------------------------
+# KV cache
+
+def test_kv_cache_bookkeeping():
+    cache = KVCache(batch_size=2, num_heads=4, seq_len=32, head_dim=8, num_layers=3, device="cpu")
+    assert cache.get_pos() == 0
+    assert cache.k_cache.shape == cache.v_cache.shape == (3, 2, 32, 4, 8)
+    cache.advance(10)
+    cache.advance(5)
+    assert cache.get_pos() == 15 and cache.cache_seqlens.tolist() == [15, 15]
+    k, v = cache.get_layer_cache(1)
+    assert k.shape == v.shape == (2, 32, 4, 8)
+    cache.prev_embedding = torch.ones(2, 1, 16)
+    cache.reset()
+    assert cache.get_pos() == 0 and cache.prev_embedding is None
+    with pytest.raises(ValueError, match="overflow"):
+        cache.advance(33)
+
+
+def test_kv_cache_prefill_broadcasts_batch1():
+    src = KVCache(batch_size=1, num_heads=4, seq_len=32, head_dim=8, num_layers=2, device="cpu")
+    src.k_cache.normal_()
+    src.v_cache.normal_()
+    src.advance(16)
+    src.prev_embedding = torch.randn(1, 1, 64)
+    dst = KVCache(batch_size=3, num_heads=4, seq_len=64, head_dim=8, num_layers=2, device="cpu")
+    dst.prefill(src)
+    assert dst.get_pos() == 16 and dst.cache_seqlens.tolist() == [16, 16, 16]
+    for row in range(3):
+        assert torch.equal(dst.k_cache[:, row, :16], src.k_cache[:, 0, :16])
+        assert torch.equal(dst.v_cache[:, row, :16], src.v_cache[:, 0, :16])
+    assert torch.count_nonzero(dst.k_cache[:, :, 16:]) == 0
+    assert dst.prev_embedding.shape == (3, 1, 64)
+
+
+# -------------------------------------------------------------------------------------------------
+# sampling and batching (spec 9.1)
+
+def test_sample_next_token():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [3.0, 0.0, 0.0, 0.0]])
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, rng, temperature=0.0).tolist() == [[1], [0]]  # argmax, first of ties
+    for _ in range(20):
+        ids = sample_next_token(logits, rng, temperature=1.0, top_k=2)
+        assert ids[0, 0].item() in (1, 3) and ids[1, 0].item() in (0, 1, 2, 3)
+    assert sample_next_token(logits, rng, temperature=1.0, top_k=100).shape == (2, 1)  # k clipped to V
+    with pytest.raises(AssertionError):
+        sample_next_token(logits, rng, temperature=-1.0)
+
+
+def test_samples_are_independent_after_prefill():
+    engine = Engine(UniformModel(), ByteTokenizer())
+    first_column, _ = next(engine.generate([261, 72, 105], num_samples=16, max_tokens=4, temperature=1.0))
+    assert len(set(first_column)) > 1
+
+
+@pytest.mark.parametrize("seed", [1, 42, 123, 999])
+def test_same_seed_same_output(seed):
+    engine = Engine(UniformModel(), ByteTokenizer())
+    a = engine.generate_batch([261, 72, 105], num_samples=4, max_tokens=16, temperature=1.0, seed=seed)
+    b = engine.generate_batch([261, 72, 105], num_samples=4, max_tokens=16, temperature=1.0, seed=seed)
+    assert a == b
+
+
+def test_temperature_zero_ignores_seed_and_seeds_differ():
+    engine = Engine(UniformModel(), ByteTokenizer())
+    outs = {str(engine.generate_batch([261, 65], max_tokens=8, temperature=0.0, seed=s)[0]) for s in range(5)}
+    assert len(outs) == 1
+    outs = {str(engine.generate_batch([261, 65], max_tokens=8, temperature=1.0, seed=s)[0]) for s in range(10)}
+    assert len(outs) >= 2
+
+
+@pytest.mark.parametrize("max_tokens", [1, 4, 16, 64])
+def test_max_tokens_respected(max_tokens):
+    engine = Engine(UniformModel(), ByteTokenizer())
+    prompt = [261, 72, 105]
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=max_tokens, temperature=1.0)
+    for r, m in zip(results, masks):
+        assert len(r) - len(prompt) <= max_tokens and len(r) == len(m)
+
+
+@pytest.mark.parametrize("num_samples", [1, 4, 16, 64])
+def test_num_samples(num_samples):
+    engine = Engine(UniformModel(), ByteTokenizer())
+    results, masks = engine.generate_batch([261, 65], num_samples=num_samples, max_tokens=3)
+    assert len(results) == len(masks) == num_samples
+
+
+def test_generation_stops_when_context_is_full():
+    model = UniformModel()
+    model.config.sequence_len = 20
+    engine = Engine(model, ByteTokenizer())
+    prompt = [261] + [65] * 9
+    columns = list(engine.generate(prompt, max_tokens=None, temperature=0.0))  # argmax of zeros = byte 0, never ends
+    assert len(columns) == 20 - len(prompt) + 1  # last token is emitted, then the full cache stops the loop
+
+
+# -------------------------------------------------------------------------------------------------
+# tool use with a scripted model
+
+def test_calculator_tool_call_is_forced_into_the_stream():
+    tok = ByteTokenizer()
+    prompt = [261] + tok.encode("Q")
+    expr = tok.encode("12*3+1,000")
+    forced = [258] + tok.encode("1036") + [259]
+    filler = [ord("x")] * len(forced)  # sampled while forcing: must be discarded
+    script = tok.encode("A:") + [256] + expr + [257] + filler + tok.encode("ok") + [260]
+    engine = Engine(ScriptedModel(script, len(prompt)), tok)
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=64, temperature=1.0)
+    expected = prompt + tok.encode("A:") + [256] + expr + [257] + forced + tok.encode("ok")
+    for r, m in zip(results, masks):
+        assert r == expected  # the terminal <|assistant_end|> is not appended
+        gen_masks = m[len(prompt):]
+        start = len(tok.encode("A:")) + 1 + len(expr) + 1
+        assert gen_masks[:start] == [1] * start
+        assert gen_masks[start:start + len(forced)] == [0] * len(forced)
+        assert gen_masks[start + len(forced):] == [1, 1]
+        assert m[:len(prompt)] == [0] * len(prompt)
+
+
+def test_invalid_tool_call_forces_nothing_and_streams_masks():
+    tok = ByteTokenizer()
+    prompt = [261]
+    script = [256] + tok.encode("__import__('os')") + [257] + tok.encode("y") + [260] + tok.encode("zz")
+    engine = Engine(ScriptedModel(script, len(prompt)), tok)
+    columns = list(engine.generate(prompt, num_samples=1, max_tokens=64, temperature=0.0))
+    tokens = [c[0][0] for c in columns]
+    assert 258 not in tokens and tokens[-1] == 260  # stops after <|assistant_end|>
+    assert all(c[1] == [1] for c in columns)
+
+
+def test_calculator():
+    assert use_calculator("1+2") == 3
+    assert use_calculator("1,000 * 3") == 3000
+    assert use_calculator("(10 - 4) / 4") == 1.5
+    assert use_calculator("-3 + +2") == -1
+    assert use_calculator("2**10") is None           # no exponentiation
+    assert use_calculator("1/0") is None
+    assert use_calculator("3 +") is None
+    assert use_calculator("") is None
+    assert use_calculator("9" * 40 + "*" + "9" * 40) is None  # result too large
+    assert use_calculator("'strawberry'.count('r')") == 3
+    assert use_calculator('"Banana".lower().count("a")') == 3
+    assert use_calculator('"a,b,c".count(",")') == 2  # commas inside string literals survive
+    for evil in ("__import__('os').system('ls')", "open('x').read()", "'a'.__class__", "print('hi')",
+                 "'abc'.count('a') + exec('1')", "(lambda: 1)()", "'x'.join('ab').count('x')", "x.count('a')"):
+        assert use_calculator(evil) is None, evil
+
+
+def test_calculator_works_from_any_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.append(use_calculator("6*7")))
+    thread.start()
+    thread.join(timeout=10)
+    assert results == [42]  # the reference's SIGALRM timeout made this None outside the main thread
+
+
+# -------------------------------------------------------------------------------------------------
+# a tiny real GPT: cached generation == naive uncached greedy generation
+
+def tiny_gpt(vocab=VOCAB, T=64, n_kv_head=2, pattern="SL"):
+    config = GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=64,
+                       window_pattern=pattern)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # make logits well separated so argmax is decisive
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(30)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("pattern,n_kv_head", [("SL", 2), ("L", 4)])
+def test_engine_matches_naive_greedy(pattern, n_kv_head):
+    model = tiny_gpt(n_kv_head=n_kv_head, pattern=pattern)
+    tok = ByteTokenizer()
+    prompt = [261] + tok.encode("hello there")  # 12 tokens, generation runs past the 16-token short window
+    naive = list(model.generate(prompt, max_tokens=30, temperature=0.0))
+    engine = Engine(model, tok)
+    columns = list(engine.generate(prompt, num_samples=3, max_tokens=30, temperature=0.0))
+    cached = [c[0] for c in columns]
+    # the engine stops early only on <|assistant_end|>/BOS; compare over what it produced
+    assert len(cached) > 0
+    for row in range(3):
+        assert [col[row] for col in cached] == naive[:len(cached)]
+
+
+def test_engine_sampling_on_real_model_is_seeded():
+    model = tiny_gpt()
+    engine = Engine(model, ByteTokenizer())
+    a = engine.generate_batch([261, 72], num_samples=2, max_tokens=10, temperature=1.0, top_k=20, seed=7)
+    b = engine.generate_batch([261, 72], num_samples=2, max_tokens=10, temperature=1.0, top_k=20, seed=7)
+    assert a == b
+
+
+def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkeypatch, capsys):
+    """`python -m nanochat.engine`: loads the latest base checkpoint and checks engine == naive generation."""
+    import dataclasses
+    import sys
+    from nanochat import engine as engine_module
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.tokenizer import get_tokenizer_dir
+    tiny_tokenizer.save(get_tokenizer_dir())
+    model = tiny_gpt(vocab=tiny_tokenizer.get_vocab_size())
+    save_checkpoint(str(base_dir / "base_checkpoints" / "d3"), 7, model.state_dict(), None,
+                    {"step": 7, "model_config": dataclasses.asdict(model.config)})
+    monkeypatch.setattr(sys, "argv", ["engine", "--device-type", "cpu", "--max-tokens", "20"])
+    engine_module.main()
+    out = capsys.readouterr().out
+    assert "Match: the engine reproduces naive greedy generation" in out
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir / "empty"))
+    with pytest.raises(SystemExit, match="could not load a base model"):
+        engine_module.main()
