@@ -1,0 +1,431 @@
+"""
+Results bookkeeping for the training sweeps (runs/miniseries.sh and runs/scaling_laws.sh).
+
+One small tool shared by both sweeps, so they record, skip and display results the same way:
+
+    python dev/sweep_results.py done   --kind miniseries --csv F --depth 12              # exit 0 if d12 is in F
+    python dev/sweep_results.py append --kind miniseries --csv F --summary S --wall-time 812.5
+    python dev/sweep_results.py report --kind miniseries --csv F --plot P.png             # table + PNG
+    (--kind scaling additionally takes --flops-budget for `done` and `append`)
+
+Rows are read from the summary.json that scripts/base_train.py writes next to its checkpoint, never scraped from the
+training log (the reference scraped printed lines and silently produced empty columns when the wording changed).
+The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
+the plots need nothing else.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+# Column layouts. The first block of each list is the documented contract; the rest are extras we add at the end.
+MINISERIES_COLUMNS = [
+    "depth", "model_dim", "num_params", "num_scaling_params", "num_iterations", "tokens_trained",
+    "param_data_ratio", "val_bpb", "core_score", "train_time_sec",
+    "total_training_flops", "wall_time_sec",
+]
+SCALING_COLUMNS = [
+    "flops_budget", "depth", "model_dim", "params_wte", "params_value_embeds", "params_lm_head",
+    "params_transformer", "params_scalars", "params_total", "num_iterations", "tokens_trained", "val_bpb",
+    "core_score", "train_time_sec",
+    "num_scaling_params", "param_data_ratio", "total_training_flops", "wall_time_sec",
+]
+COLUMNS = {"miniseries": MINISERIES_COLUMNS, "scaling": SCALING_COLUMNS}
+# The columns that identify a run: a row with the same key is "already done".
+KEY_COLUMNS = {"miniseries": ["depth"], "scaling": ["flops_budget", "depth"]}
+
+
+def log(msg):
+    # Same timestamp prefix as the shell scripts' log lines, so the sweep output reads as one log.
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+# -----------------------------------------------------------------------------
+# CSV I/O
+
+
+def read_rows(csv_path, kind):
+    """Rows of an existing results CSV as dicts ([] if the file does not exist). Refuses a foreign header."""
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != COLUMNS[kind]:
+            fail(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
+                 f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
+        return [dict(zip(header, row)) for row in reader if row]
+
+
+def write_rows_atomic(csv_path, kind, rows):
+    """Rewrite the whole CSV through a temp file + rename, so a crash never leaves a half-written row."""
+    directory = os.path.dirname(os.path.abspath(csv_path))
+    os.makedirs(directory, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS[kind], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in COLUMNS[kind]})
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, csv_path)
+
+
+def same_number(a, b):
+    # flops budgets may be spelled 1e18, 1e+18 or 1000000000000000000: compare as numbers, not strings
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def find_row(rows, kind, key):
+    for row in rows:
+        if all(same_number(row.get(c), key[c]) for c in KEY_COLUMNS[kind]):
+            return row
+    return None
+
+# -----------------------------------------------------------------------------
+# summary.json -> CSV row
+
+
+def load_summary(summary_path, since=None):
+    if not os.path.exists(summary_path):
+        fail(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
+    if since is not None and os.path.getmtime(summary_path) < since:
+        fail(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
+    try:
+        with open(summary_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        fail(f"{summary_path} is not valid JSON ({e}); re-run that training run")
+
+
+def param_breakdown(summary):
+    """The per-group parameter counts (wte, value_embeds, lm_head, transformer_matrices, scalars, total), or {}."""
+    for key in ("param_counts", "num_params_by_group", "parameter_counts", "num_scaling_params", "num_params"):
+        if isinstance(summary.get(key), dict):
+            return summary[key]
+    return {}
+
+
+def as_int(x):
+    return "" if x is None else int(x)
+
+
+def fmt_float(x, digits):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    return f"{float(x):.{digits}f}"
+
+
+def summary_to_row(summary, kind, wall_time=None, flops_budget=None):
+    groups = param_breakdown(summary)
+    num_params = summary.get("num_params")
+    if isinstance(num_params, dict) or num_params is None:
+        num_params = groups.get("total")
+    scaling = summary.get("num_scaling_params")
+    if isinstance(scaling, dict) or scaling is None:
+        # scaling params = transformer matrices + lm_head (the count the training horizon is computed from)
+        scaling = (groups["transformer_matrices"] + groups["lm_head"]) if groups else None
+    tokens = summary.get("tokens_trained")
+    ratio = summary.get("param_data_ratio")
+    if ratio is None and tokens and scaling:
+        ratio = tokens / scaling
+    core = summary.get("core_score")
+    row = {
+        "depth": as_int(summary.get("depth")),
+        "model_dim": as_int(summary.get("model_dim")),
+        "num_params": as_int(num_params),
+        "num_scaling_params": as_int(scaling),
+        "num_iterations": as_int(summary.get("num_iterations")),
+        "tokens_trained": as_int(tokens),
+        "param_data_ratio": fmt_float(ratio, 2),
+        "val_bpb": fmt_float(summary.get("val_bpb"), 6),
+        # empty (not 0.0) when CORE was not computed: a zero would read as a real, terrible score
+        "core_score": fmt_float(core, 6),
+        "train_time_sec": fmt_float(summary.get("train_time_sec"), 1),
+        "total_training_flops": "" if summary.get("total_training_flops") is None
+        else f"{float(summary['total_training_flops']):.6e}",
+        "wall_time_sec": fmt_float(wall_time, 1),
+    }
+    if kind == "scaling":
+        row["flops_budget"] = format_budget(flops_budget)
+        for column, group in (("params_wte", "wte"), ("params_value_embeds", "value_embeds"),
+                              ("params_lm_head", "lm_head"), ("params_transformer", "transformer_matrices"),
+                              ("params_scalars", "scalars"), ("params_total", "total")):
+            row[column] = as_int(groups.get(group))
+        if row["params_total"] == "":
+            row["params_total"] = as_int(num_params)
+    return row
+
+
+def format_budget(flops_budget):
+    # keep the user's spelling when it is already a number (1e18 stays 1e18); normalize anything else
+    text = str(flops_budget)
+    try:
+        float(text)
+    except ValueError:
+        fail(f"--flops-budget {text!r} is not a number (e.g. 1e18)")
+    return text
+
+# -----------------------------------------------------------------------------
+# Table
+
+
+def format_table(rows, columns):
+    """A `column -t` style table: header plus rows, left-aligned, two spaces between columns."""
+    cells = [columns] + [[(row.get(c) or "-") for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def sort_rows(rows, kind):
+    def key(row):
+        return tuple(float(row[c]) if row.get(c) not in (None, "") else 0.0 for c in KEY_COLUMNS[kind])
+    return sorted(rows, key=key)
+
+# -----------------------------------------------------------------------------
+# Plots
+
+
+def numbers(rows, column):
+    out = []
+    for row in rows:
+        value = row.get(column)
+        out.append(float(value) if value not in (None, "") else float("nan"))
+    return out
+
+
+def fit_optimum(log_params, bpbs):
+    """Fit bpb = a*x^2 + b*x + c in x = log10(params); return (x_opt, bpb_opt, coeffs) or None if no interior minimum."""
+    import numpy as np
+    if len(log_params) < 3:
+        return None
+    a, b, c = np.polyfit(log_params, bpbs, 2)
+    if a <= 0:
+        return None  # no minimum (curve opens downwards): the sweep does not bracket the optimum
+    x_opt = -b / (2 * a)
+    return x_opt, a * x_opt ** 2 + b * x_opt + c, (a, b, c)
+
+
+def plot_miniseries(rows, plot_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    depths = [r["depth"] for r in rows]
+    bpb, core = numbers(rows, "val_bpb"), numbers(rows, "core_score")
+    flops, params = numbers(rows, "total_training_flops"), numbers(rows, "num_params")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [(axes[0, 0], flops, bpb, "total training FLOPs", "val bpb"),
+              (axes[0, 1], flops, core, "total training FLOPs", "CORE"),
+              (axes[1, 0], params, bpb, "parameters", "val bpb"),
+              (axes[1, 1], params, core, "parameters", "CORE")]
+    for ax, xs, ys, xlabel, ylabel in panels:
+        points = [(x, y, d) for x, y, d in zip(xs, ys, depths) if math.isfinite(x) and math.isfinite(y) and x > 0]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+            for x, y, d in points:
+                ax.annotate(f"d{d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no {ylabel} values", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("miniseries: val bpb and CORE vs compute and size")
+    fig.tight_layout()
+    save_figure(fig, plot_path)
+    plt.close(fig)
+
+
+def scaling_optima(rows):
+    """Per budget: the fitted optimum (params, bpb) of a quadratic in log10(scaling params), plus the best run."""
+    budgets = sorted({float(r["flops_budget"]) for r in rows})
+    results = []
+    for budget in budgets:
+        group = [r for r in rows if same_number(r["flops_budget"], budget)]
+        pts = sorted((float(r["num_scaling_params"] or r["params_total"]), float(r["val_bpb"]), r)
+                     for r in group if r.get("val_bpb") and (r.get("num_scaling_params") or r.get("params_total")))
+        if not pts:
+            continue
+        best = min(pts, key=lambda p: p[1])
+        fit = fit_optimum([math.log10(p[0]) for p in pts], [p[1] for p in pts])
+        results.append({"budget": budget, "points": pts, "best": best, "fit": fit})
+    return results
+
+
+def plot_scaling(rows, plot_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    optima = scaling_optima(rows)
+    fig, (ax, ax_opt) = plt.subplots(1, 2, figsize=(13, 5))
+    fitted = []
+    for i, o in enumerate(optima):
+        color = f"C{i % 10}"
+        xs = [p[0] for p in o["points"]]
+        ax.plot(xs, [p[1] for p in o["points"]], "o", color=color, label=f"{o['budget']:.3g} FLOPs")
+        for x, y, r in o["points"]:
+            ax.annotate(f"d{r['depth']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if o["fit"]:
+            x_opt, bpb_opt, coeffs = o["fit"]
+            grid = np.linspace(math.log10(min(xs)), math.log10(max(xs)), 100)
+            ax.plot(10 ** grid, np.polyval(coeffs, grid), "-", color=color, alpha=0.6)
+            ax.plot([10 ** x_opt], [bpb_opt], "*", color=color, markersize=14)
+            fitted.append((o["budget"], 10 ** x_opt))
+    ax.set_xscale("log")
+    ax.set_xlabel("scaling parameters (transformer matrices + lm_head)")
+    ax.set_ylabel("val bpb")
+    ax.set_title("val bpb vs model size at fixed FLOPs (star = fitted optimum)")
+    ax.grid(True, alpha=0.3)
+    if optima:
+        ax.legend(fontsize=8)
+    if fitted:
+        budgets = [f[0] for f in fitted]
+        n_opt = [f[1] for f in fitted]
+        ax_opt.plot(budgets, n_opt, "*-", markersize=12)
+        if len(fitted) >= 2:
+            slope, intercept = np.polyfit(np.log10(budgets), np.log10(n_opt), 1)
+            ax_opt.set_title(f"fitted optimal size: N_opt ~ C^{slope:.3f}")
+        else:
+            ax_opt.set_title("fitted optimal size per budget")
+        ax_opt.set_xscale("log")
+        ax_opt.set_yscale("log")
+    else:
+        ax_opt.text(0.5, 0.5, "no budget has >= 3 depths bracketing a minimum", ha="center", va="center",
+                    transform=ax_opt.transAxes)
+        ax_opt.set_title("fitted optimal size per budget")
+    ax_opt.set_xlabel("FLOPs budget")
+    ax_opt.set_ylabel("optimal scaling parameters")
+    ax_opt.grid(True, alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, plot_path)
+    plt.close(fig)
+
+
+def save_figure(fig, plot_path):
+    directory = os.path.dirname(os.path.abspath(plot_path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".plot.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp_path, dpi=110)
+    os.replace(tmp_path, plot_path)
+
+
+def print_scaling_optima(rows):
+    optima = scaling_optima(rows)
+    if not optima:
+        return
+    lines = [["flops_budget", "best_depth", "best_val_bpb", "fitted_opt_params", "fitted_opt_bpb"]]
+    for o in optima:
+        _, best_bpb, best_row = o["best"]
+        if o["fit"]:
+            x_opt, bpb_opt, _ = o["fit"]
+            fit_cols = [f"{10 ** x_opt:.4g}", f"{bpb_opt:.6f}"]
+        else:
+            fit_cols = ["n/a (<3 depths or no minimum)", "-"]
+        lines.append([f"{o['budget']:.3g}", str(best_row["depth"]), f"{best_bpb:.6f}"] + fit_cols)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    print("Optimum per budget (quadratic fit of val bpb in log10 scaling params):")
+    for line in lines:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def cmd_done(args):
+    key = {"depth": args.depth, "flops_budget": args.flops_budget}
+    if args.kind == "scaling" and args.flops_budget is None:
+        fail("--flops-budget is required with --kind scaling")
+    return 0 if find_row(read_rows(args.csv, args.kind), args.kind, key) else 1
+
+
+def cmd_append(args):
+    if args.kind == "scaling" and args.flops_budget is None:
+        fail("--flops-budget is required with --kind scaling")
+    rows = read_rows(args.csv, args.kind)
+    summary = load_summary(args.summary, since=args.since)
+    row = summary_to_row(summary, args.kind, wall_time=args.wall_time, flops_budget=args.flops_budget)
+    d = row["depth"]
+    if row["core_score"] == "":
+        log(f"WARNING: Could not extract CORE score for d={d} (CORE was not computed in this run); column left empty")
+    elif summary.get("core_partial"):
+        log(f"NOTE: the CORE score for d={d} is partial (some eval-bundle tasks were missing): not comparable "
+            "with published full CORE scores")
+    core_text = row["core_score"] or "n/a"
+    if args.kind == "miniseries":
+        log(f"Training d={d}: params={row['num_params']}, scaling params={row['num_scaling_params']}, "
+            f"iters={row['num_iterations']}, ratio={row['param_data_ratio']}, val bpb={row['val_bpb']}, "
+            f"CORE={core_text}, time={row['train_time_sec']}s")
+    else:
+        log(f"  Params: {row['params_total']} (transformer: {row['params_transformer']}), "
+            f"Iters: {row['num_iterations']}, Val BPB: {row['val_bpb']}, CORE: {core_text}")
+    existing = find_row(rows, args.kind, row)
+    if existing is not None:
+        rows.remove(existing)  # a deliberate re-run replaces its old row instead of duplicating it
+    rows.append(row)
+    write_rows_atomic(args.csv, args.kind, sort_rows(rows, args.kind))
+    return 0
+
+
+def cmd_report(args):
+    rows = read_rows(args.csv, args.kind)
+    if not rows:
+        fail(f"{args.csv} has no results yet; run the sweep first")
+    rows = sort_rows(rows, args.kind)
+    shown = [c for c in COLUMNS[args.kind] if c != "wall_time_sec"]
+    print("Results:")
+    print(format_table(rows, shown))
+    if args.kind == "scaling":
+        print()
+        print_scaling_optima(rows)
+    if args.plot:
+        try:
+            (plot_miniseries if args.kind == "miniseries" else plot_scaling)(rows, args.plot)
+            print(f"Plot saved to: {args.plot}")
+        except ImportError as e:
+            print(f"Plot skipped: {e} (install matplotlib)")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Record, skip and display sweep results (miniseries, scaling laws)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("done", "append", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--kind", choices=sorted(COLUMNS), required=True, help="which sweep's CSV layout")
+        p.add_argument("--csv", required=True, help="results CSV path")
+        if name == "done":
+            p.add_argument("--depth", type=int, required=True, help="depth to look up")
+        if name in ("done", "append"):
+            p.add_argument("--flops-budget", default=None, help="FLOPs budget (scaling only), e.g. 1e18")
+        if name == "append":
+            p.add_argument("--summary", required=True, help="summary.json written by base_train")
+            p.add_argument("--wall-time", type=float, default=None, help="wall-clock seconds of the whole launch")
+            p.add_argument("--since", type=float, default=None,
+                           help="unix time the run started: refuse a summary.json older than this (stale)")
+        if name == "report":
+            p.add_argument("--plot", default=None, help="write the PNG plot here")
+    args = parser.parse_args(argv)
+    return {"done": cmd_done, "append": cmd_append, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
