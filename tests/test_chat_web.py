@@ -1,0 +1,502 @@
+"""
+The web server (scripts/chat_web.py): every endpoint, every validation rule, the official openai client, several
+concurrent clients, disconnects freeing workers, readable streaming of tool calls, and the real command line.
+Tiny random models on CPU, served by uvicorn on 127.0.0.1 from a thread.
+"""
+
+import os
+import sys
+import json
+import time
+import socket
+import threading
+import subprocess
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from scripts import chat_web
+from scripts.chat_cli import ReplyDecoder, assemble_prompt, message_chunks
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 256  # tiny models' context: room for a few turns
+
+# -----------------------------------------------------------------------------
+# helpers shared with tests/test_browser.py
+
+def build_tiny_chat_model(vocab_size, seed=0, sequence_len=CONTEXT):
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="L")
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    return model
+
+
+def make_worker(gpu_id, model, tokenizer, engine=None):
+    from nanochat.engine import Engine
+    return chat_web.Worker(gpu_id, "cpu", engine or Engine(model, tokenizer), tokenizer, model.config.sequence_len)
+
+
+def make_args(**overrides):
+    args = chat_web.build_parser().parse_args([])
+    args.host, args.port = "127.0.0.1", 0
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def sse_events(response):
+    """Parsed `data:` payloads of a server-sent-event stream ([DONE] kept as the string)."""
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+LIMITS = dict(max_messages=7, max_message_chars=300, max_conversation_chars=800, max_max_tokens=64, max_top_k=100,
+              max_temperature=1.5, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_tokenizer):
+    workers = [make_worker(i, build_tiny_chat_model(tiny_tokenizer.get_vocab_size(), seed=0), tiny_tokenizer) for i in range(2)]
+    app = chat_web.create_app(make_args(**LIMITS), workers=workers)
+    with LiveServer(app) as live:
+        yield live
+
+
+def chat(server, messages, path="/chat/completions", **fields):
+    return requests.post(server.url + path, json={"messages": messages, **fields}, timeout=60, stream=True)
+
+
+def wait_all_idle(server, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = requests.get(server.url + "/stats", timeout=5).json()
+        if stats["available_workers"] == stats["total_workers"] and stats["requests_active"] == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"workers still busy after {timeout}s: {stats}")
+
+# -----------------------------------------------------------------------------
+# plain endpoints
+
+def test_page_is_served_and_self_contained(server):
+    r = requests.get(server.url + "/", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "<title>NanoChat</title>" in html and 'id="chat-input"' in html and "Ask anything" in html
+    # no external assets or CDNs: nothing is loaded from another origin
+    lowered = html.lower()
+    for needle in ('src="http', "src='http", 'href="http', "href='http", "@import", "<script src", 'rel="stylesheet"'):
+        assert needle not in lowered, needle
+    assert requests.get(server.url + "/logo.svg", timeout=10).headers["content-type"].startswith("image/svg+xml")
+
+
+def test_health_and_stats(server):
+    health = requests.get(server.url + "/health", timeout=10).json()
+    assert health == {"status": "ok", "ready": True, "num_gpus": 2, "available_workers": 2}
+    stats = requests.get(server.url + "/stats", timeout=10).json()
+    assert stats["total_workers"] == 2 and stats["busy_workers"] == 0 and stats["available_workers"] == 2
+    assert [w["gpu_id"] for w in stats["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in stats["workers"])
+
+
+def test_reference_stream(server):
+    before = requests.get(server.url + "/stats", timeout=10).json()["requests_served"]
+    r = chat(server, [{"role": "user", "content": "Hello, who are you? 🙂"}], temperature=0.0, top_k=5, max_tokens=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == {"done": True}
+    tokens = events[:-1]
+    assert all(set(e) == {"token", "gpu"} and e["gpu"] in (0, 1) for e in tokens)
+    text = "".join(e["token"] for e in tokens)
+    assert "<|" not in text  # no raw special tokens (UTF-8 safety is tested on the decoder below)
+    stats = wait_all_idle(server)
+    assert stats["requests_served"] == before + 1
+
+
+def test_same_seed_same_reply_and_long_history_is_fitted(server, tiny_tokenizer):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    replies = [sse_events(chat(server, messages, seed=123, max_tokens=10)) for _ in range(2)]
+    assert [e.get("token") for e in replies[0]] == [e.get("token") for e in replies[1]]  # gpu may differ
+    # a history far longer than the 256-token context is accepted: the oldest turns are dropped
+    long_history = []
+    for i in range(3):  # Cyrillic letters cost a token or two each with the tiny tokenizer
+        long_history += [{"role": "user", "content": f"question {i} " + "ж" * 90},
+                         {"role": "assistant", "content": f"answer {i} " + "ю" * 90}]
+    long_history.append({"role": "user", "content": "and now?"})
+    assert sum(len(c) for c in message_chunks(tiny_tokenizer, long_history)) > CONTEXT
+    r = chat(server, long_history, max_tokens=8)
+    assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
+
+
+# -----------------------------------------------------------------------------
+# validation: every rule gives a 4xx with a JSON error body, on both chat endpoints
+
+USER = {"role": "user", "content": "hi"}
+BAD_REQUESTS = {
+    "too many messages": {"messages": [USER, {"role": "assistant", "content": "a"}] * 4},
+    "message too long": {"messages": [{"role": "user", "content": "x" * 301}]},
+    "conversation too long": {"messages": [{"role": "user", "content": "x" * 290}, {"role": "assistant", "content": "y" * 290},
+                                           {"role": "user", "content": "z" * 290}]},
+    "no messages": {"messages": []},
+    "messages not a list": {"messages": "hello"},
+    "message not an object": {"messages": ["hello"]},
+    "bad role": {"messages": [{"role": "tool", "content": "hi"}]},
+    "system not first": {"messages": [USER, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}, USER]},
+    "roles not alternating": {"messages": [USER, USER]},
+    "last message not user": {"messages": [USER, {"role": "assistant", "content": "a"}]},
+    "empty content": {"messages": [{"role": "user", "content": "   "}]},
+    "content not a string": {"messages": [{"role": "user", "content": 42}]},
+    "temperature too low": {"messages": [USER], "temperature": -0.1},
+    "temperature too high": {"messages": [USER], "temperature": 1.6},
+    "temperature not a number": {"messages": [USER], "temperature": "hot"},
+    "top_k negative": {"messages": [USER], "top_k": -1},
+    "top_k too high": {"messages": [USER], "top_k": 101},
+    "top_k not an integer": {"messages": [USER], "top_k": 2.5},
+    "max_tokens zero": {"messages": [USER], "max_tokens": 0},
+    "max_tokens too high": {"messages": [USER], "max_tokens": 65},
+    "max_tokens boolean": {"messages": [USER], "max_tokens": True},
+}
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_validation_rules(server, path, case):
+    r = requests.post(server.url + path, json=BAD_REQUESTS[case], timeout=10)
+    assert r.status_code == 400, (case, r.text)
+    body = r.json()
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"] == body["detail"]
+    assert len(body["detail"]) > 10
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+def test_malformed_json(server, path, raw):
+    r = requests.post(server.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_k", "max_tokens", "seed"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers(server, field, value):
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field, value)  # Python's json accepts these
+    r = requests.post(server.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+
+
+def test_cors_preflight(server):
+    r = requests.options(server.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://example.test")
+
+
+@pytest.mark.parametrize("extra", [{"n": 2}, {"top_p": 0.5}, {"stop": ["\n"]}, {"stream": "yes"}])
+def test_openai_only_fields_validated(server, extra):
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [USER], **extra}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra))
+
+
+def test_body_too_large_and_limits_are_flags(server):
+    r = requests.post(server.url + "/chat/completions", data=b"x" * 200_000, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    # the limits came from flags: 7 messages allowed (the limit), 300-char message allowed
+    ok = [USER, {"role": "assistant", "content": "a"}] * 3 + [{"role": "user", "content": "word " * 60}]
+    r = chat(server, ok, max_tokens=2)
+    assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
+
+
+def test_system_message_first_is_accepted(server):
+    r = chat(server, [{"role": "system", "content": "Be brief."}, USER], path="/v1/chat/completions", max_tokens=3)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_unknown_route_and_wrong_method(server):
+    assert requests.get(server.url + "/nope", timeout=10).status_code == 404
+    assert requests.get(server.url + "/chat/completions", timeout=10).status_code == 405
+
+
+def test_prompt_fitting_rejects_a_message_longer_than_the_context(tiny_tokenizer):
+    chunks = message_chunks(tiny_tokenizer, [{"role": "user", "content": "word " * 100}])
+    assert assemble_prompt(tiny_tokenizer, chunks, 20) == (None, 1)
+    chunks = message_chunks(tiny_tokenizer, [{"role": "user", "content": "a b c " * 20}, {"role": "assistant", "content": "ok"},
+                                              {"role": "user", "content": "d"}])
+    prompt, dropped = assemble_prompt(tiny_tokenizer, chunks, 12)
+    assert dropped == 2 and prompt[0] == tiny_tokenizer.get_bos_token_id() and len(prompt) <= 12
+    assert prompt[1] == tiny_tokenizer.encode_special("<|user_start|>")
+    assert prompt[-1] == tiny_tokenizer.encode_special("<|assistant_start|>")
+
+
+def test_context_length_exceeded_is_a_400(tiny_tokenizer):
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size(), sequence_len=32)
+    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])
+    with LiveServer(app) as live:
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 80}]}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+# -----------------------------------------------------------------------------
+# the official openai client
+
+def test_openai_client_non_streaming_and_streaming(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
+    models = client.models.list()
+    model_id = models.data[0].id
+    assert model_id.startswith("nanochat")
+
+    completion = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hello!"}],
+                                                max_tokens=8, temperature=0.5, seed=7)
+    assert completion.object == "chat.completion" and completion.model == model_id
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.prompt_tokens > 0 and 0 <= completion.usage.completion_tokens <= 8
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+    stream = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hello!"}],
+                                            max_tokens=8, temperature=0.5, seed=7, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            finish = c.finish_reason or finish
+    # same seed, same settings: streaming gives the same text as non-streaming
+    assert "".join(pieces) == choice.message.content
+    assert finish == choice.finish_reason and usage.completion_tokens == completion.usage.completion_tokens
+
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], temperature=3.0)
+    assert "temperature" in str(excinfo.value)
+
+# -----------------------------------------------------------------------------
+# several users at once
+
+def test_concurrent_clients_all_served(server):
+    wait_all_idle(server)
+    before = requests.get(server.url + "/stats", timeout=10).json()["requests_served"]
+    num_clients = 6
+
+    def one_client(i):
+        r = chat(server, [{"role": "user", "content": f"client {i} says hello"}], max_tokens=6, seed=i)
+        assert r.status_code == 200
+        events = sse_events(r)
+        assert events[-1] == {"done": True}
+        return {e["gpu"] for e in events[:-1]}
+
+    start = time.time()
+    with ThreadPoolExecutor(num_clients) as pool:
+        results = list(pool.map(one_client, range(num_clients)))
+    assert len(results) == num_clients and time.time() - start < 60
+    stats = wait_all_idle(server)
+    assert stats["requests_served"] == before + num_clients  # none lost
+    assert sum(w["requests_served"] for w in stats["workers"]) >= num_clients
+    assert all(w["requests_served"] > 0 for w in stats["workers"])  # both replicas took work
+
+# -----------------------------------------------------------------------------
+# workers are freed: client disconnects and generation errors
+
+class FakeEngine:
+    """Streams ordinary tokens forever (slowly), or raises; records how it ended."""
+
+    def __init__(self, token, delay=0.02, fail=False):
+        self.token, self.delay, self.fail = token, delay, fail
+        self.generated, self.closed = 0, threading.Event()
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        try:
+            if self.fail:
+                raise RuntimeError("boom")
+            for _ in range(10_000):
+                time.sleep(self.delay)
+                self.generated += 1
+                yield [self.token], [1]
+        finally:
+            self.closed.set()
+
+
+def test_disconnect_mid_stream_frees_the_worker(tiny_tokenizer):
+    token = tiny_tokenizer.encode("hello")[0]
+    engine = FakeEngine(token)
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    with LiveServer(app) as live:
+        r = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(4)]  # a couple of events arrived: it is streaming
+        assert any(line.startswith(b"data: ") for line in got)
+        assert requests.get(live.url + "/stats", timeout=5).json()["busy_workers"] == 1
+        r.close()  # the client goes away mid-stream
+        assert engine.closed.wait(10), "generation kept running after the client disconnected"
+        stats = wait_all_idle(live)
+        assert stats["requests_cancelled"] == 1 and engine.generated < 1000
+        # the freed worker serves the next request
+        engine.closed.clear()
+        r = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        assert next(r.iter_lines()).startswith(b"data: ")
+        r.close()
+        assert engine.closed.wait(10)
+
+
+def test_disconnect_while_waiting_for_a_worker(tiny_tokenizer):
+    engine = FakeEngine(tiny_tokenizer.encode("hello")[0])
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    with LiveServer(app) as live:
+        first = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        assert next(first.iter_lines()).startswith(b"data: ")  # the only worker is busy now
+        waiting = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        waiting.close()  # gives up while queued (the server has already sent the SSE headers)
+        time.sleep(0.5)
+        first.close()
+        stats = wait_all_idle(live)
+        assert stats["requests_cancelled"] == 2 and stats["workers"][0]["requests_served"] == 1  # nobody got the worker after leaving
+
+
+def test_generation_error_is_reported_and_frees_the_worker(tiny_tokenizer):
+    engine = FakeEngine(0, fail=True)
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    with LiveServer(app) as live:
+        events = sse_events(requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30))
+        assert "boom" in events[0]["error"] and events[-1] == {"done": True}
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": [USER]}, timeout=30)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        stats = wait_all_idle(live)
+        assert stats["requests_failed"] == 2 and stats["available_workers"] == 1
+
+# -----------------------------------------------------------------------------
+# readable, UTF-8-safe streaming
+
+def test_reply_decoder_utf8_and_tool_calls(tiny_tokenizer):
+    tok = tiny_tokenizer
+    special = tok.encode_special
+    text = "héllo 🙂 wörld"
+    decoder = ReplyDecoder(tok)
+    pieces = [decoder.feed(t) for t in tok.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+    decoder = ReplyDecoder(tok)
+    ids = tok.encode("It is ") + [special("<|python_start|>")] + tok.encode("12/60") + [special("<|python_end|>"),
+          special("<|output_start|>")] + tok.encode("0.2") + [special("<|output_end|>")] + tok.encode(" per minute")
+    ids += [special("<|python_start|>")] + tok.encode("1+") + [special("<|python_end|>")] + tok.encode(" ok")
+    shown = "".join(decoder.feed(t) for t in ids) + decoder.flush()
+    assert shown == "It is [calculator: 12/60 = 0.2] per minute[calculator: 1+] ok"
+    assert decoder.feed(special("<|assistant_end|>")) == ""
+
+# -----------------------------------------------------------------------------
+# the real command line: flags checked before loading, then a checkpoint served end to end
+
+def save_tiny_checkpoint(base_dir, tokenizer, source_dir="chatsft_checkpoints", tag="d2", step=5):
+    from nanochat.checkpoint_manager import save_checkpoint
+    tokenizer.save(str(base_dir / "tokenizer"))
+    model = build_tiny_chat_model(tokenizer.get_vocab_size())
+    meta = {"model_config": dataclasses.asdict(model.config), "step": step}
+    save_checkpoint(str(base_dir / source_dir / tag), step, model.state_dict(), None, meta)
+    return model
+
+
+def test_bad_flags_fail_fast():
+    for argv, needle in [(["-t", "5"], "--temperature"), (["-k", "500"], "--top-k"), (["--max-tokens", "0"], "--max-tokens"),
+                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port")]:
+        with pytest.raises(SystemExit) as excinfo:
+            chat_web.check_args(chat_web.build_parser().parse_args(argv))
+        assert needle in str(excinfo.value)
+
+
+def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
+                             "--device-type", "cpu", "-i", "sft", "-m", "8"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if requests.get(url + "/health", timeout=2).json()["ready"]:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "server did not become ready"
+            time.sleep(0.3)
+        events = sse_events(requests.post(url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30))
+        assert events[-1] == {"done": True}
+        assert requests.get(url + "/v1/models", timeout=5).json()["data"][0]["id"] == "nanochat-sft"
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0]
+    assert "Starting NanoChat Web Server" in output and f"Server ready at http://localhost:{port}" in output
+    assert "[USER]: hi" in output and "Loading model on cpu..." in output
+
+# -----------------------------------------------------------------------------
+# the benchmarks run and report what they promise
+
+def test_serving_benchmark(server, capsys):
+    from scripts import bench_serving
+    bench_serving.main(["--url", server.url, "--clients", "1,3", "--requests", "1", "--max-tokens", "4", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "req/s" in out and "TTFT p50 ms" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [level["clients"] for level in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["errors"] == 0 and level["requests"] == level["clients"] and level["requests_per_sec"] > 0
+        assert 0 < level["ttft_p50_ms"] <= level["latency_p50_ms"] + 1e-6
+
+
+def test_inference_benchmark_smoke(base_dir, tiny_tokenizer, capsys):
+    from scripts import infer_bench
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)
+    infer_bench.main(["-i", "sft", "--device-type", "cpu", "--prompt-tokens", "16", "--decode-tokens", "4", "--batch-sizes", "1,2"])
+    out = capsys.readouterr().out
+    assert "Prefill (batch 1, 16 tokens)" in out and "TPOT ms" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["prompt_tokens"] == 16 and [row["batch_size"] for row in report["sweep"]] == [1, 2]
+    assert all(row["decode_steps"] <= 3 and row["tok_per_sec"] >= 0 for row in report["sweep"])
