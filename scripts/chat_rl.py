@@ -1,0 +1,274 @@
+"""
+Reinforcement learning on GSM8K: on-policy REINFORCE with a group-mean baseline ("GRPO" in quotes).
+
+    python -m scripts.chat_rl
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=my_rl
+
+For every training problem we sample --num-samples completions from the current model, score each with the GSM8K
+reward (1 if the final '#### <number>' is right, else 0), and push up the log-probability of every sampled token in
+proportion to its sample's advantage = reward - mean reward of the group. No KL penalty, no reference model, no
+PPO ratio/clipping (one gradient step per fresh batch), no division by the reward std; the loss is normalized by
+the number of sampled tokens (DAPO style). Prompt tokens, forced calculator outputs and padding are never trained.
+Every --eval-every steps pass@1..k is measured on GSM8K test; checkpoints go to <base>/chatrl_checkpoints/<tag>/.
+"""
+
+import os
+import time
+import argparse
+import itertools
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
+                             DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
+from scripts.chat_eval import load_model_or_exit, check_checkpoint_exists
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="RL (REINFORCE with group-mean baseline) on GSM8K")
+    # logging and runtime
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
+                        help="legacy flag: the compute dtype is chosen in nanochat.common (set NANOCHAT_DTYPE)")
+    # which model to start from
+    parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl", "mid"],
+                        help="checkpoint family to start from")
+    parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: largest d<N>)")
+    parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: last)")
+    # horizon
+    parser.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
+    parser.add_argument("--num-steps", type=int, default=-1,
+                        help="override the number of optimizer steps (-1 = derived from --num-epochs)")
+    # rollouts
+    parser.add_argument("--device-batch-size", type=int, default=8, help="max rows per forward (sampling and training)")
+    parser.add_argument("--examples-per-step", type=int, default=16, help="prompts per optimizer step, all ranks")
+    parser.add_argument("--num-samples", type=int, default=16, help="samples per prompt (the group for the baseline)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per sampled completion")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 disables)")
+    # optimization
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs x this at the start")
+    # evaluation and saving
+    parser.add_argument("--eval-every", type=int, default=60, help="pass@k evaluation every N steps (and step 0)")
+    parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems for pass@k")
+    parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end)")
+    args = parser.parse_args(argv)
+    if args.num_samples % args.device_batch_size != 0:
+        parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
+    for name in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
+                 "eval_every", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    return args
+
+
+def rollout_seed(step, example_index, sampling_step):
+    """Deterministic, distinct seed per (step, example, sampling call); ints hash the same in every process."""
+    return hash((step, example_index, sampling_step)) & 0x7FFFFFFF
+
+
+@torch.no_grad()
+def sample_group(engine, tokenizer, task, example_index, conversation, args, step):
+    """Sample num_samples completions for one problem. Returns (inputs, targets, rewards, sequence_lengths)."""
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    prompt = tokenizer.render_for_completion(conversation)
+    prefix_length = len(prompt)
+    sequences, masks = [], []
+    for sampling_step in range(args.num_samples // args.device_batch_size):
+        seqs, msks = engine.generate_batch(prompt, num_samples=args.device_batch_size,
+                                           max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_k=args.top_k if args.top_k > 0 else None,
+                                           seed=rollout_seed(step, example_index, sampling_step))
+        sequences.extend(seqs)
+        masks.extend(msks)
+    rewards = [task.reward(conversation, tokenizer.decode(seq[prefix_length:])) for seq in sequences]
+    # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
+    max_length = max(len(s) for s in sequences)
+    padded_ids = [s + [assistant_end] * (max_length - len(s)) for s in sequences]
+    padded_masks = [m + [0] * (max_length - len(m)) for m in masks]
+    device = engine.model.get_device()
+    ids = torch.tensor(padded_ids, dtype=torch.long, device=device)
+    mask = torch.tensor(padded_masks, dtype=torch.long, device=device)
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -1  # prompt, forced tool output and padding: no gradient
+    rewards = torch.tensor(rewards, dtype=torch.float, device=device)
+    return inputs, targets, rewards, [len(s) for s in sequences]
+
+
+def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1):
+    """-sum_{b,t} logp[b,t] * A[b] / (valid tokens in this pass x extra_normalizer). Ignored targets give logp 0."""
+    logp = -model(inputs, targets, loss_reduction="none").view_as(inputs)
+    objective = (logp * advantages.unsqueeze(-1)).sum()
+    num_valid = (targets >= 0).sum().clamp(min=1)
+    return -objective / (num_valid * extra_normalizer)
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, rank, world_size):
+    """pass@1..k on the first num_examples problems of task (rank r takes r, r+W, ...). Returns list of k floats."""
+    device = engine.model.get_device()
+    passed = torch.zeros(k, dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(rank, min(num_examples, len(task)), world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k if top_k > 0 else None)
+        outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+        for j in range(k):
+            passed[j] += int(any(outcomes[:j + 1]))
+        total += 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(passed, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return [(passed[j].item() / max(total.item(), 1)) for j in range(k)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    check_checkpoint_exists(args.source, args.model_tag, args.model_step)
+
+    from nanochat.engine import Engine
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.report import get_report
+    from tasks.gsm8k import GSM8K
+
+    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
+        print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
+    if args.examples_per_step % world_size != 0:
+        raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
+                         f"processes ({world_size})")
+
+    if args.run != "dummy" and master:
+        import wandb
+        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
+    else:
+        wandb_run = DummyWandb()
+
+    # data first: a missing dataset should fail before the model is loaded
+    try:
+        train_task = GSM8K(subset="main", split="train")
+        val_task = GSM8K(subset="main", split="test")
+    except RuntimeError as e:
+        raise SystemExit(f"error: GSM8K is needed for RL but unavailable: {e}")
+    if len(train_task) == 0:
+        raise SystemExit("error: GSM8K train is empty")
+
+    model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
+                                                step=args.model_step)
+    engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
+
+    num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
+    if args.num_steps > 0:
+        num_steps = args.num_steps
+    if num_steps < 1:
+        raise SystemExit(f"error: GSM8K train has {len(train_task)} problems, fewer than --examples-per-step="
+                         f"{args.examples_per_step}; lower it or pass --num-steps")
+    examples_per_rank = args.examples_per_step // world_size
+    num_passes = args.num_samples // args.device_batch_size
+    print0(f"Calculated number of steps: {num_steps}")
+    print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
+    print0(f"Calculated examples per rank: {examples_per_rank}")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
+    example_indices = itertools.cycle(range(rank, len(train_task), world_size))
+    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", args.model_tag or f"d{model.config.n_layer}")
+    history = {"train": [], "val": [], "pass_at_k": []}
+    last_pass_at_k = None
+    mean_reward = mean_length = float("nan")
+    t_start = time.time()
+
+    for step in range(num_steps + 1):
+        last_step = step == num_steps
+        # pass@k on GSM8K test (step 0, every eval_every, and at the end)
+        if step % args.eval_every == 0 or last_step:
+            model.eval()
+            pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size,
+                                           args.max_new_tokens, 1.0, args.top_k, rank, world_size)
+            last_pass_at_k = pass_at_k
+            print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
+            wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}})
+            history["pass_at_k"].append(dict(step=step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}))
+        # checkpoint (model only, as the reference)
+        if master and ((step > 0 and step % args.save_every == 0) or last_step):
+            meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
+                             pass_at_k=last_pass_at_k, source=args.source)
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
+            print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
+        if last_step:
+            break
+
+        # rollouts + policy gradient, one example at a time (gradients accumulate)
+        step_rewards, step_lengths = [], []
+        for example_step in range(examples_per_rank):
+            example_index = next(example_indices)
+            conversation = train_task[example_index]
+            model.eval()
+            inputs, targets, rewards, lengths = sample_group(engine, tokenizer, train_task, example_index,
+                                                             conversation, args, step)
+            step_rewards.append(rewards.mean().item())
+            step_lengths.extend(lengths)
+            advantages = rewards - rewards.mean()  # group-mean baseline, no std scaling
+            model.train()
+            for p in range(num_passes):
+                b0, b1 = p * args.device_batch_size, (p + 1) * args.device_batch_size
+                x, y, adv = inputs[b0:b1], targets[b0:b1], advantages[b0:b1]
+                loss = policy_gradient_loss(model, x, y, adv, num_passes * examples_per_rank)
+                loss.backward()
+                print0(f"Step {step}/{num_steps} | Example step {example_step} | Pass {p} | loss: {loss.item():.6f} "
+                       f"| Average reward: {rewards.mean().item()}")
+
+        # step statistics, averaged over ranks
+        stats = torch.tensor([sum(step_rewards) / len(step_rewards), sum(step_lengths) / len(step_lengths)],
+                             dtype=torch.float, device=device)
+        if ddp:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # SUM / W: gloo has no AVG
+            stats /= world_size
+        mean_reward, mean_length = stats.tolist()
+        print0(f"Step {step}/{num_steps} | Average reward: {mean_reward} | Average sequence length: {mean_length:.2f}")
+
+        # linear LR decay to zero over the run; the optimizer averages gradients across ranks
+        lrm = 1.0 - step / num_steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm})
+        history["train"].append(dict(step=step + 1, reward=mean_reward, sequence_length=mean_length))
+
+    elapsed = time.time() - t_start
+    print0(f"Total RL time: {elapsed / 60:.2f}m")
+    stats = {"Number of steps": num_steps, "DDP world size": world_size, "Final average reward": mean_reward,
+             "Total RL time (m)": elapsed / 60}
+    if last_pass_at_k is not None:
+        stats.update({f"GSM8K pass@{k + 1}": v for k, v in enumerate(last_pass_at_k)})
+    get_report().log(section="Chat RL", data=[user_config, stats])
+    wandb_run.finish()
+    compute_cleanup()
+    return dict(num_steps=num_steps, mean_reward=mean_reward, pass_at_k=last_pass_at_k, history=history)
+
+
+if __name__ == "__main__":
+    main()

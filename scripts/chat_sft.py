@@ -1,0 +1,714 @@
+"""
+Supervised finetuning (SFT): turn a base model into a chat model.
+
+    python -m scripts.chat_sft
+    python -m scripts.chat_sft --mixture=offline --num-iterations=200        # no network needed
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=my_sft
+
+What it does (SEED interface, HEAD recipe):
+- loads the base checkpoint; batch geometry (--max-seq-len, --device-batch-size, --total-batch-size) and the
+  learning rates are inherited from it unless given, and the base optimizer's momentum buffers are loaded
+  (--load-optimizer=1) with fresh learning rates;
+- trains on a TaskMixture of conversations packed into rows with BOS-aligned best-fit packing; the loss is on the
+  assistant's own tokens only (not on user turns, BOS, tool outputs or padding);
+- conversations longer than a row are truncated to fit (or skipped when nothing the assistant says survives), so
+  the packing buffer can never clog with short --max-seq-len; both are counted and reported;
+- the loss is a token mean over the whole optimizer step, so a micro-batch with zero supervised tokens adds zero
+  gradient instead of a 0/0 NaN;
+- evaluates validation loss / bpb and ChatCORE (categorical and generative chat tasks) during training, saves to
+  <base>/chatsft_checkpoints/<tag>/ and writes the "Chat SFT" report section.
+
+Mixtures (--mixture):
+- full (SEED + HEAD): SmolTalk + MMLU auxiliary_train x --mmlu-epochs + GSM8K x --gsm8k-epochs + identity
+  conversations x --identity-epochs + SimpleSpelling + SpellingBee;
+- head: HEAD's simplified mixture, SmolTalk + MMLU x3 + GSM8K x4;
+- offline: the mixture of real data available without network (tasks/ offline helper);
+- auto (default): full when every part can be loaded, otherwise the offline mixture, with a loud banner listing
+  the parts that were unavailable.
+"""
+
+import os
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+import gc
+import math
+import time
+import argparse
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
+                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
+from scripts.chat_eval import (ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, load_model_or_exit,
+                               check_checkpoint_exists)
+
+# Fallbacks when neither the command line nor the base checkpoint gives a value (HEAD's defaults)
+FALLBACKS = dict(max_seq_len=2048, device_batch_size=32, total_batch_size=524288,
+                 embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Supervised finetuning of a base model into a chat model")
+    # logging and runtime
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
+                        help="legacy flag: the compute dtype is chosen in nanochat.common (set NANOCHAT_DTYPE)")
+    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = CUDA only")
+    # which base model
+    parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
+    parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
+    parser.add_argument("--load-optimizer", type=int, default=1,
+                        help="1 = warm-start from the base optimizer's momentum buffers (LRs reset), 0 = fresh")
+    # data mixture
+    parser.add_argument("--mixture", type=str, default="auto", choices=["auto", "full", "head", "offline"],
+                        help="training mixture (see the module docstring); auto falls back to offline loudly")
+    parser.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
+    parser.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
+    parser.add_argument("--identity-epochs", type=int, default=2,
+                        help="copies of <base>/identity_conversations.jsonl (full mixture)")
+    parser.add_argument("--simple-spelling-size", type=int, default=200000, help="SimpleSpelling rows (full mixture)")
+    parser.add_argument("--spelling-bee-size", type=int, default=80000, help="SpellingBee rows (full mixture)")
+    # horizon and batch geometry (None = inherit from the base checkpoint)
+    parser.add_argument("--num-iterations", type=int, default=-1,
+                        help="optimizer steps to train (-1 = one full pass over the mixture)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: inherited)")
+    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch per rank (default: inherited)")
+    parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherited)")
+    # optimization
+    parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherited)")
+    parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherited)")
+    parser.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the matrices (default: inherited)")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="weight decay (HEAD keeps 0: pretraining already ramped it to 0)")
+    parser.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs x this at the start (HEAD tuned; SEED 1.0)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of training spent warming up the LR")
+    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of training spent decaying the LR (SEED 0.2)")
+    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    # evaluation
+    parser.add_argument("--eval-every", type=int, default=200, help="val loss/bpb every N steps (-1 = only at the end)")
+    parser.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens per validation evaluation")
+    parser.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps and at the end (-1 = off)")
+    parser.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task (-1 = all)")
+    parser.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
+    parser.add_argument("--chatcore-max-new-tokens", type=int, default=256, help="max tokens per generative answer")
+    # output
+    parser.add_argument("--dry-run", type=int, default=0, help="1 = do not save a checkpoint or write the report")
+    args = parser.parse_args(argv)
+    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        parser.error("--num-iterations must be a positive number of steps, or -1 for one pass over the mixture")
+    return args
+
+# -----------------------------------------------------------------------------
+# Mixtures
+
+def _load_part(name, build, copies, parts, unavailable):
+    """Build one mixture part once and add it `copies` times; data that cannot be had is remembered, not fatal."""
+    if copies <= 0:
+        return
+    try:
+        task = build()
+    except (ImportError, OSError, RuntimeError, SystemExit) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        unavailable.append(f"{name} ({reason})")
+        return
+    parts.extend([(name, task)] * copies)
+
+
+def build_full_mixture(args, head_only=False):
+    """(train_parts, val_parts, unavailable): lists of (name, task) and of 'name (reason)'."""
+    from tasks.smoltalk import SmolTalk
+    from tasks.mmlu import MMLU
+    from tasks.gsm8k import GSM8K
+    train, val, unavailable = [], [], []
+    _load_part("SmolTalk train", lambda: SmolTalk(split="train"), 1, train, unavailable)
+    _load_part("MMLU auxiliary_train", lambda: MMLU(subset="all", split="auxiliary_train"), args.mmlu_epochs,
+               train, unavailable)
+    _load_part("GSM8K train", lambda: GSM8K(subset="main", split="train"), args.gsm8k_epochs, train, unavailable)
+    if not head_only:
+        from tasks.customjson import CustomJSON, identity_conversations_path
+        from tasks.spellingbee import SimpleSpelling, SpellingBee
+        identity_path, identity_source = identity_conversations_path()
+        if args.identity_epochs > 0 and identity_path is None:
+            unavailable.append(f"identity conversations ({os.path.join(get_base_dir(), 'identity_conversations.jsonl')} not found)")
+        elif args.identity_epochs > 0:
+            print0(f"Identity conversations: {identity_path} ({identity_source})")
+            _load_part("identity conversations", lambda: CustomJSON(filepath=identity_path), args.identity_epochs,
+                       train, unavailable)
+        _load_part("SimpleSpelling", lambda: SimpleSpelling(size=args.simple_spelling_size, split="train"),
+                   int(args.simple_spelling_size > 0), train, unavailable)
+        _load_part("SpellingBee", lambda: SpellingBee(size=args.spelling_bee_size, split="train"),
+                   int(args.spelling_bee_size > 0), train, unavailable)
+    _load_part("SmolTalk test", lambda: SmolTalk(split="test"), 1, val, unavailable)
+    _load_part("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200), 1, val, unavailable)
+    _load_part("GSM8K test[:420]", lambda: GSM8K(subset="main", split="test", stop=420), 1, val, unavailable)
+    return train, val, unavailable
+
+
+def build_offline_mixture(args):
+    """The offline mixture from tasks/ (real data on disk, never the network): (train_parts, val_parts, unavailable)."""
+    from tasks.offline import offline_sft_tasks
+    mix = offline_sft_tasks(simple_spelling_size=args.simple_spelling_size, spelling_bee_size=args.spelling_bee_size,
+                            identity_epochs=args.identity_epochs, gsm8k_epochs=args.gsm8k_epochs,
+                            mmlu_epochs=args.mmlu_epochs)
+    print0(mix.describe())
+    train = [(f"{type(t).__name__}", t) for t in mix.train_tasks]
+    val = [(f"{type(t).__name__}", t) for t in mix.val_tasks]
+    return train, val, list(mix.unavailable)
+
+
+def choose_mixture(args):
+    """Returns (train_task, val_task, description, unavailable_parts)."""
+    from tasks.common import TaskMixture
+    from nanochat.hub import is_offline
+    mode = args.mixture
+    unavailable_full = []
+    if mode == "auto" and is_offline():
+        print0("NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set: using the OFFLINE SFT mixture")
+        mode = "offline"
+    if mode in ("auto", "full", "head"):
+        train, val, unavailable_full = build_full_mixture(args, head_only=(mode == "head"))
+        if not unavailable_full:
+            mode = mode if mode != "auto" else "full"
+        elif mode == "auto":
+            print0("!" * 100)
+            print0("WARNING: the full SFT mixture is not available, falling back to the OFFLINE mixture.")
+            for part in unavailable_full:
+                print0(f"  unavailable: {part if len(part) <= 240 else part[:240] + ' ...'}")
+            print0("  (set NANOCHAT_LOCAL_DATA to local copies, or NANOCHAT_OFFLINE=1 to skip the network attempts)")
+            print0("!" * 100)
+            mode = "offline"
+        else:
+            lines = "\n".join(f"  unavailable: {p}" for p in unavailable_full)
+            raise SystemExit(f"error: --mixture={mode} needs data that cannot be loaded:\n{lines}\n"
+                             f"connect to the network once (data is cached under the base dir) or use --mixture=offline")
+    unavailable = list(unavailable_full)
+    if mode == "offline":
+        train, val, unavailable_offline = build_offline_mixture(args)
+        unavailable += [p for p in unavailable_offline if p not in unavailable]
+    if not train or sum(len(t) for _, t in train) == 0:
+        raise SystemExit("error: the SFT training mixture is empty (no part could be loaded); see the lines above")
+    if not val or sum(len(t) for _, t in val) == 0:
+        raise SystemExit("error: the SFT validation mixture is empty (no part could be loaded); see the lines above")
+    train_task = TaskMixture([t for _, t in train])
+    val_task = TaskMixture([t for _, t in val])
+    counts = {}
+    for name, task in train:
+        counts[name] = counts.get(name, 0) + len(task)  # oversampled parts are summed
+    description = f"{mode}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    print0(f"Training mixture: {len(train_task):,} rows ({description})")
+    print0(f"Validation mixture: {len(val_task):,} rows ({', '.join(n for n, _ in val)})")
+    return train_task, val_task, description, unavailable
+
+# -----------------------------------------------------------------------------
+# Data loader: BOS-aligned best-fit packing of rendered conversations
+
+def new_packing_stats():
+    return dict(conversations=0, truncated=0, skipped=0, rows=0, tokens=0, padding=0, supervised=0)
+
+
+def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=None, buffer_size=100):
+    """
+    Yields (inputs, targets, progress) forever; inputs/targets are (B, T) int64 on device, targets = -1 where no loss.
+    progress = dict(consumed, epoch) counts conversations fetched by all ranks (this rank's view).
+
+    Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
+    fits), then BOS padding. A conversation longer than a row is truncated to the row (so it can always be placed;
+    the reference kept it forever and the buffer clogged), or skipped if the truncation leaves no assistant token.
+    """
+    stats = stats if stats is not None else new_packing_stats()
+    capacity = T + 1
+    bos = tokenizer.get_bos_token_id()
+    dataset_size = len(dataset)
+    assert dataset_size > 0, "empty dataset"
+    cursor, epoch, consumed = rank, 1, rank
+    buffer = []
+    use_pinned = torch.device(device).type == "cuda"
+
+    def refill():
+        nonlocal cursor, epoch, consumed
+        attempts = 0
+        while len(buffer) < buffer_size:
+            attempts += 1
+            if attempts > 10 * buffer_size + dataset_size:
+                raise SystemExit("error: no conversation in the mixture has any assistant token to train on "
+                                 f"(with --max-seq-len={T}); check the data or use a longer --max-seq-len")
+            index = cursor
+            conversation = dataset[index]
+            cursor += world_size
+            if cursor >= dataset_size:
+                cursor -= dataset_size
+                epoch += 1
+            try:
+                ids, mask = tokenizer.render_conversation(conversation)
+            except (AssertionError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
+                                 f"fix or remove that row in its source file") from e
+            stats["conversations"] += 1
+            if len(ids) > capacity:
+                ids, mask = ids[:capacity], mask[:capacity]
+                if not any(mask[1:]):
+                    stats["skipped"] += 1
+                    consumed += world_size  # a skipped conversation still counts as seen for the epoch
+                    continue
+                stats["truncated"] += 1
+            elif not any(mask[1:]):
+                stats["skipped"] += 1
+                consumed += world_size
+                continue
+            buffer.append((ids, mask))
+
+    while True:
+        rows_ids, rows_mask = [], []
+        for _ in range(B):
+            row_ids, row_mask = [], []
+            while len(row_ids) < capacity:
+                refill()
+                remaining = capacity - len(row_ids)
+                best_index, best_length = -1, 0
+                for j, (ids, _) in enumerate(buffer):
+                    if best_length < len(ids) <= remaining:
+                        best_index, best_length = j, len(ids)
+                if best_index < 0:
+                    # nothing fits the tail of this row: pad it (never happens on an empty row, everything fits one)
+                    stats["padding"] += remaining
+                    row_ids += [bos] * remaining
+                    row_mask += [0] * remaining
+                    break
+                ids, mask = buffer.pop(best_index)
+                row_ids += ids
+                row_mask += mask
+                consumed += world_size
+            rows_ids.append(row_ids)
+            rows_mask.append(row_mask)
+        ids = torch.tensor(rows_ids, dtype=torch.long)
+        mask = torch.tensor(rows_mask, dtype=torch.bool)
+        inputs = ids[:, :-1].contiguous()
+        targets = ids[:, 1:].clone()
+        targets[~mask[:, 1:]] = -1  # loss only where the assistant speaks (padding has mask 0 too)
+        stats["rows"] += B
+        stats["tokens"] += B * capacity
+        stats["supervised"] += int(mask[:, 1:].sum())
+        if use_pinned:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        inputs = inputs.to(device, non_blocking=use_pinned)
+        targets = targets.to(device, non_blocking=use_pinned)
+        yield inputs, targets, dict(consumed=consumed, epoch=epoch)
+
+# -----------------------------------------------------------------------------
+# The loss of one optimizer step
+
+def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scaler=None):
+    """Backward of the mean loss over every supervised token of the step (all micro-batches, all ranks).
+    num_supervised is that global count. Per micro-batch we sum per-token losses (ignored targets give exactly 0)
+    and divide by the global count, so a micro-batch without supervised tokens contributes zero gradient instead
+    of the 0/0 = NaN of a per-micro-batch mean. Returns this rank's summed loss (a float)."""
+    if num_supervised <= 0:
+        return 0.0
+    normalizer = num_supervised / world_size  # the optimizer averages gradients over ranks
+    loss_sum_total = 0.0
+    for x, y in micro_batches:
+        # (a micro-batch without supervised tokens still runs: its gradient is exactly zero, and under torchrun every
+        # rank must hand the optimizer gradients for its collectives to line up)
+        loss_sum = model(x, y, loss_reduction="none").sum()
+        loss_sum_total += loss_sum.detach().item()
+        loss = loss_sum / normalizer
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss_sum_total
+
+# -----------------------------------------------------------------------------
+# Validation: token-mean loss on supervised tokens and bits per byte, in one pass
+
+@torch.no_grad()
+def evaluate_sft_loss(model, batches, steps, token_bytes):
+    device = token_bytes.device
+    sum_nats = torch.zeros((), dtype=torch.float64, device=device)
+    sum_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    sum_nats_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    sum_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(steps):
+        x, y, _ = next(batches)
+        loss = model(x, y, loss_reduction="none").reshape(-1).double()
+        y = y.reshape(-1)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
+        sum_nats += loss[valid].sum()
+        sum_tokens += valid.sum()
+        sum_nats_bytes += (loss * (nbytes > 0)).sum()
+        sum_bytes += nbytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        packed = torch.stack([sum_nats, sum_tokens, sum_nats_bytes, sum_bytes])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = packed.unbind(0)
+    val_loss = (sum_nats / sum_tokens).item() if sum_tokens.item() > 0 else float("nan")
+    val_bpb = (sum_nats_bytes / (math.log(2) * sum_bytes)).item() if sum_bytes.item() > 0 else float("inf")
+    return val_loss, val_bpb, int(sum_tokens.item())
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """HEAD schedule on progress p in [0, 1]: linear warmup, constant, linear warmdown to final_lr_frac."""
+    p = min(max(progress, 0.0), 1.0)
+    if warmup_ratio > 0 and p < warmup_ratio:
+        return (p + 1e-8) / warmup_ratio
+    if p <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = (p - (1.0 - warmdown_ratio)) / max(warmdown_ratio, 1e-8)
+    return 1.0 * (1 - decay) + final_lr_frac * decay
+
+
+def muon_momentum(step):
+    f = min(step / 300, 1.0)
+    return (1 - f) * 0.85 + f * 0.95
+
+# -----------------------------------------------------------------------------
+
+def resolve_inherited(args, meta):
+    """Fill None flags from the base checkpoint (HEAD), printing where each value came from."""
+    user_config = meta.get("user_config") or {}
+    pretrained = dict(max_seq_len=meta.get("max_seq_len", user_config.get("max_seq_len")),
+                      device_batch_size=meta.get("device_batch_size", user_config.get("device_batch_size")),
+                      total_batch_size=meta.get("total_batch_size", user_config.get("total_batch_size")),
+                      embedding_lr=user_config.get("embedding_lr"),
+                      unembedding_lr=user_config.get("unembedding_lr"),
+                      matrix_lr=user_config.get("matrix_lr"))
+    for name, fallback in FALLBACKS.items():
+        given, base_value = getattr(args, name), pretrained.get(name)
+        if isinstance(base_value, (int, float)) and base_value is not None and base_value <= 0:
+            base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
+        if given is None:
+            value = base_value if base_value is not None else fallback
+            source = "Inherited" if base_value is not None else "Using fallback"
+            print0(f"{source} {name}={value}" + (" from pretrained checkpoint" if base_value is not None else ""))
+            setattr(args, name, value)
+        elif base_value is not None and given != base_value:
+            print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
+        else:
+            print0(f"Using {name}={given}")
+    return pretrained
+
+
+def base_optimizer_world_size(model_tag, step):
+    """How many processes saved the base checkpoint's optimizer shards (from its completion marker), or None."""
+    import json
+    from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, marker_path
+    try:
+        checkpoints_dir = checkpoints_dir_for("base")
+        checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_largest_model(checkpoints_dir))
+        step = step if step is not None else find_last_step(checkpoint_dir)
+        with open(marker_path(checkpoint_dir, step), encoding="utf-8") as f:
+            return json.load(f).get("world_size")
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
+    check_checkpoint_exists("base", args.model_tag, args.model_step)
+
+    from nanochat.tokenizer import get_token_bytes
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.report import get_report
+
+    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
+        print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    if args.run != "dummy" and master:
+        import wandb
+        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
+    else:
+        wandb_run = DummyWandb()
+
+    # --- model, inherited settings, batch geometry --------------------------------------------------------------
+    model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
+                                                step=args.model_step)
+    pretrained = resolve_inherited(args, meta)
+    if pretrained.get("device_batch_size") and args.device_batch_size > pretrained["device_batch_size"]:
+        print0(f"FOOTGUN WARNING: base model training used device_batch_size {pretrained['device_batch_size']}, "
+               f"did you pass in a good --device-batch-size to this script?")
+    B, T = args.device_batch_size, args.max_seq_len
+    tokens_per_fwdbwd = B * T
+    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+    if args.total_batch_size % world_tokens_per_fwdbwd != 0:
+        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of "
+                         f"device_batch_size x max_seq_len x world_size = {B} x {T} x {world_size} = "
+                         f"{world_tokens_per_fwdbwd}; pass --total-batch-size={world_tokens_per_fwdbwd * max(1, args.total_batch_size // world_tokens_per_fwdbwd)} or change the others")
+    grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+    print0(f"Tokens / micro-batch / rank: {B} x {T} = {tokens_per_fwdbwd:,}")
+    print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
+    print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    if T > model.config.sequence_len:
+        print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={model.config.sequence_len}")
+
+    orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
+    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    if use_compile:
+        model = torch.compile(model, dynamic=False)
+    depth = orig_model.config.n_layer
+    num_flops_per_token = orig_model.estimate_flops()
+    token_bytes = get_token_bytes(device=device)
+
+    # --- optimizer (fresh LRs, momentum warm-started from the base run) -----------------------------------------
+    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                           matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    if args.load_optimizer:
+        from nanochat.checkpoint_manager import load_optimizer_state
+        base_state = None
+        saved_world_size = base_optimizer_world_size(args.model_tag, args.model_step)
+        if saved_world_size is not None and saved_world_size != world_size:
+            # optimizer state is sharded per rank: another world size means other shapes
+            print0(f"WARNING: the base optimizer state was saved by {saved_world_size} process(es) and this run has "
+                   f"{world_size}; starting with a fresh optimizer")
+        else:
+            try:
+                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
+            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+                print0(f"WARNING: could not read the base optimizer state ({e}); starting with a fresh optimizer")
+        if ddp:  # all ranks warm-start, or none does
+            have = torch.tensor(int(base_state is not None), device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() == 0:
+                base_state = None
+        if base_state is not None:
+            # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            try:
+                optimizer.load_state_dict(base_state)
+                for group, hyper in zip(optimizer.param_groups, fresh):
+                    group.update(hyper)
+                print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+            except (ValueError, KeyError, RuntimeError) as e:
+                optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr,
+                                                       embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                                                       weight_decay=args.weight_decay)
+                print0(f"WARNING: base optimizer state does not match this model/world size ({e}); starting fresh")
+        elif saved_world_size in (None, world_size):
+            print0("WARNING: no optimizer state found in the base checkpoint; starting with a fresh optimizer")
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    # fp16 needs loss scaling; bf16/fp32 do not
+    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    train_dataset, val_dataset, mixture_description, unavailable = choose_mixture(args)
+    train_stats = new_packing_stats()
+    train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
+    build_val_loader = lambda: sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
+    train_size = len(train_dataset)
+
+    # --- training loop -----------------------------------------------------------------------------------------
+    step = 0
+    smooth_train_loss, ema_beta = 0.0, 0.9
+    total_training_time = 0.0
+    min_val_bpb, val_bpb, val_loss = float("inf"), None, None
+    chatcore, chatcore_results, unavailable_eval = None, {}, set()
+    history = {"train": [], "val": [], "chatcore": []}
+    progress = 0.0
+    epoch = 1
+    zero_supervised_steps = 0
+    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+
+    while True:
+        flops_so_far = num_flops_per_token * args.total_batch_size * step
+        if args.num_iterations > 0:
+            last_step = step >= args.num_iterations
+        else:
+            last_step = progress >= 1.0
+
+        # validation loss / bpb
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, build_val_loader(), eval_steps, token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
+                   f"({val_tokens:,} supervised tokens)")
+            history["val"].append(dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_so_far))
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb, "val/loss": val_loss})
+            model.train()
+
+        # ChatCORE: categorical (MC) accuracy and generative tasks, on the uncompiled model
+        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+            chatcore, chatcore_results = evaluate_chatcore(orig_model, tokenizer, args, B, step, unavailable_eval)
+            history["chatcore"].append(dict(step=step, chatcore=chatcore, **chatcore_results))
+            wandb_run.log({"step": step, "chatcore_metric": chatcore,
+                           **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
+
+        if last_step:
+            break
+
+        # one optimizer step: fetch all micro-batches first so the loss can be normalized by the step's
+        # supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0
+        synchronize()
+        t0 = time.time()
+        micro_batches = []
+        for _ in range(grad_accum_steps):
+            x, y, position = next(train_loader)
+            micro_batches.append((x, y))
+        num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
+        consumed = torch.tensor(float(position["consumed"]), device=device)
+        if ddp:
+            dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
+            dist.all_reduce(consumed, op=dist.ReduceOp.MAX)
+        epoch = position["epoch"]
+        num_supervised = num_supervised.item()
+        step_loss_sum = backward_token_mean(model, micro_batches, num_supervised, world_size, scaler)
+        if num_supervised == 0:
+            zero_supervised_steps += 1
+            print0(f"WARNING: step {step} has no supervised (assistant) tokens in any micro-batch; skipping its update")
+
+        # LR and momentum from the progress made before this step (so the first step runs at the initial LR and
+        # the last one does not waste its batch at LR 0); then record the progress including this step
+        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group.get("kind") == "muon":
+                group["momentum"] = muon_momentum(step)
+        if num_supervised > 0:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+                if ddp:  # every rank must agree on skipping an overflowing step
+                    for found_inf in scaler._found_inf_per_device(optimizer).values():
+                        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        model.zero_grad(set_to_none=True)
+        synchronize()
+        dt = time.time() - t0
+        step += 1
+        if args.num_iterations > 0:
+            progress = step / args.num_iterations
+        else:
+            progress = consumed.item() / train_size
+
+        # logging
+        if ddp:
+            loss_tensor = torch.tensor(step_loss_sum, device=device)
+            dist.all_reduce(loss_tensor, op=dist.ReduceOp.SUM)
+            step_loss_sum = loss_tensor.item()
+        train_loss = step_loss_sum / num_supervised if num_supervised > 0 else float("nan")
+        if num_supervised > 0:
+            smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+        debiased = smooth_train_loss / (1 - ema_beta ** step)
+        if step > 10:
+            total_training_time += dt
+        tok_per_sec = int(args.total_batch_size / dt)
+        mfu = (f"{100 * num_flops_per_token * args.total_batch_size / dt / (peak_flops * world_size):.2f}"
+               if peak_flops else "n/a")
+        print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
+               f"total time: {total_training_time / 60:.2f}m")
+        history["train"].append(dict(step=step, loss=debiased, flops=num_flops_per_token * args.total_batch_size * step))
+        if step % 10 == 0:
+            wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
+                           "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
+                           "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
+        # the Python GC walks millions of long-lived objects for nothing: freeze them after the first step
+        if step == 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+
+    # --- wrap up -----------------------------------------------------------------------------------------------
+    if device_type == "cuda":
+        print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
+    print0(f"Total training time: {total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+    padding_fraction = train_stats["padding"] / max(train_stats["tokens"], 1)
+    print0(f"Packing: {train_stats['conversations']:,} conversations rendered, {train_stats['truncated']:,} truncated "
+           f"to fit {T + 1} tokens, {train_stats['skipped']:,} skipped (no assistant token left), "
+           f"padding {100 * padding_fraction:.2f}% of row tokens")
+    if zero_supervised_steps:
+        print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
+
+    if not args.dry_run:
+        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{depth}")
+        model_config = asdict(orig_model.config)
+        save_checkpoint(
+            checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=model_config, user_config=user_config,
+                 max_seq_len=T, device_batch_size=B, total_batch_size=args.total_batch_size,
+                 mixture=mixture_description, chatcore=chatcore),
+            rank=rank, sync_ranks=ddp,
+        )
+        report = get_report()
+        stats = {
+            "Training mixture": mixture_description,
+            "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
+            "Training rows": train_size,
+            "Number of iterations": step,
+            "DDP world size": world_size,
+            "Minimum validation bpb": min_val_bpb,
+            "Final validation loss": val_loss,
+            "Conversations truncated to fit": train_stats["truncated"],
+            "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
+            "Padding fraction": padding_fraction,
+            "Total training time (m)": total_training_time / 60,
+        }
+        if chatcore is not None:
+            stats["ChatCORE during SFT"] = chatcore
+        report.log(section="Chat SFT", data=[user_config, stats])
+        if hasattr(report, "log_history"):
+            report.log_history("chat-sft", history)
+    wandb_run.finish()
+    compute_cleanup()
+    return dict(step=step, val_bpb=val_bpb, val_loss=val_loss, min_val_bpb=min_val_bpb, chatcore=chatcore,
+                stats=train_stats, history=history)
+
+
+def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
+    """ChatCORE over the default chat tasks whose data is available (unavailable ones are reported once)."""
+    from nanochat.engine import Engine
+    was_training = model.training
+    model.eval()
+    engine = Engine(model, tokenizer)
+    results = {}
+    for task_name in ALL_TASKS:
+        if task_name in unavailable:
+            continue
+        categorical = BASELINES[task_name] > 0  # the MC tasks have a chance baseline
+        max_problems = (None if args.chatcore_max_cat < 0 else args.chatcore_max_cat) if categorical \
+            else args.chatcore_max_sample
+        try:
+            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
+                                     max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
+                                     max_problems=max_problems)
+        except TaskUnavailable as e:
+            reason = str(e) if len(str(e)) <= 200 else str(e)[:200] + " ..."
+            print0(f"  {task_name}: SKIPPED, data unavailable ({reason})")
+            unavailable.add(task_name)
+            continue
+        results[task_name] = accuracy
+        print0(f"  {task_name}: {100 * accuracy:.2f}%")
+    centered = {t: (a - BASELINES[t]) / (1 - BASELINES[t]) for t, a in results.items()}
+    categorical = [c for t, c in centered.items() if BASELINES[t] > 0]
+    chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
+    chatcore_cat = sum(categorical) / len(categorical) if categorical else float("nan")
+    partial = "" if len(results) == len(ALL_TASKS) else f" (partial: {len(results)}/{len(ALL_TASKS)} tasks)"
+    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
+    if was_training:
+        model.train()
+    return chatcore, results
+
+
+if __name__ == "__main__":
+    main()

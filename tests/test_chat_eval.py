@@ -1,0 +1,150 @@
+"""
+Chat evaluation: the categorical loop picks the argmax letter at the <|assistant_start|> position (checked with a
+scripted model), ChatCORE centering, and scripts.chat_eval end to end on a tiny checkpoint with hand-made local data
+(offline: tasks without data are skipped, ChatCORE is marked partial, the report section names the skips), plus the
+bad-input paths (missing checkpoint, unknown task).
+"""
+
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+
+def save_tiny_checkpoint(base_dir, tokenizer, make_tiny_model, family="chatsft_checkpoints", tag="d2", step=3):
+    from nanochat.tokenizer import compute_token_bytes
+    from nanochat.checkpoint_manager import save_checkpoint
+    tok_dir = os.path.join(base_dir, "tokenizer")
+    tokenizer.save(tok_dir)
+    torch.save(compute_token_bytes(tokenizer), os.path.join(tok_dir, "token_bytes.pt"))
+    model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=64)
+    meta = dict(step=step, model_config=asdict(model.config), user_config={}, max_seq_len=64)
+    save_checkpoint(os.path.join(base_dir, family, tag), step, model.state_dict(), None, meta)
+    return model
+
+
+def make_local_data(root):
+    (root / "gsm8k").mkdir(parents=True)
+    with open(root / "gsm8k" / "test.jsonl", "w") as f:
+        for a in range(1, 6):
+            f.write(json.dumps({"question": f"What is {a} plus {a}?",
+                                "answer": f"{a}+{a}=<<{a}+{a}={2 * a}>>{2 * a}\n#### {2 * a}"}) + "\n")
+    (root / "mmlu" / "test").mkdir(parents=True)
+    with open(root / "mmlu" / "test" / "numbers_test.csv", "w") as f:
+        f.write("question,choice0,choice1,choice2,choice3,answer\n")
+        for i in range(8):
+            f.write(f"Which number comes after {i}?,{i + 1},{i + 5},{i + 7},{i + 9},{i % 4}\n")
+    (root / "english_words").mkdir()
+    (root / "english_words" / "words_alpha.txt").write_text("apple\r\nbanana\r\ncherry\r\n")
+    return root
+
+
+@pytest.fixture
+def eval_env(base_dir, tmp_path, monkeypatch, tiny_tokenizer, tiny_model_factory):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", str(make_local_data(tmp_path / "local")))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    save_tiny_checkpoint(str(base_dir), tiny_tokenizer, tiny_model_factory)
+    return base_dir
+
+# -----------------------------------------------------------------------------
+# Loops with scripted stand-ins
+
+
+class AlwaysLetterModel:
+    """Scripted model: at every position the logit of `letter` is highest among the vocabulary."""
+    def __init__(self, tokenizer, letter):
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.letter_id = tokenizer.encode(letter)[0]
+        self.calls = []
+    def __call__(self, ids):
+        self.calls.append(ids.shape)
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size)
+        logits[:, :, self.letter_id] = 10.0
+        return logits
+    def get_device(self):
+        return torch.device("cpu")
+
+
+class MCTask:
+    eval_type = "categorical"
+    def __init__(self, answers):
+        self.answers = answers
+    def __len__(self):
+        return len(self.answers)
+    def __getitem__(self, i):
+        letters = ("A", "B", "C", "D")
+        question = f"Question {i}?\n" + "".join(f"- choice{j}={l}\n" for j, l in enumerate(letters))
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": self.answers[i]}], "letters": letters}
+    def evaluate(self, conversation, response):
+        assert response in conversation["letters"]
+        return response == conversation["messages"][-1]["content"]
+
+
+def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
+    from scripts.chat_eval import run_categorical_eval
+    task = MCTask(["B", "A", "B", "D", "B", "C", "B"])  # 4 of 7 answers are B
+    model = AlwaysLetterModel(tiny_tokenizer, "B")
+    accuracy = run_categorical_eval(task, tiny_tokenizer, model, batch_size=3)
+    assert accuracy == pytest.approx(4 / 7)
+    assert len(model.calls) == 3  # ceil(7 / 3) batched forwards
+    model = AlwaysLetterModel(tiny_tokenizer, "D")
+    assert run_categorical_eval(task, tiny_tokenizer, model, batch_size=8, max_problems=4) == pytest.approx(1 / 4)
+
+
+def test_chatcore_centering():
+    from scripts.chat_eval import chatcore_from_results, ALL_TASKS
+    results = {t: 0.25 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}
+    results.update({"GSM8K": 0.5, "HumanEval": 0.0, "SpellingBee": 1.0})
+    value, label = chatcore_from_results(results, [])
+    assert label == "full" and value == pytest.approx((0 + 0 + 0 + 0.5 + 0 + 1.0) / 6)
+    del results["HumanEval"]
+    value, label = chatcore_from_results(results, ["HumanEval"])
+    assert "partial" in label and "5/6" in label and value == pytest.approx(1.5 / 5)
+    assert len(ALL_TASKS) == 6
+
+# -----------------------------------------------------------------------------
+# The script
+
+
+def test_chat_eval_selected_tasks(eval_env, capsys):
+    from scripts import chat_eval
+    results = chat_eval.main(["-i", "sft", "-a", "MMLU|GSM8K", "-x", "3", "-m", "8", "--device-type", "cpu"])
+    out = capsys.readouterr().out
+    assert set(results) == {"MMLU", "GSM8K"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert "MMLU accuracy:" in out and "GSM8K accuracy:" in out and "Final: " in out
+    assert "ChatCORE metric" not in out  # only over the default task list
+    report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
+    assert "## Chat evaluation sft" in report and "- MMLU: " in report and "ChatCORE" not in report
+
+
+def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
+    from scripts import chat_eval
+    results = chat_eval.main(["-i", "sft", "-x", "2", "-m", "4", "--device-type", "cpu"])
+    out = capsys.readouterr().out
+    assert set(results) == {"MMLU", "GSM8K", "SpellingBee"}
+    assert "SKIPPED ARC-Easy" in out and "SKIPPED HumanEval" in out
+    assert "ChatCORE metric:" in out and "(partial: 3/6 tasks)" in out
+    report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
+    assert "- ARC-Challenge: skipped (data unavailable)" in report
+    assert "- ChatCORE metric: " in report and "partial: 3/6 tasks" in report
+
+
+def test_missing_checkpoint_is_a_clear_error(base_dir):
+    from scripts import chat_eval
+    with pytest.raises(SystemExit) as excinfo:
+        chat_eval.main(["-i", "rl", "--device-type", "cpu"])
+    assert "no rl checkpoint found" in str(excinfo.value)
+
+
+def test_missing_tag_and_unknown_task_are_clear_errors(eval_env):
+    from scripts import chat_eval
+    with pytest.raises(SystemExit) as excinfo:
+        chat_eval.main(["-i", "sft", "-g", "d99", "--device-type", "cpu"])
+    assert "d99" in str(excinfo.value) and "d2" in str(excinfo.value)
+    with pytest.raises(SystemExit) as excinfo:
+        chat_eval.main(["-i", "sft", "-a", "NotATask", "--device-type", "cpu"])
+    assert "NotATask" in str(excinfo.value)
