@@ -1,0 +1,271 @@
+"""
+CORE evaluation (the DCLM paper's "core" metric): in-context-learning tasks scored by a base model.
+
+Three task types, all scored by teacher-forced likelihood of the model on the prompt tokens:
+- multiple_choice: one prompt per answer choice; pick the choice with the lowest mean loss on its answer tokens.
+- schema: one prompt per context option, all ending in the same continuation; pick the context under which the
+  continuation has the lowest mean loss.
+- language_modeling: one prompt with the continuation; correct iff greedy argmax reproduces every continuation token.
+
+Everything here (prompt strings, few-shot sampling seeds, shuffling seed, which tokens are scored, the centered
+accuracy) follows the reference exactly so that our numbers are comparable with published CORE scores. The only
+departures are for inputs on which the reference crashes or returns NaN; they are marked "(robustness)" below and
+change nothing where the reference works.
+
+The model is anything callable as model(idx) -> logits (B, T, V); the tokenizer needs encode(list, prepend=id) and
+get_bos_token_id().
+"""
+
+import random
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
+CORE_TASK_LABELS = (
+    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa",
+    "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande", "bigbench_dyck_languages",
+    "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators", "bigbench_repeat_copy_logic", "squad", "coqa",
+    "boolq", "bigbench_language_identification",
+)
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+SHUFFLE_SEED = 1337      # every task's example list is shuffled with this seed (even when not truncated)
+FEWSHOT_SEED_BASE = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
+
+# -----------------------------------------------------------------------------
+# Prompt rendering: the exact strings the reference's templates produce.
+# Few-shot examples come first, each followed by a blank line. No BOS here (it is prepended as a token id).
+
+
+def render_prompts_mc(item, continuation_delimiter, fewshot_examples):
+    """One prompt per choice: [ex.query D ex.gold_choice \\n\\n]* item.query D choice."""
+    prefix = "".join(f"{ex['query']}{continuation_delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot_examples)
+    return [f"{prefix}{item['query']}{continuation_delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item, continuation_delimiter, fewshot_examples):
+    """One prompt per context option: [ex.gold_context D ex.continuation \\n\\n]* option D item.continuation."""
+    prefix = "".join(
+        f"{ex['context_options'][ex['gold']]}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
+    )
+    return [f"{prefix}{option}{continuation_delimiter}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_prompts_lm(item, continuation_delimiter, fewshot_examples):
+    """Two prompts: without and with the continuation. The "without" prompt is stripped as a whole, so a trailing
+    space/newline of the delimiter moves onto the first continuation token (e.g. "ctx\\nAnswer:" vs "ctx\\nAnswer: x")."""
+    prefix = "".join(
+        f"{ex['context'].strip()}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
+    )
+    context = item["context"].strip()
+    without = f"{prefix}{context}{continuation_delimiter}".strip()
+    with_cont = f"{prefix}{context}{continuation_delimiter}{item['continuation']}"
+    return [without, with_cont]
+
+
+# -----------------------------------------------------------------------------
+# Which tokens are scored. Each function returns (token lists to run, start indices, end indices): the scored tokens of
+# sequence i are tokens[i][start_i:end_i], predicted by the logits at positions start_i-1 .. end_i-2.
+
+
+def common_prefix_length(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def common_suffix_length(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[-1 - i] != seqs[0][-1 - i] for s in seqs):
+            return i
+    return n
+
+
+def batch_sequences_mc(tokenizer, prompts):
+    """Score only the tokens where the choices differ: from the end of their longest common token prefix."""
+    tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    start = common_prefix_length(tokens)
+    # (robustness) if one choice is a token-prefix of another (or two choices are identical), the reference scores an
+    # empty span for it (mean of nothing = NaN). Back the shared start up so every choice scores >= 1 token.
+    start = max(1, min(start, min(len(t) for t in tokens) - 1))
+    return tokens, [start] * len(tokens), [len(t) for t in tokens]
+
+
+def batch_sequences_schema(tokenizer, prompts):
+    """Score only the shared continuation: the longest common token suffix, under each context."""
+    tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    suffix = common_suffix_length(tokens)
+    # (robustness) keep the span non-empty and never reaching the BOS token.
+    suffix = max(1, min(suffix, min(len(t) for t in tokens) - 1))
+    return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+
+
+def batch_sequences_lm(tokenizer, prompts):
+    """Score the continuation: the tokens of "with" beyond the tokens of "without". Only "with" is run."""
+    without, with_cont = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    start, end = len(without), len(with_cont)
+    if not (start < end and with_cont[:start] == without):
+        # (robustness) the reference asserts here. If BPE merged across the context/continuation boundary, score from
+        # the end of the two sequences' common prefix instead, keeping at least one scored token.
+        start = max(1, min(common_prefix_length([without, with_cont]), end - 1))
+    return [with_cont], [start], [end]
+
+
+def model_max_length(model):
+    """Longest sequence the model can take, or None if unlimited/unknown. The reference crops only for models with a
+    max_seq_len attribute (the HF GPT-2 wrapper). (robustness) Also respect the rotary table length of a nanochat GPT,
+    where the reference would crash on very long few-shot prompts with a tiny model."""
+    for name in ("max_seq_len", "rotary_seq_len"):
+        value = getattr(model, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    cos = getattr(model, "cos", None)
+    if isinstance(cos, torch.Tensor) and cos.dim() >= 2:
+        return int(cos.size(1))
+    return None
+
+
+def crop_sequences(tokens, start_idxs, end_idxs, max_len):
+    """Keep the LAST max_len tokens of over-long sequences and shift their scored span accordingly."""
+    new_tokens, new_starts, new_ends = [], [], []
+    for t, s, e in zip(tokens, start_idxs, end_idxs):
+        if len(t) > max_len:
+            crop = len(t) - max_len
+            t, s, e = t[crop:], s - crop, e - crop
+            # (robustness) the scored span needs its predicting position inside the window: start >= 1
+            s = max(s, 1)
+            assert s < e, "scored span does not fit in the model's context window"
+        new_tokens.append(t)
+        new_starts.append(s)
+        new_ends.append(e)
+    return new_tokens, new_starts, new_ends
+
+
+def stack_sequences(tokens, pad_token_id):
+    """Right-pad to the longest sequence. Padding is never inside a scored span and attention is causal, so no mask."""
+    seq_len = max(len(t) for t in tokens)
+    input_ids = torch.full((len(tokens), seq_len), pad_token_id, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        input_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return input_ids
+
+
+@torch.no_grad()
+def forward_model(model, input_ids):
+    """Per-position loss of predicting the next token, and the argmax predictions. Last column's loss is NaN."""
+    logits = model(input_ids).float()
+    batch_size, seq_len, vocab_size = logits.shape
+    target_ids = torch.roll(input_ids, shifts=-1, dims=1)
+    losses = F.cross_entropy(logits.view(-1, vocab_size), target_ids.view(-1), reduction="none").view(batch_size, seq_len)
+    losses[:, -1] = float("nan")
+    predictions = logits.argmax(dim=-1)
+    return losses, predictions
+
+
+# -----------------------------------------------------------------------------
+# One item, one task
+
+
+def sample_fewshot(data, idx, num_fewshot):
+    """The reference's few-shot draw, in its order: random.Random(1234 + idx).sample(all indices but idx, k)."""
+    # (robustness) with a tiny --max-per-task there may be fewer other items than shots: the reference crashes;
+    # we use as many as there are (identical to the reference whenever it works).
+    num_fewshot = min(num_fewshot, len(data) - 1)
+    if num_fewshot <= 0:
+        return []
+    rng = random.Random(FEWSHOT_SEED_BASE + idx)
+    candidates = [i for i in range(len(data)) if i != idx]
+    return [data[i] for i in rng.sample(candidates, num_fewshot)]
+
+
+def prepare_example(idx, model, tokenizer, data, task_meta):
+    """Render and tokenize item idx -> (tokens, start_idxs, end_idxs), cropped to the model's window."""
+    item = data[idx]
+    task_type = task_meta["task_type"]
+    delimiter = task_meta.get("continuation_delimiter", " ")
+    fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
+    if task_type == "multiple_choice":
+        tokens, starts, ends = batch_sequences_mc(tokenizer, render_prompts_mc(item, delimiter, fewshot))
+    elif task_type == "schema":
+        tokens, starts, ends = batch_sequences_schema(tokenizer, render_prompts_schema(item, delimiter, fewshot))
+    elif task_type == "language_modeling":
+        tokens, starts, ends = batch_sequences_lm(tokenizer, render_prompts_lm(item, delimiter, fewshot))
+    else:
+        raise ValueError(f"unsupported task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
+    max_len = model_max_length(model)
+    if max_len is not None:
+        tokens, starts, ends = crop_sequences(tokens, starts, ends, max_len)
+    return tokens, starts, ends
+
+
+def score_example(idx, model, tokenizer, data, device, task_meta):
+    """Run item idx. Returns (is_correct, per-sequence mean losses) (losses are None for language_modeling)."""
+    tokens, starts, ends = prepare_example(idx, model, tokenizer, data, task_meta)
+    input_ids = stack_sequences(tokens, tokenizer.get_bos_token_id()).to(device)
+    losses, predictions = forward_model(model, input_ids)
+    if task_meta["task_type"] == "language_modeling":
+        # teacher-forced greedy exact match == greedy decoding reproduces the continuation
+        s, e = starts[0], ends[0]
+        predicted = predictions[0, s - 1 : e - 1]
+        actual = input_ids[0, s:e]
+        return bool(torch.equal(predicted, actual)), None
+    mean_losses = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
+    predicted_idx = mean_losses.index(min(mean_losses))  # first on ties
+    return predicted_idx == data[idx]["gold"], mean_losses
+
+
+def evaluate_example(idx, model, tokenizer, data, device, task_meta):
+    """True iff the model gets item idx right."""
+    return score_example(idx, model, tokenizer, data, device, task_meta)[0]
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta):
+    """Accuracy over data (already shuffled/truncated). Under torch.distributed rank r scores items r, r+W, ... and
+    the 0/1 results are summed across ranks, so every rank returns the same accuracy."""
+    ddp = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if ddp else 0
+    world_size = dist.get_world_size() if ddp else 1
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for idx in range(rank, len(data), world_size):
+        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+    if world_size > 1:
+        dist.barrier()
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+
+def shuffle_and_truncate(data, max_per_task=-1):
+    """The reference's per-task preparation: shuffle with Random(1337) always, then keep the first max_per_task."""
+    data = list(data)
+    random.Random(SHUFFLE_SEED).shuffle(data)
+    if max_per_task > 0:
+        data = data[:max_per_task]
+    return data
+
+
+def centered_accuracy(accuracy, random_baseline_percent):
+    """Accuracy rescaled so that random guessing is 0 and perfect is 1."""
+    rb = 0.01 * random_baseline_percent
+    return (accuracy - rb) / (1.0 - rb)
+
+
+def core_metric(centered_results):
+    """CORE = arithmetic mean of the tasks' centered accuracies."""
+    values = list(centered_results.values())
+    return sum(values) / len(values) if values else float("nan")
+
+
+def is_full_core(labels):
+    """True iff every one of the 22 CORE tasks was evaluated."""
+    return set(CORE_TASK_LABELS) <= set(labels)
+
+
+def core_label(labels):
+    """"full (22/22 tasks)" or "partial (k/22 tasks)", so a partial score is never mistaken for a full one."""
+    k = len(set(labels) & set(CORE_TASK_LABELS))
+    kind = "full" if is_full_core(labels) else "partial"
+    return f"{kind} ({k}/{len(CORE_TASK_LABELS)} tasks)"

@@ -1,0 +1,513 @@
+"""
+The run report: every stage writes a markdown fragment into <base_dir>/report/, and `generate` stitches them into
+report.md with an environment header, training-curve plots and a summary table of metrics per stage.
+
+    python -m nanochat.report reset      # at the start of a run: clear old fragments, write the header
+    python -m nanochat.report generate   # at the end: write report.md (+ plots) and copy it to the current directory
+
+In code: get_report().log("Base model training", [config_dict, {"Minimum validation bpb": 0.95}, "free text\\n"])
+         get_report().log_history("base-training", {"train": [{"step", "loss", "flops"}...],
+                                                    "val": [{"step", "val_bpb", "flops"}...]})
+Only rank 0 writes; other ranks get a DummyReport whose methods do nothing.
+
+Differences from the reference, on purpose: the SFT section is collected (it is logged as "Chat SFT"); the wall-clock
+total runs to the last stage that finished, RL included; metrics are read from "- key: value" lines by exact key (the
+reference matched substrings, so e.g. "task_name: GSM8K" could be taken for a GSM8K score); bloat counts every tracked
+file (the reference kept only the last xargs batch); a cost estimate is computed from the hourly rate and wall clock.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# Fragment files in report order. Sections are logged as: "Tokenizer training", "Tokenizer evaluation",
+# "Base model training", "Base model evaluation", "Chat evaluation base", "Chat SFT", "Chat evaluation sft",
+# "Chat RL", "Chat evaluation rl".
+EXPECTED_FILES = [
+    "tokenizer-training.md",
+    "tokenizer-evaluation.md",
+    "base-model-training.md",
+    "base-model-evaluation.md",
+    "chat-evaluation-base.md",
+    "chat-sft.md",
+    "chat-evaluation-sft.md",
+    "chat-rl.md",
+    "chat-evaluation-rl.md",
+]
+OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.md"}  # no warning when absent
+LEGACY_NAMES = {"chat-sft.md": "sft.md"}  # the reference's SFT script logged "SFT"; still collect such a file
+
+# Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
+STAGES = ["BASE", "SFT", "RL"]
+STAGE_OF_FILE = {
+    "base-model-training.md": "BASE",
+    "base-model-evaluation.md": "BASE",
+    "chat-evaluation-base.md": "BASE",
+    "chat-evaluation-sft.md": "SFT",
+    "chat-evaluation-rl.md": "RL",
+}
+METRIC_KEYS = {
+    "base-model-training.md": {"Final validation bpb": "val bpb"},
+    "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
+    "chat": {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
+             "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE"},
+}
+GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # USD per GPU-hour (Lambda Cloud list prices)
+DEFAULT_GPU_HOURLY_RATE = 2.00
+BLOAT_EXTENSIONS = (".py", ".md", ".rs", ".html", ".toml", ".sh")
+
+
+def slugify(text):
+    return text.lower().replace(" ", "-")
+
+
+def now():
+    return datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def atomic_write(path, content, mode="w"):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, mode) as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def format_value(value):
+    """Floats with 4 decimals, large ints with thousands separators, everything else str()."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and value >= 10000:
+        return f"{value:,}"
+    # one item per line: newlines inside values (e.g. model samples) are shown escaped, so they can neither break
+    # the list nor be mistaken for other "- key: value" lines when metrics are read back
+    return str(value).replace("\r", "\\r").replace("\n", "\\n")
+
+
+# -----------------------------------------------------------------------------
+# Environment header
+
+
+def run_command(cmd, cwd=None):
+    """Stripped stdout on success ('' if none), None on failure/timeout."""
+    try:
+        result = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=5, cwd=cwd)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip()
+
+
+def get_git_info():
+    branch = run_command("git rev-parse --abbrev-ref HEAD") or "unknown"
+    commit = run_command("git rev-parse --short HEAD") or "unknown"
+    status = run_command("git status --porcelain")
+    dirty = "unknown" if status is None else ("dirty" if status else "clean")
+    message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
+    return {"branch": branch, "commit": commit, "dirty": dirty, "message": message}
+
+
+def get_gpu_info():
+    import torch
+    if not torch.cuda.is_available():
+        return {"available": False}
+    count = torch.cuda.device_count()
+    names = [torch.cuda.get_device_name(i) for i in range(count)]
+    memory = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    return {"available": True, "count": count, "names": names, "memory_gb": memory / 1024**3,
+            "cuda_version": torch.version.cuda or "unknown"}
+
+
+def get_system_info():
+    import psutil
+    import torch
+    return {
+        "platform": platform.system(),
+        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+        "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count(),
+        "memory_gb": psutil.virtual_memory().total / 1024**3,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hostname": socket.gethostname(),
+    }
+
+
+def estimate_hourly_rate(gpu_info):
+    """USD/hour for the whole machine, or None without GPUs."""
+    if not gpu_info.get("available"):
+        return None
+    first = gpu_info["names"][0]
+    per_gpu = next((rate for key, rate in GPU_HOURLY_RATES.items() if key in first), DEFAULT_GPU_HOURLY_RATE)
+    return per_gpu * gpu_info["count"]
+
+
+def find_lock_file():
+    """The dependency lock file of the current directory (uv.lock as the reference, else another *.lock/lock file)."""
+    if os.path.isfile("uv.lock"):
+        return "uv.lock"
+    for name in sorted(os.listdir(".")):
+        if os.path.isfile(name) and (name.endswith(".lock") or "lock" in name.lower() and name.endswith(".txt")):
+            return name
+    return None
+
+
+def get_bloat_info():
+    """Size of the git-tracked source: characters (bytes), lines, files, approx tokens, lock-file lines."""
+    listing = run_command("git ls-files")
+    files = [f for f in (listing or "").splitlines() if f.endswith(BLOAT_EXTENSIONS) and os.path.isfile(f)]
+    num_chars = num_lines = 0
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        num_chars += len(data)
+        num_lines += data.count(b"\n")
+    lock_file = find_lock_file()
+    dep_lines = 0
+    if lock_file:
+        with open(lock_file, "rb") as f:
+            dep_lines = f.read().count(b"\n")
+    return {"chars": num_chars, "lines": num_lines, "files": len(files), "tokens": num_chars // 4,
+            "lock_file": lock_file or "uv.lock", "dependencies": dep_lines}
+
+
+def generate_header():
+    git, gpu, system, bloat = get_git_info(), get_gpu_info(), get_system_info(), get_bloat_info()
+    lines = ["# nanochat training report", "", f"Generated: {now()}", "", "## Environment", "",
+             "### Git Information",
+             f"- Branch: {git['branch']}",
+             f"- Commit: {git['commit']} ({git['dirty']})",
+             f"- Message: {git['message']}", "",
+             "### Hardware",
+             f"- Platform: {system['platform']}",
+             f"- CPUs: {system['physical_cores']} cores ({system['logical_cores']} logical)",
+             f"- Memory: {system['memory_gb']:.1f} GB"]
+    if gpu["available"]:
+        lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
+                  f"- GPU Memory: {gpu['memory_gb']:.1f} GB total",
+                  f"- CUDA Version: {gpu['cuda_version']}"]
+    else:
+        lines.append("- GPUs: None available")
+    rate = estimate_hourly_rate(gpu)
+    if rate is not None:
+        lines.append(f"- Hourly Rate: ${rate:.2f}/hour")
+    lines += ["", "### Software", f"- Python: {system['python']}", f"- PyTorch: {system['torch']}", "",
+              "### Bloat",
+              f"- Characters: {bloat['chars']:,}",
+              f"- Lines: {bloat['lines']:,}",
+              f"- Files: {bloat['files']:,}",
+              f"- Tokens (approx): {bloat['tokens']:,}",
+              f"- Dependencies ({bloat['lock_file']} lines): {bloat['dependencies']:,}", ""]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Reading fragments back
+
+
+def parse_timestamp(text):
+    try:
+        return datetime.datetime.strptime(text.strip(), TIMESTAMP_FORMAT)
+    except ValueError:
+        return None
+
+
+def fragment_timestamp(content):
+    for line in content.splitlines():
+        if line.startswith("timestamp:"):
+            return parse_timestamp(line.split(":", 1)[1])
+    return None
+
+
+def fragment_items(content):
+    """'- key: value' lines -> {key: value} (later lines win)."""
+    items = {}
+    for line in content.splitlines():
+        if line.startswith("- ") and ":" in line:
+            key, value = line[2:].split(":", 1)
+            items[key.strip()] = value.strip()
+    return items
+
+
+def extract_metrics(file_name, content):
+    keys = METRIC_KEYS.get(file_name) or (METRIC_KEYS["chat"] if file_name.startswith("chat-evaluation") else {})
+    items = fragment_items(content)
+    return {row: items[key] for key, row in keys.items() if key in items}
+
+
+def format_duration(seconds):
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{(seconds % 3600) // 60}m"
+
+
+def summary_table(metrics):
+    """metrics: {stage: {row: value}} -> markdown table, CORE first, ChatCORE last, others alphabetical."""
+    rows = set()
+    for stage_metrics in metrics.values():
+        rows |= set(stage_metrics)
+    first = [r for r in ("CORE", "val bpb") if r in rows]
+    last = [r for r in ("ChatCORE",) if r in rows]
+    ordered = first + sorted(rows - set(first) - set(last)) + last
+    width = max([15] + [len(r) for r in ordered])
+    cell_width = max([8] + [len(v) for m in metrics.values() for v in m.values()])
+    header = f"| {'Metric':<{width}} |" + "".join(f" {s:<{cell_width}} |" for s in STAGES)
+    separator = f"|{'-' * (width + 2)}|" + "".join(f"{'-' * (cell_width + 2)}|" for _ in STAGES)
+    lines = [header, separator]
+    for row in ordered:
+        cells = "".join(f" {metrics.get(s, {}).get(row, '-'):<{cell_width}} |" for s in STAGES)
+        lines.append(f"| {row:<{width}} |{cells}")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Training-curve plots
+
+
+def validate_history(history):
+    if not isinstance(history, dict):
+        raise ValueError("history must be a dict with 'train' and/or 'val' lists")
+    clean = {}
+    for split, value_key in (("train", "loss"), ("val", "val_bpb")):
+        rows = history.get(split, [])
+        if not isinstance(rows, list):
+            raise ValueError(f"history[{split!r}] must be a list of dicts")
+        clean_rows = []
+        for row in rows:
+            if not isinstance(row, dict) or "step" not in row or value_key not in row:
+                raise ValueError(f"each history[{split!r}] entry needs 'step' and {value_key!r} (got {row!r})")
+            clean_rows.append({"step": int(row["step"]), value_key: float(row[value_key]),
+                               "flops": None if row.get("flops") is None else float(row["flops"])})
+        clean[split] = clean_rows
+    return clean
+
+
+def plot_history(name, history, out_dir):
+    """Write <name>-vs-step.png and <name>-vs-flops.png (train loss and val bpb side by side). -> file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    panels = [("train", "loss", "train loss"), ("val", "val_bpb", "val bpb")]
+    for x_key, x_label, suffix in (("step", "step", "vs-step"), ("flops", "training FLOPs", "vs-flops")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        has_data = False
+        for ax, (split, y_key, title) in zip(axes, panels):
+            points = [(r[x_key], r[y_key]) for r in history.get(split, []) if r.get(x_key) is not None]
+            points = [(x, y) for x, y in points if y == y and abs(y) != float("inf")]  # drop NaN/inf
+            if x_key == "flops":
+                points = [(x, y) for x, y in points if x > 0]  # log axis: step 0 has spent 0 FLOPs
+            if points:
+                has_data = True
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+                if x_key == "flops":
+                    ax.set_xscale("log")
+            else:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(title)
+            ax.set_title(f"{name}: {title} vs {x_label}")
+            ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        if has_data:
+            file_name = f"{slugify(name)}-{suffix}.png"
+            tmp = os.path.join(out_dir, f".{file_name}.tmp.{os.getpid()}.png")
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, os.path.join(out_dir, file_name))
+            written.append(file_name)
+        plt.close(fig)
+    return written
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+class Report:
+    def __init__(self, report_dir):
+        os.makedirs(report_dir, exist_ok=True)
+        self.report_dir = report_dir
+
+    def log(self, section, data):
+        """Write one stage's fragment <slug>.md (overwrites). data: list of dicts (as '- key: value') and strings."""
+        path = os.path.join(self.report_dir, f"{slugify(section)}.md")
+        parts = [f"## {section}\n", f"timestamp: {now()}\n", "\n"]
+        for item in data:
+            if not item:
+                continue
+            if isinstance(item, str):
+                parts.append(item)
+            else:
+                for key, value in item.items():
+                    parts.append(f"- {key}: {format_value(value)}\n")
+        parts.append("\n")
+        atomic_write(path, "".join(parts))
+        return path
+
+    def log_history(self, name, history):
+        """Store a training history (train loss / val bpb vs step and FLOPs) for the plots made by generate()."""
+        clean = validate_history(history)
+        path = os.path.join(self.report_dir, f"history-{slugify(name)}.json")
+        atomic_write(path, json.dumps({"name": name, "history": clean}))
+        return path
+
+    def reset(self):
+        """Start a new run: delete this directory's fragments, histories and plots, write header.md."""
+        for name in os.listdir(self.report_dir):
+            if name.endswith((".md", ".png")) or (name.startswith("history-") and name.endswith(".json")):
+                os.remove(os.path.join(self.report_dir, name))
+        header = generate_header() + f"Run started: {now()}\n\n---\n\n"
+        atomic_write(os.path.join(self.report_dir, "header.md"), header)
+        print(f"Reset report and wrote header to {os.path.join(self.report_dir, 'header.md')}")
+
+    def _histories(self):
+        out = []
+        for name in sorted(os.listdir(self.report_dir)):
+            if name.startswith("history-") and name.endswith(".json"):
+                try:
+                    with open(os.path.join(self.report_dir, name)) as f:
+                        record = json.load(f)
+                    out.append((record["name"], validate_history(record["history"])))
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    print(f"Warning: skipping unreadable training history {name}: {e}")
+        return out
+
+    def generate(self):
+        """Write report.md (header, stage sections, plots, summary) and copy it to the current directory."""
+        report_file = os.path.join(self.report_dir, "report.md")
+        print(f"Generating report to {report_file}")
+        parts = []
+        header_file = os.path.join(self.report_dir, "header.md")
+        start_time, bloat_block, header = None, "[bloat data missing]\n", ""
+        if os.path.isfile(header_file):
+            with open(header_file) as f:
+                header = f.read()
+            parts.append(header)
+            match = re.search(r"^Run started: (.*)$", header, re.MULTILINE)
+            start_time = parse_timestamp(match.group(1)) if match else None
+            match = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
+            bloat_block = match.group(1) + "\n" if match else bloat_block
+        else:
+            print(f"Warning: {header_file} does not exist. Did you forget to run `python -m nanochat.report reset`?")
+
+        metrics = {stage: {} for stage in STAGES}
+        timeline = []  # (stage title, timestamp)
+        for file_name in EXPECTED_FILES:
+            path = os.path.join(self.report_dir, file_name)
+            if not os.path.isfile(path) and file_name in LEGACY_NAMES:
+                path = os.path.join(self.report_dir, LEGACY_NAMES[file_name])
+            if not os.path.isfile(path):
+                if file_name not in OPTIONAL_FILES:
+                    print(f"Warning: {file_name} does not exist, skipping")
+                continue
+            with open(path) as f:
+                content = f.read()
+            parts.append(content.rstrip("\n") + "\n\n")
+            stamp = fragment_timestamp(content)
+            title = content.splitlines()[0].lstrip("# ").strip() if content.strip() else file_name
+            if stamp is not None:
+                timeline.append((title, stamp))
+            if file_name in STAGE_OF_FILE:
+                extracted = extract_metrics(file_name, content)
+                stage = metrics[STAGE_OF_FILE[file_name]]
+                for row, value in extracted.items():
+                    # a base-eval val bpb beats the training-time one; otherwise first come first served
+                    if row not in stage or file_name == "base-model-evaluation.md":
+                        stage[row] = value
+
+        # plots of the training histories, written next to report.md
+        plot_files = []
+        histories = self._histories()
+        if histories:
+            try:
+                for name, history in histories:
+                    plot_files += plot_history(name, history, self.report_dir)
+            except ImportError:
+                print("Warning: matplotlib is not installed; the report has no plots")
+        if plot_files:
+            parts.append("## Training curves\n\n")
+            parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
+
+        # summary: bloat, metrics table, timeline, wall clock, cost
+        parts.append("## Summary\n\n")
+        parts.append(bloat_block + "\n")
+        parts.append(summary_table(metrics) + "\n")
+        end_time = max((stamp for _, stamp in timeline), default=None)
+        if timeline and start_time is not None:
+            parts.append("| Stage | Finished | Since previous |\n|---|---|---|\n")
+            previous = start_time
+            for title, stamp in sorted(timeline, key=lambda t: t[1]):
+                parts.append(f"| {title} | {stamp.strftime(TIMESTAMP_FORMAT)} | "
+                             f"{format_duration((stamp - previous).total_seconds())} |\n")
+                previous = stamp
+            parts.append("\n")
+        if start_time is not None and end_time is not None:
+            elapsed = (end_time - start_time).total_seconds()
+            parts.append(f"Total wall clock time: {format_duration(elapsed)}\n")
+            rate = re.search(r"^- Hourly Rate: \$([0-9.]+)/hour", header, re.MULTILINE)
+            if rate:
+                parts.append(f"Estimated cost: ${float(rate.group(1)) * elapsed / 3600:.2f} "
+                             f"(hourly rate x wall clock)\n")
+        else:
+            parts.append("Total wall clock time: unknown\n")
+
+        text = "".join(parts)
+        atomic_write(report_file, text)
+        # the copy in the current directory links to the plots where they are (absolute paths)
+        cwd_copy = os.path.join(os.getcwd(), "report.md")
+        if os.path.abspath(cwd_copy) != os.path.abspath(report_file):
+            for f in plot_files:
+                text = text.replace(f"]({f})", f"]({os.path.join(os.path.abspath(self.report_dir), f)})")
+            atomic_write(cwd_copy, text)
+            print(f"Copying report.md to current directory for convenience: {cwd_copy}")
+        return report_file
+
+
+class DummyReport:
+    """What non-zero ranks get: every method is a no-op."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def log_history(self, *args, **kwargs):
+        pass
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        pass
+
+
+def get_report():
+    from nanochat.common import get_base_dir, get_dist_info
+    _, rank, _, _ = get_dist_info()
+    if rank == 0:
+        return Report(os.path.join(get_base_dir(), "report"))
+    return DummyReport()
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Generate or reset the nanochat training report")
+    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
+                        help="reset at the start of a run, generate at the end")
+    args = parser.parse_args(argv)
+    report = get_report()
+    if args.command == "generate":
+        report.generate()
+    else:
+        report.reset()
+
+
+if __name__ == "__main__":
+    main()

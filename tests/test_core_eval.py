@@ -1,0 +1,531 @@
+"""
+CORE evaluation: prompt rendering, which tokens are scored, the three task types, seeds, the real bundle, distributed
+evaluation and the base_eval command line. Uses a byte-level tokenizer and a bigram "model" written here, so the
+tests do not depend on the rest of the package; the real tiny GPT is used too where it is available.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat import core_eval
+from nanochat.core_eval import (
+    batch_sequences_lm, batch_sequences_mc, batch_sequences_schema, centered_accuracy, core_label, core_metric,
+    evaluate_task, render_prompts_lm, render_prompts_mc, render_prompts_schema, sample_fewshot, score_example,
+    shuffle_and_truncate,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_BUNDLE = SHARED_DATA / "eval_bundle"
+
+
+# -----------------------------------------------------------------------------
+# Stand-ins: a byte tokenizer (ids 0-255 = bytes, 256 = BOS) and a bigram model (logits depend on the current token)
+
+class ByteTokenizer:
+    bos = 256
+
+    def get_bos_token_id(self):
+        return self.bos
+
+    def get_vocab_size(self):
+        return 257
+
+    def _one(self, text, prepend):
+        ids = list(text.encode("utf-8"))
+        return ([prepend] if prepend is not None else []) + ids
+
+    def encode(self, text, prepend=None, append=None, num_threads=1):
+        if isinstance(text, str):
+            return self._one(text, prepend)
+        return [self._one(t, prepend) for t in text]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class MergingTokenizer(ByteTokenizer):
+    """Like ByteTokenizer but "ab" is one token (id 300): token sequences of a text and its extension may diverge."""
+
+    def _one(self, text, prepend):
+        ids, i, raw = [], 0, text.encode("utf-8")
+        while i < len(raw):
+            if raw[i:i + 2] == b"ab":
+                ids.append(300)
+                i += 2
+            else:
+                ids.append(raw[i])
+                i += 1
+        return ([prepend] if prepend is not None else []) + ids
+
+
+class BigramModel(nn.Module):
+    """logits[b, t] = table[idx[b, t]]. "successor" mode: each byte strongly predicts the next byte value."""
+
+    def __init__(self, vocab_size=301, successor=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(vocab_size, vocab_size, generator=g)
+        if successor:
+            table = torch.zeros(vocab_size, vocab_size)
+            for i in range(255):
+                table[i, i + 1] = 10.0
+        self.table = nn.Parameter(table)
+
+    def forward(self, idx):
+        return self.table[idx]
+
+
+TOK = ByteTokenizer()
+MC_META = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+
+
+# -----------------------------------------------------------------------------
+# Prompt rendering: the exact strings of the reference
+
+def test_render_multiple_choice_exact_strings():
+    shots = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c"], "gold": 0}]
+    item = {"query": "Q", "choices": ["x", "y"], "gold": 0}
+    assert render_prompts_mc(item, " ", shots) == ["Q1 b\n\nQ2 c\n\nQ x", "Q1 b\n\nQ2 c\n\nQ y"]
+    assert render_prompts_mc(item, "\nAnswer: ", []) == ["Q\nAnswer: x", "Q\nAnswer: y"]
+
+
+def test_render_schema_exact_strings():
+    shots = [{"context_options": ["c0", "c1"], "continuation": "k", "gold": 1}]
+    item = {"context_options": ["A", "B"], "continuation": "end.", "gold": 0}
+    assert render_prompts_schema(item, " ", shots) == ["c1 k\n\nA end.", "c1 k\n\nB end."]
+
+
+def test_render_language_modeling_strips_without_prompt():
+    shots = [{"context": "  s1 ", "continuation": "r1"}]
+    item = {"context": " ctx\n", "continuation": "cont"}
+    without, with_cont = render_prompts_lm(item, "\nAnswer: ", shots)
+    assert without == "s1\nAnswer: r1\n\nctx\nAnswer:"
+    assert with_cont == "s1\nAnswer: r1\n\nctx\nAnswer: cont"
+
+
+# -----------------------------------------------------------------------------
+# Which tokens are scored
+
+def test_mc_scores_only_where_choices_differ():
+    tokens, starts, ends = batch_sequences_mc(TOK, ["Q: cat", "Q: car", "Q: dog"])
+    assert all(t[0] == TOK.bos for t in tokens)
+    # common prefix is BOS + "Q: " = 4 tokens, so "cat"/"car"/"dog" are scored whole
+    assert starts == [4, 4, 4] and ends == [7, 7, 7]
+    tokens, starts, ends = batch_sequences_mc(TOK, ["Q: cat", "Q: car"])
+    assert starts == [6, 6]  # shared "ca" is not scored: only the differing last byte
+
+
+def test_mc_prefix_option_gets_nonempty_span_and_no_nan():
+    # "ab" is a token-prefix of "abc": the reference would score an empty span (NaN) for it
+    tokens, starts, ends = batch_sequences_mc(TOK, ["Q ab", "Q abc"])
+    assert all(s < e for s, e in zip(starts, ends))
+    data = [{"query": "Q ", "choices": ["ab", "abc"], "gold": 1}, {"query": "Q ", "choices": ["ab", "ab"], "gold": 0}]
+    model = BigramModel(seed=1)
+    for idx in range(2):
+        correct, losses = score_example(idx, model, TOK, data, "cpu", MC_META)
+        assert all(math.isfinite(x) for x in losses), losses
+    assert evaluate_task(model, TOK, data, "cpu", MC_META) in (0.0, 0.5, 1.0)
+    # identical choices tie, and the first one wins (gold 0 -> correct)
+    assert score_example(1, model, TOK, data, "cpu", MC_META)[0] is True
+
+
+def test_schema_scores_shared_continuation():
+    tokens, starts, ends = batch_sequences_schema(TOK, ["the cat sat.", "a dog sat."])
+    # common suffix is " sat." (5 bytes)
+    assert [e - s for s, e in zip(starts, ends)] == [5, 5]
+    assert [TOK.decode(t[s:e]) for t, s, e in zip(tokens, starts, ends)] == [" sat.", " sat."]
+
+
+def test_lm_scores_the_continuation_and_handles_merges():
+    tokens, starts, ends = batch_sequences_lm(TOK, ["ctx:", "ctx: word"])
+    assert len(tokens) == 1 and TOK.decode(tokens[0][starts[0]:ends[0]]) == " word"
+    # with a merge across the boundary the reference asserts; we score from the common prefix
+    merging = MergingTokenizer()
+    tokens, starts, ends = batch_sequences_lm(merging, ["xa", "xab"])
+    assert tokens[0] == [256, ord("x"), 300] and (starts, ends) == ([2], [3])
+
+
+def test_crop_to_model_window_shifts_spans():
+    model = BigramModel(successor=True)
+    model.max_seq_len = 6
+    data = [{"context": "abcdefgh", "continuation": "ijk"}]
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": ""}
+    tokens, starts, ends = core_eval.prepare_example(0, model, TOK, data, meta)
+    assert len(tokens[0]) == 6 and TOK.decode(tokens[0][starts[0]:ends[0]]) == "ijk"
+    assert evaluate_task(model, TOK, data, "cpu", meta) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# The three task types end to end with a model whose answers we know
+
+def test_language_modeling_exact_match():
+    model = BigramModel(successor=True)  # greedy continuation of "abc" is "def..."
+    data = [{"context": "abc", "continuation": "def"}, {"context": "abc", "continuation": "dxf"},
+            {"context": "pq", "continuation": "rs"}]
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": ""}
+    results = [core_eval.evaluate_example(i, model, TOK, data, "cpu", meta) for i in range(3)]
+    assert results == [True, False, True]
+    assert evaluate_task(model, TOK, data, "cpu", meta) == pytest.approx(2 / 3)
+
+
+def test_multiple_choice_picks_lowest_mean_loss():
+    model = BigramModel(successor=True)
+    data = [{"query": "ab", "choices": ["cd", "xy"], "gold": 0}, {"query": "ab", "choices": ["zz", "cdefg"], "gold": 0}]
+    assert evaluate_task(model, TOK, data, "cpu", MC_META) == 0.5
+
+
+def test_schema_picks_context_that_predicts_continuation():
+    model = BigramModel(successor=True)
+    data = [{"context_options": ["xyz", "abc"], "continuation": "def", "gold": 1},
+            {"context_options": ["abc", "qqq"], "continuation": "def", "gold": 1}]
+    meta = {"task_type": "schema", "num_fewshot": 0, "continuation_delimiter": ""}
+    assert [core_eval.evaluate_example(i, model, TOK, data, "cpu", meta) for i in range(2)] == [True, False]
+
+
+# -----------------------------------------------------------------------------
+# Seeds and metric
+
+def test_shuffle_and_fewshot_seeds_are_the_references():
+    data = list(range(10))
+    assert shuffle_and_truncate(data, 3) == [0, 3, 7]  # random.Random(1337).shuffle, pinned
+    assert data == list(range(10))  # caller's list untouched
+    assert shuffle_and_truncate(data) == shuffle_and_truncate(data)
+    expected = random.Random(1234 + 0).sample([1, 2, 3, 4, 5, 6, 7, 8, 9], 3)
+    assert expected == [8, 2, 1]
+    assert sample_fewshot(data, 0, 3) == expected
+    assert sample_fewshot(data, 5, 4) == sample_fewshot(data, 5, 4)
+    assert 5 not in sample_fewshot(data, 5, 9)
+    assert sample_fewshot(data, 5, 0) == []
+
+
+def test_centered_accuracy_and_core_mean():
+    assert centered_accuracy(0.6, 50) == pytest.approx(0.2)
+    assert centered_accuracy(0.2566, 9.1) == pytest.approx(0.182178, abs=1e-6)  # GPT-2 language id, from the bundle
+    assert core_metric({"a": 0.1, "b": 0.3}) == pytest.approx(0.2)
+    assert core_label(core_eval.CORE_TASK_LABELS) == "full (22/22 tasks)"
+    assert core_label(core_eval.CORE_TASK_LABELS[:20]) == "partial (20/22 tasks)"
+
+
+def test_reference_gpt2_csv_mean_is_core():
+    """The bundle's GPT-2 table: the mean of its centered column is its CORE row (our metric definition)."""
+    path = REAL_BUNDLE / "openai-community-gpt2.csv"
+    if not path.is_file():
+        pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
+    rows = [[c.strip() for c in line.split(",")] for line in path.read_text().splitlines()[1:]]
+    centered = {r[0]: float(r[2]) for r in rows if r[0] != "CORE"}
+    core_row = [float(r[2]) for r in rows if r[0] == "CORE"][0]
+    assert len(centered) == 22
+    assert core_metric(centered) == pytest.approx(core_row, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Bundles: hand-made, real, corrupt, missing, zipped
+
+def make_bundle(root, tasks, bad_line=None):
+    """tasks: list of (label, type, shots, delimiter, items, baseline)."""
+    root = Path(root)
+    (root / "eval_data" / "t").mkdir(parents=True)
+    lines = ["icl_tasks:"]
+    meta = ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description"]
+    for label, task_type, shots, delim, items, baseline in tasks:
+        lines += ["-", f"  label: {label}", f"  dataset_uri: t/{label}.jsonl", f"  num_fewshot: [{shots}]",
+                  f"  icl_task_type: {task_type}"]
+        if delim is not None:
+            lines.append(f"  continuation_delimiter: {json.dumps(delim)}")
+        meta.append(f"{label},x,x,{shots},{len(items or [])},{baseline},,d")
+        if items is not None:
+            text = "".join(json.dumps(it) + "\n" for it in items)
+            if bad_line is not None and bad_line[0] == label:
+                text += bad_line[1] + "\n"
+            (root / "eval_data" / "t" / f"{label}.jsonl").write_text(text)
+    (root / "core.yaml").write_text("\n".join(lines) + "\n")
+    (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
+    return root
+
+
+def small_tasks():
+    mc = [{"query": f"q{i}", "choices": ["ab", "cd", "xy"], "gold": i % 3} for i in range(7)]
+    schema = [{"context_options": ["abc", "xyz"], "continuation": f"d{i}", "gold": i % 2} for i in range(5)]
+    lm = [{"context": f"c{i} abc", "continuation": "def" if i % 2 else "dzz"} for i in range(6)]
+    return [("mc_task", "multiple_choice", 2, " ", mc, 25), ("schema_task", "schema", 0, None, schema, 50),
+            ("lm_task", "language_modeling", 1, "", lm, 0), ("missing_task", "multiple_choice", 0, None, None, 25)]
+
+
+def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
+    from scripts.base_eval import evaluate_core, format_core
+    bundle = make_bundle(tmp_path / "b", small_tasks())
+    model = BigramModel(seed=3)
+    out = evaluate_core(model, TOK, "cpu", max_per_task=-1, bundle_dir=str(bundle))
+    assert list(out["results"]) == ["mc_task", "schema_task", "lm_task"]
+    assert out["skipped"] == ["missing_task"] and out["partial"] and out["num_tasks"] == 3
+    assert out["core_label"] == "partial (0/22 tasks)"
+    for label, acc in out["results"].items():
+        assert 0.0 <= acc <= 1.0
+    assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 3)
+    assert "partial" in format_core(out)
+    # same numbers again: everything is seeded
+    assert evaluate_core(model, TOK, "cpu", bundle_dir=str(bundle))["results"] == out["results"]
+
+
+def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
+    from scripts.base_eval import BundleError, evaluate_core
+    bundle = make_bundle(tmp_path / "b", small_tasks()[:3], bad_line=("schema_task", '{"context_options": ['))
+    with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: corrupt JSON line"):
+        evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
+
+
+def test_real_bundle_small_run(base_dir):
+    if not REAL_BUNDLE.is_dir():
+        pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
+    from scripts.base_eval import evaluate_core
+    model = BigramModel(vocab_size=257, seed=0)
+    model.max_seq_len = 256  # exercise cropping of long 10-shot prompts
+    out = evaluate_core(model, TOK, "cpu", max_per_task=2, bundle_dir=str(REAL_BUNDLE))
+    assert out["num_tasks"] == 20 and sorted(out["skipped"]) == ["coqa", "squad"]
+    assert out["core_label"] == "partial (20/22 tasks)"
+    assert all(0.0 <= a <= 1.0 for a in out["results"].values())
+    assert math.isfinite(out["core_metric"])
+
+
+def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
+    """The real GPT and BPE tokenizer on the real bundle. The GPT's window is its rotary table, so long few-shot
+    prompts get cropped instead of crashing."""
+    if not REAL_BUNDLE.is_dir():
+        pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
+    pytest.importorskip("nanochat.gpt")
+    pytest.importorskip("nanochat.tokenizer")
+    from scripts.base_eval import evaluate_core
+    tokenizer = request.getfixturevalue("tiny_tokenizer")
+    model = tiny_model_factory(tokenizer.get_vocab_size(), sequence_len=16)  # window 160 tokens: quick on CPU
+    model.eval()
+    assert core_eval.model_max_length(model) == model.cos.size(1)
+    out = evaluate_core(model, tokenizer, "cpu", max_per_task=1, bundle_dir=str(REAL_BUNDLE))
+    assert out["num_tasks"] == 20 and math.isfinite(out["core_metric"])
+
+
+def test_env_var_bundle_and_bad_bundle_dir(tmp_path, base_dir, monkeypatch):
+    from scripts.base_eval import BundleError, resolve_bundle_dir
+    bundle = make_bundle(tmp_path / "b", small_tasks()[:1])
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
+    assert resolve_bundle_dir() == str(bundle)
+    with pytest.raises(BundleError, match="--bundle-dir"):
+        resolve_bundle_dir(str(tmp_path / "nope"))
+
+
+def _zip_bundle(bundle_dir):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in Path(bundle_dir).rglob("*"):
+            if path.is_file():
+                zf.write(path, "eval_bundle/" + str(path.relative_to(bundle_dir)))
+    return buf.getvalue()
+
+
+def test_zip_present_but_folder_deleted_is_reextracted(tmp_path, base_dir, monkeypatch):
+    from scripts import base_eval
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    (base_dir / "eval_bundle.zip").write_bytes(_zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:1])))
+    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/never-used")
+    assert base_eval.resolve_bundle_dir() == str(base_dir / "eval_bundle")
+    assert (base_dir / "eval_bundle" / "eval_data" / "t" / "mc_task.jsonl").is_file()
+
+
+def test_bundle_download_from_local_server(tmp_path, base_dir, monkeypatch):
+    from scripts import base_eval
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    payload = _zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:2]))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_port}/eval_bundle.zip")
+        path = base_eval.resolve_bundle_dir()
+    finally:
+        server.shutdown()
+    assert path == str(base_dir / "eval_bundle") and (base_dir / "eval_bundle" / "core.yaml").is_file()
+    tasks, skipped = base_eval.load_core_tasks(path)
+    assert [t[0] for t in tasks] == ["mc_task", "schema_task"] and skipped == []
+
+
+def _closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_bundle_missing_offline_is_one_clear_error(base_dir, monkeypatch):
+    from scripts import base_eval
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
+    with pytest.raises(base_eval.BundleError, match="--bundle-dir"):
+        base_eval.resolve_bundle_dir()
+    assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
+
+
+# -----------------------------------------------------------------------------
+# Distributed: 2 gloo processes give exactly the single-process numbers
+
+def _dist_worker(rank, world_size, port, data_by_type, out_dir, bundle_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model = BigramModel(seed=7)
+    results = {name: evaluate_task(model, TOK, data, "cpu", meta) for name, (data, meta) in data_by_type.items()}
+    from scripts.base_eval import evaluate_core
+    core = evaluate_core(model, TOK, "cpu", bundle_dir=bundle_dir)
+    results["core"] = [core["core_metric"], core["results"]]
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_distributed_equals_single_process(tmp_path, base_dir):
+    import torch.multiprocessing as mp
+    rng = random.Random(0)
+    words = ["ab", "cd", "ef", "gh", "xy", "zq"]
+    mc = [{"query": f"q{i}", "choices": rng.sample(words, 3), "gold": rng.randrange(3)} for i in range(9)]
+    schema = [{"context_options": rng.sample(words, 2), "continuation": rng.choice(words), "gold": rng.randrange(2)}
+              for _ in range(7)]
+    lm = [{"context": rng.choice(words), "continuation": rng.choice(words)} for _ in range(8)]
+    data_by_type = {
+        "mc": (mc, {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": " "}),
+        "schema": (schema, {"task_type": "schema", "num_fewshot": 1, "continuation_delimiter": " "}),
+        "lm": (lm, {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": ""}),
+    }
+    model = BigramModel(seed=7)
+    single = {name: evaluate_task(model, TOK, data, "cpu", meta) for name, (data, meta) in data_by_type.items()}
+    from scripts.base_eval import evaluate_core
+    bundle = str(make_bundle(tmp_path / "b", small_tasks()))
+    core = evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
+    # fork: the children need not re-import torch (slow on a busy 2-core machine); CPU-only, so forking is safe
+    mp.start_processes(_dist_worker, args=(2, _closed_port(), data_by_type, str(tmp_path), bundle), nprocs=2,
+                       join=True, start_method="fork")
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            got = json.load(f)
+        assert got.pop("core") == [core["core_metric"], core["results"]]
+        assert got == single
+    assert len(set(single.values())) > 1 or 0.0 < single["mc"] < 1.0  # not a degenerate all-same answer
+
+
+# -----------------------------------------------------------------------------
+# Command line: bad input gives one clear line and a non-zero exit
+
+def run_cli(args, base_dir, extra_env=None):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "scripts.base_eval", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_eval_mode(base_dir):
+    from scripts.base_eval import main
+    with pytest.raises(SystemExit) as e:
+        main(["--eval", "core,bogus"])
+    assert str(e.value).startswith("error: --eval='core,bogus': unknown mode(s) bogus")
+
+
+def test_cli_no_checkpoint(base_dir):
+    from scripts.base_eval import main
+    with pytest.raises(SystemExit) as e:
+        main(["--eval", "bpb"])
+    assert str(e.value).startswith("error: no base model checkpoints in") and "base_train" in str(e.value)
+
+
+def test_cli_bundle_missing_offline(base_dir, monkeypatch):
+    # a checkpoint directory exists, so the bundle is the first problem found (before loading anything)
+    from scripts import base_eval
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    (base_dir / "base_checkpoints" / "d2").mkdir(parents=True)
+    (base_dir / "base_checkpoints" / "d2" / "model_000001.pt").write_bytes(b"")
+    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--eval", "core"])
+    message = str(e.value)
+    assert message.startswith("error: CORE eval bundle not found") and "--bundle-dir" in message
+    assert "\n" not in message
+
+
+def test_cli_corrupt_jsonl_before_model_work(tmp_path, base_dir):
+    bundle = make_bundle(tmp_path / "b", small_tasks()[:1], bad_line=("mc_task", "not json"))
+    from scripts.base_eval import BundleError, load_core_tasks, load_jsonl
+    tasks, _ = load_core_tasks(str(bundle))
+    with pytest.raises(BundleError, match=r"mc_task\.jsonl:8"):
+        load_jsonl(tasks[0][2], "multiple_choice")
+
+
+def test_fewer_items_than_shots_uses_what_there_is():
+    data = [{"query": "a", "choices": ["b", "c"], "gold": 0}, {"query": "d", "choices": ["e", "f"], "gold": 1}]
+    assert sample_fewshot(data, 0, 10) == [data[1]]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 10, "continuation_delimiter": " "}
+    assert 0.0 <= evaluate_task(BigramModel(), TOK, data, "cpu", meta) <= 1.0
+
+
+def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_factory, request):
+    """tokenizer + shards + a tiny GPT checkpoint -> python -m scripts.base_eval runs samples, bpb and CORE."""
+    for module in ("nanochat.tokenizer", "nanochat.dataset", "nanochat.dataloader", "nanochat.checkpoint_manager",
+                   "nanochat.engine", "nanochat.loss_eval"):
+        pytest.importorskip(module)
+    import dataclasses
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.dataset import build_from_dir
+    from nanochat.tokenizer import compute_token_bytes
+    tokenizer = request.getfixturevalue("tiny_tokenizer")
+    tokenizer.save(str(base_dir / "tokenizer"))
+    torch.save(compute_token_bytes(tokenizer), base_dir / "tokenizer" / "token_bytes.pt")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"doc{i}.txt").write_text(f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 20)
+    os.environ["NANOCHAT_DATASET"] = "local"
+    try:
+        build_from_dir(str(texts))
+    finally:
+        del os.environ["NANOCHAT_DATASET"]
+    model = tiny_model_factory(tokenizer.get_vocab_size())
+    meta = {"step": 3, "model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 3, model.state_dict(), None, meta)
+    bundle = make_bundle(tmp_path / "b", small_tasks())
+    result = run_cli(["--eval", "sample,bpb,core", "--max-per-task", "4", "--device-batch-size", "2",
+                      "--split-tokens", "300", "--device-type", "cpu", "--bundle-dir", str(bundle)],
+                     base_dir, {"NANOCHAT_DATASET": "local"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Skipping task missing_task: missing file" in out
+    assert "CORE metric: " in out and "partial (0/22 tasks)" in out
+    assert "train bpb: " in out and "val bpb: " in out and "Unconditioned samples:" in out
+    assert "Adjusting split_tokens from 300 to 256" in out
+    csv_text = (base_dir / "base_eval" / "base_model_000003.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("Task") and "missing_task" in csv_text and "skipped" in csv_text
+    section = (base_dir / "report" / "base-model-evaluation.md").read_text()
+    assert "- CORE metric: " in section and "- val bpb: " in section and "- sample 0: " in section
