@@ -1,0 +1,255 @@
+"""
+The BPE tokenizer: trained with rustbpe (fast, Rust), run with tiktoken (fast, battle-tested).
+
+Layout of the vocabulary: ids 0..255 are the raw bytes, then one id per learned merge, then the
+special tokens below in this exact order (so with vocab_size=32768 <|bos|> is 32759).
+Also here: rendering chat conversations into token ids plus a training mask.
+"""
+
+import os
+import copy
+import pickle
+from functools import lru_cache
+
+SPECIAL_TOKENS = [
+    "<|bos|>",              # delimits documents: every document / conversation starts with it
+    "<|user_start|>",       # user turns
+    "<|user_end|>",
+    "<|assistant_start|>",  # assistant turns
+    "<|assistant_end|>",
+    "<|python_start|>",     # the assistant calls the python tool (calculator)
+    "<|python_end|>",
+    "<|output_start|>",     # the tool's output, injected back into the stream
+    "<|output_end|>",
+]
+
+# GPT-4's split pattern, except numbers are split in groups of at most 2 digits (not 3):
+# measured slightly better bpb for small vocabularies.
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+TOKENIZER_FILENAME = "tokenizer.pkl"
+TOKEN_BYTES_FILENAME = "token_bytes.pt"
+
+
+class RustBPETokenizer:
+    """Thin wrapper around a tiktoken Encoding, with the chat-rendering logic nanochat needs."""
+
+    def __init__(self, enc, bos_token):
+        self.enc = enc
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        import rustbpe
+        import tiktoken
+        vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
+        if vocab_size_no_special < 256:
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_iterator, vocab_size_no_special, pattern=SPLIT_PATTERN)
+        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        # a small corpus can run out of pairs to merge: specials then follow the last real rank
+        offset = len(mergeable_ranks)
+        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(),
+                                mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
+        if not os.path.exists(path):
+            raise SystemExit(f"error: no tokenizer at {path}; train one first with: python -m scripts.tok_train")
+        with open(path, "rb") as f:
+            enc = pickle.load(f)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_pretrained(cls, tiktoken_name):
+        """A pretrained tiktoken encoding (e.g. gpt2, cl100k_base); <|endoftext|> plays the role of BOS."""
+        import tiktoken
+        return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(self.enc, f)
+        os.replace(tmp, path)
+        print(f"Saved tokenizer encoding to {path}")
+
+    # -------------------------------------------------------------------------
+    # vocabulary
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        return self.enc.special_tokens_set
+
+    def id_to_token(self, id):
+        return self.enc.decode([id])
+
+    def decode_single_token_bytes(self, id):
+        """The raw bytes of one token (may be an incomplete UTF-8 sequence)."""
+        return self.enc.decode_single_token_bytes(id)
+
+    @lru_cache(maxsize=32)
+    def encode_special(self, text):
+        return self.enc.encode_single_token(text)
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    # -------------------------------------------------------------------------
+    # encode / decode
+
+    def _as_id(self, token):
+        return token if isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """str -> list[int]; list[str] -> list[list[int]] (encoded in parallel). Special-token text is NOT parsed."""
+        prepend_id = None if prepend is None else self._as_id(prepend)
+        append_id = None if append is None else self._as_id(append)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if prepend_id is not None:
+                ids.insert(0, prepend_id)
+            if append_id is not None:
+                ids.append(append_id)
+            return ids
+        if isinstance(text, list):
+            batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            if prepend_id is not None:
+                batch = [[prepend_id] + ids for ids in batch]
+            if append_id is not None:
+                for ids in batch:
+                    ids.append(append_id)
+            return batch
+        raise ValueError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    # -------------------------------------------------------------------------
+    # chat rendering
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        Tokenize one chat conversation {"messages": [{"role", "content"}, ...]}.
+        Returns (ids, mask): mask[i] = 1 where the token is one the assistant must learn to produce.
+        """
+        messages = conversation["messages"]
+        if messages and messages[0]["role"] == "system":
+            # no system role in our format: fold it into the first user message (original untouched)
+            conversation = copy.deepcopy(conversation)
+            messages = conversation["messages"]
+            assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
+            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = messages[1:]
+        assert len(messages) >= 1, f"conversation has no messages: {conversation}"
+
+        ids, mask = [], []
+        def add(token_ids, mask_value):
+            if isinstance(token_ids, int):
+                token_ids = [token_ids]
+            ids.extend(token_ids)
+            mask.extend([mask_value] * len(token_ids))
+
+        bos = self.get_bos_token_id()
+        user_start, user_end = self.encode_special("<|user_start|>"), self.encode_special("<|user_end|>")
+        assistant_start, assistant_end = self.encode_special("<|assistant_start|>"), self.encode_special("<|assistant_end|>")
+        python_start, python_end = self.encode_special("<|python_start|>"), self.encode_special("<|python_end|>")
+        output_start, output_end = self.encode_special("<|output_start|>"), self.encode_special("<|output_end|>")
+
+        add(bos, 0)
+        for i, message in enumerate(messages):
+            expected_role = "user" if i % 2 == 0 else "assistant"
+            assert message["role"] == expected_role, \
+                f"message {i} has role {message['role']!r} but roles must alternate user/assistant starting with user"
+            content = message["content"]
+            if message["role"] == "user":
+                assert isinstance(content, str), f"user message {i} content must be a string"
+                add(user_start, 0)
+                add(self.encode(content), 0)
+                add(user_end, 0)
+                continue
+            add(assistant_start, 0)
+            if isinstance(content, str):
+                add(self.encode(content), 1)
+            elif isinstance(content, list):
+                for part in content:
+                    kind, text = part["type"], part["text"]
+                    if kind == "text":
+                        add(self.encode(text), 1)
+                    elif kind == "python":
+                        # the model learns to emit tool calls...
+                        add(python_start, 1)
+                        add(self.encode(text), 1)
+                        add(python_end, 1)
+                    elif kind == "python_output":
+                        # ...but never the tool's output, which the tool produces at inference
+                        add(output_start, 0)
+                        add(self.encode(text), 0)
+                        add(output_end, 0)
+                    else:
+                        raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
+            else:
+                raise ValueError(f"assistant message {i} content must be a str or a list of parts, got {type(content).__name__}")
+            add(assistant_end, 1)
+
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def visualize_tokenization(self, ids, mask, with_token_id=False):
+        """Debug view: supervised tokens green, the rest red, separated by |."""
+        red, green, gray, reset = "\033[91m", "\033[92m", "\033[90m", "\033[0m"
+        pieces = []
+        for token_id, m in zip(ids, mask):
+            text = self.decode([token_id])
+            piece = f"{green if m == 1 else red}{text}{reset}"
+            if with_token_id:
+                piece += f"{gray}({token_id}){reset}"
+            pieces.append(piece)
+        return "|".join(pieces)
+
+    def render_for_completion(self, conversation):
+        """Prompt ids for sampling the assistant's reply: drop the last (assistant) message, prime <|assistant_start|>."""
+        conversation = copy.deepcopy(conversation)
+        messages = conversation["messages"]
+        assert messages and messages[-1]["role"] == "assistant", "the last message must be the assistant's (it is removed)"
+        messages.pop()
+        ids, _ = self.render_conversation(conversation)
+        ids.append(self.encode_special("<|assistant_start|>"))
+        return ids
+
+
+def get_tokenizer_dir():
+    from nanochat.common import get_base_dir
+    return os.path.join(get_base_dir(), "tokenizer")
+
+
+def get_tokenizer():
+    return RustBPETokenizer.from_directory(get_tokenizer_dir())
+
+
+def compute_token_bytes(tokenizer):
+    """Bytes per token id: the raw byte length of each regular token, 0 for special tokens (excluded from bpb)."""
+    import torch
+    special_ids = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
+    counts = [0 if i in special_ids else len(tokenizer.decode_single_token_bytes(i))
+              for i in range(tokenizer.get_vocab_size())]
+    return torch.tensor(counts, dtype=torch.int32)
+
+
+def get_token_bytes(device="cpu"):
+    import torch
+    path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILENAME)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no token bytes at {path}; it is written by: python -m scripts.tok_train")
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=device)
