@@ -38,9 +38,10 @@ python -m nanochat.report reset
 
 step "data: pretraining shards"
 if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4; then
-    echo "Pretraining shards could not be downloaded: building the offline default corpus"
-    echo "(docstrings and docs of the installed Python standard library and packages) instead."
-    export NANOCHAT_DATASET=offline
+    echo "Pretraining shards could not be downloaded: building the OFFLINE corpus instead"
+    echo "(docstrings and docs of the installed Python standard library and packages, ~25M chars)."
+    echo "Every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
+    export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
     python -m nanochat.dataset --offline-corpus
 fi
 
@@ -49,20 +50,28 @@ python -m scripts.tok_train --max-chars=200000000 --vocab-size=8192
 python -m scripts.tok_eval
 
 step "base model: pretrain"
+# A 4-layer, 256-wide model on 256-token windows, 300 steps of 4096 tokens (~1.2M tokens).
+# The recipe scales learning rates by sqrt(batch / 2^19), which suits long runs at big batches; this run is
+# short and its batch tiny, so the LRs below are the defaults x8 to undo most of that shrinkage.
 python -m scripts.base_train \
     --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=256 \
-    --device-batch-size=16 --total-batch-size=8192 \
-    --num-iterations=600 --eval-every=100 --eval-tokens=131072 \
-    --core-metric-every=-1 --sample-every=300 --run="$WANDB_RUN"
+    --device-batch-size=16 --total-batch-size=4096 --num-iterations=300 \
+    --matrix-lr=0.16 --embedding-lr=2.4 --unembedding-lr=0.064 --scalar-lr=2.0 \
+    --eval-every=50 --eval-tokens=65536 --core-metric-every=-1 --sample-every=150 --run="$WANDB_RUN"
 
 step "base model: evaluate (bpb, samples, CORE)"
-python -m scripts.base_eval --device-batch-size=1 --split-tokens=32768 --max-per-task=16
+if [ -n "${NANOCHAT_EVAL_BUNDLE:-}" ] || [ -z "${NANOCHAT_OFFLINE:-}" ] || [ -d "$NANOCHAT_BASE_DIR/eval_bundle" ]; then
+    python -m scripts.base_eval --device-batch-size=1 --split-tokens=32768 --max-per-task=16
+else
+    echo "CORE skipped: offline and no eval bundle (set NANOCHAT_EVAL_BUNDLE=/path/to/eval_bundle to include it)"
+    python -m scripts.base_eval --eval=bpb,sample --device-batch-size=1 --split-tokens=32768
+fi
 
 step "chat: supervised finetuning"
-python -m scripts.chat_sft --num-iterations=150 --eval-every=50 --run="$WANDB_RUN"
+python -m scripts.chat_sft --num-iterations=60 --eval-every=20 --eval-tokens=32768 --chatcore-every=-1 --run="$WANDB_RUN"
 
 step "chat: evaluate"
-python -m scripts.chat_eval -i sft -x 50
+python -m scripts.chat_eval -i sft -x 24 -m 96
 
 step "chat: one-shot prompt"
 python -m scripts.chat_cli -i sft -p "Why is the sky blue?" -t 0.6

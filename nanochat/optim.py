@@ -1,0 +1,287 @@
+"""
+MuonAdamW: one optimizer for the whole GPT, single-process and distributed alike.
+
+- Matrices inside the transformer blocks are updated with Muon: Nesterov momentum, MuonEq row equilibration,
+  Polar Express orthogonalization, Muon+ renormalization, NorMuon-style variance normalization, cautious weight
+  decay and a shape-based learning rate multiplier sqrt(max(1, rows/cols)).
+- Embeddings, the unembedding and the per-layer scalars are updated with AdamW (decoupled weight decay).
+
+There is no DDP wrapper: every rank computes gradients of its own local loss and this optimizer averages them as
+part of step(). When a process group with more than one rank is initialized, optimizer state is sharded:
+  * large AdamW params: grads are reduce-scattered along dim 0, each rank updates (and keeps state for) its own
+    row slice, then the slices are all-gathered back (ZeRO-2 style);
+  * small AdamW params (numel < 1024, the lambda vectors) or params whose first dim does not split evenly:
+    grads are all-reduced and every rank does the full (replicated) update;
+  * Muon groups of K same-shaped matrices: the stacked grads (padded to a multiple of the world size) are
+    reduce-scattered so each rank owns a contiguous chunk of matrices; updated matrices are all-gathered back.
+All communication is launched asynchronously up front and waited for group by group, so compute overlaps comms.
+With world size 1 the very same code runs and the communication is simply skipped.
+
+Param groups are plain dicts:
+  {'kind': 'adamw', 'params': [...], 'lr', 'betas', 'eps', 'weight_decay'}
+  {'kind': 'muon',  'params': [...same shape...], 'lr', 'momentum', 'ns_steps', 'beta2', 'weight_decay'}
+Each group gets 'initial_lr' (= lr unless given); the training loop sets lr = initial_lr * multiplier.
+
+Because state is sharded, an optimizer state_dict belongs to one rank and resuming needs the same world size.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# Polar Express coefficients (a, b, c) for 5 iterations (safety factor 2e-2, cushion 2). Iteration i uses triple i.
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+# torch >= 2.10 names the single-tensor collectives *_single; older versions only have the *_tensor spelling
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# AdamW params smaller than this are all-reduced and updated on every rank (sharding them is not worth a collective)
+SMALL_PARAM_NUMEL = 1024
+
+
+def _orthogonalize_dtype():
+    # bf16 orthogonalization only when the whole model computes in bf16 (HEAD); otherwise stay in fp32 (CPU, MPS, old GPUs)
+    from nanochat.common import COMPUTE_DTYPE
+    return torch.bfloat16 if COMPUTE_DTYPE == torch.bfloat16 else torch.float32
+
+
+def _dist_world():
+    """(rank, world_size) of the initialized process group, or (0, 1) when there is none (comms are then skipped)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# -----------------------------------------------------------------------------
+# The per-parameter math (pure functions on tensors, no communication)
+
+@torch.no_grad()
+def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step on tensor p (in place). Math is done in fp32 and written back (bf16 params on GPU/MPS)."""
+    p32, g32 = p.float(), g.float()
+    m32, v32 = exp_avg.float(), exp_avg_sq.float()
+    p32.mul_(1.0 - lr * weight_decay)
+    m32.lerp_(g32, 1.0 - beta1)
+    v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    denom = (v32 / bias2).sqrt_().add_(eps)
+    p32.addcdiv_(m32, denom, value=-lr / bias1)
+    # write back (no-ops when the tensors already are fp32 views of themselves)
+    if p32.data_ptr() != p.data_ptr():
+        p.copy_(p32)
+    if m32.data_ptr() != exp_avg.data_ptr():
+        exp_avg.copy_(m32)
+    if v32.data_ptr() != exp_avg_sq.data_ptr():
+        exp_avg_sq.copy_(v32)
+
+
+@torch.no_grad()
+def polar_express(X, ns_steps):
+    """Approximately orthogonalize each matrix of the stack X (K, rows, cols), in X's dtype."""
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    tall = X.size(-2) > X.size(-1)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        if tall:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+        else:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X
+
+
+@torch.no_grad()
+def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, beta2, weight_decay, ns_steps):
+    """
+    One Muon step on a stack of same-shaped matrices. P (K, rows, cols) fp32 params (updated in place),
+    G the matching grads, momentum_buffer (K, rows, cols) and second_momentum_buffer (K, rows, 1) or (K, 1, cols).
+    lr is the group lr; the shape multiplier sqrt(max(1, rows/cols)) is applied here.
+    """
+    rows, cols = P.shape[-2:]
+    G = G.float()
+    # 1) Nesterov momentum via lerps: M <- mu*M + (1-mu)*G ; U <- (1-mu)*G + mu*M
+    momentum_buffer.lerp_(G, 1.0 - momentum)
+    U = G.lerp(momentum_buffer, momentum)
+    # 2) MuonEq: equilibrate row norms to the average row norm (fp32)
+    target = U.norm(dim=(-2, -1), keepdim=True) / math.sqrt(rows)
+    U = U * (target / U.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    # 3) Polar Express orthogonalization, then Muon+: every matrix gets Frobenius norm sqrt(min(rows, cols))
+    X = polar_express(U.to(_orthogonalize_dtype()), ns_steps).float()
+    X = X * (math.sqrt(min(rows, cols)) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    # 4) NorMuon variance normalization along the longer dim (per row if rows >= cols, else per column),
+    #    renormalized so the total Frobenius norm is unchanged
+    red_dim = -1 if rows >= cols else -2
+    n = X.size(red_dim)
+    v = X.square().mean(dim=red_dim, keepdim=True)
+    norm_before = (v.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    second_momentum_buffer.lerp_(v.to(second_momentum_buffer.dtype), 1.0 - beta2)
+    step_size = second_momentum_buffer.float().clamp_min(1e-10).rsqrt()
+    norm_after = ((v * n * step_size.square()).sum(dim=(-2, -1), keepdim=True)).sqrt()
+    X = X * (step_size * (norm_before / norm_after.clamp_min(1e-10)))
+    # 5) cautious weight decay (only where update and weight agree in sign) + the update, shape-scaled lr
+    eff_lr = lr * math.sqrt(max(1.0, rows / cols))
+    mask = (X * P) >= 0
+    P.sub_(eff_lr * X + (eff_lr * weight_decay) * P * mask)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer
+
+class MuonAdamW(torch.optim.Optimizer):
+
+    def __init__(self, param_groups):
+        param_groups = [dict(g) for g in param_groups]
+        for group in param_groups:
+            group["params"] = list(group["params"])
+            kind = group.get("kind")
+            if kind == "adamw":
+                group.setdefault("betas", (0.8, 0.95))
+                group.setdefault("eps", 1e-10)
+                group.setdefault("weight_decay", 0.0)
+            elif kind == "muon":
+                group.setdefault("momentum", 0.95)
+                group.setdefault("ns_steps", 5)
+                group.setdefault("beta2", 0.95)
+                group.setdefault("weight_decay", 0.0)
+                shapes = {tuple(p.shape) for p in group["params"]}
+                assert len(shapes) == 1, f"a muon group must hold same-shaped matrices, got shapes {sorted(shapes)}"
+                assert all(p.ndim == 2 for p in group["params"]), "muon groups take 2-D matrices only"
+            else:
+                raise ValueError(f"param group kind must be 'adamw' or 'muon', got {kind!r}")
+            group.setdefault("initial_lr", group["lr"])
+        super().__init__(param_groups, defaults={})
+
+    # --- phase 1: launch gradient averaging -----------------------------------------------------------
+
+    def _launch_reduce(self, group, rank, world):
+        """Start the (async) gradient averaging for one group; returns a small plan dict consumed by phase 2."""
+        if group["kind"] == "adamw":
+            plans = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if world == 1:
+                    plans.append(dict(p=p, mode="full", grad=g, work=None))
+                elif p.numel() < SMALL_PARAM_NUMEL or p.shape[0] % world != 0:
+                    work = dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True)
+                    plans.append(dict(p=p, mode="full", grad=g, work=work))
+                else:
+                    rows = p.shape[0] // world
+                    g_slice = torch.empty((rows, *p.shape[1:]), dtype=g.dtype, device=g.device)
+                    work = _reduce_scatter(g_slice, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+                    plans.append(dict(p=p, mode="shard", grad=g_slice, work=work, rows=rows))
+            return plans
+        # muon: stack the grads of all K matrices (padded to chunk * world), reduce-scatter so each rank gets a chunk
+        params = group["params"]
+        if any(p.grad is None for p in params):
+            assert all(p.grad is None for p in params), "muon group with partially missing grads"
+            return None
+        K = len(params)
+        chunk = math.ceil(K / world)
+        stacked = torch.zeros((chunk * world, *params[0].shape), dtype=params[0].grad.dtype, device=params[0].device)
+        for i, p in enumerate(params):
+            stacked[i].copy_(p.grad)
+        if world == 1:
+            return dict(stacked=stacked, grad=stacked, chunk=chunk, work=None)
+        grad_chunk = torch.empty((chunk, *params[0].shape), dtype=stacked.dtype, device=stacked.device)
+        work = _reduce_scatter(grad_chunk, stacked, op=dist.ReduceOp.SUM, async_op=True)
+        return dict(stacked=stacked, grad=grad_chunk, chunk=chunk, work=work)
+
+    # --- phase 2: wait, update, launch gathers --------------------------------------------------------
+
+    def _adamw_step(self, group, plans, rank, world):
+        gathers = []
+        beta1, beta2 = group["betas"]
+        for plan in plans:
+            if plan["work"] is not None:
+                plan["work"].wait()
+            p, g = plan["p"], plan["grad"]
+            if world > 1:
+                g.div_(world)  # SUM -> mean over ranks (gloo and NCCL alike)
+            if plan["mode"] == "full":
+                target = p
+            else:
+                lo = rank * plan["rows"]
+                target = p[lo:lo + plan["rows"]].clone()  # owned slice (separate buffer: it is gathered into p)
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(target)
+                state["exp_avg_sq"] = torch.zeros_like(target)
+            state["step"] += 1
+            adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                         beta1, beta2, group["eps"], group["weight_decay"])
+            if plan["mode"] == "shard":
+                gathers.append(_all_gather(p, target, async_op=True))
+        return gathers
+
+    def _muon_step(self, group, plan, rank, world):
+        params = group["params"]
+        K, chunk = len(params), plan["chunk"]
+        shape = params[0].shape
+        grad = plan["grad"]
+        if plan["work"] is not None:
+            plan["work"].wait()
+            grad.div_(world)
+        owned = min(chunk, max(0, K - rank * chunk))  # trailing ranks may own nothing
+        # state for the whole group lives on its first parameter; buffers are chunk-sized (== K with one rank)
+        state = self.state[params[0]]
+        if not state:
+            state["momentum_buffer"] = torch.zeros((chunk, *shape), dtype=params[0].dtype, device=params[0].device)
+            second_shape = (chunk, shape[0], 1) if shape[0] >= shape[1] else (chunk, 1, shape[1])
+            state["second_momentum_buffer"] = torch.zeros(second_shape, dtype=torch.float32, device=params[0].device)
+        out = torch.zeros((chunk, *shape), dtype=params[0].dtype, device=params[0].device) if world > 1 else None
+        if owned > 0:
+            lo = rank * chunk
+            P = torch.stack([params[i].float() for i in range(lo, lo + owned)])
+            muon_update(P, grad[:owned], state["momentum_buffer"][:owned], state["second_momentum_buffer"][:owned],
+                        group["lr"], group["momentum"], group["beta2"], group["weight_decay"], group["ns_steps"])
+            if world == 1:
+                for i in range(owned):
+                    params[i].copy_(P[i])
+                return None
+            out[:owned].copy_(P)
+        # gather everyone's updated chunk into the (now free) stacked-grad buffer
+        work = _all_gather(plan["stacked"], out, async_op=True)
+        return (work, plan["stacked"], params)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = _dist_world()
+        # phase 1: launch every reduction, in group order
+        plans = [self._launch_reduce(group, rank, world) for group in self.param_groups]
+        # phase 2: per group, wait for its reduction, compute, launch the gather
+        adam_gathers, muon_gathers = [], []
+        for group, plan in zip(self.param_groups, plans):
+            if plan is None:
+                continue
+            if group["kind"] == "adamw":
+                adam_gathers.extend(self._adamw_step(group, plan, rank, world))
+            else:
+                gathered = self._muon_step(group, plan, rank, world)
+                if gathered is not None:
+                    muon_gathers.append(gathered)
+        # phase 3: wait for the gathers and copy the muon stacks back into the parameters
+        for work in adam_gathers:
+            work.wait()
+        for work, stacked, params in muon_gathers:
+            work.wait()
+            for i, p in enumerate(params):
+                p.copy_(stacked[i])
+        return loss

@@ -1,0 +1,296 @@
+"""
+scripts/base_train end to end on a tiny model (CPU, subprocesses): bit-exact resume, 2 gloo processes == 1 process
+with gradient accumulation, SIGTERM checkpoint, NaN stop, bad-input messages.
+
+The data is built so that the exact batches are predictable: every document is the same number of tokens (words
+that are single tokens), longer than a row, one document per parquet row group. The best-fit packer then crops
+documents in arrival order, so 1 process with 2 micro-steps sees exactly the documents 2 ranks see together.
+"""
+
+import os
+import sys
+import json
+import time
+import random
+import signal
+import pathlib
+import subprocess
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+T = 64                 # --max-seq-len
+DOC_WORDS = 80         # every document: BOS + 80 single-token words (> T + 1, so each row is one cropped document)
+NUM_TRAIN_DOCS = 200
+NUM_VAL_DOCS = 8
+# d2, width 64, 2 heads; 2 rows of 64 tokens per micro-step; 256 tokens per step (= 2 micro-steps on 1 process)
+TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", f"--max-seq-len={T}", "--device-batch-size=2",
+        "--total-batch-size=256", "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1",
+        "--warmup-steps=0", "--window-pattern=SL"]
+
+
+def build_base_dir(base_dir, tokenizer):
+    """Tokenizer + token_bytes + one train shard (1 doc per row group) + a val shard + manifest, dataset 'local'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanochat.tokenizer import compute_token_bytes
+    tok_dir = os.path.join(base_dir, "tokenizer")
+    tokenizer.save(tok_dir)
+    torch.save(compute_token_bytes(tokenizer), os.path.join(tok_dir, "token_bytes.pt"))
+    words = [s for s in (tokenizer.decode([t]) for t in range(tokenizer.get_vocab_size()))
+             if len(s) > 2 and s[0] == " " and s[1:].isalpha() and s[1:].islower() and len(tokenizer.encode(s)) == 1]
+    assert len(words) >= 20, "the tiny tokenizer should have plenty of single-token words"
+    rng = random.Random(0)
+    successor = {w: rng.sample(words, 2) for w in words}  # a learnable Markov chain over words
+
+    def document():
+        w, out = rng.choice(words), []
+        for _ in range(DOC_WORDS):
+            out.append(w)
+            w = rng.choice(successor[w]) if rng.random() < 0.9 else rng.choice(words)
+        text = "".join(out)
+        assert len(tokenizer.encode(text)) == DOC_WORDS, "words must stay single tokens when concatenated"
+        return text
+
+    data_dir = os.path.join(base_dir, "base_data_local")
+    os.makedirs(data_dir)
+    train = [document() for _ in range(NUM_TRAIN_DOCS)]
+    val = [document() for _ in range(NUM_VAL_DOCS)]
+    pq.write_table(pa.Table.from_pydict({"text": train}), os.path.join(data_dir, "shard_00000.parquet"), row_group_size=1)
+    pq.write_table(pa.Table.from_pydict({"text": val}), os.path.join(data_dir, "shard_00001.parquet"), row_group_size=1)
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump({"dataset": "local", "train": ["shard_00000.parquet"], "val": "shard_00001.parquet"}, f)
+
+
+@pytest.fixture(scope="module")
+def template_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("base_train_template")
+    build_base_dir(str(path), tiny_tokenizer)
+    return path
+
+
+@pytest.fixture
+def train_dir(template_dir, tmp_path):
+    """A fresh copy of the template base dir per test (checkpoints never leak between tests)."""
+    import shutil
+    path = tmp_path / "base"
+    shutil.copytree(template_dir, path)
+    return path
+
+
+def env_for(base_dir, **extra):
+    env = dict(os.environ)
+    env.update(NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), NANOCHAT_DTYPE="float32")
+    env.pop("NANOCHAT_TEST_NAN_AT_STEP", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def base_train_cmd(args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, "-m", "scripts.base_train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "scripts.base_train", *args]
+
+
+def run_train(base_dir, args, nproc=1, timeout=240, **env_extra):
+    proc = subprocess.run(base_train_cmd(args, nproc), cwd=REPO, env=env_for(base_dir, **env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def lines_with(text, prefix):
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def step_losses(text):
+    """{step: 'loss: x.xxxxxx'} from the per-step lines."""
+    out = {}
+    for line in lines_with(text, "step "):
+        parts = line.split(" | ")
+        out[int(parts[0].split()[1].split("/")[0])] = parts[1]
+    return out
+
+
+def val_bpbs(text):
+    return {int(l.split()[1]): float(l.split()[-1]) for l in lines_with(text, "Step ") if "Validation bpb" in l}
+
+
+def ckpt_dir(base_dir, tag="d2"):
+    return pathlib.Path(base_dir) / "base_checkpoints" / tag
+
+
+# -----------------------------------------------------------------------------
+
+def test_resume_is_bit_exact(train_dir):
+    args = TINY + ["--num-iterations=6", "--save-every=3", "--eval-every=3"]
+    full = run_train(train_dir, args)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    d = ckpt_dir(train_dir)
+    assert (d / "complete_000003.json").exists() and (d / "complete_000006.json").exists()
+    full_model = torch.load(d / "model_000006.pt")
+    full_optim = torch.load(d / "optim_000006_rank0.pt")
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["num_iterations"] == 6 and summary["tokens_trained"] == 6 * 256 and summary["val_bpb"] is not None
+
+    resumed = run_train(train_dir, args + ["--resume-from-step=3"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a, b = step_losses(full.stdout), step_losses(resumed.stdout)
+    assert sorted(b) == [3, 4, 5]
+    assert all(a[s] == b[s] for s in (3, 4, 5)), (a, b)
+    assert val_bpbs(full.stdout)[6] == val_bpbs(resumed.stdout)[6]
+    resumed_model = torch.load(d / "model_000006.pt")
+    for k in full_model:
+        assert torch.equal(full_model[k], resumed_model[k]), k
+    resumed_optim = torch.load(d / "optim_000006_rank0.pt")
+    for k, state in full_optim["state"].items():
+        for name, value in state.items():
+            other = resumed_optim["state"][k][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    # the loss fell and the meta carries the loop state
+    bpb = val_bpbs(full.stdout)
+    assert bpb[6] < bpb[0]
+    meta = json.loads((d / "meta_000006.json").read_text())
+    assert meta["world_size"] == 1 and meta["loop_state"]["history"]["val"][-1]["step"] == 6
+
+
+def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
+    import shutil
+    single_dir = tmp_path / "single"
+    shutil.copytree(train_dir, single_dir)
+    args = TINY + ["--num-iterations=4", "--eval-every=2"]
+    # 2 ranks x 1 micro-step and 1 process x 2 micro-steps: same 256 tokens per step
+    procs = [subprocess.Popen(base_train_cmd(args, nproc), cwd=REPO, env=env_for(path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for nproc, path in ((2, train_dir), (1, single_dir))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    two, one = outs[0][0], outs[1][0]
+    assert "gradient accumulation steps: 1" in two and "gradient accumulation steps: 2" in one
+    bpb2, bpb1 = val_bpbs(two), val_bpbs(one)
+    assert sorted(bpb2) == sorted(bpb1) == [0, 2, 4]
+    for s in bpb1:
+        assert abs(bpb1[s] - bpb2[s]) <= 1e-4 * bpb1[s], (s, bpb1, bpb2)
+    assert bpb1[4] < bpb1[0]
+    m2 = torch.load(ckpt_dir(train_dir) / "model_000004.pt")
+    m1 = torch.load(ckpt_dir(single_dir) / "model_000004.pt")
+    for k in m1:
+        assert torch.isfinite(m2[k]).all()
+        if m1[k].numel() < 1024:
+            # the scalar lambdas: AdamW turns float-rounding-sized differences of near-zero grads into LR-sized
+            # steps (the same happens between 1 process with 2x2 rows and 1 process with 1x4 rows), skip them
+            continue
+        scale = m1[k].abs().max().item()
+        assert (m2[k] - m1[k]).abs().max().item() <= 1e-2 * scale + 1e-5, k
+    d = ckpt_dir(train_dir)
+    assert (d / "optim_000004_rank0.pt").exists() and (d / "optim_000004_rank1.pt").exists()
+    # resuming the 2-process checkpoint with 1 process is refused with one clear line
+    bad = run_train(train_dir, args + ["--resume-from-step=4"])
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --resume-from-step=4") and "2 process" in bad.stderr
+
+
+def test_sigterm_saves_checkpoint_and_exits_zero(train_dir):
+    proc = subprocess.Popen(base_train_cmd(TINY + ["--num-iterations=100000", "--eval-every=-1"]), cwd=REPO,
+                            env=env_for(train_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 00002/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen[-50:])
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert "Stopped by signal at step" in output
+    step = int(output.split("Stopped by signal at step ")[1].split(";")[0])
+    assert step >= 3
+    from nanochat.checkpoint_manager import find_last_step
+    assert find_last_step(str(ckpt_dir(train_dir))) == step
+    meta = json.loads((ckpt_dir(train_dir) / f"meta_{step:06d}.json").read_text())
+    assert meta["step"] == step and meta["dataloader_state_dict"] is not None
+    assert not (ckpt_dir(train_dir) / "summary.json").exists()  # a preempted run is not a finished run
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(train_dir):
+    args = TINY + ["--num-iterations=10", "--save-every=2", "--eval-every=-1"]
+    proc = run_train(train_dir, args, NANOCHAT_TEST_NAN_AT_STEP=3)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stdout and "step 3" in proc.stdout
+    d = ckpt_dir(train_dir)
+    names = sorted(os.listdir(d))
+    assert "complete_000002.json" in names and not any("000004" in n for n in names), names
+    from nanochat.checkpoint_manager import find_last_step
+    assert find_last_step(str(d)) == 2
+    sd = torch.load(d / "model_000002.pt")
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--depth=0"], "--depth=0"),
+    (["--total-batch-size=1000"], "--total-batch-size=1000"),
+    (["--resume-from-step=5"], "--resume-from-step=5"),
+    (["--fp8", "--device-type=cpu"], "--fp8"),
+    (["--window-pattern=SXL"], "--window-pattern"),
+    (["--num-iterations=-1", "--target-param-data-ratio=-1"], "horizon"),
+])
+def test_bad_input_is_one_clear_line(train_dir, monkeypatch, capsys, flags, needle):
+    # in-process: these checks run before any heavy work, so no subprocess (and no torch import) is needed
+    from scripts import base_train
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(train_dir))
+    monkeypatch.setenv("NANOCHAT_DATASET", "local")
+    with pytest.raises(SystemExit) as exc:
+        base_train.main(TINY + ["--num-iterations=2"] + flags)
+    message = str(exc.value.code)
+    assert message.startswith("error:") and needle in message and "\n" not in message, message
+    assert "step 00000" not in capsys.readouterr().out  # stopped before any training
+    assert not ckpt_dir(train_dir).exists()
+
+
+def test_cli_bad_input_exits_nonzero(train_dir):
+    proc = run_train(train_dir, TINY + ["--depth=0"], timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --depth=0")
+    assert "Traceback" not in proc.stderr
+
+
+def test_schedules():
+    from scripts.base_train import get_lr_multiplier, get_muon_momentum, get_weight_decay, warmup_iters_for, build_parser
+    N = 100
+    assert get_lr_multiplier(0, N, 10, 0.5, 0.0) == 0.1 and get_lr_multiplier(9, N, 10, 0.5, 0.0) == 1.0
+    assert get_lr_multiplier(50, N, 10, 0.5, 0.0) == 1.0
+    assert abs(get_lr_multiplier(99, N, 10, 0.5, 0.0) - 1 / 50) < 1e-12
+    assert abs(get_lr_multiplier(99, N, 0, 0.5, 0.05) - (1 / 50 + (49 / 50) * 0.05)) < 1e-12
+    assert get_muon_momentum(0, 10000, 0.65) == 0.85 and abs(get_muon_momentum(400, 10000, 0.65) - 0.97) < 1e-12
+    assert abs(get_muon_momentum(10000, 10000, 0.65) - 0.90) < 1e-12
+    assert get_weight_decay(0, N, 0.2) == 0.2 and abs(get_weight_decay(N, N, 0.2)) < 1e-12
+    args = build_parser().parse_args([])
+    assert warmup_iters_for(args, 10000) == 40
+    assert warmup_iters_for(args, 20) == 20 - 13  # never runs into the warmdown of short runs
+    args = build_parser().parse_args(["--warmup-ratio=0.1"])
+    assert warmup_iters_for(args, 1000) == 100
+
+
+@pytest.mark.parametrize("depth,batch,wd,steps", [
+    (12, 2 ** 19, 0.28, 2520), (20, 2 ** 20, 0.1002, 4980), (24, 2 ** 20, 0.0597, 8352), (26, 2 ** 20, 0.0475, 10510),
+])
+def test_head_recipe_plan_matches_spec(depth, batch, wd, steps):
+    """Auto batch size, LR/WD scaling and horizon at HEAD defaults (vocab 32768, T=2048, 8 GPUs x 16 x 2048)."""
+    from scripts.base_train import training_plan, build_parser
+    args = build_parser().parse_args([f"--depth={depth}"])
+    plan = training_plan(args, 32768, 16 * 2048 * 8, print0=lambda *a, **k: None)
+    assert plan["total_batch_size"] == batch
+    assert abs(plan["weight_decay_scaled"] - wd) < 5e-4
+    assert abs(plan["num_iterations"] - steps) <= 1  # the spec's figures are hand-computed
+    assert abs(plan["batch_lr_scale"] - (batch / 2 ** 19) ** 0.5) < 1e-12
+
+
+def test_bench_train_smoke(capsys):
+    from dev.bench_train import main
+    result = main(["--device-type=cpu", "--depth=1", "--aspect-ratio=64", "--head-dim=32", "--max-seq-len=32",
+                   "--vocab-size=256", "--device-batch-size=1", "--steps=2", "--warmup-steps=0"])
+    assert result["tok_per_sec"] > 0 and result["mfu"] is None
+    assert "tok/sec:" in capsys.readouterr().out

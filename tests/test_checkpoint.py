@@ -1,0 +1,138 @@
+"""
+checkpoint_manager: file layout and names, atomic writes + completion marker, incomplete checkpoints ignored,
+model rebuild (build_model / load_model), optimizer shards; loss_eval.evaluate_bpb against a hand computation.
+"""
+
+import os
+import json
+import math
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as ckpt
+from nanochat.loss_eval import evaluate_bpb
+
+
+def save_tokenizer(tokenizer, base_dir):
+    from nanochat.tokenizer import compute_token_bytes
+    tok_dir = os.path.join(base_dir, "tokenizer")
+    tokenizer.save(tok_dir)
+    torch.save(compute_token_bytes(tokenizer), os.path.join(tok_dir, "token_bytes.pt"))
+
+
+def model_meta(model, step, **extra):
+    import dataclasses
+    return {"step": step, "model_config": dataclasses.asdict(model.config), **extra}
+
+
+def test_layout_names_and_marker(tmp_path):
+    d = tmp_path / "base_checkpoints" / "d2"
+    ckpt.save_checkpoint(str(d), 123, {"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {"step": 123, "x": float("inf")}, rank=0)
+    ckpt.save_checkpoint(str(d), 123, None, {"state": {}, "param_groups": []}, None, rank=1)
+    names = sorted(os.listdir(d))
+    assert names == ["complete_000123.json", "meta_000123.json", "model_000123.pt", "optim_000123_rank0.pt", "optim_000123_rank1.pt"]
+    meta = json.loads((d / "meta_000123.json").read_text())
+    assert meta["x"] == float("inf")
+    assert not any(".tmp" in n for n in names)
+    model_data, optim_data, meta = ckpt.load_checkpoint(str(d), 123, "cpu", load_optimizer=True, rank=1)
+    assert torch.equal(model_data["w"], torch.ones(2)) and optim_data == {"state": {}, "param_groups": []}
+    with pytest.raises(FileNotFoundError, match="optimizer shard"):
+        ckpt.load_checkpoint(str(d), 123, "cpu", load_optimizer=True, rank=2)
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    d = str(tmp_path / "d3")
+    ckpt.save_checkpoint(d, 5, {"w": torch.zeros(1)}, None, {"step": 5}, rank=0)
+    ckpt.save_checkpoint(d, 10, {"w": torch.zeros(1)}, None, {"step": 10}, rank=0)
+    assert ckpt.find_last_step(d) == 10
+    # step 20 crashed after the model file but before the marker; a stray temp file is left too
+    torch.save({"w": torch.zeros(1)}, os.path.join(d, "model_000020.pt"))
+    open(os.path.join(d, "model_000030.pt.tmp.999"), "wb").close()
+    assert ckpt.find_last_step(d) == 10
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 20"):
+        ckpt.load_checkpoint(d, 20, "cpu")
+    # re-saving a step removes its marker first, so an interrupted overwrite is never "complete"
+    os.remove(os.path.join(d, "complete_000010.json"))
+    assert ckpt.find_last_step(d) == 5
+    # a directory with only incomplete checkpoints is not a model
+    e = str(tmp_path / "d9")
+    os.makedirs(e)
+    torch.save({}, os.path.join(e, "model_000001.pt"))
+    assert ckpt.find_largest_model(str(tmp_path)) == "d3"
+    with pytest.raises(FileNotFoundError):
+        ckpt.find_last_step(e)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "model_000001.pt")
+    ckpt._atomic_torch_save({"a": torch.ones(1)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        ckpt._atomic_torch_save({"a": Boom()}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(1))
+    assert os.listdir(tmp_path) == ["model_000001.pt"]
+
+
+def test_find_largest_model_and_last_step_integers(tmp_path):
+    for tag, steps in (("d2", [1]), ("d10", [3, 1000000]), ("custom", [7])):
+        for s in steps:
+            ckpt.save_checkpoint(str(tmp_path / tag), s, {}, None, {}, rank=0)
+    assert ckpt.find_largest_model(str(tmp_path)) == "d10"
+    assert ckpt.find_last_step(str(tmp_path / "d10")) == 1000000
+    with pytest.raises(FileNotFoundError):
+        ckpt.find_largest_model(str(tmp_path / "nope"))
+
+
+def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_model_factory):
+    save_tokenizer(tiny_tokenizer, base_dir)
+    model = tiny_model_factory(tiny_tokenizer.get_vocab_size())
+    opt = model.setup_optimizer()
+    x = torch.randint(0, tiny_tokenizer.get_vocab_size(), (2, 16))
+    model(x, x).backward()
+    opt.step()
+    d = os.path.join(base_dir, "base_checkpoints", "d2")
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # legacy compile prefix is stripped
+    ckpt.save_checkpoint(d, 4, state, opt.state_dict(), model_meta(model, 4), rank=0)
+    loaded, tok, meta = ckpt.load_model("base", "cpu", phase="eval")
+    assert meta["step"] == 4 and not loaded.training
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    optim_state = ckpt.load_optimizer_state("base", "cpu", rank=0)
+    assert optim_state is not None and len(optim_state["param_groups"]) == len(opt.param_groups)
+    assert ckpt.load_optimizer_state("base", "cpu", rank=3) is None
+    # older checkpoints without the HEAD scalars still load (as no-ops)
+    old = {k: v for k, v in model.state_dict().items() if k not in ("smear_lambda", "backout_lambda", "resid_lambdas")}
+    ckpt.save_checkpoint(d, 5, old, None, model_meta(model, 5), rank=0)
+    loaded5, _, _ = ckpt.load_model("base", "cpu", phase="train", model_tag="d2", step=5)
+    assert torch.equal(loaded5.resid_lambdas, torch.ones_like(loaded5.resid_lambdas))
+    assert loaded5.training
+    with pytest.raises(ValueError, match="unknown checkpoint source"):
+        ckpt.load_model("nope", "cpu", phase="eval")
+
+
+def test_evaluate_bpb_matches_hand_computation():
+    V = 8
+    token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 2, 4], dtype=torch.int32)  # token 0 is "special"
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, y, loss_reduction="mean"):
+            return (y.float().abs() + 1).reshape(-1) * 0.5  # any deterministic per-token loss
+
+    y1 = torch.tensor([[1, 2, 0, -1], [7, 3, 3, 5]])
+    y2 = torch.tensor([[6, -1, -1, 4], [0, 0, 2, 1]])
+    batches = [(torch.zeros_like(y1), y1), (torch.zeros_like(y2), y2)]
+    nats, nbytes = 0.0, 0
+    for _, y in batches:
+        for t in y.reshape(-1).tolist():
+            if t >= 0 and token_bytes[t] > 0:
+                nats += (abs(t) + 1) * 0.5
+                nbytes += int(token_bytes[t])
+    bpb = evaluate_bpb(Fixed(), iter(batches), 2, token_bytes)
+    assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-6)
+    assert evaluate_bpb(Fixed(), iter([(y1, torch.full_like(y1, -1))]), 1, token_bytes) == float("inf")
