@@ -185,6 +185,11 @@ def get_peak_flops(device_name):
 class DownloadError(RuntimeError):
     pass
 
+def is_offline():
+    """True when the user asked every stage to stay off the network (NANOCHAT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
+    truthy = ("1", "true", "yes", "on")
+    return any(os.environ.get(k, "").lower() in truthy for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
+
 def _is_offline_error(exc):
     # DNS failures and refused connections will not fix themselves in a few seconds
     reason = getattr(exc, "reason", exc)
@@ -197,6 +202,9 @@ def _is_offline_error(exc):
 def download_file(url, dest_path, retries=5, timeout=30, desc=None):
     """Download url to dest_path atomically. Returns dest_path. Raises DownloadError when it finally fails."""
     desc = desc or os.path.basename(dest_path)
+    if is_offline():
+        raise DownloadError(f"not downloading {desc} from {url}: NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set; "
+                            f"put the file at {dest_path} yourself or unset the variable")
     dest_dir = os.path.dirname(os.path.abspath(dest_path))
     os.makedirs(dest_dir, exist_ok=True)
     tmp_path = f"{dest_path}.tmp.{os.getpid()}"

@@ -199,7 +199,8 @@ def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=
     max_shard = info["max_shard"]
     num_train = max_shard if num_files < 0 else min(num_files, max_shard)
     indices = [max_shard] + list(range(num_train))  # the val shard first: it doubles as a connectivity check
-    if os.environ.get("NANOCHAT_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    from nanochat.common import is_offline
+    if is_offline():
         missing = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
         if missing:
             raise SystemExit(f"error: NANOCHAT_OFFLINE is set and {len(missing)} shards are missing in {data_dir}; "

@@ -18,18 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_file, DownloadError, print0
+from nanochat.common import get_base_dir, download_file, DownloadError, print0, is_offline
 
 
 def hub_endpoint():
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def is_offline():
-    """True when the user asked us not to use the network at all."""
-    truthy = ("1", "true", "yes", "on")
-    return (os.environ.get("NANOCHAT_OFFLINE", "").lower() in truthy
-            or os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy)
 
 
 def hub_cache_dir(repo_id, subset="default", split="train"):

@@ -7,7 +7,7 @@ GPT-2 and GPT-4 tokenizers when tiktoken can load them (it downloads them once; 
 
 import os
 
-from nanochat.common import print0
+from nanochat.common import print0, is_offline
 from nanochat.dataset import get_dataset_name, get_split_files, open_parquet, read_row_group_texts
 from nanochat.tokenizer import get_tokenizer, RustBPETokenizer
 
@@ -101,7 +101,7 @@ for split in ("train", "val"):
 
 tokenizers = {"ours": get_tokenizer()}  # first: a missing tokenizer is the likelier error
 skipped = []
-offline = os.environ.get("NANOCHAT_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+offline = is_offline()
 for name, tiktoken_name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
     try:
         if offline:
