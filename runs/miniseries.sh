@@ -26,24 +26,16 @@
 #     --device-batch-size=2 --total-batch-size=256 --num-iterations=20 --eval-tokens=2048 --core-metric-every=-1" \
 #     bash runs/miniseries.sh tiny
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-export OMP_NUM_THREADS=1
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-mkdir -p "$NANOCHAT_BASE_DIR"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # repo root, env defaults, NPROC_PER_NODE, log/launch helpers
 
 SERIES_NAME="${1:-${SERIES_NAME:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}}"
 DEPTHS="${DEPTHS:-12 14 16 18 20 22 24 26}"
 read -r -a DEPTH_LIST <<< "${DEPTHS//,/ }"
-NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-${SERIES_NAME}_miniseries}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES_NAME}_miniseries_results"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 mkdir -p "$RESULTS_DIR"
-
-log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*"; }
-banner() { echo "=============================================="; }
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup: environment, data, tokenizer (skip with SKIP_SETUP=1 when they already exist)
@@ -54,21 +46,6 @@ if [ "${SKIP_SETUP:-0}" = "0" ]; then
 elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
-
-# One process: plain python (fast start, no process group); more: torchrun on this node.
-launch() {
-    if [ "$NPROC_PER_NODE" = "1" ]; then
-        python -m "$@"
-    else
-        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$@"
-    fi
-}
-
-# Sequences per GPU per micro-step by depth, so bigger models fit in 80 GB (gradient accumulation keeps the
-# total batch). EXTRA_ARGS come later on the command line, so --device-batch-size there overrides this.
-device_batch_size() {
-    if [ "$1" -lt 20 ]; then echo 32; elif [ "$1" -lt 28 ]; then echo 16; else echo 8; fi
-}
 
 banner
 log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node"

@@ -25,11 +25,7 @@
 #                    fitted optimal size vs budget
 # Finished (budget, depth) pairs are skipped on re-runs.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-export OMP_NUM_THREADS=1
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-mkdir -p "$NANOCHAT_BASE_DIR"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # repo root, env defaults, NPROC_PER_NODE, log/launch helpers
 
 LABEL="${LABEL:-jan26}"
 FLOPS_BUDGETS="${FLOPS_BUDGETS:-1e18 2.15e18 4.64e18 1e19}"
@@ -37,34 +33,17 @@ read -r -a BUDGET_LIST <<< "${FLOPS_BUDGETS//,/ }"
 DEPTHS="${DEPTHS:-8 10 12 14 16 18 20}"
 read -r -a DEPTH_LIST <<< "${DEPTHS//,/ }"
 EVAL_TOKENS="${EVAL_TOKENS:-$((100 * 524288))}"
-NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-scaling_${LABEL}}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/scaling_laws_results_${LABEL}"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 mkdir -p "$RESULTS_DIR"
 
-log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*"; }
-banner() { echo "=============================================="; }
-
 if [ "${SKIP_SETUP:-0}" = "0" ]; then
     source dev/setup_env.sh
 elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
-
-launch() {
-    if [ "$NPROC_PER_NODE" = "1" ]; then
-        python -m "$@"
-    else
-        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$@"
-    fi
-}
-
-# Same per-depth device batch as the miniseries; EXTRA_ARGS can override it.
-device_batch_size() {
-    if [ "$1" -lt 20 ]; then echo 32; elif [ "$1" -lt 28 ]; then echo 16; else echo 8; fi
-}
 
 banner
 log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}"

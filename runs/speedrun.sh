@@ -20,12 +20,7 @@
 # On GPUs with less than 80 GB lower the device batch (16 -> 8, 4, ...) in BASE_TRAIN_ARGS below; on GPUs without
 # fp8 (before Hopper) drop --fp8.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-export OMP_NUM_THREADS=1
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-mkdir -p "$NANOCHAT_BASE_DIR"
-NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # repo root, env defaults, NPROC_PER_NODE, log/launch helpers
 WANDB_RUN="${WANDB_RUN:-dummy}"
 
 # The best recipe we have (the reference's 1.65 h record): depth 24, 8 tokens per scaling parameter, fp8 matmuls,
@@ -35,7 +30,6 @@ BASE_TRAIN_ARGS=(--depth=24 --target-param-data-ratio=8 --device-batch-size=16 -
 # Training shards: ~170 cover the d24 horizon (~5.8B tokens) with margin; 8 are enough for the tokenizer.
 NUM_SHARDS=170
 
-log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*"; }
 torchrun_m() { torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$@"; }
 
 # ---------------------------------------------------------------------------------------------------------------------

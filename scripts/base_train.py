@@ -33,15 +33,6 @@ import torch.distributed as dist
 B_REF = 2 ** 19          # reference total batch size (tokens) the learning rates were tuned at
 REF_DEPTH = 12           # reference depth for the batch-size / weight-decay scaling laws
 DEFAULT_RATIO = 12.0     # HEAD tokens:params ratio (SEED docs: 10.5)
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 def build_parser():
@@ -540,6 +531,7 @@ def main(argv=None):
         # samples (rank 0, uncompiled model, greedy)
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             from nanochat.engine import Engine
+            from scripts.base_eval import SAMPLE_PROMPTS  # one prompt list for training-time and eval-time samples
             orig_model.eval()
             engine = Engine(orig_model, tokenizer)
             with eval_context():

@@ -37,16 +37,27 @@ def base_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def single_thread():
+    """For files of tiny-tensor tests: a second intra-op thread only adds spin-wait contention on a shared 2-core
+    machine (~50x slower). Opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from nanochat.tokenizer import RustBPETokenizer
     return RustBPETokenizer.train_from_iterator(iter(tiny_corpus()), vocab_size=512)
 
 
-def make_tiny_model(vocab_size, n_layer=2, n_embd=64, n_head=2, sequence_len=64, window_pattern="SL", seed=0):
+def make_tiny_model(vocab_size, n_layer=2, n_embd=64, n_head=2, sequence_len=64, window_pattern="SL", seed=0,
+                    n_kv_head=None):
     from nanochat.gpt import GPT, GPTConfig
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=n_head, n_embd=n_embd, window_pattern=window_pattern)
+                       n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GPT(config)

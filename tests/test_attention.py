@@ -9,15 +9,6 @@ import torch
 from nanochat import flash_attention as fa
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # tiny tensors: a second intra-op thread only adds spin-wait contention on a shared 2-core machine (~50x slower)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _backends_here():
     backends = ["sdpa"]
     if fa._flex_available():
@@ -28,7 +19,8 @@ def _backends_here():
 
 
 BACKENDS = _backends_here()
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("single_thread")]  # conftest.py: tiny tensors run faster on one thread
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
-from nanochat.gpt import GPT, GPTConfig
+from conftest import make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # tiny tensors: a second intra-op thread only adds spin-wait contention on a shared 2-core machine (~50x slower)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
 
 # -------------------------------------------------------------------------------------------------
 # mocks (spec 9.1): byte-level tokenizer with 6 specials, a model returning uniform logits
@@ -251,13 +245,8 @@ def test_calculator_works_from_any_thread():
 # a tiny real GPT: cached generation == naive uncached greedy generation
 
 def tiny_gpt(vocab=VOCAB, T=64, n_kv_head=2, pattern="SL"):
-    config = GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=64,
-                       window_pattern=pattern)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = make_tiny_model(vocab, n_layer=3, n_embd=64, n_head=4, n_kv_head=n_kv_head, sequence_len=T,
+                            window_pattern=pattern)
     with torch.no_grad():  # make logits well separated so argmax is decisive
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -9,16 +9,11 @@ import torch
 import torch.nn as nn
 
 from nanochat import fp8
-from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.gpt import GPT, config_from_depth
+from conftest import make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # tiny tensors: a second intra-op thread only adds spin-wait contention on a shared 2-core machine (~50x slower)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def rel_err(a, b):
@@ -87,13 +82,7 @@ def test_odd_row_count_falls_back_to_high_precision():
 
 
 def tiny_model():
-    config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+    return make_tiny_model(256, n_layer=2, n_embd=128, n_head=2, sequence_len=32, window_pattern="L")
 
 
 def test_conversion_filter_weights_shared_and_flops_unchanged():

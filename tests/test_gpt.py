@@ -12,15 +12,10 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig, config_from_depth, compute_window_sizes, has_value_embedding, short_window_size
 from nanochat.engine import KVCache
+from conftest import make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # tiny tensors: a second intra-op thread only adds spin-wait contention on a shared 2-core machine (~50x slower)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def meta_model(depth, **kw):
@@ -29,13 +24,8 @@ def meta_model(depth, **kw):
 
 
 def tiny(vocab=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, T=64, pattern="SL", seed=0, noise=0.0):
-    config = GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                       n_embd=n_embd, window_pattern=pattern)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = make_tiny_model(vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                            sequence_len=T, window_pattern=pattern, seed=seed)
     if noise:  # zero-initialized projections make a fresh model nearly trivial; perturb to test real numerics
         with torch.no_grad():
             for p in model.parameters():

@@ -35,11 +35,9 @@ def isolated(base_dir, monkeypatch):
 
 
 @pytest.fixture
-def real_data(monkeypatch):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (it sits beside the repo as ../shared/data)")
-    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", str(SHARED_DATA))
-    return SHARED_DATA
+def real_data(shared_data, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", str(shared_data))
+    return shared_data
 
 
 @pytest.fixture
