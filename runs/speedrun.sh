@@ -30,8 +30,6 @@ BASE_TRAIN_ARGS=(--depth=24 --target-param-data-ratio=8 --device-batch-size=16 -
 # Training shards: ~170 cover the d24 horizon (~5.8B tokens) with margin; 8 are enough for the tokenizer.
 NUM_SHARDS=170
 
-torchrun_m() { torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$@"; }
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Environment: .venv from the pinned requirements (created on first use, refreshed when they change)
 if [ "${SKIP_SETUP:-0}" = "0" ]; then
@@ -61,8 +59,8 @@ fi
 # ---------------------------------------------------------------------------------------------------------------------
 # Base model: pretrain, then evaluate (CORE, train/val bpb, samples)
 log "Base training: ${BASE_TRAIN_ARGS[*]} on $NPROC_PER_NODE GPUs"
-torchrun_m scripts.base_train "${BASE_TRAIN_ARGS[@]}" --run="$WANDB_RUN"
-torchrun_m scripts.base_eval --device-batch-size=16
+launch scripts.base_train "${BASE_TRAIN_ARGS[@]}" --run="$WANDB_RUN"
+launch scripts.base_eval --device-batch-size=16
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Chat model: identity conversations (who the model is), SFT, chat evaluation.
@@ -73,8 +71,8 @@ from tasks.customjson import IDENTITY_URL
 download_file_with_lock(IDENTITY_URL, "identity_conversations.jsonl")
 PY
 # batch geometry, LRs and optimizer momentum are inherited from the base checkpoint
-torchrun_m scripts.chat_sft --run="$WANDB_RUN"
-torchrun_m scripts.chat_eval -i sft
+launch scripts.chat_sft --run="$WANDB_RUN"
+launch scripts.chat_eval -i sft
 
 # Talk to it:
 #   python -m scripts.chat_cli -p "Why is the sky blue?"
