@@ -375,7 +375,7 @@ def launched_modules(script_text):
     return launches
 
 
-@pytest.mark.parametrize("script", ["speedrun.sh", "miniseries.sh", "scaling_laws.sh"])
+@pytest.mark.parametrize("script", ["speedrun.sh", "runcpu.sh", "miniseries.sh", "scaling_laws.sh"])
 def test_run_scripts_use_flags_the_stage_scripts_define(script):
     text = (REPO_ROOT / "runs" / script).read_text()
     assert subprocess.run(["bash", "-n", str(REPO_ROOT / "runs" / script)]).returncode == 0
@@ -394,3 +394,10 @@ def test_run_scripts_use_flags_the_stage_scripts_define(script):
             assert stage in modules, f"speedrun.sh does not run {stage}"
         assert "--fp8" in text and "--target-param-data-ratio=8" in text and "--depth=24" in text
         assert "http" not in text  # no hard-coded download addresses: the modules own them
+    if script == "runcpu.sh":
+        modules = [m for m, _ in launches]
+        for stage in ("nanochat.report", "nanochat.dataset", "scripts.tok_train", "scripts.tok_eval",
+                      "scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
+                      "scripts.chat_cli"):
+            assert stage in modules, f"runcpu.sh does not run {stage}"
+        assert "--offline-corpus" in text and "set -euo pipefail" in text
