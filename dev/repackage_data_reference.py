@@ -47,7 +47,7 @@ if (args.input_dir is None) == (args.hf_dataset is None):
 
 # 1-2. documents in shuffled order
 if args.input_dir:
-    from nanochat.dataset import read_user_file, split_long_document
+    from nanochat.local_corpus import read_user_file, split_long_document
     paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.input_dir) for f in fs
                    if f.endswith((".txt", ".md", ".jsonl", ".parquet")))
     if not paths:

@@ -498,7 +498,7 @@ def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_fact
         pytest.importorskip(module)
     import dataclasses
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.dataset import build_from_dir
+    from nanochat.local_corpus import build_from_dir
     from nanochat.tokenizer import compute_token_bytes
     tokenizer = request.getfixturevalue("tiny_tokenizer")
     tokenizer.save(str(base_dir / "tokenizer"))

@@ -16,7 +16,7 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat import dataset
+from nanochat import dataset, local_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,7 +245,7 @@ def test_offline_corpus_from_fake_install(base_dir, tmp_path):
         "# Comment runs are kept when they read like prose: this one explains why the factory waits\n"
         "# for every part to arrive before it starts, because a half-built widget blocks the line\n"
         "# and the workers would have nothing useful to do in the meantime.\nx = 1\n")
-    dataset.build_offline_corpus(max_chars=10**9, roots=[str(root)], num_workers=1)
+    local_corpus.build_offline_corpus(max_chars=10**9, roots=[str(root)], num_workers=1)
     data_dir = base_dir / "base_data_offline"
     manifest = json.loads((data_dir / "manifest.json").read_text())
     first = {n: (data_dir / n).read_bytes() for n in manifest["train"] + [manifest["val"]]}
@@ -256,14 +256,14 @@ def test_offline_corpus_from_fake_install(base_dir, tmp_path):
     assert text.count("must be kept only once") == 1
     assert ">>>" not in text and "Tests are skipped" not in text
     # deterministic, and a second build with the same settings is a no-op; --force rebuilds identically
-    dataset.build_offline_corpus(max_chars=10**9, roots=[str(root)], num_workers=2, force=True)
+    local_corpus.build_offline_corpus(max_chars=10**9, roots=[str(root)], num_workers=2, force=True)
     assert {n: (data_dir / n).read_bytes() for n in first} == first
     assert dataset.get_split_files("val", name="offline") == [str(data_dir / manifest["val"])]
 
 
 def test_offline_corpus_real_install_sample(base_dir):
     """A small slice of the real offline corpus: real English prose from the installed stdlib."""
-    dataset.build_offline_corpus(max_chars=200_000, roots=[dataset.offline_corpus_roots()[0]], num_workers=1)
+    local_corpus.build_offline_corpus(max_chars=200_000, roots=[local_corpus.offline_corpus_roots()[0]], num_workers=1)
     docs = [d for batch in _iter_all("offline") for d in batch]
     text = " ".join(docs)
     assert len(text) > 150_000 and text.count(" the ") > 500
