@@ -21,7 +21,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,36 +51,11 @@ def is_complete(checkpoint_dir, step):
 # -----------------------------------------------------------------------------
 # Atomic writes
 
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-def _atomic_write(path, write_fn):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
 def _atomic_torch_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 def _atomic_json_save(obj, path):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")))
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False), mode="w")
 
 # -----------------------------------------------------------------------------
 # Save / load
@@ -251,3 +226,44 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None):
         return None
     log0(f"Loading optimizer state from {path}")
     return torch.load(path, map_location=device, weights_only=True)
+
+# -----------------------------------------------------------------------------
+# Loading a checkpoint with a clear message when it is not there (shared with chat_sft and chat_rl)
+
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
+SOURCE_PRODUCERS = {"base": "python -m scripts.base_train", "mid": "(no script produces mid checkpoints any more)",
+                    "sft": "python -m scripts.chat_sft", "rl": "python -m scripts.chat_rl"}
+
+
+def check_checkpoint_exists(source, model_tag=None, step=None):
+    """Exit with one clear line if the requested checkpoint is not on disk (before any heavy work)."""
+    if source not in SOURCE_DIRS:
+        raise SystemExit(f"error: unknown checkpoint source {source!r}; choose from {', '.join(SOURCE_DIRS)}")
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+    hint = f"train one first with `{SOURCE_PRODUCERS[source]}` (NANOCHAT_BASE_DIR={get_base_dir()})"
+    if not os.path.isdir(checkpoints_dir) or not any(
+            os.path.isdir(os.path.join(checkpoints_dir, d)) for d in os.listdir(checkpoints_dir)):
+        raise SystemExit(f"error: no {source} checkpoint found: {checkpoints_dir} is missing or empty; {hint}")
+    if model_tag is not None:
+        tag_dir = os.path.join(checkpoints_dir, model_tag)
+        if not os.path.isdir(tag_dir):
+            tags = sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
+            raise SystemExit(f"error: model tag {model_tag!r} not found in {checkpoints_dir} "
+                             f"(available: {', '.join(tags)}); pass one of those with --model-tag")
+        if step is not None:
+            model_path = os.path.join(tag_dir, f"model_{int(step):06d}.pt")
+            if not os.path.exists(model_path):
+                raise SystemExit(f"error: no checkpoint at step {step}: {model_path} does not exist; "
+                                 f"pick an existing step or leave the step out to use the latest")
+
+
+def load_model_or_exit(source, device, phase, model_tag=None, step=None):
+    """load_model with the project's bad-input behaviour: a missing checkpoint is one clear line and exit 1."""
+    from nanochat.checkpoint_manager import load_model
+    check_checkpoint_exists(source, model_tag, step)
+    try:
+        return load_model(source, device, phase=phase, model_tag=model_tag, step=step)
+    except (FileNotFoundError, ValueError, AssertionError) as e:
+        raise SystemExit(f"error: could not load the {source} checkpoint "
+                         f"(tag={model_tag or 'latest'}, step={step if step is not None else 'latest'}): {e}")

@@ -6,10 +6,10 @@ Device, dtype and process-group decisions are made here and nowhere else.
 
 import os
 import re
-import sys
 import time
 import fcntl
 import logging
+import resource
 import urllib.error
 import urllib.request
 
@@ -145,6 +145,41 @@ def compute_init(device_type="cuda"):
 def compute_cleanup():
     if is_ddp_initialized():
         dist.destroy_process_group()
+
+def synchronize(device_type):
+    """Wait for queued device work, so wall-clock timings measure the work itself (a no-op on CPU)."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+def peak_memory_mib(device_type):
+    """Peak memory of this process in MiB: allocated tensors on CUDA, resident set size elsewhere."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a reader (or a resumed run) sees the old file or the new one, never half of one
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write via write_fn(file) to a temp file beside path, fsync it, rename it over path, fsync the directory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
 
 class DummyWandb:
     """Stands in for a wandb run when logging is off (--run=dummy)."""

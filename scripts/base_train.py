@@ -515,7 +515,7 @@ def main(argv=None):
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             orig_model.eval()
             try:
-                from scripts.base_eval import evaluate_core
+                from nanochat.core_eval import evaluate_core
                 with eval_context():
                     core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
                 label = "" if not core_results.get("partial") else f" (partial: {core_results.get('num_tasks')}/{core_results.get('total_tasks')} tasks)"
@@ -531,7 +531,7 @@ def main(argv=None):
         # samples (rank 0, uncompiled model, greedy)
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             from nanochat.engine import Engine
-            from scripts.base_eval import SAMPLE_PROMPTS  # one prompt list for training-time and eval-time samples
+            from nanochat.core_eval import SAMPLE_PROMPTS  # one prompt list for training-time and eval-time samples
             orig_model.eval()
             engine = Engine(orig_model, tokenizer)
             with eval_context():

@@ -5,114 +5,11 @@ Talk to a chat model in the terminal. Tokens stream as they are generated; tool 
     python -m scripts.chat_cli -i rl -p "What is 12*7?"   # one-shot prompt, then exit
 
 Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new conversation.
-The helpers at the top (prompt assembly, readable streaming decode) are shared with scripts/chat_web.py.
 """
 
 import argparse
 
-# -----------------------------------------------------------------------------
-# Shared chat helpers (also used by the web server)
-
-ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
-
-
-def message_chunks(tokenizer, messages):
-    """One token list per message: <|user_start|> text <|user_end|> / <|assistant_start|> text <|assistant_end|>.
-    A leading system message is folded into the first user message, as render_conversation does."""
-    messages = list(messages)
-    if messages and messages[0]["role"] == "system":
-        system, rest = messages[0], messages[1:]
-        if rest:
-            rest[0] = {"role": rest[0]["role"], "content": system["content"] + "\n\n" + rest[0]["content"]}
-        messages = rest
-    chunks = []
-    for message in messages:
-        start, end = ROLE_TOKENS[message["role"]]
-        chunks.append([tokenizer.encode_special(start)] + tokenizer.encode(message["content"]) + [tokenizer.encode_special(end)])
-    return chunks
-
-
-def assemble_prompt(tokenizer, chunks, max_prompt_tokens):
-    """[BOS] + the newest whole turns that fit in max_prompt_tokens + <|assistant_start|>.
-    Older turns are dropped a user/assistant pair at a time so the prompt always starts with a user turn
-    (the model never sees a history longer than its context). Returns (tokens, dropped_messages) or
-    (None, len(chunks)) when even the last user message alone does not fit."""
-    bos = tokenizer.get_bos_token_id()
-    assistant_start = tokenizer.encode_special("<|assistant_start|>")
-    for first in range(0, len(chunks), 2):
-        body = [t for chunk in chunks[first:] for t in chunk]
-        if 1 + len(body) + 1 <= max_prompt_tokens:
-            return [bos] + body + [assistant_start], first
-    return None, len(chunks)
-
-
-class ReplyDecoder:
-    """Turns generated token ids into display text, one call per token.
-    - UTF-8 safe: text is only emitted once it no longer ends in a partial character (U+FFFD), so an emoji
-      split over several tokens arrives whole.
-    - Tool calls are readable instead of raw special tokens: <|python_start|>expr<|python_end|>
-      <|output_start|>result<|output_end|> is shown as "[calculator: expr = result]" (no result: "[calculator: expr]").
-    - The terminal tokens (<|assistant_end|>, <|bos|>) are never shown: the caller stops on them."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        special = tokenizer.encode_special
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.other_special = {special(name) for name in tokenizer.get_special_tokens()} - self.stop_tokens
-        self.segment = []          # ids of the current run of ordinary tokens
-        self.emitted = ""          # how much of the segment's decoded text was already returned
-        self.open_bracket = False  # a "[calculator: ..." or "[output: ..." is shown but not yet closed
-        self.after_python_end = False  # the result (if any) comes next; otherwise close the bracket
-
-    def _flush_segment(self):
-        text = self.tokenizer.decode(self.segment)[len(self.emitted):] if self.segment else ""
-        self.segment, self.emitted = [], ""
-        return text
-
-    def _close(self):
-        closing = "]" if self.open_bracket else ""
-        self.open_bracket = False
-        return closing
-
-    def feed(self, token):
-        if token in self.stop_tokens:
-            return self.flush()
-        prefix = ""
-        if self.after_python_end:
-            self.after_python_end = False
-            if token == self.output_start:
-                return " = "
-            prefix = self._close()  # the calculator gave no result
-        if token not in self.other_special:
-            self.segment.append(token)
-            text = self.tokenizer.decode(self.segment)
-            if text.endswith("\ufffd"):
-                return prefix  # wait for the rest of a multi-byte character
-            new, self.emitted = text[len(self.emitted):], text
-            return prefix + new
-        # a tool special token: close the ordinary segment, then show the tool call readably
-        text = prefix + self._flush_segment()
-        if token == self.python_start:
-            text += self._close()
-            self.open_bracket = True
-            return text + "[calculator: "
-        if token == self.python_end:
-            self.after_python_end = True
-            return text
-        if token == self.output_start:
-            text += self._close()
-            self.open_bracket = True
-            return text + "[output: "
-        if token == self.output_end:
-            return text + self._close()
-        return text  # any other special token has no readable form
-
-    def flush(self):
-        """Whatever is still held back (a trailing partial character, an unclosed tool call)."""
-        self.after_python_end = False
-        return self._flush_segment() + self._close()
+from nanochat.chat import ROLE_TOKENS, assemble_prompt, check_dtype_flag, load_chat_model, stream_reply, warm_up
 
 # -----------------------------------------------------------------------------
 # Terminal chat
@@ -145,52 +42,6 @@ def parse_args(argv=None):
     if args.max_tokens < 1:
         raise SystemExit(f"error: -m/--max-tokens {args.max_tokens} must be >= 1")
     return args
-
-
-def check_dtype_flag(dtype_flag):
-    """The compute dtype is decided once, when nanochat.common is imported; -d can only confirm it."""
-    from nanochat.common import COMPUTE_DTYPE
-    if dtype_flag and str(COMPUTE_DTYPE) != f"torch.{dtype_flag}":
-        raise SystemExit(f"error: -d/--dtype {dtype_flag}: the compute dtype is fixed at start-up ({COMPUTE_DTYPE}); "
-                         f"run with NANOCHAT_DTYPE={dtype_flag} in the environment instead")
-
-
-TRAINED_BY = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
-
-
-def load_chat_model(source, device, model_tag, step):
-    """load_model with a one-line error (what is missing, what to run) instead of a traceback."""
-    from nanochat.checkpoint_manager import load_model
-    try:
-        return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: could not load the -i {source} model ({e}); train one with "
-                         f"python -m {TRAINED_BY[source]}, or choose another with -i/-g/-s")
-
-
-def warm_up(engine, tokenizer):
-    """One tiny generation, so one-time set-up (and its log lines) happens before the chat starts."""
-    for _ in engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0):
-        pass
-
-
-def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write):
-    """Generate one reply, writing display text as it comes. Returns the reply token ids (tool calls and the
-    closing <|assistant_end|> included, so they can go back into the conversation)."""
-    decoder = ReplyDecoder(tokenizer)
-    reply = []
-    for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
-                                           top_k=top_k if top_k > 0 else None, seed=seed):
-        token = token_column[0]
-        reply.append(token)
-        if token in decoder.stop_tokens:
-            break
-        write(decoder.feed(token))
-    write(decoder.flush())
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    if not reply or reply[-1] != assistant_end:
-        reply.append(assistant_end)  # hit the length limit: close the turn so the next one renders correctly
-    return reply
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
                              DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-from scripts.chat_eval import load_model_or_exit, check_checkpoint_exists
+from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists
 
 
 def parse_args(argv=None):

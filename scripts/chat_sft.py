@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
                              get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-from scripts.chat_eval import (ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, load_model_or_exit,
-                               check_checkpoint_exists)
+from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval
+from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists
 
 # Fallbacks when neither the command line nor the base checkpoint gives a value (HEAD's defaults)
 FALLBACKS = dict(max_seq_len=2048, device_batch_size=32, total_batch_size=524288,

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from scripts.chat_cli import message_chunks, assemble_prompt, ReplyDecoder, load_chat_model, check_dtype_flag, warm_up
+from nanochat.chat import message_chunks, assemble_prompt, ReplyDecoder, load_chat_model, check_dtype_flag, warm_up
 
 logger = logging.getLogger("nanochat.web")
 

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from scripts.chat_cli import load_chat_model
+from nanochat.chat import load_chat_model
 
 # Natural text keeps greedy decoding from collapsing into a loop of one token.
 PARAGRAPH = ("The history of science is the study of how people came to understand the natural world. "

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from scripts import chat_web
-from scripts.chat_cli import ReplyDecoder, message_chunks, assemble_prompt
+from nanochat.chat import ReplyDecoder, message_chunks, assemble_prompt
 from test_chat_web import LiveServer, build_tiny_chat_model, make_args, make_worker
 
 CHROMIUM = "/usr/bin/chromium"

@@ -84,7 +84,7 @@ class MCTask:
 
 
 def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
-    from scripts.chat_eval import run_categorical_eval
+    from tasks.evaluate import run_categorical_eval
     task = MCTask(["B", "A", "B", "D", "B", "C", "B"])  # 4 of 7 answers are B
     model = AlwaysLetterModel(tiny_tokenizer, "B")
     accuracy = run_categorical_eval(task, tiny_tokenizer, model, batch_size=3)
@@ -95,7 +95,7 @@ def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
 
 
 def test_chatcore_centering():
-    from scripts.chat_eval import chatcore_from_results, ALL_TASKS
+    from tasks.evaluate import chatcore_from_results, ALL_TASKS
     results = {t: 0.25 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}
     results.update({"GSM8K": 0.5, "HumanEval": 0.0, "SpellingBee": 1.0})
     value, label = chatcore_from_results(results, [])

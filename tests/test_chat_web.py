@@ -20,7 +20,7 @@ import requests
 import torch
 
 from scripts import chat_web
-from scripts.chat_cli import ReplyDecoder, assemble_prompt, message_chunks
+from nanochat.chat import ReplyDecoder, assemble_prompt, message_chunks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # tiny models' context: room for a few turns

@@ -268,7 +268,7 @@ def small_tasks():
 
 
 def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
-    from scripts.base_eval import evaluate_core, format_core
+    from nanochat.core_eval import evaluate_core, format_core
     bundle = make_bundle(tmp_path / "b", small_tasks())
     model = BigramModel(seed=3)
     out = evaluate_core(model, TOK, "cpu", max_per_task=-1, bundle_dir=str(bundle))
@@ -284,7 +284,7 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
 
 
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
-    from scripts.base_eval import BundleError, evaluate_core
+    from nanochat.core_eval import BundleError, evaluate_core
     bundle = make_bundle(tmp_path / "b", small_tasks()[:3], bad_line=("schema_task", '{"context_options": ['))
     with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: corrupt JSON line"):
         evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
@@ -293,7 +293,7 @@ def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
 def test_real_bundle_small_run(base_dir):
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
-    from scripts.base_eval import evaluate_core
+    from nanochat.core_eval import evaluate_core
     model = BigramModel(vocab_size=257, seed=0)
     model.max_seq_len = 256  # exercise cropping of long 10-shot prompts
     out = evaluate_core(model, TOK, "cpu", max_per_task=2, bundle_dir=str(REAL_BUNDLE))
@@ -310,7 +310,7 @@ def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
     pytest.importorskip("nanochat.gpt")
     pytest.importorskip("nanochat.tokenizer")
-    from scripts.base_eval import evaluate_core
+    from nanochat.core_eval import evaluate_core
     tokenizer = request.getfixturevalue("tiny_tokenizer")
     model = tiny_model_factory(tokenizer.get_vocab_size(), sequence_len=16)  # window 160 tokens: quick on CPU
     model.eval()
@@ -320,7 +320,7 @@ def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
 
 
 def test_env_var_bundle_and_bad_bundle_dir(tmp_path, base_dir, monkeypatch):
-    from scripts.base_eval import BundleError, resolve_bundle_dir
+    from nanochat.core_eval import BundleError, resolve_bundle_dir
     bundle = make_bundle(tmp_path / "b", small_tasks()[:1])
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
     assert resolve_bundle_dir() == str(bundle)
@@ -338,7 +338,7 @@ def _zip_bundle(bundle_dir):
 
 
 def test_zip_present_but_folder_deleted_is_reextracted(tmp_path, base_dir, monkeypatch):
-    from scripts import base_eval
+    from nanochat import core_eval as base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "eval_bundle.zip").write_bytes(_zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:1])))
     monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/never-used")
@@ -347,7 +347,7 @@ def test_zip_present_but_folder_deleted_is_reextracted(tmp_path, base_dir, monke
 
 
 def test_bundle_download_from_local_server(tmp_path, base_dir, monkeypatch):
-    from scripts import base_eval
+    from nanochat import core_eval as base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     payload = _zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:2]))
 
@@ -382,7 +382,7 @@ def _closed_port():
 
 
 def test_bundle_missing_offline_is_one_clear_error(base_dir, monkeypatch):
-    from scripts import base_eval
+    from nanochat import core_eval as base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
     with pytest.raises(base_eval.BundleError, match="--bundle-dir"):
@@ -400,7 +400,7 @@ def _dist_worker(rank, world_size, port, data_by_type, out_dir, bundle_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model = BigramModel(seed=7)
     results = {name: evaluate_task(model, TOK, data, "cpu", meta) for name, (data, meta) in data_by_type.items()}
-    from scripts.base_eval import evaluate_core
+    from nanochat.core_eval import evaluate_core
     core = evaluate_core(model, TOK, "cpu", bundle_dir=bundle_dir)
     results["core"] = [core["core_metric"], core["results"]]
     dist.destroy_process_group()
@@ -423,7 +423,7 @@ def test_distributed_equals_single_process(tmp_path, base_dir):
     }
     model = BigramModel(seed=7)
     single = {name: evaluate_task(model, TOK, data, "cpu", meta) for name, (data, meta) in data_by_type.items()}
-    from scripts.base_eval import evaluate_core
+    from nanochat.core_eval import evaluate_core
     bundle = str(make_bundle(tmp_path / "b", small_tasks()))
     core = evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
     # fork: the children need not re-import torch (slow on a busy 2-core machine); CPU-only, so forking is safe
@@ -449,14 +449,14 @@ def run_cli(args, base_dir, extra_env=None):
 
 
 def test_cli_unknown_eval_mode(base_dir):
-    from scripts.base_eval import main
+    from scripts.base_eval import main  # noqa
     with pytest.raises(SystemExit) as e:
         main(["--eval", "core,bogus"])
     assert str(e.value).startswith("error: --eval='core,bogus': unknown mode(s) bogus")
 
 
 def test_cli_no_checkpoint(base_dir):
-    from scripts.base_eval import main
+    from scripts.base_eval import main  # noqa
     with pytest.raises(SystemExit) as e:
         main(["--eval", "bpb"])
     assert str(e.value).startswith("error: no base model checkpoints in") and "base_train" in str(e.value)
@@ -464,11 +464,12 @@ def test_cli_no_checkpoint(base_dir):
 
 def test_cli_bundle_missing_offline(base_dir, monkeypatch):
     # a checkpoint directory exists, so the bundle is the first problem found (before loading anything)
+    from nanochat import core_eval
     from scripts import base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "base_checkpoints" / "d2").mkdir(parents=True)
     (base_dir / "base_checkpoints" / "d2" / "model_000001.pt").write_bytes(b"")
-    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
+    monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--eval", "core"])
     message = str(e.value)
@@ -478,7 +479,7 @@ def test_cli_bundle_missing_offline(base_dir, monkeypatch):
 
 def test_cli_corrupt_jsonl_before_model_work(tmp_path, base_dir):
     bundle = make_bundle(tmp_path / "b", small_tasks()[:1], bad_line=("mc_task", "not json"))
-    from scripts.base_eval import BundleError, load_core_tasks, load_jsonl
+    from nanochat.core_eval import BundleError, load_core_tasks, load_jsonl
     tasks, _ = load_core_tasks(str(bundle))
     with pytest.raises(BundleError, match=r"mc_task\.jsonl:8"):
         load_jsonl(tasks[0][2], "multiple_choice")

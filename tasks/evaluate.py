@@ -1,0 +1,152 @@
+"""
+The chat benchmarks: which tasks exist, how a model is scored on each (categorical or generative), and ChatCORE.
+Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
+"""
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info, print0
+
+# -----------------------------------------------------------------------------
+# Task registry. Constructors are imported lazily so that a missing optional dependency of one task cannot stop
+# the others. Chance-level accuracy is the baseline that ChatCORE centers on.
+
+def _build_task(task_name):
+    if task_name == "ARC-Easy":
+        from tasks.arc import ARC
+        return ARC(subset="ARC-Easy", split="test")
+    if task_name == "ARC-Challenge":
+        from tasks.arc import ARC
+        return ARC(subset="ARC-Challenge", split="test")
+    if task_name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU(subset="all", split="test")
+    if task_name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="test")
+    if task_name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    if task_name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+        return SpellingBee(size=256, split="test")
+    raise ValueError(f"unknown task {task_name!r}; choose from {', '.join(ALL_TASKS)}")
+
+ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+
+class TaskUnavailable(RuntimeError):
+    """The task's data could not be loaded (offline and not cached, or no local copy)."""
+
+
+def load_task(task_name):
+    """Construct a task, turning "cannot get the data" into TaskUnavailable (with the loader's own message)."""
+    if task_name not in BASELINES:
+        raise ValueError(f"unknown task {task_name!r}; choose from {', '.join(ALL_TASKS)}")
+    try:
+        return _build_task(task_name)
+    except (ImportError, OSError, RuntimeError, SystemExit) as e:
+        # Task loaders raise on unreachable hub / missing local copy; SystemExit is the project's "clear error" style.
+        message = str(e).strip() or type(e).__name__
+        raise TaskUnavailable(message) from e
+
+# -----------------------------------------------------------------------------
+# Evaluation loops
+
+def _all_reduce_counts(*counts, device):
+    """Sum integer counters over ranks (no-op in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    t = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return tuple(int(x) for x in t.tolist())
+
+
+def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
+                        max_problems=None):
+    ddp, rank, _, world_size = get_dist_info()
+    device = model.get_device()
+    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
+    num_passed, total = 0, 0
+    for i in range(rank, num_problems, world_size):
+        conversation = task_object[i]
+        prompt_tokens = tokenizer.render_for_completion(conversation)
+        # Engine's default seed (42) makes the evaluation deterministic even at temperature > 0
+        results, _ = engine.generate_batch(prompt_tokens, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k)
+        prefix_length = len(prompt_tokens)
+        completions = [tokenizer.decode(result[prefix_length:]) for result in results]
+        outcomes = [task_object.evaluate(conversation, completion) for completion in completions]
+        passed = any(outcomes)
+        total += 1
+        num_passed += int(passed)
+        print(f"\r\033[KRank {rank} | {num_passed}/{total} ({100 * num_passed / total:.2f}%)", end="", flush=True)
+    print()
+    num_passed, total = _all_reduce_counts(num_passed, total, device=device)
+    print0("=" * 50)
+    print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
+    return num_passed / max(total, 1)
+
+
+def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=None):
+    ddp, rank, _, world_size = get_dist_info()
+    device = model.get_device()
+    bos = tokenizer.get_bos_token_id()
+    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
+    num_batches = -(-num_problems // batch_size)
+    letter_to_id_cache = {}
+    num_passed, total = 0, 0
+    for b in range(rank, num_batches, world_size):
+        i0, i1 = b * batch_size, min((b + 1) * batch_size, num_problems)
+        conversations = [task_object[ii] for ii in range(i0, i1)]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        # right-pad with BOS: attention is causal, so padding after the answer position changes nothing
+        max_length = max(len(p) for p in prompts)
+        answer_positions = [len(p) - 1 for p in prompts]
+        padded = [p + [bos] * (max_length - len(p)) for p in prompts]
+        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        with torch.no_grad():
+            logits = model(ids)  # (B, T, V)
+        for idx, conversation in enumerate(conversations):
+            letters = conversation["letters"]
+            letter_ids = []
+            for letter in letters:
+                if letter not in letter_to_id_cache:
+                    encoded = tokenizer.encode(letter)
+                    assert len(encoded) == 1, f"answer letter {letter!r} is not a single token"
+                    letter_to_id_cache[letter] = encoded[0]
+                letter_ids.append(letter_to_id_cache[letter])
+            focus = logits[idx, answer_positions[idx], letter_ids]
+            predicted_letter = letters[focus.argmax(dim=-1).item()]
+            num_passed += int(bool(task_object.evaluate(conversation, predicted_letter)))
+            total += 1
+    num_passed, total = _all_reduce_counts(num_passed, total, device=device)
+    print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
+    return num_passed / max(total, 1)
+
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None):
+    """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
+    task_object = load_task(task_name)
+    if task_object.eval_type == "generative":
+        return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
+                                   temperature, top_k, max_problems=max_problems)
+    if task_object.eval_type == "categorical":
+        return run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
+    raise ValueError(f"task {task_name} has unsupported eval_type {task_object.eval_type!r}")
+
+
+def chatcore_from_results(results, skipped, task_names=ALL_TASKS):
+    """(value, label): mean centered accuracy over the default tasks that ran; label says 'partial k/n' if some
+    were skipped, or (None, reason) when the requested list is not the default one."""
+    ran = [t for t in task_names if t in results]
+    if not ran:
+        return None, "no task evaluated"
+    centered = [(results[t] - BASELINES[t]) / (1.0 - BASELINES[t]) for t in ran]
+    value = sum(centered) / len(centered)
+    if len(ran) == len(task_names):
+        return value, "full"
+    return value, f"(partial: {len(ran)}/{len(task_names)} tasks)"
