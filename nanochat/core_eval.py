@@ -7,10 +7,9 @@ Three task types, all scored by teacher-forced likelihood of the model on the pr
   continuation has the lowest mean loss.
 - language_modeling: one prompt with the continuation; correct iff greedy argmax reproduces every continuation token.
 
-Everything here (prompt strings, few-shot sampling seeds, shuffling seed, which tokens are scored, the centered
-accuracy) follows the reference exactly so that our numbers are comparable with published CORE scores. The only
-departures are for inputs on which the reference crashes or returns NaN; they are marked "(robustness)" below and
-change nothing where the reference works.
+Prompt strings, few-shot sampling seeds, shuffling seed, which tokens are scored and the centered accuracy match
+the published CORE setup, so our numbers are comparable with published CORE scores. Inputs on which that setup would
+crash or return NaN are handled where marked "(robustness)"; those changes leave every other input's score as is.
 
 The model is anything callable as model(idx) -> logits (B, T, V); the tokenizer needs encode(list, prepend=id) and
 get_bos_token_id().
@@ -30,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, print0
+from nanochat.common import DownloadError, atomic_write, download_file_with_lock, get_base_dir, print0
 
 # The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
 CORE_TASK_LABELS = (
@@ -44,7 +43,7 @@ SHUFFLE_SEED = 1337      # every task's example list is shuffled with this seed 
 FEWSHOT_SEED_BASE = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
 
 # -----------------------------------------------------------------------------
-# Prompt rendering: the exact strings the reference's templates produce.
+# Prompt rendering: the exact strings of the published CORE prompt templates.
 # Few-shot examples come first, each followed by a blank line. No BOS here (it is prepended as a token id).
 
 
@@ -99,8 +98,8 @@ def batch_sequences_mc(tokenizer, prompts):
     """Score only the tokens where the choices differ: from the end of their longest common token prefix."""
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     start = common_prefix_length(tokens)
-    # (robustness) if one choice is a token-prefix of another (or two choices are identical), the reference scores an
-    # empty span for it (mean of nothing = NaN). Back the shared start up so every choice scores >= 1 token.
+    # (robustness) if one choice is a token-prefix of another (or two choices are identical), its span would be empty
+    # (mean of nothing = NaN). Back the shared start up so every choice scores >= 1 token.
     start = max(1, min(start, min(len(t) for t in tokens) - 1))
     return tokens, [start] * len(tokens), [len(t) for t in tokens]
 
@@ -119,16 +118,15 @@ def batch_sequences_lm(tokenizer, prompts):
     without, with_cont = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     start, end = len(without), len(with_cont)
     if not (start < end and with_cont[:start] == without):
-        # (robustness) the reference asserts here. If BPE merged across the context/continuation boundary, score from
-        # the end of the two sequences' common prefix instead, keeping at least one scored token.
+        # (robustness) BPE merged across the context/continuation boundary: score from the end of the two sequences'
+        # common prefix instead, keeping at least one scored token.
         start = max(1, min(common_prefix_length([without, with_cont]), end - 1))
     return [with_cont], [start], [end]
 
 
 def model_max_length(model):
-    """Longest sequence the model can take, or None if unlimited/unknown. The reference crops only for models with a
-    max_seq_len attribute (the HF GPT-2 wrapper). (robustness) Also respect the rotary table length of a nanochat GPT,
-    where the reference would crash on very long few-shot prompts with a tiny model."""
+    """Longest sequence the model can take, or None if unlimited/unknown: max_seq_len (the HF GPT-2 wrapper), or
+    (robustness) the rotary table length of a nanochat GPT, which long few-shot prompts would overrun."""
     for name in ("max_seq_len", "rotary_seq_len"):
         value = getattr(model, name, None)
         if isinstance(value, int) and value > 0:
@@ -181,9 +179,8 @@ def forward_model(model, input_ids):
 
 
 def sample_fewshot(data, idx, num_fewshot):
-    """The reference's few-shot draw, in its order: random.Random(1234 + idx).sample(all indices but idx, k)."""
-    # (robustness) with a tiny --max-per-task there may be fewer other items than shots: the reference crashes;
-    # we use as many as there are (identical to the reference whenever it works).
+    """The published few-shot draw, in its order: random.Random(1234 + idx).sample(all indices but idx, k)."""
+    # (robustness) with a tiny --max-per-task there may be fewer other items than shots: use as many as there are.
     num_fewshot = min(num_fewshot, len(data) - 1)
     if num_fewshot <= 0:
         return []
@@ -249,7 +246,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
 
 
 def shuffle_and_truncate(data, max_per_task=-1):
-    """The reference's per-task preparation: shuffle with Random(1337) always, then keep the first max_per_task."""
+    """Per-task preparation: shuffle with Random(1337) always, then keep the first max_per_task."""
     data = list(data)
     random.Random(SHUFFLE_SEED).shuffle(data)
     if max_per_task > 0:
@@ -281,7 +278,7 @@ def core_label(labels):
     return f"{kind} ({k}/{len(CORE_TASK_LABELS)} tasks)"
 
 # -----------------------------------------------------------------------------
-# The eval bundle and the whole CORE run (used by base_eval and by base_train's --core-metric-every)
+# The eval bundle: --bundle-dir, else env NANOCHAT_EVAL_BUNDLE, else <base_dir>/eval_bundle (downloaded once)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 SAMPLE_PROMPTS = [
@@ -293,36 +290,34 @@ SAMPLE_PROMPTS = [
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
 ]
+# Two of the GPT-2 results tables that ship with the bundle: the smallest and the largest GPT-2
+GPT2_TABLES = {"openai-community-gpt2.csv": "GPT-2 124M", "openai-community-gpt2-xl.csv": "GPT-2 1.5B"}
 
 
 class BundleError(RuntimeError):
     """The eval bundle is missing, unreadable or malformed. The message says which file and what to do."""
 
 
-# -----------------------------------------------------------------------------
-# Finding (or downloading) the eval bundle
-
-
 def _bundle_ready(path):
     return os.path.isfile(os.path.join(path, "core.yaml"))
 
 
-def _extract_bundle(zip_path):
-    """Unpack the zip next to itself as <base>/eval_bundle, atomically (extract to a temp dir, then rename)."""
-    target = os.path.join(os.path.dirname(zip_path), "eval_bundle")
+def _extract_bundle(zip_path, target):
+    """Unpack the zip as target, atomically (extract to a temp dir, then rename)."""
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle_tmp_", dir=os.path.dirname(zip_path))
     try:
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(tmp_dir)
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp_dir)
+        except zipfile.BadZipFile:
+            raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
         source = os.path.join(tmp_dir, "eval_bundle")
         if not _bundle_ready(source):
-            source = tmp_dir if _bundle_ready(tmp_dir) else None
-        if source is None:
             raise BundleError(f"{zip_path} has no eval_bundle/core.yaml inside; delete it and run again to re-download")
         try:
             os.replace(source, target)
         except OSError:
-            if not _bundle_ready(target):  # someone else's finished copy is fine; anything else is a real error
+            if not _bundle_ready(target):  # another rank's finished copy is fine; anything else is a real error
                 raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -331,37 +326,25 @@ def _extract_bundle(zip_path):
 
 def resolve_bundle_dir(bundle_dir=None):
     """Return a directory holding core.yaml. Raises BundleError with a what-to-do message."""
-    if not bundle_dir:
-        bundle_dir = os.environ.get("NANOCHAT_EVAL_BUNDLE") or None
-        source = "NANOCHAT_EVAL_BUNDLE"
-    else:
-        source = "--bundle-dir"
+    source = "--bundle-dir" if bundle_dir else "NANOCHAT_EVAL_BUNDLE"
+    bundle_dir = bundle_dir or os.environ.get("NANOCHAT_EVAL_BUNDLE")
     if bundle_dir:
         if not _bundle_ready(bundle_dir):
             raise BundleError(f"{source}={bundle_dir}: no core.yaml there; point it at the unzipped eval_bundle folder")
         return os.path.abspath(bundle_dir)
-    base_dir = get_base_dir()
-    target = os.path.join(base_dir, "eval_bundle")
+    target = os.path.join(get_base_dir(), "eval_bundle")
     if _bundle_ready(target):
         return target
-    for attempt in range(2):
-        try:
-            zip_path = download_file_with_lock(EVAL_BUNDLE_URL, "eval_bundle.zip", postprocess_fn=_extract_bundle)
-        except DownloadError as e:
-            raise BundleError(
-                f"CORE eval bundle not found at {target} and the download failed ({e}). Copy an unzipped eval_bundle "
-                f"there, or pass --bundle-dir DIR / set NANOCHAT_EVAL_BUNDLE, or run without CORE (--eval=bpb,sample)"
-            ) from None
-        if _bundle_ready(target):
-            return target
-        # The zip exists but the folder does not (the reference never re-extracts in this case): unpack it now.
-        try:
-            _extract_bundle(zip_path)
-            return target
-        except zipfile.BadZipFile:
-            print0(f"{zip_path} is not a valid zip; deleting it and downloading again")
-            os.remove(zip_path)
-    raise BundleError(f"could not obtain a valid eval bundle at {target}; delete {target}.zip and try again")
+    try:
+        zip_path = download_file_with_lock(EVAL_BUNDLE_URL, "eval_bundle.zip")
+    except DownloadError as e:
+        raise BundleError(
+            f"CORE eval bundle not found at {target} and the download failed ({e}). Copy an unzipped eval_bundle "
+            f"there, or pass --bundle-dir DIR / set NANOCHAT_EVAL_BUNDLE, or run without CORE (--eval=bpb,sample)"
+        ) from None
+    if not _bundle_ready(target):  # fresh download, or a zip whose folder was deleted
+        _extract_bundle(zip_path, target)
+    return target
 
 
 # -----------------------------------------------------------------------------
@@ -374,22 +357,8 @@ REQUIRED_FIELDS = {
 }
 
 
-_JSONL_CACHE = {}  # (path, task_type) -> ((mtime, size), data): base_train calls evaluate_core many times
-
-
 def load_jsonl(path, task_type):
     """Read one task's examples, checking every line; a bad line is an error naming file and line."""
-    stat = os.stat(path)
-    key, version = (os.path.abspath(path), task_type), (stat.st_mtime_ns, stat.st_size)
-    cached = _JSONL_CACHE.get(key)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    data = _read_jsonl(path, task_type)
-    _JSONL_CACHE[key] = (version, data)
-    return data
-
-
-def _read_jsonl(path, task_type):
     data = []
     with open(path, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -417,14 +386,8 @@ def load_random_baselines(bundle_dir):
     path = os.path.join(bundle_dir, "eval_meta_data.csv")
     if not os.path.isfile(path):
         raise BundleError(f"{path} is missing; the bundle is incomplete (re-download it)")
-    baselines = {}
     with open(path, "r", encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                baselines[row["Eval Task"]] = float(row["Random baseline"])
-            except (KeyError, TypeError, ValueError):
-                continue
-    return baselines
+        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
 
 
 def load_core_tasks(bundle_dir):
@@ -433,8 +396,7 @@ def load_core_tasks(bundle_dir):
     yaml_path = os.path.join(bundle_dir, "core.yaml")
     try:
         with open(yaml_path, "r", encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-        task_list = config["icl_tasks"]
+            task_list = yaml.safe_load(f)["icl_tasks"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise BundleError(f"{yaml_path}: cannot read the task list ({e}); re-download the eval bundle") from None
     baselines = load_random_baselines(bundle_dir)
@@ -459,25 +421,38 @@ def load_core_tasks(bundle_dir):
     return tasks, skipped
 
 
+def gpt2_targets(bundle_dir, labels):
+    """{"GPT-2 124M": CORE over exactly `labels`, ...} from the bundle's GPT-2 results tables, so a partial CORE can
+    be compared with GPT-2 on the same tasks. A table lacking one of the labels is left out."""
+    targets = {}
+    for file_name, name in GPT2_TABLES.items():
+        path = os.path.join(bundle_dir, file_name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "r", encoding="utf-8") as f:
+            rows = [[cell.strip() for cell in line.split(",")] for line in f if line.strip()]
+        centered = {row[0]: float(row[2]) for row in rows[1:] if len(row) == 3 and row[0] in labels}
+        if labels and len(centered) == len(set(labels)):
+            targets[name] = core_metric(centered)
+    return targets
+
+
 # -----------------------------------------------------------------------------
-# CORE
+# CORE (used by base_eval and by base_train's --core-metric-every)
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
     """Run every available CORE task. Returns dict(results, centered_results, core_metric, num_tasks, total_tasks,
-    skipped, partial, core_label). Missing tasks are skipped and named; CORE is then the mean over the rest and
-    `partial` is True. All ranks must call this together under torchrun; all get the same numbers."""
+    skipped, partial, core_label, gpt2_targets). Missing tasks are skipped and named; CORE is then the mean over the
+    rest, `partial` is True and gpt2_targets holds GPT-2's CORE on the same tasks. All ranks must call this together
+    under torchrun; all get the same numbers."""
     bundle_dir = resolve_bundle_dir(bundle_dir)
     tasks, skipped = load_core_tasks(bundle_dir)
     for label, reason in skipped:
         print0(f"Skipping task {label}: {reason}")
     # read and check every file first, so a corrupt line stops us before any model work
-    cache = {}
-    prepared = []
-    for label, task_meta, data_path, baseline in tasks:
-        if data_path not in cache:
-            cache[data_path] = load_jsonl(data_path, task_meta["task_type"])
-        prepared.append((label, task_meta, shuffle_and_truncate(cache[data_path], max_per_task), baseline))
+    prepared = [(label, task_meta, shuffle_and_truncate(load_jsonl(data_path, task_meta["task_type"]), max_per_task),
+                 baseline) for label, task_meta, data_path, baseline in tasks]
     results, centered_results = {}, {}
     for label, task_meta, data, baseline in prepared:
         t0 = time.time()
@@ -488,6 +463,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         centered_results[label] = centered
         print0(f"accuracy: {accuracy:.4f} | centered: {centered:.4f} | time: {time.time() - t0:.2f}s")
     labels = list(results)
+    partial = not is_full_core(labels)
     return {
         "results": results,
         "centered_results": centered_results,
@@ -495,19 +471,24 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         "num_tasks": len(labels),
         "total_tasks": len(CORE_TASK_LABELS),
         "skipped": [label for label, _ in skipped],
-        "partial": not is_full_core(labels),
+        "partial": partial,
         "core_label": core_label(labels),
+        "gpt2_targets": gpt2_targets(bundle_dir, labels) if partial else {},
     }
 
 
 def format_core(out):
-    """'0.2219' for a full score, '0.1234 partial (20/22 tasks)' otherwise."""
+    """'0.2219' for a full score; '0.1234 partial (20/22 tasks; same tasks: GPT-2 124M 0.1157, ...)' otherwise."""
     value = f"{out['core_metric']:.4f}"
-    return value if not out["partial"] else f"{value} {out['core_label']}"
+    if not out["partial"]:
+        return value
+    targets = ", ".join(f"{name} {score:.4f}" for name, score in out.get("gpt2_targets", {}).items())
+    label = out["core_label"] if not targets else f"{out['core_label'][:-1]}; same tasks: {targets})"
+    return f"{value} {label}"
 
 
 def write_core_csv(path, out):
-    """The reference's padded CSV: Task, Accuracy, Centered; skipped tasks marked; final CORE row."""
+    """The padded results table: Task, Accuracy, Centered; skipped tasks marked; final CORE row."""
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
     for label in out["results"]:
         lines.append(f"{label:<35}, {out['results'][label]:<10.6f}, {out['centered_results'][label]:<10.6f}")
@@ -516,7 +497,4 @@ def write_core_csv(path, out):
     core_row = "CORE" if not out["partial"] else f"CORE {out['core_label']}"
     lines.append(f"{core_row:<35}, {'':<10}, {out['core_metric']:<10.6f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

@@ -4,26 +4,29 @@ Evaluate a base model: prompt samples, bits per byte on the train/val splits, an
 Examples:
     python -m scripts.base_eval                                   # everything, latest base checkpoint
     python -m scripts.base_eval --eval=core --max-per-task=16     # quick partial CORE
-    python -m scripts.base_eval --bundle-dir=../shared/data/eval_bundle
+    python -m scripts.base_eval --bundle-dir=/path/to/eval_bundle
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval
 
 The CORE eval bundle is found in this order: --bundle-dir, env NANOCHAT_EVAL_BUNDLE, <base_dir>/eval_bundle, else it is
 downloaded (once, with a lock) to <base_dir>/eval_bundle.zip and unpacked. Tasks whose data files are missing are
-skipped and named, and the score is then labelled "partial (k/22 tasks)".
+skipped and named, and the score is then labelled "partial (k/22 tasks)" and shown next to GPT-2's CORE on the same
+tasks (from the GPT-2 results tables that ship with the bundle).
 """
 
 import argparse
 import os
 
-from nanochat.common import get_base_dir, print0
+from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir, write_core_csv
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
 
 EVAL_MODES = ("core", "bpb", "sample")
 RULE = "=" * 80
-
-
-# -----------------------------------------------------------------------------
-# Command line
 
 
 def parse_eval_modes(value):
@@ -35,23 +38,7 @@ def parse_eval_modes(value):
     return modes
 
 
-def check_checkpoint_exists(model_tag, step):
-    """One clear line, before any heavy work, when there is nothing to evaluate."""
-    checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
-    hint = "train one first with python -m scripts.base_train"
-    if not os.path.isdir(checkpoints_dir) or not os.listdir(checkpoints_dir):
-        raise SystemExit(f"error: no base model checkpoints in {checkpoints_dir}; {hint}")
-    if model_tag is not None:
-        tag_dir = os.path.join(checkpoints_dir, model_tag)
-        if not os.path.isdir(tag_dir):
-            raise SystemExit(f"error: --model-tag={model_tag}: no such directory {tag_dir} "
-                             f"(available: {', '.join(sorted(os.listdir(checkpoints_dir)))})")
-        if step is not None and not os.path.isfile(os.path.join(tag_dir, f"model_{step:06d}.pt")):
-            raise SystemExit(f"error: --step={step}: no checkpoint {os.path.join(tag_dir, f'model_{step:06d}.pt')}")
-
-
 def run_samples(model, tokenizer):
-    from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     samples, unconditioned = [], []
@@ -74,9 +61,6 @@ def run_samples(model, tokenizer):
 
 
 def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size):
-    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     tokens_per_step = device_batch_size * sequence_len * world_size
     if split_tokens < tokens_per_step:
         raise SystemExit(f"error: --split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
@@ -110,16 +94,15 @@ def main(argv=None):
     parser.add_argument("--device-batch-size", type=int, default=32, help="per-device batch rows for bpb")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     # runtime
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args(argv)
 
     # cheap checks first: bad flags, no checkpoint, no bundle
     modes = parse_eval_modes(args.eval)
-    if args.device_type not in ("", "cuda", "cpu", "mps"):
-        raise SystemExit(f"error: --device-type={args.device_type!r}: choose cuda, cpu or mps (or leave empty)")
     if args.device_batch_size <= 0:
         raise SystemExit(f"error: --device-batch-size={args.device_batch_size} must be positive")
-    check_checkpoint_exists(args.model_tag, args.step)
+    check_checkpoint_exists("base", args.model_tag, args.step)
     bundle_dir = None
     if "core" in modes:
         try:
@@ -127,16 +110,11 @@ def main(argv=None):
         except BundleError as e:
             raise SystemExit(f"error: {e}") from None
 
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.common import autodetect_device_type, compute_cleanup, compute_init
-    from nanochat.report import get_report
-
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    try:
-        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: could not load the base checkpoint: {e}") from None
+
+    # the model under evaluation
+    model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     step = meta.get("step", args.step or 0)
     sequence_len = meta["model_config"]["sequence_len"]
     model_name = f"base_model (step {step})"
@@ -145,7 +123,7 @@ def main(argv=None):
 
     summary = {"Model": model_name}
     samples, unconditioned, core_out = [], [], None
-    # order as HEAD: quick samples first, then bpb, then the long CORE run
+    # quick samples first, then bpb, then the long CORE run
     if "sample" in modes:
         print0(RULE + "\nModel Samples\n" + RULE)
         if rank == 0:
@@ -165,12 +143,11 @@ def main(argv=None):
             csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_slug}.csv")
             write_core_csv(csv_path, core_out)
             print0(f"Results written to {csv_path}")
-        if core_out["skipped"]:
-            print0(f"Skipped tasks ({len(core_out['skipped'])}): {', '.join(core_out['skipped'])}")
-        print0(f"CORE metric: {format_core(core_out)}")
         summary["CORE metric"] = format_core(core_out)
         if core_out["skipped"]:
             summary["CORE skipped tasks"] = ", ".join(core_out["skipped"])
+            print0(f"Skipped tasks ({len(core_out['skipped'])}): {summary['CORE skipped tasks']}")
+        print0(f"CORE metric: {summary['CORE metric']}")
 
     get_report().log("Base model evaluation", [
         summary,

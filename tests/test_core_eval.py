@@ -91,6 +91,16 @@ class BigramModel(nn.Module):
         return self.table[idx]
 
 
+class ConstantModel(nn.Module):
+    """Always predicts token 0 (NUL, never in the text) with logit 100: every scored token costs exactly 100.0, so
+    all choices tie and choice 0 wins, and greedy decoding never reproduces a continuation."""
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 301)
+        logits[..., 0] = 100.0
+        return logits
+
+
 TOK = ByteTokenizer()
 MC_META = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
 
@@ -140,7 +150,9 @@ def test_mc_prefix_option_gets_nonempty_span_and_no_nan():
     for idx in range(2):
         correct, losses = score_example(idx, model, TOK, data, "cpu", MC_META)
         assert all(math.isfinite(x) for x in losses), losses
-    assert evaluate_task(model, TOK, data, "cpu", MC_META) in (0.0, 0.5, 1.0)
+    # successor model: "ab" and "abc" both score only successor tokens, so they tie exactly and choice 0 wins:
+    # item 0 (gold 1) is wrong, item 1 (gold 0) is right
+    assert evaluate_task(BigramModel(successor=True), TOK, data, "cpu", MC_META) == 0.5
     # identical choices tie, and the first one wins (gold 0 -> correct)
     assert score_example(1, model, TOK, data, "cpu", MC_META)[0] is True
 
@@ -234,6 +246,33 @@ def test_reference_gpt2_csv_mean_is_core():
     assert core_metric(centered) == pytest.approx(core_row, abs=1e-6)
 
 
+def test_gpt2_targets_on_real_bundle():
+    """GPT-2's CORE on the 20 tasks the bundle has (squad, coqa missing), from its own GPT-2 tables."""
+    if not REAL_BUNDLE.is_dir():
+        pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
+    tasks, skipped = core_eval.load_core_tasks(str(REAL_BUNDLE))
+    targets = core_eval.gpt2_targets(str(REAL_BUNDLE), [t[0] for t in tasks])
+    assert targets["GPT-2 1.5B"] == pytest.approx(0.2527278, abs=1e-6)
+    assert targets["GPT-2 124M"] == pytest.approx(0.1156836, abs=1e-6)
+    full = core_eval.gpt2_targets(str(REAL_BUNDLE), core_eval.CORE_TASK_LABELS)
+    assert full["GPT-2 1.5B"] == pytest.approx(0.256525, abs=1e-6)
+    assert full["GPT-2 124M"] == pytest.approx(0.113891, abs=1e-6)
+
+
+def test_gpt2_targets_and_format_on_tiny_tables(tmp_path):
+    header = "Task                               , Accuracy  , Centered  \n"
+    (tmp_path / "openai-community-gpt2.csv").write_text(
+        header + "a , 0.5 , 0.1\nb , 0.5 , 0.3\nc , 0.5 , 0.8\nCORE ,  , 0.4\n")
+    (tmp_path / "openai-community-gpt2-xl.csv").write_text(header + "a , 0.5 , 0.5\nCORE ,  , 0.5\n")
+    # only the 124M table has both a and b; CORE row and unused task c are ignored
+    assert core_eval.gpt2_targets(str(tmp_path), ["a", "b"]) == pytest.approx({"GPT-2 124M": 0.2})
+    assert core_eval.gpt2_targets(str(tmp_path), ["a"]) == pytest.approx({"GPT-2 124M": 0.1, "GPT-2 1.5B": 0.5})
+    out = {"core_metric": 0.05, "partial": True, "core_label": "partial (2/22 tasks)", "gpt2_targets": {"GPT-2 124M": 0.2}}
+    assert core_eval.format_core(out) == "0.0500 partial (2/22 tasks; same tasks: GPT-2 124M 0.2000)"
+    assert core_eval.format_core({**out, "gpt2_targets": {}}) == "0.0500 partial (2/22 tasks)"
+    assert core_eval.format_core({**out, "partial": False}) == "0.0500"
+
+
 # -----------------------------------------------------------------------------
 # Bundles: hand-made, real, corrupt, missing, zipped
 
@@ -275,12 +314,16 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
     assert list(out["results"]) == ["mc_task", "schema_task", "lm_task"]
     assert out["skipped"] == ["missing_task"] and out["partial"] and out["num_tasks"] == 3
     assert out["core_label"] == "partial (0/22 tasks)"
-    for label, acc in out["results"].items():
-        assert 0.0 <= acc <= 1.0
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 3)
     assert "partial" in format_core(out)
     # same numbers again: everything is seeded
     assert evaluate_core(model, TOK, "cpu", bundle_dir=str(bundle))["results"] == out["results"]
+    # successor model: mc choices tie (first byte from " ", then a successor) -> choice 0 -> right for gold 0 (3 of 7);
+    # schema contexts tie likewise -> right for gold 0 (3 of 5); lm continues "c" with "def" -> right for odd i (3 of 6)
+    out = evaluate_core(BigramModel(successor=True), TOK, "cpu", bundle_dir=str(bundle))
+    assert out["results"] == pytest.approx({"mc_task": 3 / 7, "schema_task": 3 / 5, "lm_task": 0.5})
+    assert out["centered_results"] == pytest.approx({"mc_task": (3 / 7 - 0.25) / 0.75, "schema_task": 0.2,
+                                                     "lm_task": 0.5})
 
 
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
@@ -294,13 +337,20 @@ def test_real_bundle_small_run(base_dir):
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
     from nanochat.core_eval import evaluate_core
-    model = BigramModel(vocab_size=257, seed=0)
+    model = ConstantModel()
     model.max_seq_len = 256  # exercise cropping of long 10-shot prompts
     out = evaluate_core(model, TOK, "cpu", max_per_task=2, bundle_dir=str(REAL_BUNDLE))
     assert out["num_tasks"] == 20 and sorted(out["skipped"]) == ["coqa", "squad"]
     assert out["core_label"] == "partial (20/22 tasks)"
-    assert all(0.0 <= a <= 1.0 for a in out["results"].values())
-    assert math.isfinite(out["core_metric"])
+    # all choices tie, so choice 0 is picked: accuracy is the share of gold == 0 among the 2 items kept; LM is 0
+    tasks, _ = core_eval.load_core_tasks(str(REAL_BUNDLE))
+    for label, meta, path, _ in tasks:
+        items = shuffle_and_truncate(core_eval.load_jsonl(path, meta["task_type"]), 2)
+        expected = 0.0 if meta["task_type"] == "language_modeling" else sum(it["gold"] == 0 for it in items) / 2
+        assert out["results"][label] == expected, label
+    assert out["gpt2_targets"]["GPT-2 1.5B"] == pytest.approx(0.2527, abs=1e-4)
+    assert out["gpt2_targets"]["GPT-2 124M"] == pytest.approx(0.1157, abs=1e-4)
+    assert "same tasks: GPT-2 124M 0.1157" in core_eval.format_core(out)
 
 
 def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
@@ -308,8 +358,6 @@ def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
     prompts get cropped instead of crashing."""
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
-    pytest.importorskip("nanochat.gpt")
-    pytest.importorskip("nanochat.tokenizer")
     from nanochat.core_eval import evaluate_core
     tokenizer = request.getfixturevalue("tiny_tokenizer")
     model = tiny_model_factory(tokenizer.get_vocab_size(), sequence_len=16)  # window 160 tokens: quick on CPU
@@ -459,7 +507,7 @@ def test_cli_no_checkpoint(base_dir):
     from scripts.base_eval import main  # noqa
     with pytest.raises(SystemExit) as e:
         main(["--eval", "bpb"])
-    assert str(e.value).startswith("error: no base model checkpoints in") and "base_train" in str(e.value)
+    assert str(e.value).startswith("error: no base checkpoint found") and "base_train" in str(e.value)
 
 
 def test_cli_bundle_missing_offline(base_dir, monkeypatch):
@@ -489,14 +537,12 @@ def test_fewer_items_than_shots_uses_what_there_is():
     data = [{"query": "a", "choices": ["b", "c"], "gold": 0}, {"query": "d", "choices": ["e", "f"], "gold": 1}]
     assert sample_fewshot(data, 0, 10) == [data[1]]
     meta = {"task_type": "multiple_choice", "num_fewshot": 10, "continuation_delimiter": " "}
-    assert 0.0 <= evaluate_task(BigramModel(), TOK, data, "cpu", meta) <= 1.0
+    # the two choices tie, so choice 0 is picked: item 0 (gold 0) right, item 1 (gold 1) wrong
+    assert evaluate_task(ConstantModel(), TOK, data, "cpu", meta) == 0.5
 
 
 def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_factory, request):
     """tokenizer + shards + a tiny GPT checkpoint -> python -m scripts.base_eval runs samples, bpb and CORE."""
-    for module in ("nanochat.tokenizer", "nanochat.dataset", "nanochat.dataloader", "nanochat.checkpoint_manager",
-                   "nanochat.engine", "nanochat.loss_eval"):
-        pytest.importorskip(module)
     import dataclasses
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.local_corpus import build_from_dir
