@@ -11,29 +11,25 @@ Two kinds of task:
 - generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine, a problem passes if any of the
   -n samples is correct (pass@n).
 
-ChatCORE = mean over the default tasks of (accuracy - chance) / (1 - chance): 0 is chance, 1 is perfect.
-A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line saying so, and ChatCORE is
-then printed and logged as partial (k/6 tasks) so it is never mistaken for a full score.
+ChatCORE = mean over the six tasks of (accuracy - chance) / (1 - chance): 0 is chance, 1 is perfect. ChatCORE-5 is
+the same without SpellingBee. A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line
+saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it is never mistaken for a full score.
 """
 
-import os
 import argparse
 
-import torch
-import torch.distributed as dist
-
-from nanochat.common import (compute_init, compute_cleanup, get_dist_info, print0, autodetect_device_type,
-                             get_base_dir, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_from_results, run_chat_eval
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
+from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_lines, run_chat_eval
 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
     # which model
-    parser.add_argument("-i", "--source", type=str, required=True, help="checkpoint family: sft|rl|base (mid: legacy)")
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "sft", "rl"], help="checkpoint family: sft|rl|base")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to load (default: largest d<N>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step to load (default: last)")
     # what to evaluate
@@ -49,8 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of the categorical evaluation")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("-d", "--dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
-                        help="legacy flag: the compute dtype is chosen in nanochat.common (set NANOCHAT_DTYPE)")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num-samples and --batch-size must be >= 1")
@@ -69,14 +63,9 @@ def main(argv=None):
         raise SystemExit(f"error: unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
     check_checkpoint_exists(args.source, args.model_tag, args.step)
 
-    from nanochat.engine import Engine
-    from nanochat.report import get_report
-
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
-        print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
 
     model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
                                                 step=args.step)
@@ -97,28 +86,16 @@ def main(argv=None):
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
 
-    # ChatCORE only makes sense over the default task list (a partial value is labelled as such)
-    chatcore_line = None
-    if args.task_name is None or set(task_names) == set(ALL_TASKS):
-        value, label = chatcore_from_results(results, skipped)
-        if value is None:
-            print0(f"ChatCORE metric: n/a ({label})")
-        elif label == "full":
-            chatcore_line = f"{value:.4f}"
-            print0(f"ChatCORE metric: {value:.4f}")
-        else:
-            chatcore_line = f"{value:.4f} {label}"
-            print0(f"ChatCORE metric: {value:.4f} {label} -- skipped: {', '.join(skipped)}")
+    # ChatCORE only over full task lists (a skipped task makes it partial, and the line says so)
+    chatcore = chatcore_lines(results, task_names)
+    for key, line in chatcore.items():
+        print0(f"{key}: {line}")
     if skipped:
         print0(f"Tasks skipped because their data is unavailable: {', '.join(skipped)}")
 
-    # Skipped tasks appear under their own name (the report's summary table picks rows by task name), and the
-    # ChatCORE line names no task for the same reason.
+    # Skipped tasks appear under their own name (the report's summary table picks rows by task name)
     task_lines = {t: (results[t] if t in results else "skipped (data unavailable)") for t in task_names}
-    report_data = [vars(args), task_lines]
-    if chatcore_line is not None:
-        report_data.append({"ChatCORE metric": chatcore_line})
-    get_report().log(section=f"Chat evaluation {args.source}", data=report_data)
+    get_report().log(section=f"Chat evaluation {args.source}", data=[vars(args), task_lines, chatcore])
     compute_cleanup()
     return results
 

@@ -95,14 +95,21 @@ def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
 
 
 def test_chatcore_centering():
-    from tasks.evaluate import chatcore_from_results, ALL_TASKS
+    from tasks.evaluate import CHATCORE_VARIANTS, chatcore_from_results, chatcore_lines, ALL_TASKS
     results = {t: 0.25 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}
     results.update({"GSM8K": 0.5, "HumanEval": 0.0, "SpellingBee": 1.0})
-    value, label = chatcore_from_results(results, [])
+    value, label = chatcore_from_results(results)
     assert label == "full" and value == pytest.approx((0 + 0 + 0 + 0.5 + 0 + 1.0) / 6)
+    value, label = chatcore_from_results(results, CHATCORE_VARIANTS["ChatCORE-5 metric"])
+    assert label == "full" and value == pytest.approx(0.5 / 5)  # the 5-task value leaves SpellingBee out
+    assert chatcore_lines(results) == {"ChatCORE metric": "0.2500", "ChatCORE-5 metric": "0.1000"}
     del results["HumanEval"]
-    value, label = chatcore_from_results(results, ["HumanEval"])
-    assert "partial" in label and "5/6" in label and value == pytest.approx(1.5 / 5)
+    value, label = chatcore_from_results(results)
+    assert label == "partial (5/6 tasks)" and value == pytest.approx(1.5 / 5)
+    assert chatcore_lines(results) == {"ChatCORE metric": "0.3000 partial (5/6 tasks)",
+                                       "ChatCORE-5 metric": "0.1250 partial (4/5 tasks)"}
+    assert chatcore_lines(results, ["MMLU", "GSM8K"]) == {}  # neither variant's task list was asked for
+    assert chatcore_from_results({}) == (None, "no task evaluated")
     assert len(ALL_TASKS) == 6
 
 # -----------------------------------------------------------------------------
@@ -114,7 +121,20 @@ def test_chat_eval_selected_tasks(eval_env, capsys):
     results = chat_eval.main(["-i", "sft", "-a", "MMLU|GSM8K", "-x", "3", "-m", "8", "--device-type", "cpu"])
     out = capsys.readouterr().out
     assert set(results) == {"MMLU", "GSM8K"}
-    assert all(0.0 <= v <= 1.0 for v in results.values())
+    # the same three MMLU problems scored one at a time: the argmax over the letters' logits after the prompt
+    from nanochat.checkpoint_manager import load_model
+    from tasks.mmlu import MMLU
+    model, tokenizer, _ = load_model("sft", torch.device("cpu"), phase="eval")
+    task, correct = MMLU(subset="all", split="test"), 0
+    for i in range(3):
+        conversation = task[i]
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer.render_for_completion(conversation)]))[0, -1]
+        letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+        predicted = conversation["letters"][int(logits[letter_ids].argmax())]
+        correct += predicted == conversation["messages"][-1]["content"]
+    assert results["MMLU"] == correct / 3
+    assert results["GSM8K"] == 0.0  # 8 greedy tokens of an untrained model hold no "#### <answer>"
     assert "MMLU accuracy:" in out and "GSM8K accuracy:" in out and "Final: " in out
     assert "ChatCORE metric" not in out  # only over the default task list
     report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
@@ -127,10 +147,12 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
     out = capsys.readouterr().out
     assert set(results) == {"MMLU", "GSM8K", "SpellingBee"}
     assert "SKIPPED ARC-Easy" in out and "SKIPPED HumanEval" in out
-    assert "ChatCORE metric:" in out and "(partial: 3/6 tasks)" in out
+    assert "ChatCORE metric: " in out and "partial (3/6 tasks)" in out
+    assert "ChatCORE-5 metric: " in out and "partial (2/5 tasks)" in out
     report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
     assert "- ARC-Challenge: skipped (data unavailable)" in report
-    assert "- ChatCORE metric: " in report and "partial: 3/6 tasks" in report
+    assert "- ChatCORE metric: " in report and "partial (3/6 tasks)" in report
+    assert "- ChatCORE-5 metric: " in report and "partial (2/5 tasks)" in report
 
 
 def test_missing_checkpoint_is_a_clear_error(base_dir):
