@@ -10,21 +10,24 @@ In code: get_report().log("Base model training", [config_dict, {"Minimum validat
                                                     "val": [{"step", "val_bpb", "flops"}...]})
 Only rank 0 writes; other ranks get a DummyReport whose methods do nothing.
 
-Differences from the reference, on purpose: the SFT section is collected (it is logged as "Chat SFT"); the wall-clock
-total runs to the last stage that finished, RL included; metrics are read from "- key: value" lines by exact key (the
-reference matched substrings, so e.g. "task_name: GSM8K" could be taken for a GSM8K score); bloat counts every tracked
-file (the reference kept only the last xargs batch); a cost estimate is computed from the hourly rate and wall clock.
+The wall-clock total runs to the last stage that finished, RL included; metrics are read from "- key: value" lines by
+exact key (so e.g. "task_name: GSM8K" is never taken for a GSM8K score); a cost estimate is computed from the hourly
+rate and wall clock.
 """
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
-import shutil
 import socket
 import subprocess
-import sys
+
+import psutil
+import torch
+
+from nanochat.common import atomic_write, get_base_dir, get_dist_info
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -43,7 +46,6 @@ EXPECTED_FILES = [
     "chat-evaluation-rl.md",
 ]
 OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.md"}  # no warning when absent
-LEGACY_NAMES = {"chat-sft.md": "sft.md"}  # the reference's SFT script logged "SFT"; still collect such a file
 
 # Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
 STAGES = ["BASE", "SFT", "RL"]
@@ -58,8 +60,10 @@ METRIC_KEYS = {
     "base-model-training.md": {"Final validation bpb": "val bpb"},
     "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
     "chat": {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
-             "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE"},
+             "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE (6 tasks)",
+             "ChatCORE-5 metric": "ChatCORE (5 tasks)"},
 }
+LAST_ROWS = ("ChatCORE (6 tasks)", "ChatCORE (5 tasks)")
 GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # USD per GPU-hour (Lambda Cloud list prices)
 DEFAULT_GPU_HOURLY_RATE = 2.00
 BLOAT_EXTENSIONS = (".py", ".md", ".rs", ".html", ".toml", ".sh")
@@ -73,11 +77,8 @@ def now():
     return datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
 
 
-def atomic_write(path, content, mode="w"):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, mode) as f:
-        f.write(content)
-    os.replace(tmp, path)
+def write_text(path, content):
+    atomic_write(path, lambda f: f.write(content), mode="w")
 
 
 def format_value(value):
@@ -118,7 +119,6 @@ def get_git_info():
 
 
 def get_gpu_info():
-    import torch
     if not torch.cuda.is_available():
         return {"available": False}
     count = torch.cuda.device_count()
@@ -129,8 +129,6 @@ def get_gpu_info():
 
 
 def get_system_info():
-    import psutil
-    import torch
     return {
         "platform": platform.system(),
         "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
@@ -152,13 +150,9 @@ def estimate_hourly_rate(gpu_info):
 
 
 def find_lock_file():
-    """The dependency lock file of the current directory (uv.lock as the reference, else another *.lock/lock file)."""
-    if os.path.isfile("uv.lock"):
-        return "uv.lock"
-    for name in sorted(os.listdir(".")):
-        if os.path.isfile(name) and (name.endswith(".lock") or "lock" in name.lower() and name.endswith(".txt")):
-            return name
-    return None
+    """The dependency lock file of the current directory (uv.lock, else the first other *.lock), or None."""
+    names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
+    return next((name for name in names if os.path.isfile(name)), None)
 
 
 def get_bloat_info():
@@ -255,7 +249,7 @@ def summary_table(metrics):
     for stage_metrics in metrics.values():
         rows |= set(stage_metrics)
     first = [r for r in ("CORE", "val bpb") if r in rows]
-    last = [r for r in ("ChatCORE",) if r in rows]
+    last = [r for r in LAST_ROWS if r in rows]
     ordered = first + sorted(rows - set(first) - set(last)) + last
     width = max([15] + [len(r) for r in ordered])
     cell_width = max([8] + [len(v) for m in metrics.values() for v in m.values()])
@@ -320,9 +314,7 @@ def plot_history(name, history, out_dir):
         fig.tight_layout()
         if has_data:
             file_name = f"{slugify(name)}-{suffix}.png"
-            tmp = os.path.join(out_dir, f".{file_name}.tmp.{os.getpid()}.png")
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, os.path.join(out_dir, file_name))
+            atomic_write(os.path.join(out_dir, file_name), lambda f: fig.savefig(f, dpi=100, format="png"))
             written.append(file_name)
         plt.close(fig)
     return written
@@ -350,14 +342,14 @@ class Report:
                 for key, value in item.items():
                     parts.append(f"- {key}: {format_value(value)}\n")
         parts.append("\n")
-        atomic_write(path, "".join(parts))
+        write_text(path, "".join(parts))
         return path
 
     def log_history(self, name, history):
         """Store a training history (train loss / val bpb vs step and FLOPs) for the plots made by generate()."""
         clean = validate_history(history)
         path = os.path.join(self.report_dir, f"history-{slugify(name)}.json")
-        atomic_write(path, json.dumps({"name": name, "history": clean}))
+        write_text(path, json.dumps({"name": name, "history": clean}))
         return path
 
     def reset(self):
@@ -366,7 +358,7 @@ class Report:
             if name.endswith((".md", ".png")) or (name.startswith("history-") and name.endswith(".json")):
                 os.remove(os.path.join(self.report_dir, name))
         header = generate_header() + f"Run started: {now()}\n\n---\n\n"
-        atomic_write(os.path.join(self.report_dir, "header.md"), header)
+        write_text(os.path.join(self.report_dir, "header.md"), header)
         print(f"Reset report and wrote header to {os.path.join(self.report_dir, 'header.md')}")
 
     def _histories(self):
@@ -403,8 +395,6 @@ class Report:
         timeline = []  # (stage title, timestamp)
         for file_name in EXPECTED_FILES:
             path = os.path.join(self.report_dir, file_name)
-            if not os.path.isfile(path) and file_name in LEGACY_NAMES:
-                path = os.path.join(self.report_dir, LEGACY_NAMES[file_name])
             if not os.path.isfile(path):
                 if file_name not in OPTIONAL_FILES:
                     print(f"Warning: {file_name} does not exist, skipping")
@@ -461,13 +451,13 @@ class Report:
             parts.append("Total wall clock time: unknown\n")
 
         text = "".join(parts)
-        atomic_write(report_file, text)
+        write_text(report_file, text)
         # the copy in the current directory links to the plots where they are (absolute paths)
         cwd_copy = os.path.join(os.getcwd(), "report.md")
         if os.path.abspath(cwd_copy) != os.path.abspath(report_file):
             for f in plot_files:
                 text = text.replace(f"]({f})", f"]({os.path.join(os.path.abspath(self.report_dir), f)})")
-            atomic_write(cwd_copy, text)
+            write_text(cwd_copy, text)
             print(f"Copying report.md to current directory for convenience: {cwd_copy}")
         return report_file
 
@@ -489,7 +479,6 @@ class DummyReport:
 
 
 def get_report():
-    from nanochat.common import get_base_dir, get_dist_info
     _, rank, _, _ = get_dist_info()
     if rank == 0:
         return Report(os.path.join(get_base_dir(), "report"))
@@ -497,7 +486,6 @@ def get_report():
 
 
 def main(argv=None):
-    import argparse
     parser = argparse.ArgumentParser(description="Generate or reset the nanochat training report")
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
                         help="reset at the start of a run, generate at the end")

@@ -68,7 +68,8 @@ def run_fake_pipeline(report_dir, start):
         ("Chat SFT", [{"run": "x", "Number of iterations": 701}, {"Minimum validation bpb": 0.85}]),
         ("Chat evaluation sft", [{"source": "sft", "task_name": "GSM8K"},
                                  {"ARC-Easy": 0.266, "ARC-Challenge": 0.2662, "MMLU": 0.2533, "GSM8K": 0.0,
-                                  "HumanEval": 0.0, "SpellingBee": 0.0}, {"ChatCORE metric": 0.0079}]),
+                                  "HumanEval": 0.0, "SpellingBee": 0.0},
+                                 {"ChatCORE metric": 0.0079, "ChatCORE-5 metric": "0.0095"}]),
         ("Chat RL", [{"run": "x", "num_epochs": 1}]),
         ("Chat evaluation rl", [{"source": "rl", "task_name": "GSM8K"}, {"GSM8K": 0.0129}]),
     ]
@@ -103,16 +104,17 @@ def test_reset_generate_end_to_end(tmp_path, monkeypatch):
     # summary table
     summary = text[text.index("## Summary"):]
     table = summary[summary.index("| Metric"):].split("\n\n")[0].splitlines()
-    assert table[0].split("|")[1:5] == [" Metric          ", " BASE                         ",
+    assert table[0].split("|")[1:5] == [" Metric             ", " BASE                         ",
                                         " SFT                          ", " RL                           "]
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:5]] for l in table[2:]}
     assert rows["CORE"] == ["0.1266 partial (20/22 tasks)", "-", "-"]
     assert rows["val bpb"] == ["0.9540", "-", "-"]
     assert rows["GSM8K"] == ["-", "0.0000", "0.0129"]  # task_name: GSM8K lines are not taken for scores
-    assert rows["ChatCORE"] == ["-", "0.0079", "-"]
+    assert rows["ChatCORE (6 tasks)"] == ["-", "0.0079", "-"]
+    assert rows["ChatCORE (5 tasks)"] == ["-", "0.0095", "-"]
     assert rows["ARC-Easy"] == ["-", "0.2660", "-"]
     metric_rows = [l.split("|")[1].strip() for l in table[2:]]
-    assert metric_rows[0] == "CORE" and metric_rows[-1] == "ChatCORE"
+    assert metric_rows[0] == "CORE" and metric_rows[-2:] == ["ChatCORE (6 tasks)", "ChatCORE (5 tasks)"]
     # wall clock runs to the last stage, RL included (the reference stopped at the last non-RL section)
     assert "Total wall clock time: 6h13m" in text
     assert "| Chat RL | 2025-10-27 04:54:38 | 0h30m |" in text  # per-stage timeline
@@ -129,13 +131,13 @@ def test_reset_generate_end_to_end(tmp_path, monkeypatch):
     assert sorted(os.listdir(report_dir)) == ["header.md"]
 
 
-def test_generate_without_reset_and_legacy_sft(tmp_path, monkeypatch, capsys):
+def test_generate_without_reset(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     r = Report(str(tmp_path / "rep"))
-    r.log("SFT", [{"Number of iterations": 3}])  # the reference's SFT section name
+    r.log("Chat SFT", [{"Number of iterations": 3}])
     r.generate()
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "## SFT" in text and "Total wall clock time: unknown" in text and "[bloat data missing]" in text
+    assert "## Chat SFT" in text and "Total wall clock time: unknown" in text and "[bloat data missing]" in text
     assert "Did you forget to run" in capsys.readouterr().out
 
 
@@ -187,8 +189,9 @@ def test_cli_reset_generate(base_dir, tmp_path, monkeypatch):
 
 
 def test_summary_table_widths():
-    table = report_mod.summary_table({"BASE": {"CORE": "0.1"}, "SFT": {"MMLU": "0.25", "ChatCORE": "0.01"}, "RL": {}})
+    table = report_mod.summary_table({"BASE": {"CORE": "0.1"}, "SFT": {"MMLU": "0.25", "ChatCORE (5 tasks)": "0.01"},
+                                      "RL": {}})
     lines = table.splitlines()
-    assert lines[0] == "| Metric          | BASE     | SFT      | RL       |"
-    assert lines[1] == "|-----------------|----------|----------|----------|"
-    assert [l.split("|")[1].strip() for l in lines[2:]] == ["CORE", "MMLU", "ChatCORE"]
+    assert lines[0] == "| Metric             | BASE     | SFT      | RL       |"
+    assert lines[1] == "|--------------------|----------|----------|----------|"
+    assert [l.split("|")[1].strip() for l in lines[2:]] == ["CORE", "MMLU", "ChatCORE (5 tasks)"]
