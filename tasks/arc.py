@@ -2,15 +2,14 @@
 ARC (allenai/ai2_arc), ARC-Easy or ARC-Challenge: grade-school science multiple choice. Categorical.
 
 Letters are whatever the row uses (usually A-D, sometimes 1-4, 3 or 5 choices).
-Local copies, in order: <NANOCHAT_LOCAL_DATA>/arc/<subset>/<split>.jsonl in the hub's row format; the CORE eval
-bundle's converted test sets (eval_bundle/eval_data/world_knowledge/arc_{easy,challenge}.jsonl) under
-NANOCHAT_LOCAL_DATA; and, only if the hub cannot be reached, the same files in $NANOCHAT_EVAL_BUNDLE or
-<base>/eval_bundle (where base_eval puts the CORE bundle).
+Local copies, first that exists: <NANOCHAT_LOCAL_DATA>/arc/<subset>/<split>.jsonl in the hub's row format; for the
+test split, the CORE eval bundle's converted test sets (eval_data/world_knowledge/arc_{easy,challenge}.jsonl) in
+<NANOCHAT_LOCAL_DATA>/eval_bundle or in $NANOCHAT_EVAL_BUNDLE. Else the hub.
 """
 
 import os
+from pathlib import Path
 
-from nanochat.common import get_base_dir
 from tasks.common import Task, load_task_dataset, local_path, read_jsonl, render_mc
 
 BUNDLE_FILES = {"ARC-Easy": "arc_easy.jsonl", "ARC-Challenge": "arc_challenge.jsonl"}
@@ -27,32 +26,31 @@ def rows_from_eval_bundle(path):
     return rows
 
 
+def load_local_arc(subset, split):
+    """Rows of the first local copy of ARC subset/split, or None."""
+    path = local_path("arc", subset, f"{split}.jsonl")
+    if path is not None:
+        return read_jsonl(path, ("question", "choices", "answerKey"))
+    if split != "test":
+        return None
+    bundle_file = ("eval_data", "world_knowledge", BUNDLE_FILES[subset])
+    path = local_path("eval_bundle", *bundle_file)
+    env_bundle = os.environ.get("NANOCHAT_EVAL_BUNDLE")
+    if path is None and env_bundle and Path(env_bundle, *bundle_file).exists():
+        path = Path(env_bundle, *bundle_file)
+    return rows_from_eval_bundle(path) if path is not None else None
+
+
 class ARC(Task):
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("ARC-Easy", "ARC-Challenge"), "ARC subset must be ARC-Easy|ARC-Challenge"
         assert split in ("train", "validation", "test"), "ARC split must be train|validation|test"
-        bundle_rel = ("eval_bundle", "eval_data", "world_knowledge", BUNDLE_FILES[subset])
-
-        def load_local():
-            path = local_path("arc", subset, f"{split}.jsonl")
-            if path is not None:
-                return read_jsonl(path, ("question", "choices", "answerKey"))
-            path = local_path(*bundle_rel) if split == "test" else None
-            return rows_from_eval_bundle(path) if path is not None else None
-
-        def load_fallback():
-            bundles = [os.environ.get("NANOCHAT_EVAL_BUNDLE", ""), os.path.join(get_base_dir(), "eval_bundle")]
-            for bundle in bundles:
-                path = os.path.join(bundle, *bundle_rel[1:]) if bundle else ""
-                if split == "test" and path and os.path.exists(path):
-                    return rows_from_eval_bundle(path)
-            return None
-
-        self.ds = load_task_dataset(f"ARC {subset}/{split}", "allenai/ai2_arc", subset, split, load_local,
-                                    local_hint=f"arc/{subset}/{split}.jsonl or {'/'.join(bundle_rel)}",
-                                    load_fallback=load_fallback)
+        self.ds = load_task_dataset(f"ARC {subset}/{split}", "allenai/ai2_arc", subset, split,
+                                    lambda: load_local_arc(subset, split),
+                                    local_hint=f"arc/{subset}/{split}.jsonl or eval_bundle/eval_data/world_knowledge/"
+                                               f"{BUNDLE_FILES[subset]}")
 
     @property
     def eval_type(self):

@@ -1,17 +1,17 @@
 """
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
-- TaskMixture (deterministic seed-42 shuffle of several tasks) and TaskSequence (plain concatenation);
+- TaskMixture: a deterministic seed-42 shuffle of several tasks;
 - render_mc: the exact multiple-choice prompt;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
 - validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
 
-Local data (NANOCHAT_LOCAL_DATA=<dir>) is laid out like the project's shared/data folder:
+Local data (NANOCHAT_LOCAL_DATA=<dir>) is laid out as:
   gsm8k/{train,test}.jsonl (and *_socratic.jsonl), mmlu/{dev,test,val,auxiliary_train}/*.csv,
   humaneval/HumanEval.jsonl.gz, nanochat_identity/identity_conversations.jsonl, english_words/words_alpha.txt,
   eval_bundle/eval_data/world_knowledge/arc_{easy,challenge}.jsonl (ARC test only), smoltalk/{train,test}.jsonl.
-When that env var is set and holds the needed file, it wins over the hub, so a run does not depend on whether the
-network happens to be up. A missing local file falls through to the hub cache, then to a download.
+A task's data is its local copy if present, else the hub's (downloaded once into a cache), so a run with local data
+does not depend on whether the network happens to be up.
 """
 
 import os
@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from nanochat.common import DownloadError
-from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir, is_hub_cached, is_offline
+from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA_DIR = REPO_ROOT / "data"  # our own small offline data (identity conversations)
@@ -92,26 +92,6 @@ class TaskMixture(Task):
         assert 0 <= index < self.num_conversations, f"index {index} out of range for mixture of {self.num_conversations}"
         task_index, local_index = self.index_map[index]
         return self.tasks[task_index][local_index]
-
-
-class TaskSequence(Task):
-    """Tasks one after another, unshuffled (a curriculum)."""
-
-    def __init__(self, tasks, **slice_kwargs):
-        super().__init__(**slice_kwargs)
-        self.tasks = tasks
-        self.lengths = [len(task) for task in tasks]
-        self.num_conversations = sum(self.lengths)
-
-    def num_examples(self):
-        return self.num_conversations
-
-    def get_example(self, index):
-        assert 0 <= index < self.num_conversations, f"index {index} out of range for sequence of {self.num_conversations}"
-        for task, length in zip(self.tasks, self.lengths):
-            if index < length:
-                return task[index]
-            index -= length
 
 
 def render_mc(question, letters, choices):
@@ -184,8 +164,8 @@ def local_data_dir():
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise TaskDataError(f"NANOCHAT_LOCAL_DATA={value} is not a directory; point it at a folder laid out like "
-                            "shared/data (gsm8k/, mmlu/, humaneval/, nanochat_identity/, english_words/) or unset it")
+        raise TaskDataError(f"NANOCHAT_LOCAL_DATA={value} is not a directory; point it at a folder with the local "
+                            "task data (gsm8k/, mmlu/, humaneval/, nanochat_identity/, english_words/) or unset it")
     return path
 
 
@@ -200,9 +180,9 @@ def local_path(*parts):
 
 def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint="", load_fallback=None):
     """The rows of one dataset split, shuffled with seed 42 (so index i is the same row whichever source).
-    Tries load_local() (a list of row dicts, or None when there is no local copy), then the hub cache/download,
-    then load_fallback() (same contract; a copy of lesser standing, e.g. from the CORE eval bundle).
-    `what` names the task in messages, `local_hint` says which local file would serve it."""
+    load_local() returns the rows of a local copy (a list of dicts), or None when there is none; else the hub's rows.
+    `what` names the task in messages, `local_hint` says which local file would serve it.
+    load_fallback (same contract as load_local, tried when the hub fails) is only still used by HumanEval."""
     rows = load_local() if load_local is not None else None
     if rows is not None:
         if not rows:
@@ -213,20 +193,9 @@ def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint=
     except DownloadError as e:
         rows = load_fallback() if load_fallback is not None else None
         if rows:
-            print(f"{what}: hub unavailable ({e}); using the fallback copy instead")
             return HubDataset.from_rows(rows).shuffle(seed=42)
-        hint = f" ({local_hint} under it)" if local_hint else ""
+        hint = f" holding {local_hint}" if local_hint else ""
         raise TaskDataError(
-            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder laid out like "
-            f"shared/data{hint}; or put the hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a "
-            "manifest.json listing them.") from e
-
-
-def is_task_data_available(repo_id, subset, split, load_local_exists=False):
-    """Cheap check used by the offline mixture: a local copy or a complete hub cache exists (no network)."""
-    return bool(load_local_exists) or is_hub_cached(repo_id, subset, split)
-
-
-__all__ = ["read_jsonl", "Task", "TaskMixture", "TaskSequence", "render_mc", "validate_messages", "TaskDataError",
-           "local_data_dir", "local_path", "load_task_dataset", "is_task_data_available", "is_offline",
-           "BUNDLED_DATA_DIR"]
+            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder{hint}; or put the "
+            f"hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a shard_urls.json listing them."
+        ) from e

@@ -1,8 +1,7 @@
 """
 MMLU (cais/mmlu): 4-way multiple choice over 57 subjects. Categorical.
 
-Hub layout (followed here): subset "all", splits auxiliary_train | validation | dev | test. The older spelling
-MMLU("auxiliary_train", "train") is accepted and means the same thing.
+Hub layout (followed here): subset "all", splits auxiliary_train | validation | dev | test.
 Local copy: <NANOCHAT_LOCAL_DATA>/mmlu/<dir>/*.csv with dir = dev | test | val | auxiliary_train, one CSV per
 subject named <subject>_<split>.csv, either with a header `question,choice0,choice1,choice2,choice3,answer`
 (answer = index 0-3) or in the original headerless layout (question, 4 choices, answer letter A-D).
@@ -61,9 +60,7 @@ class MMLU(Task):
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
-        if subset == "auxiliary_train" and split == "train":
-            subset, split = "all", "auxiliary_train"  # the older way of naming the same rows
-        assert subset == "all", "MMLU subset must be 'all' (or 'auxiliary_train' with split 'train')"
+        assert subset == "all", "MMLU subset must be 'all'"
         assert split in LOCAL_DIRS, f"MMLU split must be one of {list(LOCAL_DIRS)}"
         self.subset, self.split = subset, split
         self.ds = load_task_dataset(f"MMLU {split}", "cais/mmlu", subset, split, lambda: load_local_mmlu(split),

@@ -17,8 +17,8 @@ import re
 import random
 import functools
 
-from nanochat.common import get_base_dir, download_file_with_lock, DownloadError
-from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, is_offline, local_path
+from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
+from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path
 from tasks.gsm8k import extract_answer
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -95,22 +95,15 @@ def _read_word_file(path):
 
 @functools.lru_cache(maxsize=1)
 def _bundled_words():
-    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted."""
+    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once)."""
     path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
     if not path.exists():
         raise TaskDataError(f"no word list available: {path} is missing and the download was not possible; set "
                             "NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt")
-    text = path.read_text(encoding="utf-8").lower()
-    return tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", text))))
-
-
-_warned = set()
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        print(message)
+    words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", path.read_text(encoding="utf-8").lower()))))
+    print(f"WARNING: using the small bundled word list ({len(words)} words from data/identity_conversations.jsonl) "
+          "for spelling tasks; set NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt for the full one")
+    return words
 
 
 def load_words():
@@ -127,8 +120,6 @@ def load_words():
     if os.path.exists(path):
         return _read_word_file(path), path
     words = _bundled_words()
-    _warn_once(f"WARNING: using the small bundled word list ({len(words)} words from data/identity_conversations.jsonl) "
-          "for spelling tasks; set NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt for the full one")
     return words, f"bundled ({len(words)} words)"
 
 
