@@ -127,14 +127,8 @@ def batch_sequences_lm(tokenizer, prompts):
 def model_max_length(model):
     """Longest sequence the model can take, or None if unlimited/unknown: max_seq_len (the HF GPT-2 wrapper), or
     (robustness) the rotary table length of a nanochat GPT, which long few-shot prompts would overrun."""
-    for name in ("max_seq_len", "rotary_seq_len"):
-        value = getattr(model, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
     cos = getattr(model, "cos", None)
-    if isinstance(cos, torch.Tensor) and cos.dim() >= 2:
-        return int(cos.size(1))
-    return None
+    return getattr(model, "max_seq_len", None) or (cos.size(1) if isinstance(cos, torch.Tensor) else None)
 
 
 def crop_sequences(tokens, start_idxs, end_idxs, max_len):
@@ -225,11 +219,6 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
     return predicted_idx == data[idx]["gold"], mean_losses
 
 
-def evaluate_example(idx, model, tokenizer, data, device, task_meta):
-    """True iff the model gets item idx right."""
-    return score_example(idx, model, tokenizer, data, device, task_meta)[0]
-
-
 def evaluate_task(model, tokenizer, data, device, task_meta):
     """Accuracy over data (already shuffled/truncated). Under torch.distributed rank r scores items r, r+W, ... and
     the 0/1 results are summed across ranks, so every rank returns the same accuracy."""
@@ -238,7 +227,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
     world_size = dist.get_world_size() if ddp else 1
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world_size):
-        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+        correct[idx] = float(score_example(idx, model, tokenizer, data, device, task_meta)[0])
     if world_size > 1:
         dist.barrier()
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)

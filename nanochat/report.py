@@ -31,31 +31,16 @@ from nanochat.common import atomic_write, get_base_dir, get_dist_info
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
-# Fragment files in report order. Sections are logged as: "Tokenizer training", "Tokenizer evaluation",
-# "Base model training", "Base model evaluation", "Chat evaluation base", "Chat SFT", "Chat evaluation sft",
-# "Chat RL", "Chat evaluation rl".
-EXPECTED_FILES = [
-    "tokenizer-training.md",
-    "tokenizer-evaluation.md",
-    "base-model-training.md",
-    "base-model-evaluation.md",
-    "chat-evaluation-base.md",
-    "chat-sft.md",
-    "chat-evaluation-sft.md",
-    "chat-rl.md",
-    "chat-evaluation-rl.md",
-]
+# Sections in report order, as the stages log them; each is stored as the fragment <slug>.md
+SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
+            "Chat evaluation base", "Chat SFT", "Chat evaluation sft", "Chat RL", "Chat evaluation rl"]
+EXPECTED_FILES = [section.lower().replace(" ", "-") + ".md" for section in SECTIONS]
 OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.md"}  # no warning when absent
 
 # Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
 STAGES = ["BASE", "SFT", "RL"]
-STAGE_OF_FILE = {
-    "base-model-training.md": "BASE",
-    "base-model-evaluation.md": "BASE",
-    "chat-evaluation-base.md": "BASE",
-    "chat-evaluation-sft.md": "SFT",
-    "chat-evaluation-rl.md": "RL",
-}
+STAGE_OF_FILE = {"base-model-training.md": "BASE", "base-model-evaluation.md": "BASE", "chat-evaluation-base.md": "BASE",
+                 "chat-evaluation-sft.md": "SFT", "chat-evaluation-rl.md": "RL"}
 METRIC_KEYS = {
     "base-model-training.md": {"Final validation bpb": "val bpb"},
     "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
@@ -267,20 +252,15 @@ def summary_table(metrics):
 
 
 def validate_history(history):
-    if not isinstance(history, dict):
-        raise ValueError("history must be a dict with 'train' and/or 'val' lists")
+    """The train/val lists of a history as plain numbers; ValueError names an entry without step or value."""
     clean = {}
     for split, value_key in (("train", "loss"), ("val", "val_bpb")):
-        rows = history.get(split, [])
-        if not isinstance(rows, list):
-            raise ValueError(f"history[{split!r}] must be a list of dicts")
-        clean_rows = []
-        for row in rows:
+        clean[split] = []
+        for row in history.get(split, []):
             if not isinstance(row, dict) or "step" not in row or value_key not in row:
                 raise ValueError(f"each history[{split!r}] entry needs 'step' and {value_key!r} (got {row!r})")
-            clean_rows.append({"step": int(row["step"]), value_key: float(row[value_key]),
-                               "flops": None if row.get("flops") is None else float(row["flops"])})
-        clean[split] = clean_rows
+            clean[split].append({"step": int(row["step"]), value_key: float(row[value_key]),
+                                 "flops": None if row.get("flops") is None else float(row["flops"])})
     return clean
 
 
@@ -365,12 +345,9 @@ class Report:
         out = []
         for name in sorted(os.listdir(self.report_dir)):
             if name.startswith("history-") and name.endswith(".json"):
-                try:
-                    with open(os.path.join(self.report_dir, name)) as f:
-                        record = json.load(f)
-                    out.append((record["name"], validate_history(record["history"])))
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    print(f"Warning: skipping unreadable training history {name}: {e}")
+                with open(os.path.join(self.report_dir, name)) as f:
+                    record = json.load(f)
+                out.append((record["name"], record["history"]))
         return out
 
     def generate(self):
@@ -465,17 +442,8 @@ class Report:
 class DummyReport:
     """What non-zero ranks get: every method is a no-op."""
 
-    def log(self, *args, **kwargs):
-        pass
-
-    def log_history(self, *args, **kwargs):
-        pass
-
-    def reset(self, *args, **kwargs):
-        pass
-
-    def generate(self, *args, **kwargs):
-        pass
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def get_report():

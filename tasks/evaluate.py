@@ -86,7 +86,6 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
     bos = tokenizer.get_bos_token_id()
     num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
     num_batches = -(-num_problems // batch_size)
-    letter_to_id_cache = {}
     num_passed, total = 0, 0
     for b in range(rank, num_batches, world_size):
         i0, i1 = b * batch_size, min((b + 1) * batch_size, num_problems)
@@ -101,13 +100,7 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
             logits = model(ids)  # (B, T, V)
         for idx, conversation in enumerate(conversations):
             letters = conversation["letters"]
-            letter_ids = []
-            for letter in letters:
-                if letter not in letter_to_id_cache:
-                    encoded = tokenizer.encode(letter)
-                    assert len(encoded) == 1, f"answer letter {letter!r} is not a single token"
-                    letter_to_id_cache[letter] = encoded[0]
-                letter_ids.append(letter_to_id_cache[letter])
+            letter_ids = [tokenizer.encode(letter)[0] for letter in letters]  # each letter is a single token
             focus = logits[idx, answer_positions[idx], letter_ids]
             predicted_letter = letters[focus.argmax(dim=-1).item()]
             num_passed += int(bool(task_object.evaluate(conversation, predicted_letter)))

@@ -191,7 +191,7 @@ def test_language_modeling_exact_match():
     data = [{"context": "abc", "continuation": "def"}, {"context": "abc", "continuation": "dxf"},
             {"context": "pq", "continuation": "rs"}]
     meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": ""}
-    results = [core_eval.evaluate_example(i, model, TOK, data, "cpu", meta) for i in range(3)]
+    results = [score_example(i, model, TOK, data, "cpu", meta)[0] for i in range(3)]
     assert results == [True, False, True]
     assert evaluate_task(model, TOK, data, "cpu", meta) == pytest.approx(2 / 3)
 
@@ -207,7 +207,7 @@ def test_schema_picks_context_that_predicts_continuation():
     data = [{"context_options": ["xyz", "abc"], "continuation": "def", "gold": 1},
             {"context_options": ["abc", "qqq"], "continuation": "def", "gold": 1}]
     meta = {"task_type": "schema", "num_fewshot": 0, "continuation_delimiter": ""}
-    assert [core_eval.evaluate_example(i, model, TOK, data, "cpu", meta) for i in range(2)] == [True, False]
+    assert [score_example(i, model, TOK, data, "cpu", meta)[0] for i in range(2)] == [True, False]
 
 
 # -----------------------------------------------------------------------------
