@@ -1,7 +1,7 @@
 """
 GSM8K (openai/gsm8k): grade-school math word problems. Generative; has a 0/1 reward for RL.
 
-The reference answers carry calculator annotations like `<<48/2=24>>`. They become tool calls: a python part with
+The dataset's answers carry calculator annotations like `<<48/2=24>>`. They become tool calls: a python part with
 the expression and a python_output part with the result, so the model learns to call the calculator mid-answer.
 Local copy: <NANOCHAT_LOCAL_DATA>/gsm8k/{train,test}.jsonl (main) or {split}_socratic.jsonl (socratic).
 """
