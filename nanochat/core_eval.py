@@ -477,7 +477,8 @@ def format_core(out):
 
 
 def write_core_csv(path, out):
-    """The padded results table: Task, Accuracy, Centered; skipped tasks marked; final CORE row."""
+    """The padded results table: Task, Accuracy, Centered; skipped tasks marked; the CORE row, then for a partial
+    score GPT-2's CORE on the same tasks."""
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
     for label in out["results"]:
         lines.append(f"{label:<35}, {out['results'][label]:<10.6f}, {out['centered_results'][label]:<10.6f}")
@@ -485,5 +486,7 @@ def write_core_csv(path, out):
         lines.append(f"{label:<35}, {'skipped':<10}, {'skipped':<10}")
     core_row = "CORE" if not out["partial"] else f"CORE {out['core_label']}"
     lines.append(f"{core_row:<35}, {'':<10}, {out['core_metric']:<10.6f}")
+    for name, target in out.get("gpt2_targets", {}).items():  # what GPT-2 scores on the same (partial) task set
+        lines.append(f"{name + ' same tasks':<35}, {'':<10}, {target:<10.6f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

@@ -333,7 +333,7 @@ def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
         evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
 
 
-def test_real_bundle_small_run(base_dir):
+def test_real_bundle_small_run(base_dir, tmp_path):
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
     from nanochat.core_eval import evaluate_core
@@ -351,6 +351,11 @@ def test_real_bundle_small_run(base_dir):
     assert out["gpt2_targets"]["GPT-2 1.5B"] == pytest.approx(0.2527, abs=1e-4)
     assert out["gpt2_targets"]["GPT-2 124M"] == pytest.approx(0.1157, abs=1e-4)
     assert "same tasks: GPT-2 124M 0.1157" in core_eval.format_core(out)
+    csv_path = tmp_path / "core.csv"
+    core_eval.write_core_csv(str(csv_path), out)
+    rows = [[c.strip() for c in line.split(",")] for line in csv_path.read_text().splitlines()]
+    assert rows[-3][0] == "CORE partial (20/22 tasks)" and float(rows[-3][2]) == pytest.approx(out["core_metric"], abs=1e-6)
+    assert rows[-2:] == [["GPT-2 124M same tasks", "", "0.115684"], ["GPT-2 1.5B same tasks", "", "0.252728"]]
 
 
 def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
