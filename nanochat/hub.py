@@ -44,7 +44,8 @@ def _shard_urls(cache_dir):
 def is_hub_cached(repo_id, subset="default", split="train"):
     cache_dir = hub_cache_dir(repo_id, subset, split)
     urls = _shard_urls(cache_dir)
-    return urls is not None and all(os.path.exists(os.path.join(cache_dir, f"{i:05d}.parquet")) for i in range(len(urls)))
+    shards = [os.path.join(cache_dir, f"{i:05d}.parquet") for i in range(len(urls or []))]
+    return urls is not None and all(os.path.exists(path) for path in shards)
 
 
 class HubDataset:

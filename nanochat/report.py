@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 
 import psutil
@@ -39,8 +38,8 @@ OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.m
 
 # Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
 STAGES = ["BASE", "SFT", "RL"]
-STAGE_OF_FILE = {"base-model-training.md": "BASE", "base-model-evaluation.md": "BASE", "chat-evaluation-base.md": "BASE",
-                 "chat-evaluation-sft.md": "SFT", "chat-evaluation-rl.md": "RL"}
+STAGE_OF_FILE = {"base-model-training.md": "BASE", "base-model-evaluation.md": "BASE",
+                 "chat-evaluation-base.md": "BASE", "chat-evaluation-sft.md": "SFT", "chat-evaluation-rl.md": "RL"}
 METRIC_KEYS = {
     "base-model-training.md": {"Final validation bpb": "val bpb"},
     "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
@@ -89,9 +88,7 @@ def run_command(cmd, cwd=None):
         result = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=5, cwd=cwd)
     except (subprocess.SubprocessError, OSError):
         return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip()
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def get_git_info():
@@ -121,7 +118,6 @@ def get_system_info():
         "memory_gb": psutil.virtual_memory().total / 1024**3,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "hostname": socket.gethostname(),
     }
 
 

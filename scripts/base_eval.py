@@ -18,7 +18,8 @@ import os
 
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_eval import SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir, write_core_csv
+from nanochat.core_eval import (SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir,
+                                write_core_csv)
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb

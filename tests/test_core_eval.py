@@ -267,7 +267,8 @@ def test_gpt2_targets_and_format_on_tiny_tables(tmp_path):
     # only the 124M table has both a and b; CORE row and unused task c are ignored
     assert core_eval.gpt2_targets(str(tmp_path), ["a", "b"]) == pytest.approx({"GPT-2 124M": 0.2})
     assert core_eval.gpt2_targets(str(tmp_path), ["a"]) == pytest.approx({"GPT-2 124M": 0.1, "GPT-2 1.5B": 0.5})
-    out = {"core_metric": 0.05, "partial": True, "core_label": "partial (2/22 tasks)", "gpt2_targets": {"GPT-2 124M": 0.2}}
+    out = {"core_metric": 0.05, "partial": True, "core_label": "partial (2/22 tasks)",
+           "gpt2_targets": {"GPT-2 124M": 0.2}}
     assert core_eval.format_core(out) == "0.0500 partial (2/22 tasks; same tasks: GPT-2 124M 0.2000)"
     assert core_eval.format_core({**out, "gpt2_targets": {}}) == "0.0500 partial (2/22 tasks)"
     assert core_eval.format_core({**out, "partial": False}) == "0.0500"
@@ -354,7 +355,8 @@ def test_real_bundle_small_run(base_dir, tmp_path):
     csv_path = tmp_path / "core.csv"
     core_eval.write_core_csv(str(csv_path), out)
     rows = [[c.strip() for c in line.split(",")] for line in csv_path.read_text().splitlines()]
-    assert rows[-3][0] == "CORE partial (20/22 tasks)" and float(rows[-3][2]) == pytest.approx(out["core_metric"], abs=1e-6)
+    assert rows[-3][0] == "CORE partial (20/22 tasks)"
+    assert float(rows[-3][2]) == pytest.approx(out["core_metric"], abs=1e-6)
     assert rows[-2:] == [["GPT-2 124M same tasks", "", "0.115684"], ["GPT-2 1.5B same tasks", "", "0.252728"]]
 
 
