@@ -40,24 +40,21 @@ def parse_eval_modes(value):
 
 
 def run_samples(model, tokenizer):
+    """Greedy completions of SAMPLE_PROMPTS, and 8 unconditioned samples at temperature 1."""
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
-    samples, unconditioned = [], []
-    print0("\nConditioned samples:")
+    samples = []
     for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-        text = tokenizer.decode(results[0])
-        print0("-" * 80)
-        print0(text)
-        samples.append(text)
-    print0("\nUnconditioned samples:")
+        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1, max_tokens=16,
+                                           temperature=0)
+        samples.append(tokenizer.decode(results[0]))
     results, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
-    for sample in results:
-        text = tokenizer.decode(sample)
-        print0("-" * 80)
-        print0(text)
-        unconditioned.append(text)
+    unconditioned = [tokenizer.decode(sample) for sample in results]
+    for title, texts in (("Conditioned samples:", samples), ("Unconditioned samples:", unconditioned)):
+        print0("\n" + title)
+        for text in texts:
+            print0("-" * 80)
+            print0(text)
     return samples, unconditioned
 
 
