@@ -87,11 +87,7 @@ def common_prefix_length(seqs):
 
 
 def common_suffix_length(seqs):
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[-1 - i] != seqs[0][-1 - i] for s in seqs):
-            return i
-    return n
+    return common_prefix_length([s[::-1] for s in seqs])
 
 
 def batch_sequences_mc(tokenizer, prompts):
