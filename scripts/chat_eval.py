@@ -27,6 +27,7 @@ from nanochat.common import (compute_init, compute_cleanup, get_dist_info, print
 
 from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_from_results, run_chat_eval
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
+from nanochat.execution import isolation
 
 # -----------------------------------------------------------------------------
 
@@ -75,6 +76,8 @@ def main(argv=None):
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if "HumanEval" in task_names:
+        print0(f"HumanEval code sandbox: {isolation()} isolation")
     if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
         print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
 
