@@ -4,7 +4,9 @@ Run untrusted (model-written) Python code and report what happened. Used by Huma
 Isolation, decided once per process, named in every result (`isolation`) and printed by chat_eval:
 - "bwrap": bubblewrap runs the program in its own user, PID, mount, network and IPC namespaces: the whole filesystem
   read-only, a private /tmp and working dir, no network, uid 65534, no capabilities, and nothing it starts outlives
-  the call (the PID namespace dies with the program's supervisor, and that with us: --die-with-parent).
+  the call (the PID namespace dies with the program's supervisor, and that with us: --die-with-parent). Started by
+  root, uid 65534 in the namespace is root outside it, so the kernel does not apply the process limit there: a fork
+  bomb is only bounded by the timeout.
 - "nobody": no bubblewrap, but we are root: the program drops to the unprivileged `nobody` user, so the kernel's file
   permissions and process limit apply. It can still read world-readable files and reach the network.
 - "rlimits": no bubblewrap and no way to drop privileges (not root, or `nobody` cannot run this interpreter): the
