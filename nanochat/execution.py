@@ -100,6 +100,7 @@ def kill(pid):
         pass
 signal.signal(signal.SIGTERM, lambda *_: kill(pid))  # the caller's timeout
 status = os.waitpid(pid, 0)[1]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its pid is free now and may be reused by another process
 while linux:  # kill what is left; each kill may orphan more processes to us, so until we have no child at all
     with open("/proc/self/task/%d/children" % os.getpid()) as f:
         children = [int(c) for c in f.read().split()]
