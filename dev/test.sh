@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite from a clean clone: sets up .venv, installs a headless browser for the
-# web UI test when the system package manager allows it, then runs pytest. Extra args go to pytest.
+# web UI test and bubblewrap for the code sandbox when the system package manager allows it, then runs pytest. Extra args go to pytest.
 set -e
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -9,5 +9,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     echo "[setup] installing chromium + chromedriver for the browser test"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
         || echo "[setup] could not install chromium; the browser test will be skipped"
+fi
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing bubblewrap for the code sandbox"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+        || echo "[setup] could not install bubblewrap; the sandbox tests of bwrap isolation will be skipped"
 fi
 python -m pytest "$@"

@@ -1,25 +1,31 @@
 """
-Run untrusted (model-written) Python code and report what happened. Used by HumanEval to check programs.
+Run untrusted (model-written) Python code and report what happened. Used by HumanEval to grade programs.
 
-Each call runs the code in a brand-new interpreter (`python -I -c ...`), never a fork of this process, so:
-- the child sees a scrubbed environment (no API keys or tokens of the parent), a fresh temp working dir that is
-  deleted afterwards, and /dev/null as stdin;
-- limits are set inside the child with resource.setrlimit (address space, data, stack, file size, CPU seconds,
-  processes) and a wall-clock timeout is enforced by the parent, which kills the child's whole process group;
-- no signals are installed in the parent, so execute_code works from any thread.
-Inside the child a small guard prelude disables destructive functions (kill, fork, exec, remove, chmod, ...),
-blocks a few modules, refuses writes outside the temp dir and reads of other processes' /proc entries.
-When the parent runs as root (containers), the child additionally drops to the unprivileged `nobody` user, which
-makes the file-permission and process-count limits real kernel limits.
+Isolation, decided once per process, named in every result (`isolation`) and printed by chat_eval:
+- "bwrap": bubblewrap runs the program in its own user, PID, mount, network and IPC namespaces: the whole filesystem
+  read-only, a private /tmp and working dir, no network, uid 65534, no capabilities, and nothing it starts outlives
+  the call (the PID namespace dies with the program's supervisor, and that with us: --die-with-parent). Started by
+  root, uid 65534 in the namespace is root outside it, so the kernel does not apply the process limit there: a fork
+  bomb is only bounded by the timeout.
+- "nobody": no bubblewrap, but we are root: the program drops to the unprivileged `nobody` user, so the kernel's file
+  permissions and process limit apply. It can still read world-readable files and reach the network.
+- "rlimits": no bubblewrap and no way to drop privileges (not root, or `nobody` cannot run this interpreter): the
+  program runs as this user with only the limits below. A one-line warning says so, once.
+In every mode the program gets a fresh interpreter (never a fork of this process), a scrubbed environment (no keys or
+tokens of the parent), a temp working dir deleted afterwards, /dev/null as stdin, resource limits (address space,
+file size, CPU seconds, processes) and a wall-clock timeout. A small supervisor process runs it and is the subreaper
+of everything it starts (PR_SET_CHILD_SUBREAPER), so setsid + double fork does not escape: the supervisor kills and
+reaps all of it before the call returns. In "rlimits" mode the program can kill its supervisor, as it is the same user.
 
-This is defence in depth for evaluating benchmark solutions, not a security boundary against a determined attacker
-(network access remains possible, for one).
+success means the program ran to its last line: a sys.exit() or os._exit(), even with status 0, is not a pass.
 """
 
 import os
 import sys
+import json
 import shutil
 import signal
+import secrets
 import platform
 import tempfile
 import threading
@@ -32,6 +38,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024    # RLIMIT_FSIZE: caps every file the child w
 MAX_CAPTURE_CHARS = 1_000_000       # how much of stdout/stderr we hand back
 MAX_CHILD_PROCESSES = 8             # RLIMIT_NPROC, enforced by the kernel for non-root users
 NOBODY_UID = 65534
+BWRAP = shutil.which("bwrap")
 
 
 @dataclass
@@ -42,6 +49,7 @@ class ExecutionResult:
     error: str | None = None
     timeout: bool = False
     memory_exceeded: bool = False
+    isolation: str = ""
 
     def __repr__(self):
         # only what differs from the defaults, so a failed result reads at a glance
@@ -57,130 +65,113 @@ class ExecutionResult:
 
 
 # -----------------------------------------------------------------------------
-# The prelude that runs in the child before the user's code. Everything lives inside one function that is deleted
-# afterwards, and the user code gets fresh globals, so none of these names are visible to it.
+# The supervisor: reads a token line and the program from stdin, forks the program (limits set, privileges dropped),
+# then kills and reaps everything that is left. The program gets fresh globals; only when it returns does the token
+# go to the done pipe. Threat model: this tells a program that ran to its end from one that exited early (sys.exit,
+# os._exit, a signal); it does not stop code that deliberately digs the token out of the supervisor's globals.
 
-_GUARD_PRELUDE = r'''
-def _nanochat_guard(memory_bytes, file_bytes, cpu_seconds, max_procs):
-    import os, sys, io, builtins, platform, faulthandler
-    import resource, shutil, subprocess, threading  # import before disabling what they need at import time
-    is_mac = platform.uname().system == "Darwin"
-    if memory_bytes is not None and not is_mac:
-        for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK):
-            resource.setrlimit(limit, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if hasattr(resource, "RLIMIT_NPROC"):
-        resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
-    faulthandler.disable()
-
-    # --- writes only inside the working dir; no peeking at other processes through /proc
-    workdir = os.path.realpath(os.getcwd())
-    my_proc = "/proc/%d" % os.getpid()
-    realpath, join, isabs, fspath = os.path.realpath, os.path.join, os.path.isabs, os.fspath
-    def resolve(path):
-        path = fspath(path)
-        if isinstance(path, bytes):
-            path = path.decode("utf-8", "surrogateescape")
-        return realpath(path if isabs(path) else join(workdir, path))
-    def check(path, writing):
-        if isinstance(path, int):
-            return  # an already-open descriptor
-        p = resolve(path)
-        if writing and p != "/dev/null" and p != workdir and not p.startswith(workdir + os.sep):
-            raise PermissionError("sandbox: writing outside the working directory is not allowed: %r" % (path,))
-        if p.startswith("/proc/") and p.split("/")[2].isdigit() and not (p == my_proc or p.startswith(my_proc + "/")):
-            raise PermissionError("sandbox: access to other processes is not allowed: %r" % (path,))
-    real_open, real_os_open, real_fileio = builtins.open, os.open, io.FileIO
-    def guarded_open(file, mode="r", *args, **kwargs):
-        check(file, any(c in mode for c in "wax+"))
-        return real_open(file, mode, *args, **kwargs)
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    def guarded_os_open(path, flags, *args, **kwargs):
-        check(path, bool(flags & write_flags))
-        return real_os_open(path, flags, *args, **kwargs)
-    class GuardedFileIO(real_fileio):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            check(file, any(c in mode for c in "wax+"))
-            super().__init__(file, mode, *args, **kwargs)
-    builtins.open = io.open = guarded_open
-    io.FileIO = GuardedFileIO
-    import _io
-    _io.open, _io.FileIO = guarded_open, GuardedFileIO
-    def path_guard(fn):
-        def wrapper(path, *args, **kwargs):
-            check(path, True)
-            return fn(path, *args, **kwargs)
-        return wrapper
-    import posix
-    for name in ("mkdir", "makedirs", "symlink", "link", "utime", "mkfifo", "mknod"):
-        if hasattr(os, name):
-            setattr(os, name, path_guard(getattr(os, name)))
-    posix.open = os.open = guarded_os_open
-
-    # --- destructive or escaping functions: gone (os and its C twin posix both)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    disabled = ("kill", "killpg", "system", "popen", "putenv", "unsetenv", "remove", "removedirs", "rmdir",
-                "fchdir", "chdir", "getcwd", "setuid", "seteuid", "setgid", "setegid", "setreuid", "setregid",
-                "setresuid", "setresgid", "setsid", "setpgid", "fork", "forkpty", "vfork", "rename", "renames",
-                "replace", "truncate", "unlink", "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags",
-                "lchmod", "lchown", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-                "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                "posix_spawn", "posix_spawnp", "register_at_fork", "pidfd_open", "plock", "nice")
-    for module in (os, posix):
-        for name in disabled:
-            if hasattr(module, name):
-                setattr(module, name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-    subprocess.Popen = subprocess.call = subprocess.run = subprocess.check_call = subprocess.check_output = None
+_SUPERVISOR = r'''
+import os, sys, json, ctypes, signal, resource
+limits, drop_uid, done_fd = json.loads(sys.argv[1])
+token = sys.stdin.readline().strip().encode()
+code = sys.stdin.read()
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+linux = sys.platform == "linux"
+if linux:
+    ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the program's processes become ours
+pid = os.fork()
+if pid == 0:
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if drop_uid is not None:
+        os.setgroups([])
+        os.setgid(drop_uid)
+        os.setuid(drop_uid)
+    exec(compile(code, "<llm>", "exec"), {"__name__": "__main__"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(done_fd, token)
+    os._exit(0)
+os.close(done_fd)
+def kill(pid):
     try:
-        import _posixsubprocess
-        _posixsubprocess.fork_exec = None
-    except ImportError:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
         pass
-    builtins.exit = builtins.quit = builtins.help = None
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing",
-                 "_multiprocessing", "pty"):
-        sys.modules[name] = None
+signal.signal(signal.SIGTERM, lambda *_: kill(pid))  # the caller's timeout
+status = os.waitpid(pid, 0)[1]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its pid is free now and may be reused by another process
+while linux:  # kill what is left; each kill may orphan more processes to us, so until we have no child at all
+    with open("/proc/self/task/%d/children" % os.getpid()) as f:
+        children = [int(c) for c in f.read().split()]
+    for child in children:
+        kill(child)
+    try:
+        os.waitpid(-1, 0 if children else os.WNOHANG)
+    except ChildProcessError:
+        break
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
 '''
 
 
-def _build_program(code, maximum_memory_bytes, cpu_seconds):
-    return (
-        _GUARD_PRELUDE
-        + f"\n_nanochat_guard({maximum_memory_bytes!r}, {MAX_FILE_BYTES!r}, {cpu_seconds!r}, {MAX_CHILD_PROCESSES!r})"
-        + "\ndel _nanochat_guard"
-        + f"\nexec(compile({code!r}, '<llm>', 'exec'), {{'__name__': '__main__'}})\n"
-    )
-
-
 # -----------------------------------------------------------------------------
-# Dropping privileges when we are root: decided once per process by a probe (the venv may not be readable by nobody)
+# Which isolation this machine allows: probed once per process
 
-_drop_lock = threading.Lock()
-_drop_decision = None
+_isolation_lock = threading.Lock()
+_isolation = None
 
 
-def _can_drop_to_nobody():
-    global _drop_decision
-    with _drop_lock:
-        if _drop_decision is None:
-            _drop_decision = False
-            if hasattr(os, "geteuid") and os.geteuid() == 0 and platform.uname().system == "Linux":
-                probe_dir = tempfile.mkdtemp(prefix="nanochat_exec_probe_")
-                try:
-                    os.chown(probe_dir, NOBODY_UID, NOBODY_UID)
-                    probe = subprocess.run([sys.executable, "-I", "-c", "import resource, posix, io"],
-                                           cwd=probe_dir, env=_child_env(probe_dir), stdin=subprocess.DEVNULL,
-                                           capture_output=True, timeout=30, user=NOBODY_UID, group=NOBODY_UID,
-                                           extra_groups=[])
-                    _drop_decision = probe.returncode == 0
-                except (OSError, subprocess.SubprocessError):
-                    _drop_decision = False
-                finally:
-                    shutil.rmtree(probe_dir, ignore_errors=True)
-        return _drop_decision
+def _bwrap_args(workdir):
+    return [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(NOBODY_UID), "--gid", str(NOBODY_UID), "--ro-bind", "/", "/", "--proc", "/proc",
+            "--dev", "/dev", "--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir]
+
+
+def _probe(argv, workdir, **kwargs):
+    """'' if `argv` imports a few stdlib modules fine, else why not."""
+    try:
+        probe = subprocess.run(argv + [sys.executable, "-I", "-c", "import json, ctypes, random"], cwd=workdir,
+                               env=_child_env(workdir), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=30, **kwargs)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    return "" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def _probe_isolation():
+    """(mode, warning): the strongest isolation that works here."""
+    root = tempfile.mkdtemp(prefix="nanochat_exec_probe_")
+    try:
+        bwrap_problem = "is not installed"
+        if BWRAP:
+            bwrap_problem = _probe(_bwrap_args(root), root)
+            if not bwrap_problem:
+                return "bwrap", None
+            bwrap_problem = f"does not work here ({bwrap_problem})"
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            drop_problem = "we are not root, so cannot drop to an unprivileged user"
+        else:
+            os.chown(root, NOBODY_UID, NOBODY_UID)
+            drop_problem = _probe([], root, user=NOBODY_UID, group=NOBODY_UID, extra_groups=[])
+            if not drop_problem:
+                return "nobody", None
+            drop_problem = f"user nobody cannot run {sys.executable} ({drop_problem})"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return "rlimits", (f"warning: model-written code runs unsandboxed, as this user with only resource limits: "
+                       f"bubblewrap {bwrap_problem} and {drop_problem}; apt-get install bubblewrap to isolate it")
+
+
+def isolation():
+    """The isolation execute_code uses in this process: "bwrap", "nobody" or "rlimits" (see the module doc)."""
+    global _isolation
+    with _isolation_lock:
+        if _isolation is None:
+            _isolation, warning = _probe_isolation()
+            if warning:
+                print(warning, file=sys.stderr)
+        return _isolation
 
 
 def _child_env(workdir):
@@ -189,12 +180,13 @@ def _child_env(workdir):
             "OMP_NUM_THREADS": "1"}
 
 
-def _kill_group(proc):
-    # the child leads its own session, so this also reaches anything it managed to spawn
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _limits(maximum_memory_bytes, cpu_seconds):
+    limits = {"RLIMIT_FSIZE": MAX_FILE_BYTES, "RLIMIT_CPU": cpu_seconds, "RLIMIT_CORE": 0,
+              "RLIMIT_NPROC": MAX_CHILD_PROCESSES}
+    if maximum_memory_bytes is not None and platform.system() != "Darwin":  # macOS refuses these limits
+        limits.update(RLIMIT_AS=maximum_memory_bytes, RLIMIT_DATA=maximum_memory_bytes,
+                      RLIMIT_STACK=maximum_memory_bytes)
+    return limits
 
 
 def _read_capped(path):
@@ -206,49 +198,76 @@ def _read_capped(path):
     return text
 
 
+def _run(argv, workdir, root, code, timeout, done_w):
+    """Run the supervisor; returns (returncode, timed_out, stdout, stderr)."""
+    stdout_path, stderr_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+    timed_out = False
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=workdir, env=_child_env(workdir), stdin=subprocess.PIPE, stdout=out,
+                                stderr=err, pass_fds=(done_w,), start_new_session=True)
+        os.close(done_w)
+        try:
+            proc.communicate(code, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.terminate()  # the supervisor kills the program and everything it started
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a backstop, should the supervisor itself have been killed
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    return proc.returncode, timed_out, _read_capped(stdout_path), _read_capped(stderr_path)
+
+
 def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEMORY_BYTES):
     """Run `code` in a sandboxed fresh interpreter. maximum_memory_bytes=None disables the memory limit."""
     assert isinstance(code, str), "code must be a string"
-    cpu_seconds = int(timeout) + 2  # a backstop; the wall clock below is the real limit
-    program = _build_program(code, maximum_memory_bytes, cpu_seconds)
-    drop = _can_drop_to_nobody()
+    mode = isolation()
+    cpu_seconds = int(timeout) + 2  # a backstop; the wall clock is the real limit
+    token = secrets.token_hex(16)
+    done_r, done_w = os.pipe()
     root = tempfile.mkdtemp(prefix="nanochat_exec_")
     try:
         workdir = os.path.join(root, "work")
         os.mkdir(workdir)
-        if drop:
+        if mode == "nobody":
             os.chmod(root, 0o711)  # nobody may pass through to its working dir, but not list our files
             os.chown(workdir, NOBODY_UID, NOBODY_UID)
-        stdout_path, stderr_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
-        extra = dict(user=NOBODY_UID, group=NOBODY_UID, extra_groups=[]) if drop else {}
-        timed_out = False
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-X", "utf8", "-c", program], cwd=workdir,
-                                    env=_child_env(workdir), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, **extra)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_group(proc)  # always: leftovers of a finished run must not outlive it either
-            proc.wait()
-        stdout, stderr = _read_capped(stdout_path), _read_capped(stderr_path)
+        params = [_limits(maximum_memory_bytes, cpu_seconds), NOBODY_UID if mode == "nobody" else None, done_w]
+        argv = [sys.executable, "-I", "-X", "utf8", "-c", _SUPERVISOR, json.dumps(params)]
+        if mode == "bwrap":
+            argv = _bwrap_args(workdir) + argv
+        returncode, timed_out, stdout, stderr = _run(argv, workdir, root, f"{token}\n{code}".encode(), timeout,
+                                                     done_w)
+        os.set_blocking(done_r, False)
+        try:
+            finished = token.encode() in os.read(done_r, 4096)  # a forked copy of the program may add one
+        except BlockingIOError:
+            finished = False
     finally:
+        os.close(done_r)
         shutil.rmtree(root, ignore_errors=True)
 
+    result = ExecutionResult(success=False, stdout=stdout, stderr=stderr, isolation=mode)
     if timed_out:
-        return ExecutionResult(success=False, stdout=stdout, stderr=stderr, timeout=True,
-                               error="Execution timed out (process killed)")
-    if proc.returncode == 0:
-        return ExecutionResult(success=True, stdout=stdout, stderr=stderr)
-    memory_exceeded = "MemoryError" in stderr
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    if lines:
-        error = lines[-1].strip()
-    elif proc.returncode < 0:
-        error = f"Execution failed (killed by {signal.Signals(-proc.returncode).name})"
+        result.timeout, result.error = True, "Execution timed out (process killed)"
+    elif finished and returncode == 0:
+        result.success = True
     else:
-        error = "Execution failed"
-    if memory_exceeded and not error.startswith("Memory"):
-        error = f"Memory limit exceeded: {error}"
-    return ExecutionResult(success=False, stdout=stdout, stderr=stderr, error=error, memory_exceeded=memory_exceeded)
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        if lines:
+            result.error = lines[-1]
+        elif returncode > 128:
+            result.error = f"Execution failed (killed by {signal.Signals(returncode - 128).name})"
+        elif returncode == 0:
+            result.error = "Execution stopped before the end of the program (sys.exit or os._exit)"
+        else:
+            result.error = "Execution failed"
+        result.memory_exceeded = "MemoryError" in stderr
+        if result.memory_exceeded and not result.error.startswith("Memory"):
+            result.error = f"Memory limit exceeded: {result.error}"
+    return result

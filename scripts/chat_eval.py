@@ -22,6 +22,7 @@ from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_e
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, compute_cleanup, compute_init,
                              print0)
 from nanochat.engine import Engine
+from nanochat.execution import isolation
 from nanochat.report import get_report
 from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_lines, run_chat_eval
 

@@ -83,8 +83,12 @@ class HumanEval(Task):
 
     def evaluate(self, conversation, completion):
         """True if the completion's program passes the problem's tests in the sandbox."""
-        imports = extract_imports(conversation["messages"][0]["content"])
-        program = (imports + "\n\n" + extract_program(completion) + "\n\n" + conversation["test"] + "\n"
-                   + f"check({conversation['entry_point']})")
-        result = execute_code(program, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
-        return result.success
+        prompt = conversation["messages"][0]["content"]
+        return run_tests(prompt, completion, conversation["test"], conversation["entry_point"]).success
+
+
+def run_tests(prompt, completion, test, entry_point):
+    """Run the completion's program against the problem's tests in the sandbox. It passes only if the program runs to
+    its end, i.e. past check(...): a solution that exits early (sys.exit(0), os._exit(0)) fails."""
+    program = extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n" + test + f"\ncheck({entry_point})"
+    return execute_code(program, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)

@@ -1,20 +1,49 @@
 """
 The code sandbox (nanochat/execution.py): normal programs work, and programs that try to hurt the machine or escape
-(infinite loop, fork bomb, memory hog, writes outside the temp dir, reading the parent's secrets) are contained
-while the parent process is left unharmed. Every escape attempt here is bounded, so a broken sandbox fails the test
-without harming the machine.
+(infinite loop, fork bomb, memory hog, writes outside the temp dir, reading the parent's secrets, killing other
+processes, leaving processes behind, exiting early to look like a pass) are contained while the parent process is
+left unharmed, under each isolation mode this machine can run (bwrap, nobody, rlimits; the others skip with a
+reason). Every escape attempt here is bounded, so a broken sandbox fails the test without harming the machine.
 """
 
 import os
 import sys
 import time
+import gzip
+import json
+import signal
+import shutil
 import threading
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from pathlib import Path
 
+from nanochat import execution
 from nanochat.execution import execute_code, ExecutionResult
+from tasks.humaneval import run_tests
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
+SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter `nobody` can run, unlike one under a 0700 home
+
+
+@pytest.fixture(params=["bwrap", "nobody", "rlimits"])
+def mode(request, monkeypatch, capsys):
+    """Force one isolation mode, by hiding bubblewrap and (for "rlimits") pretending not to be root."""
+    monkeypatch.setattr(execution, "_isolation", None)
+    if request.param != "bwrap":
+        monkeypatch.setattr(execution, "BWRAP", None)
+    if request.param == "nobody" and os.access(SYSTEM_PYTHON, os.X_OK):
+        monkeypatch.setattr(sys, "executable", SYSTEM_PYTHON)
+    if request.param == "rlimits":
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    got = execution.isolation()
+    capsys.readouterr()
+    if got != request.param:
+        pytest.skip(f"{request.param} isolation cannot run here (this machine gives {got})")
+    return got
 
 
 def test_hello_world():
@@ -31,12 +60,10 @@ def test_exception_is_reported_from_stderr():
     assert "Traceback" in result.stderr
 
 
-def test_main_guard_runs_and_prelude_is_invisible():
-    code = ("if __name__ == '__main__':\n    print(sorted(globals()))\n"
-            "try:\n    _nanochat_guard\nexcept NameError:\n    print('guard hidden')\n")
-    result = execute_code(code)
+def test_main_guard_runs_with_fresh_globals():
+    result = execute_code("if __name__ == '__main__':\n    print(sorted(globals()))\n")
     assert result.success, result
-    assert result.stdout == "['__builtins__', '__name__']\nguard hidden\n"
+    assert result.stdout == "['__builtins__', '__name__']\n"
 
 
 def test_quotes_backslashes_and_braces_survive():
@@ -82,70 +109,185 @@ def test_memory_limit_can_be_disabled():
     assert result.stdout.strip() == str(64 * 1024 * 1024)
 
 
-def test_fork_bomb_is_contained():
-    # A bounded fork bomb: at most 20 attempts per route; a successful fork's child exits at once. Every route must
-    # fail inside the sandbox.
-    code = r"""
-import os
+# How the guard-era sandbox was escaped: a fresh ctypes (popped from sys.modules first) and a fresh posix module
+PROBE_HEADER = r"""
+import os, sys, signal, importlib.util
+sys.modules.pop('ctypes', None)
+sys.modules.pop('_ctypes', None)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+spec = importlib.util.find_spec('posix')
+posix = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(posix)
+def ok(rc):
+    assert rc == 0, rc
+"""
+
+
+def sleepers(marker):
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
+
+
+@pytest.fixture
+def marker():
+    """A unique `sleep` argument, so the test finds exactly the processes its program started."""
+    marker = f"{60 + int.from_bytes(os.urandom(3), 'big') / 1e7:.7f}"
+    yield marker
+    for p in sleepers(marker):  # a broken sandbox must not leave them running
+        p.kill()
+
+
+def test_fork_bomb_is_bounded_and_leaves_nothing_behind(mode, marker):
+    # 200 attempts, each child sleeps (so it counts against the process limit) until the sandbox kills it
+    code = PROBE_HEADER + f"""
 forks = 0
-def attempt(fn):
-    global forks
-    for _ in range(20):
-        try:
-            pid = fn()
-        except Exception:
-            return
-        if pid == 0:
-            os._exit(0)
-        forks += 1
-attempt(lambda: os.fork())
-import posix
-attempt(lambda: posix.fork())
-def spawn():
-    return os.posix_spawn('/bin/true', ['/bin/true'], {})
-attempt(spawn)
-def popen():
-    import subprocess
-    return subprocess.Popen(['/bin/true']).pid
-attempt(popen)
-def mp():
-    import multiprocessing
-    p = multiprocessing.Process(target=print)
-    p.start()
-    return p.pid
-attempt(mp)
-def ctypes_fork():
-    import ctypes
-    return ctypes.CDLL(None).fork()
-attempt(ctypes_fork)
-def system():
-    return os.system('true') + 1
-attempt(system)
+for i in range(200):
+    try:
+        pid = (posix.fork if i % 2 else libc.fork)()
+    except OSError:
+        pid = -1
+    if pid < 0:
+        break
+    if pid == 0:
+        posix.execv('/bin/sleep', ['sleep', {marker!r}])
+    forks += 1
 print('forks=%d' % forks)
 """
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     result = execute_code(code, timeout=10.0)
     assert result.success, result
-    assert result.stdout.strip() == "forks=0"
-    after = {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
-    assert after <= before, "the sandbox left processes behind"
+    forks = int(result.stdout.split("=")[1])
+    # the kernel enforces RLIMIT_NPROC only for a non-root user: not for root, even as uid 65534 in a user namespace
+    if mode == "nobody" or (mode == "bwrap" and os.geteuid() != 0):
+        assert forks < execution.MAX_CHILD_PROCESSES
+    assert sleepers(marker) == [], "the sandbox left processes behind"
+
+
+def test_setsid_double_fork_does_not_outlive_the_call(mode, marker):
+    code = PROBE_HEADER + f"""
+if libc.fork() == 0:
+    libc.setsid()
+    if libc.fork() == 0:
+        posix.execv('/bin/sleep', ['sleep', {marker!r}])
+    posix._exit(0)
+import time
+def running():
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if open('/proc/%s/cmdline' % pid, 'rb').read() == b'sleep\\x00{marker}\\x00':
+                return True
+        except OSError:
+            pass
+while not running():
+    time.sleep(0.01)  # wait until the grandchild runs, so the check below is not vacuous
+print('started')
+"""
+    result = execute_code(code, timeout=10.0)
+    assert result.success and result.stdout == "started\n", result
+    assert sleepers(marker) == [], "a double-forked process outlived the call"
+
+
+@pytest.fixture
+def outside_dir():
+    """A directory beside the code, outside the sandbox's temp dir (and outside /tmp, which bwrap replaces)."""
+    path = Path(__file__).resolve().parent / f".sandbox_escape_{os.getpid()}"
+    path.mkdir()
+    (path / "sentinel.txt").write_text("keep me")
+    yield path
+    shutil.rmtree(path)
+
+
+def test_files_processes_and_secrets_of_the_parent_are_out_of_reach(mode, outside_dir):
+    if mode == "rlimits":
+        pytest.skip("rlimits isolation runs the program as this user: what we may touch, it may (the warning says so)")
+    sentinel = outside_dir / "sentinel.txt"
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        code = PROBE_HEADER + f"""
+outside, sentinel, victim, parent = {str(outside_dir)!r}, {str(sentinel)!r}, {victim.pid}, {os.getpid()}
+def link_and_write():
+    os.link(sentinel, 'hardlink')
+    open('hardlink', 'w').write('x')
+routes = {{
+    'open': lambda: open(os.path.join(outside, 'new.txt'), 'w').write('x'),
+    'truncate': lambda: open(sentinel, 'w'),
+    'unlink': lambda: posix.unlink(sentinel),
+    'ctypes-unlink': lambda: ok(libc.unlink(sentinel.encode())),
+    'dir_fd': lambda: os.open('new.txt', os.O_WRONLY | os.O_CREAT, dir_fd=os.open(outside, os.O_RDONLY)),
+    'link': link_and_write,
+    'environ': lambda: open('/proc/%d/environ' % parent, 'rb').read(),
+    'kill': lambda: posix.kill(victim, signal.SIGKILL),
+    'ctypes-kill': lambda: ok(libc.kill(victim, signal.SIGKILL)),
+    'signal-parent': lambda: ok(libc.kill(parent, 0)),  # signal 0: only asks whether we could
+}}
+escaped = []
+for name, fn in routes.items():
+    try:
+        fn()
+        escaped.append(name)
+    except Exception:
+        pass
+print('escaped=' + ','.join(escaped))
+"""
+        result = execute_code(code)
+        assert result.success, result
+        assert result.stdout.strip() == "escaped="
+        assert sentinel.read_text() == "keep me"
+        assert sorted(p.name for p in outside_dir.iterdir()) == ["sentinel.txt"]
+        assert victim.poll() is None, "the sandbox killed a process of ours"
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 @pytest.mark.parametrize("snippet", [
-    "import os\nos.system('true')",
-    "import shutil\nshutil.rmtree('.')",
-    "import subprocess\nsubprocess.Popen(['true'])",
-    "import os\nos.kill(os.getpid(), 9)",
-    "import os\nos.fork()",
-    "import os\nos.execv('/bin/true', ['true'])",
-    "import os\nos.chdir('/')",
-    "import resource",
-    "input()",
     "exit(0)",
+    "import sys\nsys.exit(0)",
+    "import os\nos._exit(0)",
+    "import os\nos.kill(os.getpid(), 9)",
+    "import os\nos.execv('/bin/true', ['true'])",
+    "input()",
 ])
-def test_destructive_functions_are_disabled(snippet):
-    result = execute_code(snippet)
+def test_a_program_that_stops_early_is_not_a_success(snippet):
+    result = execute_code(snippet + "\nprint('end')")
     assert not result.success, f"{snippet!r} should fail: {result}"
+    assert "end" not in result.stdout
+
+
+def humaneval_problems():
+    if not HUMANEVAL.exists():
+        pytest.skip(f"HumanEval data not found at {HUMANEVAL}")
+    with gzip.open(HUMANEVAL, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_humaneval_canonical_solutions_pass_and_early_exits_fail(mode):
+    problems = humaneval_problems()
+    assert len(problems) == 164
+
+    def grade(row, solution):
+        return run_tests(row["prompt"], row["prompt"] + solution, row["test"], row["entry_point"])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda row: grade(row, row["canonical_solution"]), problems))
+    failed = [row["task_id"] for row, r in zip(problems, results) if not r.success]
+    assert failed == [], [r for r in results if not r.success][:3]
+    assert {r.isolation for r in results} == {mode}
+    # a wrong solution that exits with status 0 before the tests can fail them
+    row = problems[0]
+    for exit_call in ("__import__('sys').exit(0)", "__import__('os')._exit(0)"):
+        result = grade(row, f"    return None\n\n{exit_call}\n")
+        assert not result.success, result
+
+
+def test_only_weak_isolation_warns_once(mode, capsys, monkeypatch):
+    monkeypatch.setattr(execution, "_isolation", None)
+    assert execution.isolation() == mode
+    assert execution.isolation() == mode
+    err = capsys.readouterr().err
+    if mode == "rlimits":
+        assert err.count("\n") == 1 and err.startswith("warning: ") and "apt-get install bubblewrap" in err
+    else:
+        assert err == ""
 
 
 def test_writes_stay_in_the_temp_dir(tmp_path, monkeypatch):
@@ -157,62 +299,31 @@ def test_writes_stay_in_the_temp_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "inside.txt").exists()  # not in the caller's cwd
 
 
-def test_writing_outside_the_temp_dir_is_refused(tmp_path):
-    sentinel = tmp_path / "sentinel.txt"
-    sentinel.write_text("keep me")
-    target = tmp_path / "escape.txt"
-    code = f"""
-import os, io, pathlib, shutil
-routes = {{
-    'open': lambda: open({str(target)!r}, 'w').write('x'),
-    'append': lambda: open({str(sentinel)!r}, 'a').write('x'),
-    'pathlib': lambda: pathlib.Path({str(target)!r}).write_text('x'),
-    'os.open': lambda: os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT),
-    'FileIO': lambda: io.FileIO({str(target)!r}, 'w'),
-    'relative': lambda: open('../../escape_rel.txt', 'w').write('x'),
-    'remove': lambda: os.remove({str(sentinel)!r}),
-    'rmtree': lambda: shutil.rmtree({str(tmp_path)!r}),
-    'copy': lambda: shutil.copy({str(sentinel)!r}, {str(target)!r}),
-    'mkdir': lambda: os.mkdir({str(tmp_path / 'newdir')!r}),
-}}
-escaped = []
-for name, fn in routes.items():
-    try:
-        fn()
-        escaped.append(name)
-    except Exception:
-        pass
-print('escaped=' + ','.join(escaped))
-"""
-    result = execute_code(code)
-    assert result.success, result
-    assert result.stdout.strip() == "escaped="
-    assert sentinel.read_text() == "keep me"
-    assert not target.exists() and not (tmp_path / "newdir").exists()
-
-
-def test_parent_secrets_are_not_visible(tmp_path):
+def test_parent_secrets_are_not_visible():
     # The secret must be in the parent's *initial* environment (what /proc/<pid>/environ shows), so the parent here
     # is a fresh interpreter started with it.
+    if execution.isolation() == "rlimits":
+        pytest.skip("rlimits isolation runs the program as this user, who may read our /proc entries")
     secret = "hunter2-nanochat-test-secret"
     child_code = r"""
 import os
 print(dict(os.environ))
-for path in ('/proc/%d/environ' % os.getppid(), '/proc/%d/cmdline' % os.getppid(), '/proc/1/environ'):
+for path in ('/proc/%d/environ' % PARENT, '/proc/%d/cmdline' % PARENT):
     try:
         print(open(path, 'rb').read())
     except Exception as e:
         print('blocked', type(e).__name__)
 """
-    parent_code = ("import sys\nfrom nanochat.execution import execute_code\n"
-                   "r = execute_code(sys.stdin.read())\nprint(r.stdout)\nprint(r.stderr)")
+    parent_code = ("import os, sys\nfrom nanochat.execution import execute_code\n"
+                   "r = execute_code(sys.stdin.read().replace('PARENT', str(os.getpid())))\n"
+                   "print(r.stdout)\nprint(r.stderr)")
     env = dict(os.environ, NANOCHAT_TEST_SECRET=secret, OMP_NUM_THREADS="1")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", parent_code], input=child_code, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "blocked" in out.stdout and "PATH" in out.stdout
+    assert out.stdout.count("blocked") == 2 and "PATH" in out.stdout, out.stdout
     assert secret not in out.stdout
     assert "NANOCHAT_TEST_SECRET" not in out.stdout
 
