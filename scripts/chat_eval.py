@@ -68,6 +68,8 @@ def main(argv=None):
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if "HumanEval" in task_names:
+        print0(f"HumanEval code sandbox: {isolation()} isolation")
 
     model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
                                                 step=args.step)
