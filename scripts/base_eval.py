@@ -50,9 +50,9 @@ def check_checkpoint_exists(model_tag, step):
             raise SystemExit(f"error: --step={step}: no checkpoint {os.path.join(tag_dir, f'model_{step:06d}.pt')}")
 
 
-def run_samples(model, tokenizer):
+def run_samples(model, tokenizer, engine=None):
     from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)
+    engine = engine or Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     samples, unconditioned = [], []
     print0("\nConditioned samples:")
@@ -73,7 +73,7 @@ def run_samples(model, tokenizer):
     return samples, unconditioned
 
 
-def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size):
+def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size, token_bytes=None):
     from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
@@ -86,7 +86,7 @@ def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tok
         print0(f"Adjusting split_tokens from {split_tokens} to {adjusted} (a multiple of {tokens_per_step})")
         split_tokens = adjusted
     steps = split_tokens // tokens_per_step
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device) if token_bytes is None else token_bytes
     bpb = {}
     for split in ("train", "val"):
         loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, device_batch_size, sequence_len, split,
@@ -102,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: the largest model)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--hf-path", type=str, default=None, help="evaluate a transformers causal LM (directory or hub name) instead")
     # CORE
     parser.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
     parser.add_argument("--bundle-dir", type=str, default=None,
@@ -119,7 +120,8 @@ def main(argv=None):
         raise SystemExit(f"error: --device-type={args.device_type!r}: choose cuda, cpu or mps (or leave empty)")
     if args.device_batch_size <= 0:
         raise SystemExit(f"error: --device-batch-size={args.device_batch_size} must be positive")
-    check_checkpoint_exists(args.model_tag, args.step)
+    if not args.hf_path:
+        check_checkpoint_exists(args.model_tag, args.step)
     bundle_dir = None
     if "core" in modes:
         try:
@@ -133,14 +135,22 @@ def main(argv=None):
 
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    try:
-        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: could not load the base checkpoint: {e}") from None
-    step = meta.get("step", args.step or 0)
-    sequence_len = meta["model_config"]["sequence_len"]
-    model_name = f"base_model (step {step})"
-    model_slug = f"base_model_{step:06d}"
+    engine = token_bytes = None
+    if args.hf_path:
+        from nanochat.hf import HFEngine, load_hf_model
+        model, tokenizer = load_hf_model(args.hf_path, device)
+        engine, token_bytes, sequence_len = HFEngine(model, tokenizer), tokenizer.token_bytes(device), model.sequence_len
+        model_name = args.hf_path
+        model_slug = "hf_" + os.path.basename(os.path.normpath(args.hf_path))
+    else:
+        try:
+            model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: could not load the base checkpoint: {e}") from None
+        step = meta.get("step", args.step or 0)
+        sequence_len = meta["model_config"]["sequence_len"]
+        model_name = f"base_model (step {step})"
+        model_slug = f"base_model_{step:06d}"
     print0(f"Evaluating {model_name}")
 
     summary = {"Model": model_name}
@@ -149,10 +159,11 @@ def main(argv=None):
     if "sample" in modes:
         print0(RULE + "\nModel Samples\n" + RULE)
         if rank == 0:
-            samples, unconditioned = run_samples(model, tokenizer)
+            samples, unconditioned = run_samples(model, tokenizer, engine)
     if "bpb" in modes:
         print0(RULE + "\nBPB Evaluation\n" + RULE)
-        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size)
+        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size,
+                      token_bytes)
         summary["train bpb"] = bpb["train"]
         summary["val bpb"] = bpb["val"]
     if "core" in modes:
