@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from nanochat.engine import Engine  # noqa: E402
 from nanochat.hf import HFTokenizer, export_hf  # noqa: E402
 from nanochat.tokenizer import compute_token_bytes  # noqa: E402
 
-REAL_BUNDLE = SHARED_DATA / "eval_bundle"
+REAL_BUNDLE = Path(os.environ.get("NANOCHAT_EVAL_BUNDLE") or SHARED_DATA / "eval_bundle")  # the env var as in base_eval
 SEQUENCE_LEN = 64  # short windows are 16 tokens, the full window 64: inputs of 100 tokens exercise both
 
 
@@ -102,6 +103,25 @@ def test_chat_template_renders_like_our_tokenizer(exported):
     prompt = tokenizer.render_for_completion({"messages": messages})
     hf_prompt = hf_tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
     assert hf_prompt["input_ids"] == prompt
+
+
+def test_core_losses_match_on_real_examples(exported):
+    """CORE's per-choice losses through the HF adapters equal ours, on real items of each task type."""
+    if not REAL_BUNDLE.is_dir():
+        pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
+    from nanochat.core_eval import load_core_tasks, load_jsonl, score_example
+    from nanochat.hf import HFModel
+    model, tokenizer, hf_model, hf_tokenizer, _ = exported
+    tasks, _ = load_core_tasks(str(REAL_BUNDLE))
+    picked = {meta["task_type"]: (meta, path) for _, meta, path, _ in tasks}
+    for meta, path in picked.values():
+        data = load_jsonl(path, meta["task_type"])[:3]
+        for i in range(len(data)):
+            ours = score_example(i, model, tokenizer, data, "cpu", meta)
+            theirs = score_example(i, HFModel(hf_model), HFTokenizer(hf_tokenizer), data, "cpu", meta)
+            assert ours[0] == theirs[0]
+            if ours[1] is not None:
+                assert ours[1] == pytest.approx(theirs[1], abs=1e-4)
 
 
 def test_bf16_export_from_sft_checkpoint(base_dir, tiny_tokenizer, tmp_path):
@@ -183,11 +203,30 @@ def test_hf_path_tiny_gpt2_on_real_bundle(base_dir, tmp_path, capsys):
     assert f"- Model: {tmp_path / 'gpt2_tiny'}" in (base_dir / "report" / "base-model-evaluation.md").read_text()
 
 
+def few_task_bundle(directory, labels):
+    """The real bundle restricted to a few tasks (one per task type), sharing its data files."""
+    import yaml
+    directory.mkdir()
+    config = yaml.safe_load((REAL_BUNDLE / "core.yaml").read_text())
+    config["icl_tasks"] = [t for t in config["icl_tasks"] if t["label"] in labels]
+    (directory / "core.yaml").write_text(yaml.safe_dump(config))
+    (directory / "eval_meta_data.csv").write_bytes((REAL_BUNDLE / "eval_meta_data.csv").read_bytes())
+    (directory / "eval_data").symlink_to(REAL_BUNDLE / "eval_data")
+    return directory
+
+
+def csv_rows(path):
+    """{task: [accuracy, centered]} from a base_eval CSV."""
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    return {row[0].strip(): [float(v) for v in row[1:] if v.strip()] for row in rows}
+
+
 def test_closed_loop_core_and_bpb(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     """checkpoint -> export -> base_eval --hf-path gives the CORE and bpb of base_eval on the checkpoint."""
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
     from nanochat.local_corpus import build_from_dir
+    bundle = few_task_bundle(tmp_path / "bundle", ["hellaswag_zeroshot", "jeopardy", "arc_easy", "winogrande"])
     save_tokenizer(tiny_tokenizer, base_dir)
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -200,13 +239,16 @@ def test_closed_loop_core_and_bpb(base_dir, tiny_tokenizer, tmp_path, capsys, mo
     save_checkpoint(str(base_dir / "base_checkpoints" / "d3"), 5, model.state_dict(), None, meta)
     loaded, tokenizer, _ = load_model("base", "cpu", phase="eval")
     export_hf(loaded, tokenizer, str(tmp_path / "exported"))
-    flags = ["--eval", "core,bpb", "--max-per-task", "2", "--bundle-dir", str(REAL_BUNDLE),
+    flags = ["--eval", "core,bpb", "--max-per-task", "4", "--bundle-dir", str(bundle),
              "--device-batch-size", "2", "--split-tokens", "256"]
     ours = run_base_eval(capsys, *flags)
     theirs = run_base_eval(capsys, "--hf-path", str(tmp_path / "exported"), *flags)
-    assert abs(core_metric(ours) - core_metric(theirs)) < 1e-4
+    ours_core, theirs_core = csv_rows(base_dir / "base_eval" / "base_model_000005.csv"), csv_rows(base_dir / "base_eval" / "hf_exported.csv")
+    assert ours_core.keys() == theirs_core.keys() and len(ours_core) == 5  # 4 tasks + the CORE row
+    for task, values in ours_core.items():
+        assert values == pytest.approx(theirs_core[task], abs=1e-4), task
     for split in ("train", "val"):
         ours_bpb = float(re.search(rf"{split} bpb: (\S+)", ours).group(1))
         theirs_bpb = float(re.search(rf"{split} bpb: (\S+)", theirs).group(1))
         assert abs(ours_bpb - theirs_bpb) < 1e-4
-    print(f"CORE ours {core_metric(ours)} exported {core_metric(theirs)}", file=sys.stderr)
+    print(f"closed loop: CORE {ours_core} vs {theirs_core}; bpb {ours_bpb} vs {theirs_bpb}", file=sys.stderr)
