@@ -9,19 +9,21 @@ Hugging Face interop (optional dependency group: pip install -e .[hf]).
 
 import os
 import shutil
+from itertools import takewhile
 
 import torch
 import torch.nn.functional as F
 
 from nanochat.common import is_offline
 from nanochat.gpt import compute_window_sizes, has_value_embedding
-from nanochat.hf_modeling import NanochatConfig
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 try:
     import tokenizers
     import transformers
     from safetensors.torch import save_file
+
+    from nanochat.hf_modeling import NanochatConfig
 except ImportError:
     raise SystemExit("error: Hugging Face interop needs the optional dependencies: pip install -e .[hf]") from None
 
@@ -69,8 +71,7 @@ def export_tokenizer(tokenizer, out_dir):
     chars = byte_to_unicode()
     to_str = lambda b: "".join(chars[x] for x in b)
     vocab = {to_str(token): rank for token, rank in ranks.items()}
-    merges = [tuple(to_str(p) for p in split_merge(token, ranks)) for token, _ in
-              sorted(((t, r) for t, r in ranks.items() if len(t) > 1), key=lambda tr: tr[1])]
+    merges = [tuple(map(to_str, split_merge(token, ranks))) for token in sorted(ranks, key=ranks.get) if len(token) > 1]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
         tokenizers.pre_tokenizers.Split(tokenizers.Regex(enc._pat_str), behavior="isolated"),
@@ -143,18 +144,11 @@ class HFTokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def encode_special(self, text):
-        return self.tokenizer.convert_tokens_to_ids(text)
-
-    def encode(self, text, prepend=None, append=None, num_threads=None):
+    def encode(self, text, prepend=None, num_threads=None):
+        """str -> ids, list[str] -> list of ids; prepend: a token id to put first (BOS)."""
         if isinstance(text, list):
-            return [self.encode(t, prepend, append) for t in text]
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if prepend is not None:
-            ids.insert(0, prepend if isinstance(prepend, int) else self.encode_special(prepend))
-        if append is not None:
-            ids.append(append if isinstance(append, int) else self.encode_special(append))
-        return ids
+            return [self.encode(t, prepend) for t in text]
+        return ([prepend] if prepend is not None else []) + self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids):
         return self.tokenizer.decode(ids)
@@ -188,21 +182,18 @@ class HFEngine:
         sampling = dict(do_sample=True, temperature=temperature, top_k=None) if temperature > 0 else dict(do_sample=False)
         out = self.model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                         eos_token_id=stop, pad_token_id=stop, **sampling)
-        results = []
-        for row in out.tolist():
-            new = row[len(tokens):]
-            results.append(tokens + new[:new.index(stop)] if stop in new else tokens + new)
-        return results, None
+        return [tokens + list(takewhile(lambda t: t != stop, row[len(tokens):])) for row in out.tolist()], None
 
 
 def load_hf_model(path, device):
     """-> (HFModel, HFTokenizer) from a local directory or a hub name; one clear line when it cannot be loaded."""
-    if not os.path.isdir(path) and is_offline():
+    local = os.path.isdir(path)  # run a model's own code only from a directory the user chose, never from the hub
+    if not local and is_offline():
         raise SystemExit(f"error: --hf-path={path}: no such local directory, and the hub is offline "
                          f"(HF_HUB_OFFLINE/NANOCHAT_OFFLINE); pass a directory written by save_pretrained")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=local, dtype="auto")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --hf-path={path}: could not load it with transformers: {str(e).splitlines()[0]}") from None
     return HFModel(model.to(device).eval()), HFTokenizer(tokenizer)

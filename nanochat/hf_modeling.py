@@ -109,7 +109,6 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NanochatConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -127,9 +126,6 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(Vp, kv_dim) for i in config.value_embed_layers})
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.transformer.wte
 
     def smear(self, x, cache):
         """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}, over pre-smear embeddings."""
