@@ -67,7 +67,7 @@ def split_merge(token, ranks):
 
 def export_tokenizer(tokenizer, out_dir):
     enc = tokenizer.enc
-    ranks = enc._mergeable_ranks
+    ranks = enc._mergeable_ranks  # tiktoken has no public accessor for its ranks and split pattern
     chars = byte_to_unicode()
     to_str = lambda b: "".join(chars[x] for x in b)
     vocab = {to_str(token): rank for token, rank in ranks.items()}
