@@ -135,8 +135,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        bos = tokenizer.bos_token_id
-        self.bos_token_id = bos if bos is not None else tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     def get_vocab_size(self):
         return len(self.tokenizer)
