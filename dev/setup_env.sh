@@ -15,6 +15,7 @@ WANT="$(cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/pyproject.toml" | sha256s
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[setup] installing pinned dependencies from requirements.lock"
     "$VENV/bin/python" -m pip install -q --upgrade pip || true
+    # the lock covers the dev and hf extras too, so tests/test_hf.py runs instead of skipping
     # torch is pinned exactly in the lock; on a machine with a local wheel of that version it installs from disk
     "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements.lock"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT"

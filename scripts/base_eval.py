@@ -39,9 +39,9 @@ def parse_eval_modes(value):
     return modes
 
 
-def run_samples(model, tokenizer):
+def run_samples(model, tokenizer, engine=None):
     """Greedy completions of SAMPLE_PROMPTS, and 8 unconditioned samples at temperature 1."""
-    engine = Engine(model, tokenizer)
+    engine = engine or Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     samples = []
     for prompt in SAMPLE_PROMPTS:
@@ -58,7 +58,7 @@ def run_samples(model, tokenizer):
     return samples, unconditioned
 
 
-def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size):
+def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size, token_bytes=None):
     tokens_per_step = device_batch_size * sequence_len * world_size
     if split_tokens < tokens_per_step:
         raise SystemExit(f"error: --split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
@@ -68,7 +68,7 @@ def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tok
         print0(f"Adjusting split_tokens from {split_tokens} to {adjusted} (a multiple of {tokens_per_step})")
         split_tokens = adjusted
     steps = split_tokens // tokens_per_step
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device) if token_bytes is None else token_bytes
     bpb = {}
     for split in ("train", "val"):
         loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, device_batch_size, sequence_len, split,
@@ -84,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: the largest model)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--hf-path", type=str, default=None, help="evaluate a transformers causal LM (directory or hub name) instead")
     # CORE
     parser.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
     parser.add_argument("--bundle-dir", type=str, default=None,
@@ -100,7 +101,8 @@ def main(argv=None):
     modes = parse_eval_modes(args.eval)
     if args.device_batch_size <= 0:
         raise SystemExit(f"error: --device-batch-size={args.device_batch_size} must be positive")
-    check_checkpoint_exists("base", args.model_tag, args.step)
+    if not args.hf_path:
+        check_checkpoint_exists("base", args.model_tag, args.step)
     bundle_dir = None
     if "core" in modes:
         try:
@@ -111,12 +113,20 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
 
-    # the model under evaluation
-    model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-    step = meta.get("step", args.step or 0)
-    sequence_len = meta["model_config"]["sequence_len"]
-    model_name = f"base_model (step {step})"
-    model_slug = f"base_model_{step:06d}"
+    # the model under evaluation: one of ours, or any transformers causal LM
+    engine = token_bytes = None
+    if args.hf_path:
+        from nanochat.hf import HFEngine, load_hf_model  # optional dependency: pip install -e .[hf]
+        model, tokenizer = load_hf_model(args.hf_path, device)
+        engine, token_bytes, sequence_len = HFEngine(model, tokenizer), tokenizer.token_bytes(device), model.sequence_len
+        model_name = args.hf_path
+        model_slug = "hf_" + os.path.basename(os.path.normpath(args.hf_path))
+    else:
+        model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+        step = meta.get("step", args.step or 0)
+        sequence_len = meta["model_config"]["sequence_len"]
+        model_name = f"base_model (step {step})"
+        model_slug = f"base_model_{step:06d}"
     print0(f"Evaluating {model_name}")
 
     summary = {"Model": model_name}
@@ -125,10 +135,11 @@ def main(argv=None):
     if "sample" in modes:
         print0(RULE + "\nModel Samples\n" + RULE)
         if rank == 0:
-            samples, unconditioned = run_samples(model, tokenizer)
+            samples, unconditioned = run_samples(model, tokenizer, engine)
     if "bpb" in modes:
         print0(RULE + "\nBPB Evaluation\n" + RULE)
-        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size)
+        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size,
+                      token_bytes)
         summary["train bpb"] = bpb["train"]
         summary["val bpb"] = bpb["val"]
     if "core" in modes:
