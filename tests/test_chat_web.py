@@ -473,7 +473,7 @@ def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
     finally:
         proc.terminate()
         output = proc.communicate(timeout=20)[0]
-    assert "Starting NanoChat Web Server" in output and f"Server ready at http://localhost:{port}" in output
+    assert "Starting NanoChat Web Server" in output and f"Server ready at http://127.0.0.1:{port}" in output
     assert "[USER]: hi" in output and "Loading model on cpu..." in output
 
 # -----------------------------------------------------------------------------
