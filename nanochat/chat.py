@@ -3,6 +3,8 @@ Chat helpers shared by the terminal chat (scripts/chat_cli.py) and the web serve
 prompt assembly from messages, readable streaming decode of replies, loading a chat model.
 """
 
+from nanochat.checkpoint_manager import load_model
+
 ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
 
 
@@ -110,7 +112,6 @@ TRAINED_BY = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "sc
 
 def load_chat_model(source, device, model_tag, step):
     """load_model with a one-line error (what is missing, what to run) instead of a traceback."""
-    from nanochat.checkpoint_manager import load_model
     try:
         return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
     except (FileNotFoundError, ValueError) as e:
@@ -142,10 +143,3 @@ def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed
         reply.append(assistant_end)  # hit the length limit: close the turn so the next one renders correctly
     return reply
 
-
-def check_dtype_flag(dtype_flag):
-    """The compute dtype is decided once, when nanochat.common is imported; -d can only confirm it."""
-    from nanochat.common import COMPUTE_DTYPE
-    if dtype_flag and str(COMPUTE_DTYPE) != f"torch.{dtype_flag}":
-        raise SystemExit(f"error: -d/--dtype {dtype_flag}: the compute dtype is fixed at start-up ({COMPUTE_DTYPE}); "
-                         f"run with NANOCHAT_DTYPE={dtype_flag} in the environment instead")

@@ -9,7 +9,9 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 
 import argparse
 
-from nanochat.chat import ROLE_TOKENS, assemble_prompt, check_dtype_flag, load_chat_model, stream_reply, warm_up
+from nanochat.chat import ROLE_TOKENS, assemble_prompt, load_chat_model, stream_reply, warm_up
+from nanochat.common import compute_init, autodetect_device_type
+from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
 # Terminal chat
@@ -32,8 +34,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (fixed, so a conversation replays the same)")
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
-    parser.add_argument("-d", "--dtype", type=str, default="", choices=["bfloat16", "float16", "float32", ""],
-                        help="compute dtype (default: chosen by nanochat.common; same as env NANOCHAT_DTYPE)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.temperature <= 2.0:
         raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
@@ -46,10 +46,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_dtype_flag(args.dtype)
-    from nanochat.common import compute_init, autodetect_device_type
-    from nanochat.engine import Engine
-
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
