@@ -375,7 +375,7 @@ def test_default_host_is_this_machine_only():
     assert chat_web.build_parser().parse_args([]).host == "127.0.0.1"
 
 
-def test_api_key_is_required_when_set(tiny_tokenizer):
+def test_api_key_is_required_when_set(tiny_tokenizer, capsys):
     openai = pytest.importorskip("openai")
     model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
     app = chat_web.create_app(make_args(api_key="s3cret"), workers=[make_worker(0, model, tiny_tokenizer)])
@@ -400,6 +400,10 @@ def test_api_key_is_required_when_set(tiny_tokenizer):
         r = requests.post(live.url + "/chat/completions", json={"messages": [USER], "max_tokens": 3}, stream=True,
                           headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
+        # the serving benchmark sends the key
+        from scripts import bench_serving
+        bench_serving.main(["--url", live.url, "--api-key", "s3cret", "--clients", "1", "--requests", "1", "--max-tokens", "2", "--warmup", "0"])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["levels"][0]["errors"] == 0
         # the page and the health checks stay open (the page asks for the key itself)
         assert requests.get(live.url + "/", timeout=10).status_code == 200
         assert requests.get(live.url + "/health", timeout=10).json()["ready"]
