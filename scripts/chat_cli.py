@@ -9,7 +9,7 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 
 import argparse
 
-from nanochat.chat import ROLE_TOKENS, assemble_prompt, load_chat_model, stream_reply, warm_up
+from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine
 
@@ -52,11 +52,10 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)
     context = model.config.sequence_len
-    user_start, user_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["user"])
+    assistant_start, assistant_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["assistant"])
 
     def write(text):
-        if text:
-            print(text, end="", flush=True)
+        print(text, end="", flush=True)
 
     print(BANNER)
     chunks = []  # token lists of the conversation's turns (replies kept with their tool calls)
@@ -80,9 +79,8 @@ def main(argv=None):
         if not user_input:
             continue
 
-        chunks.append([user_start] + tokenizer.encode(user_input) + [user_end])
-        reserve = min(args.max_tokens, max(1, context // 4))  # room the reply is guaranteed to have
-        prompt, dropped = assemble_prompt(tokenizer, chunks, context - reserve)
+        chunks += message_chunks(tokenizer, [{"role": "user", "content": user_input}])
+        prompt, dropped, max_tokens = fit_prompt(tokenizer, chunks, context, args.max_tokens)
         if prompt is None:
             chunks.pop()
             print(f"\n(That message is too long for the model's {context}-token context; try a shorter one.)")
@@ -94,14 +92,13 @@ def main(argv=None):
             print(f"(Context full: forgot the oldest {dropped} messages.)")
         print("\nAssistant: ", end="", flush=True)
         try:
-            reply = stream_reply(engine, tokenizer, prompt, min(args.max_tokens, context - len(prompt)),
-                                 args.temperature, args.top_k, args.seed, write)
+            reply, _ = stream_reply(engine, tokenizer, prompt, max_tokens, args.temperature, args.top_k, args.seed, write)
         except KeyboardInterrupt:
             print("\n(interrupted)")
             chunks.pop()
             continue
         print()
-        chunks.append([tokenizer.encode_special("<|assistant_start|>")] + reply)
+        chunks.append([assistant_start] + reply + [assistant_end])  # tool calls stay in the history
         if args.prompt:
             break
 

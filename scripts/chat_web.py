@@ -38,7 +38,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nanochat.chat import message_chunks, assemble_prompt, ReplyDecoder, load_chat_model, warm_up
+from nanochat.chat import message_chunks, fit_prompt, stream_reply, load_chat_model, warm_up
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine
 
@@ -284,35 +284,22 @@ class Generation:
             pass  # the event loop is gone (server shutting down)
 
     def _emit_text(self, text):
-        if text:
-            self.text += text
-            self._call_in_loop(self.events.put_nowait, ("text", text))
+        self.text += text
+        self._call_in_loop(self.events.put_nowait, ("text", text))
 
     def _run(self):
         worker, request = self.worker, self.request
-        decoder = ReplyDecoder(worker.tokenizer)
-        finish, generator = "length", None
+        finish = "error"
         try:
             use_device_in_this_thread(torch.device(worker.device))
-            generator = worker.engine.generate(request.prompt, num_samples=1, temperature=request.temperature,
-                                               max_tokens=min(request.max_tokens, worker.sequence_len - len(request.prompt)),
-                                               top_k=request.top_k if request.top_k > 0 else None, seed=request.seed)
-            for token_column, _ in generator:
-                token = token_column[0]
-                if self.stop.is_set() or token in decoder.stop_tokens:
-                    finish = "cancelled" if self.stop.is_set() else "stop"
-                    break
-                self.completion_tokens += 1
-                self._emit_text(decoder.feed(token))
-            self._emit_text(decoder.flush())
+            tokens, finish = stream_reply(worker.engine, worker.tokenizer, request.prompt, request.max_tokens,
+                                          request.temperature, request.top_k, request.seed, self._emit_text, self.stop.is_set)
+            self.completion_tokens = len(tokens)  # before "done": the usage the client gets is read then
             self._call_in_loop(self.events.put_nowait, ("done", finish))
         except Exception as e:  # a broken model must not take the server down; the client sees the error
-            finish = "error"
             logger.exception(f"generation failed on GPU {worker.gpu_id}")
             self._call_in_loop(self.events.put_nowait, ("error", f"generation failed: {type(e).__name__}: {e}"))
         finally:
-            if generator is not None:
-                generator.close()
             worker.requests_served += 1
             worker.tokens_generated += self.completion_tokens
             self._call_in_loop(self._finish, finish)
@@ -431,9 +418,9 @@ def create_app(args, workers):
             if len(body) > max_body_bytes:
                 raise ApiError(413, f"request body too large: more than {max_body_bytes} bytes", code="body_too_large")
         request = parse_chat_request(bytes(body), defaults, limits, openai_style)
-        # fit the conversation into the model context, oldest turns dropped first; the reply keeps at least this much room
-        reserve = min(request.max_tokens, max(1, context // 4))
-        request.prompt, dropped = assemble_prompt(tokenizer, message_chunks(tokenizer, request.messages), context - reserve)
+        # fit the conversation into the model context, oldest turns dropped first
+        chunks = message_chunks(tokenizer, request.messages)
+        request.prompt, dropped, request.max_tokens = fit_prompt(tokenizer, chunks, context, request.max_tokens)
         if request.prompt is None:
             raise ApiError(400, f"the last message is too long for the model's {context}-token context", param="messages",
                            code="context_length_exceeded")

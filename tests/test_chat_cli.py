@@ -109,6 +109,6 @@ def test_tool_calls_are_shown_readably(tiny_tokenizer):
                 yield [t], [1]
 
     shown = []
-    reply = chat_cli.stream_reply(ScriptedEngine(), tok, [tok.get_bos_token_id()], 100, 0.6, 50, 42, shown.append)
-    assert "".join(shown) == "Sure: [calculator: 6*7 = 42] done"
-    assert reply == script[:script.index(special("<|assistant_end|>")) + 1]  # the tool tokens stay in the history
+    reply, finish = chat_cli.stream_reply(ScriptedEngine(), tok, [tok.get_bos_token_id()], 100, 0.6, 50, 42, shown.append)
+    assert "".join(shown) == "Sure: [calculator: 6*7 = 42] done" and "" not in shown
+    assert reply == script[:script.index(special("<|assistant_end|>"))] and finish == "stop"  # tool tokens kept
