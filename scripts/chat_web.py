@@ -110,7 +110,6 @@ class WorkerPool:
         self.idle = asyncio.Queue()  # FIFO: waiting requests are served in arrival order
         for worker in self.workers:
             self.idle.put_nowait(worker)
-        self.requests_active = 0
         self.requests_served = 0
         self.requests_cancelled = 0
         self.requests_failed = 0
@@ -272,9 +271,8 @@ class Generation:
         self.pool, self.worker, self.request, self.loop = pool, worker, request, loop
         self.events = asyncio.Queue()
         self.stop = threading.Event()
-        self.completion_tokens = 0
+        self.completion_tokens, self.finish = 0, None
         self.text = ""
-        self.pool.requests_active += 1
         threading.Thread(target=self._run, name=f"generate-gpu{worker.gpu_id}", daemon=True).start()
 
     def _call_in_loop(self, fn, *args):
@@ -294,7 +292,7 @@ class Generation:
             use_device_in_this_thread(torch.device(worker.device))
             tokens, finish = stream_reply(worker.engine, worker.tokenizer, request.prompt, request.max_tokens,
                                           request.temperature, request.top_k, request.seed, self._emit_text, self.stop.is_set)
-            self.completion_tokens = len(tokens)  # before "done": the usage the client gets is read then
+            self.completion_tokens, self.finish = len(tokens), finish  # before "done": the client reads them then
             self._call_in_loop(self.events.put_nowait, ("done", finish))
         except Exception as e:  # a broken model must not take the server down; the client sees the error
             logger.exception(f"generation failed on GPU {worker.gpu_id}")
@@ -307,7 +305,6 @@ class Generation:
     def _finish(self, finish):
         # runs on the event loop thread, so the counters and the queue need no locks
         pool = self.pool
-        pool.requests_active -= 1
         if finish == "cancelled":
             pool.requests_cancelled += 1
         elif finish == "error":
@@ -338,19 +335,14 @@ async def run_generation(pool, request):
 
 
 async def collect_reply(pool, request, http_request):
-    """The whole reply as (text, finish, generation), or None if the client went away first (which cancels it, as
-    for a streaming request)."""
+    """The finished generation, or None if the client went away first (which cancels it, as for a streaming
+    request)."""
     async def collect():
-        text, finish, generation = "", "length", None
         async with aclosing(run_generation(pool, request)) as events:
             async for (kind, value), generation in events:
-                if kind == "text":
-                    text += value
-                elif kind == "done":
-                    finish = value
-                else:
+                if kind == "error":
                     raise ApiError(500, value, code="generation_failed")
-        return text, finish, generation
+        return generation
 
     async def client_gone():
         while (await http_request.receive())["type"] != "http.disconnect":
@@ -449,7 +441,7 @@ def create_app(args, workers):
         return {
             "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(),
             "busy_workers": len(pool.workers) - pool.idle.qsize(),
-            "requests_active": pool.requests_active, "requests_served": pool.requests_served,
+            "requests_active": sum(w.busy for w in pool.workers), "requests_served": pool.requests_served,
             "requests_cancelled": pool.requests_cancelled, "requests_failed": pool.requests_failed,
             "workers": [{"gpu_id": w.gpu_id, "device": w.device, "busy": w.busy,
                          "requests_served": w.requests_served, "tokens_generated": w.tokens_generated} for w in pool.workers],
@@ -482,7 +474,7 @@ def create_app(args, workers):
         created = int(time.time())
 
         def usage(generation):
-            n = generation.completion_tokens if generation else 0
+            n = generation.completion_tokens
             return {"prompt_tokens": len(request.prompt), "completion_tokens": n, "total_tokens": len(request.prompt) + n}
 
         def chunk(choices, **extra):
@@ -495,12 +487,12 @@ def create_app(args, workers):
             return {"index": 0, **content, "logprobs": None, "finish_reason": reason}
 
         if not request.stream:
-            reply = await collect_reply(pool, request, http_request)
-            if reply is None:
+            generation = await collect_reply(pool, request, http_request)
+            if generation is None:
                 return Response(status_code=499)  # the client went away; nobody reads this
-            text, finish, generation = reply
+            message = {"role": "assistant", "content": generation.text}
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-                    "choices": [choice(finish, message={"role": "assistant", "content": text})], "usage": usage(generation)}
+                    "choices": [choice(generation.finish, message=message)], "usage": usage(generation)}
 
         async def stream():
             generation = None
