@@ -24,7 +24,7 @@ from nanochat.checkpoint_manager import load_model
 
 # -----------------------------------------------------------------------------------------------------
 # calculator tool: parsed and evaluated by walking a whitelisted AST. No eval(), so there is nothing to time out
-# (the reference used a SIGALRM timer that only works in the main thread) and it is safe from any thread.
+# (a signal-based timer would only work in the main thread) and it is safe from any thread.
 
 MAX_EXPRESSION_CHARS = 256
 MAX_RESULT_DIGITS = 64
@@ -77,7 +77,7 @@ def use_calculator(expr):
     """Evaluate a calculator expression the model wrote; returns the value or None when unsupported/invalid.
     Arithmetic: digits, + - * / ( ) . and spaces (no **); digit-grouping commas are dropped ("1,000" -> 1000).
     Strings: `"text".count("t")` (optionally after .lower()/.upper()/.strip()). Commas inside string literals are
-    kept (the reference stripped them, which broke expressions like "a,b".count(","))."""
+    kept, so "a,b".count(",") works."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPRESSION_CHARS:
         return None
     expr = expr.strip()

@@ -1,5 +1,5 @@
 """
-Serve a chat model over HTTP: a chat web page, the reference streaming endpoint and an OpenAI-compatible API.
+Serve a chat model over HTTP: a chat web page, a simple token-streaming endpoint and an OpenAI-compatible API.
 
     python -m scripts.chat_web                      # latest SFT model, http://127.0.0.1:8000 (this machine only)
     python -m scripts.chat_web -i rl --num-gpus 4    # one model replica per GPU

@@ -154,7 +154,7 @@ def test_health_and_stats(server):
     assert [w["gpu_id"] for w in stats["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in stats["workers"])
 
 
-def test_reference_stream(server):
+def test_token_stream(server):
     before = requests.get(server.url + "/stats", timeout=10).json()["requests_served"]
     r = chat(server, [{"role": "user", "content": "Hello, who are you? 🙂"}], temperature=0.0, top_k=5, max_tokens=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
