@@ -117,7 +117,7 @@ def main(argv=None):
 
     # what one decode step must read and compute, from the architecture
     gpu_name, total_memory = device_name_and_memory(device_type)
-    bandwidth, peak_flops = (peak_bandwidth(gpu_name), get_peak_flops(gpu_name)) if device_type == "cuda" else (None, None)
+    bandwidth, peak_flops = peak_bandwidth(gpu_name), get_peak_flops(gpu_name)  # None (n/a) for a CPU
     param_dtypes = Counter()
     for p in model.parameters():
         param_dtypes[str(p.dtype).removeprefix("torch.")] += p.numel()
