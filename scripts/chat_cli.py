@@ -44,6 +44,20 @@ def parse_args(argv=None):
     return args
 
 
+def user_inputs(one_shot_prompt):
+    """What the user says: the -p prompt once, or lines typed until end of input / Ctrl-C."""
+    if one_shot_prompt:
+        print(f"\nUser: {one_shot_prompt}")
+        yield one_shot_prompt
+        return
+    while True:
+        try:
+            yield input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print("\nGoodbye!")
+            return
+
+
 def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
@@ -59,16 +73,7 @@ def main(argv=None):
 
     print(BANNER)
     chunks = []  # token lists of the conversation's turns (replies kept with their tool calls)
-    while True:
-        if args.prompt:
-            user_input = args.prompt
-            print(f"\nUser: {user_input}")
-        else:
-            try:
-                user_input = input("\nUser: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print("\nGoodbye!")
-                break
+    for user_input in user_inputs(args.prompt):
         if user_input.lower() in ("quit", "exit"):
             print("Goodbye!")
             break
@@ -99,8 +104,6 @@ def main(argv=None):
             continue
         print()
         chunks.append([assistant_start] + reply + [assistant_end])  # tool calls stay in the history
-        if args.prompt:
-            break
 
 
 if __name__ == "__main__":
