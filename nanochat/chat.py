@@ -3,6 +3,10 @@ Chat helpers shared by the terminal chat (scripts/chat_cli.py) and the web serve
 prompt assembly from messages, readable streaming decode of replies, loading a chat model.
 """
 
+from contextlib import closing
+
+from nanochat.checkpoint_manager import load_model
+
 ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
 
 
@@ -34,6 +38,15 @@ def assemble_prompt(tokenizer, chunks, max_prompt_tokens):
         if 1 + len(body) + 1 <= max_prompt_tokens:
             return [bos] + body + [assistant_start], first
     return None, len(chunks)
+
+
+def fit_prompt(tokenizer, chunks, context, max_tokens):
+    """assemble_prompt for a model with a `context`-token window, keeping room for the reply: max_tokens, or a
+    quarter of the context if that is less. Returns (prompt or None, dropped_messages, the reply's max_tokens)."""
+    prompt, dropped = assemble_prompt(tokenizer, chunks, context - min(max_tokens, max(1, context // 4)))
+    if prompt is None:
+        return None, dropped, 0
+    return prompt, dropped, min(max_tokens, context - len(prompt))
 
 
 class ReplyDecoder:
@@ -110,7 +123,6 @@ TRAINED_BY = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "sc
 
 def load_chat_model(source, device, model_tag, step):
     """load_model with a one-line error (what is missing, what to run) instead of a traceback."""
-    from nanochat.checkpoint_manager import load_model
     try:
         return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
     except (FileNotFoundError, ValueError) as e:
@@ -124,28 +136,24 @@ def warm_up(engine, tokenizer):
         pass
 
 
-def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write):
-    """Generate one reply, writing display text as it comes. Returns the reply token ids (tool calls and the
-    closing <|assistant_end|> included, so they can go back into the conversation)."""
+def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write, should_stop=lambda: False):
+    """Generate one reply, writing display text as it comes. Returns (tokens, finish): the reply's token ids (tool
+    calls included, the closing <|assistant_end|> not) and "stop" (the model ended its turn), "length" (max_tokens
+    reached) or "cancelled" (should_stop() said so)."""
     decoder = ReplyDecoder(tokenizer)
-    reply = []
-    for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
-                                           top_k=top_k if top_k > 0 else None, seed=seed):
-        token = token_column[0]
-        reply.append(token)
-        if token in decoder.stop_tokens:
-            break
-        write(decoder.feed(token))
-    write(decoder.flush())
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    if not reply or reply[-1] != assistant_end:
-        reply.append(assistant_end)  # hit the length limit: close the turn so the next one renders correctly
-    return reply
-
-
-def check_dtype_flag(dtype_flag):
-    """The compute dtype is decided once, when nanochat.common is imported; -d can only confirm it."""
-    from nanochat.common import COMPUTE_DTYPE
-    if dtype_flag and str(COMPUTE_DTYPE) != f"torch.{dtype_flag}":
-        raise SystemExit(f"error: -d/--dtype {dtype_flag}: the compute dtype is fixed at start-up ({COMPUTE_DTYPE}); "
-                         f"run with NANOCHAT_DTYPE={dtype_flag} in the environment instead")
+    tokens, finish = [], "length"
+    with closing(engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
+                                 top_k=top_k if top_k > 0 else None, seed=seed)) as generator:
+        for token_column, _ in generator:
+            token = token_column[0]
+            if should_stop() or token in decoder.stop_tokens:
+                finish = "cancelled" if should_stop() else "stop"
+                break
+            tokens.append(token)
+            text = decoder.feed(token)
+            if text:
+                write(text)
+    tail = decoder.flush()
+    if tail:
+        write(tail)
+    return tokens, finish

@@ -11,22 +11,25 @@ gets the calculator's answer forced into its stream as <|output_start|> result <
 """
 
 import ast
-import argparse
 import time
+import operator
+import argparse
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, synchronize
+from nanochat.checkpoint_manager import load_model
 
 
 # -----------------------------------------------------------------------------------------------------
 # calculator tool: parsed and evaluated by walking a whitelisted AST. No eval(), so there is nothing to time out
-# (the reference used a SIGALRM timer that only works in the main thread) and it is safe from any thread.
+# (a signal-based timer would only work in the main thread) and it is safe from any thread.
 
 MAX_EXPRESSION_CHARS = 256
 MAX_RESULT_DIGITS = 64
 _STRING_METHODS = {"lower", "upper", "strip"}  # allowed before .count(...), e.g. "Banana".lower().count("a")
+_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def _eval_arithmetic(node):
@@ -37,16 +40,8 @@ def _eval_arithmetic(node):
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _eval_arithmetic(node.operand)
         return value if isinstance(node.op, ast.UAdd) else -value
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        a, b = _eval_arithmetic(node.left), _eval_arithmetic(node.right)
-        if isinstance(node.op, ast.Add):
-            result = a + b
-        elif isinstance(node.op, ast.Sub):
-            result = a - b
-        elif isinstance(node.op, ast.Mult):
-            result = a * b
-        else:
-            result = a / b
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        result = _BINARY_OPS[type(node.op)](_eval_arithmetic(node.left), _eval_arithmetic(node.right))
         if isinstance(result, int) and len(str(abs(result))) > MAX_RESULT_DIGITS:
             raise ValueError("result too large")
         return result
@@ -82,7 +77,7 @@ def use_calculator(expr):
     """Evaluate a calculator expression the model wrote; returns the value or None when unsupported/invalid.
     Arithmetic: digits, + - * / ( ) . and spaces (no **); digit-grouping commas are dropped ("1,000" -> 1000).
     Strings: `"text".count("t")` (optionally after .lower()/.upper()/.strip()). Commas inside string literals are
-    kept (the reference stripped them, which broke expressions like "a,b".count(","))."""
+    kept, so "a,b".count(",") works."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPRESSION_CHARS:
         return None
     expr = expr.strip()
@@ -109,7 +104,6 @@ class KVCache:
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
         dtype = COMPUTE_DTYPE if dtype is None else dtype
         self.batch_size, self.seq_len, self.n_layers = batch_size, seq_len, num_layers
-        self.num_heads, self.head_dim = num_heads, head_dim
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -136,10 +130,6 @@ class KVCache:
 
     def prefill(self, other):
         """Copy another (typically batch-1) cache's filled positions into this empty cache, broadcasting rows."""
-        assert self.pos == 0, "prefill needs an empty cache"
-        assert (self.n_layers, self.num_heads, self.head_dim) == (other.n_layers, other.num_heads, other.head_dim)
-        assert self.seq_len >= other.seq_len, "destination cache is shorter than the source"
-        assert other.batch_size in (1, self.batch_size), "source batch must be 1 or equal to the destination batch"
         n = other.get_pos()
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
@@ -208,10 +198,7 @@ class Engine:
         logits = model.forward(ids, kv_cache=prefill_cache)[:, -1, :]
         logits = logits.expand(num_samples, -1)  # each row samples on its own from the same distribution
         # decode cache: one row per sample
-        if max_tokens is not None:
-            cache_len = len(tokens) + max_tokens
-        else:
-            cache_len = max(cfg.sequence_len, len(tokens) + 1)
+        cache_len = len(tokens) + max_tokens if max_tokens is not None else max(cfg.sequence_len, len(tokens) + 1)
         decode_cache = KVCache(batch_size=num_samples, seq_len=cache_len, **cache_args)
         decode_cache.prefill(prefill_cache)
         del prefill_cache
@@ -288,7 +275,6 @@ def main():
     args = parser.parse_args()
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
-    from nanochat.checkpoint_manager import load_model
     try:
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     except Exception as e:
@@ -296,32 +282,25 @@ def main():
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
 
     def timed(fn):
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device_type)
         t0 = time.time()
         out = fn()
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device_type)
         return out, time.time() - t0
 
     naive, t_naive = timed(lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)))
-    print(f"naive : {tokenizer.decode(prompt + naive)!r}")
-    print(f"naive time: {t_naive:.2f}s")
     engine = Engine(model, tokenizer)
-    (results, _), t_engine = timed(lambda: engine.generate_batch(prompt, num_samples=1, max_tokens=args.max_tokens,
-                                                                 temperature=0.0))
+    (results, _), t_engine = timed(lambda: engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0))
     cached = results[0][len(prompt):]
-    print(f"engine: {tokenizer.decode(prompt + cached)!r}")
-    print(f"engine time: {t_engine:.2f}s")
+    for name, tokens, seconds in (("naive", naive, t_naive), ("engine", cached, t_engine)):
+        print(f"{name:6}: {tokenizer.decode(prompt + tokens)!r}")
+        print(f"{name} time: {seconds:.2f}s")
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
-    n = min(len(naive), len(cached))
-    mismatch = next((i for i in range(n) if naive[i] != cached[i]), None)
-    if mismatch is None:
-        print(f"Match: the engine reproduces naive greedy generation ({n} tokens)")
-    else:
+    mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
+    if mismatch is not None:
         print(f"Mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
         raise SystemExit(1)
-
+    print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":
     main()

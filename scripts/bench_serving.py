@@ -16,7 +16,6 @@ import time
 import socket
 import argparse
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -42,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests before measuring")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
+    parser.add_argument("--api-key", type=str, default=None, help="key of a server started with --api-key")
     parser.add_argument("--launch", action="store_true", help="start `python -m scripts.chat_web` (args after --) on a free port")
     parser.add_argument("server_args", nargs="*", help="arguments for chat_web when --launch is given (after --)")
     args = parser.parse_args(argv)
@@ -56,14 +56,15 @@ def parse_args(argv=None):
     return args
 
 
-def one_request(url, prompt, max_tokens, temperature, seed, timeout):
+def one_request(args, prompt, seed):
     """One streamed chat completion. Returns dict(ok, ttft, latency, tokens, error)."""
-    body = {"model": "nanochat", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": temperature, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": "nanochat", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     start = time.perf_counter()
     ttft, tokens = None, 0
     try:
-        with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
+        with requests.post(args.url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=args.timeout) as r:
             if r.status_code != 200:
                 return {"ok": False, "error": f"HTTP {r.status_code}: {r.text[:200]}"}
             for line in r.iter_lines(decode_unicode=True):
@@ -89,18 +90,12 @@ def percentile(values, q):
 
 
 def run_level(args, clients):
-    results, lock = [], threading.Lock()
-
     def client(c):
-        for i in range(args.requests):
-            result = one_request(args.url, PROMPTS[(c + i) % len(PROMPTS)], args.max_tokens, args.temperature,
-                                 seed=1000 * c + i, timeout=args.timeout)
-            with lock:
-                results.append(result)
+        return [one_request(args, PROMPTS[(c + i) % len(PROMPTS)], seed=1000 * c + i) for i in range(args.requests)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
+        results = [result for client_results in pool.map(client, range(clients)) for result in client_results]
     wall = time.perf_counter() - start
     ok = [r for r in results if r["ok"]]
     ttfts = [r["ttft"] for r in ok]
@@ -120,7 +115,7 @@ def launch_server(server_args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port), *server_args]
+    cmd = [sys.executable, "-m", "scripts.chat_web", "--port", str(port), *server_args]
     print("Launching:", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -145,15 +140,13 @@ def main(argv=None):
         proc, args.url = launch_server(args.server_args)
     try:
         try:
-            health = requests.get(args.url + "/health", timeout=10).json()
-            stats = requests.get(args.url + "/stats", timeout=10).json()
-        except requests.RequestException as e:
+            workers = [w["device"] for w in requests.get(args.url + "/stats", timeout=10).json()["workers"]]
+        except (requests.RequestException, ValueError, KeyError) as e:
             raise SystemExit(f"error: no nanochat server at --url {args.url} ({e}); start one with python -m scripts.chat_web")
-        workers = [w["device"] for w in stats.get("workers", [])]
-        print(f"Server {args.url}: {health.get('num_gpus')} workers {workers}, max_tokens {args.max_tokens}, "
+        print(f"Server {args.url}: {len(workers)} workers {workers}, max_tokens {args.max_tokens}, "
               f"{args.requests} requests per client")
         for i in range(args.warmup):
-            one_request(args.url, PROMPTS[0], args.max_tokens, args.temperature, seed=i, timeout=args.timeout)
+            one_request(args, PROMPTS[0], seed=i)
         header = f"{'clients':>7} {'reqs':>5} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'latency p50 ms':>15} {'tok/req':>8}"
         print(header)
         print("-" * len(header))

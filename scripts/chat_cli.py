@@ -9,7 +9,9 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 
 import argparse
 
-from nanochat.chat import ROLE_TOKENS, assemble_prompt, check_dtype_flag, load_chat_model, stream_reply, warm_up
+from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
+from nanochat.common import compute_init, autodetect_device_type
+from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
 # Terminal chat
@@ -32,8 +34,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (fixed, so a conversation replays the same)")
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
-    parser.add_argument("-d", "--dtype", type=str, default="", choices=["bfloat16", "float16", "float32", ""],
-                        help="compute dtype (default: chosen by nanochat.common; same as env NANOCHAT_DTYPE)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.temperature <= 2.0:
         raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
@@ -44,36 +44,36 @@ def parse_args(argv=None):
     return args
 
 
+def user_inputs(one_shot_prompt):
+    """What the user says: the -p prompt once, or lines typed until end of input / Ctrl-C."""
+    if one_shot_prompt:
+        print(f"\nUser: {one_shot_prompt}")
+        yield one_shot_prompt
+        return
+    while True:
+        try:
+            yield input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print("\nGoodbye!")
+            return
+
+
 def main(argv=None):
     args = parse_args(argv)
-    check_dtype_flag(args.dtype)
-    from nanochat.common import compute_init, autodetect_device_type
-    from nanochat.engine import Engine
-
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)
     context = model.config.sequence_len
-    user_start, user_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["user"])
+    assistant_start, assistant_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["assistant"])
 
     def write(text):
-        if text:
-            print(text, end="", flush=True)
+        print(text, end="", flush=True)
 
     print(BANNER)
     chunks = []  # token lists of the conversation's turns (replies kept with their tool calls)
-    while True:
-        if args.prompt:
-            user_input = args.prompt
-            print(f"\nUser: {user_input}")
-        else:
-            try:
-                user_input = input("\nUser: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print("\nGoodbye!")
-                break
+    for user_input in user_inputs(args.prompt):
         if user_input.lower() in ("quit", "exit"):
             print("Goodbye!")
             break
@@ -84,9 +84,8 @@ def main(argv=None):
         if not user_input:
             continue
 
-        chunks.append([user_start] + tokenizer.encode(user_input) + [user_end])
-        reserve = min(args.max_tokens, max(1, context // 4))  # room the reply is guaranteed to have
-        prompt, dropped = assemble_prompt(tokenizer, chunks, context - reserve)
+        chunks += message_chunks(tokenizer, [{"role": "user", "content": user_input}])
+        prompt, dropped, max_tokens = fit_prompt(tokenizer, chunks, context, args.max_tokens)
         if prompt is None:
             chunks.pop()
             print(f"\n(That message is too long for the model's {context}-token context; try a shorter one.)")
@@ -98,16 +97,13 @@ def main(argv=None):
             print(f"(Context full: forgot the oldest {dropped} messages.)")
         print("\nAssistant: ", end="", flush=True)
         try:
-            reply = stream_reply(engine, tokenizer, prompt, min(args.max_tokens, context - len(prompt)),
-                                 args.temperature, args.top_k, args.seed, write)
+            reply, _ = stream_reply(engine, tokenizer, prompt, max_tokens, args.temperature, args.top_k, args.seed, write)
         except KeyboardInterrupt:
             print("\n(interrupted)")
             chunks.pop()
             continue
         print()
-        chunks.append([tokenizer.encode_special("<|assistant_start|>")] + reply)
-        if args.prompt:
-            break
+        chunks.append([assistant_start] + reply + [assistant_end])  # tool calls stay in the history
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-The terminal chat (scripts/chat_cli.py) on a tiny checkpoint in a temporary NANOCHAT_BASE_DIR: SEED flags, the
+The terminal chat (scripts/chat_cli.py) on a tiny checkpoint in a temporary NANOCHAT_BASE_DIR: the flags, the
 banner, one-shot prompts, quit/exit/clear, streamed replies without stray special-token text.
 """
 
@@ -71,7 +71,7 @@ def test_end_of_input_says_goodbye(base_dir, tiny_tokenizer, monkeypatch, capsys
 
 
 def test_same_conversation_same_reply(base_dir, tiny_tokenizer, monkeypatch, capsys):
-    # default seed 42, as the reference: the first reply of a conversation is reproducible, and 'clear' restarts it
+    # default seed 42: the first reply of a conversation is reproducible, and 'clear' restarts it
     save_tiny_checkpoint(base_dir, tiny_tokenizer)
     inputs = iter(["tell me something", "clear", "tell me something", "exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(inputs))
@@ -109,6 +109,6 @@ def test_tool_calls_are_shown_readably(tiny_tokenizer):
                 yield [t], [1]
 
     shown = []
-    reply = chat_cli.stream_reply(ScriptedEngine(), tok, [tok.get_bos_token_id()], 100, 0.6, 50, 42, shown.append)
-    assert "".join(shown) == "Sure: [calculator: 6*7 = 42] done"
-    assert reply == script[:script.index(special("<|assistant_end|>")) + 1]  # the tool tokens stay in the history
+    reply, finish = chat_cli.stream_reply(ScriptedEngine(), tok, [tok.get_bos_token_id()], 100, 0.6, 50, 42, shown.append)
+    assert "".join(shown) == "Sure: [calculator: 6*7 = 42] done" and "" not in shown
+    assert reply == script[:script.index(special("<|assistant_end|>"))] and finish == "stop"  # tool tokens kept

@@ -238,7 +238,7 @@ def test_calculator_works_from_any_thread():
     thread = threading.Thread(target=lambda: results.append(use_calculator("6*7")))
     thread.start()
     thread.join(timeout=10)
-    assert results == [42]  # the reference's SIGALRM timeout made this None outside the main thread
+    assert results == [42]  # a signal-based timeout would make this None outside the main thread
 
 
 # -------------------------------------------------------------------------------------------------
