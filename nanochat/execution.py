@@ -2,11 +2,13 @@
 Run untrusted (model-written) Python code and report what happened. Used by HumanEval to grade programs.
 
 Isolation, decided once per process, named in every result (`isolation`) and printed by chat_eval:
-- "bwrap": bubblewrap runs the program in its own user, PID, mount, network and IPC namespaces: the whole filesystem
+- "bwrap": bubblewrap runs the program in its own PID, mount, network and IPC namespaces: the whole filesystem
   read-only, a private /tmp and working dir, no network, uid 65534, no capabilities, and nothing it starts outlives
-  the call (the PID namespace dies with the program's supervisor, and that with us: --die-with-parent). Started by
-  root, uid 65534 in the namespace is root outside it, so the kernel does not apply the process limit there: a fork
-  bomb is only bounded by the timeout.
+  the call (the PID namespace dies with the program's supervisor, and that with us: --die-with-parent). Not root, we
+  get uid 65534 from a user namespace. As root we use none: uid 65534 of a user namespace made by root is root
+  outside it, which the kernel's process limit does not apply to. The supervisor (root, keeping only the capabilities
+  to drop privileges and to kill) drops the program to the real uid 65534 instead, and an interpreter under a home
+  closed to others (0700 /root) is bound back into an empty /root, so nothing else of it is visible.
 - "nobody": no bubblewrap, but we are root: the program drops to the unprivileged `nobody` user, so the kernel's file
   permissions and process limit apply. It can still read world-readable files and reach the network.
 - "rlimits": no bubblewrap and no way to drop privileges (not root, or `nobody` cannot run this interpreter): the
@@ -24,6 +26,7 @@ import os
 import sys
 import json
 import shutil
+import stat
 import signal
 import secrets
 import platform
@@ -122,18 +125,40 @@ _isolation_lock = threading.Lock()
 _isolation = None
 
 
+def _reveal(path):
+    """bwrap args that let uid 65534 reach `path` when an ancestor is closed to others: an empty tmpfs over the
+    topmost such ancestor, the directories down to `path` recreated open, and `path` bound back read-only."""
+    parts = os.path.realpath(path).split(os.sep)
+    ancestors = [os.sep.join(parts[:i]) for i in range(2, len(parts))]
+    for i, ancestor in enumerate(ancestors):
+        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+            opened = [arg for d in ancestors[i + 1:] for arg in ("--perms", "0755", "--dir", d)]
+            return ["--tmpfs", ancestor, *opened, "--ro-bind", os.sep.join(parts), os.sep.join(parts)]
+    return []
+
+
 def _bwrap_args(workdir):
-    return [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--uid", str(NOBODY_UID), "--gid", str(NOBODY_UID), "--ro-bind", "/", "/", "--proc", "/proc",
-            "--dev", "/dev", "--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir]
+    if os.geteuid() == 0:  # no user namespace; the supervisor drops the program to uid 65534 (see the module doc)
+        isolate = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                   "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL",
+                   "--ro-bind", "/", "/", *_reveal(sys.base_prefix)]
+    else:
+        isolate = ["--unshare-all", "--cap-drop", "ALL", "--uid", str(NOBODY_UID), "--gid", str(NOBODY_UID),
+                   "--ro-bind", "/", "/"]
+    # /tmp and the dirs bwrap makes for the working dir must be open to uid 65534 when it is not their owner
+    return [BWRAP, "--die-with-parent", "--new-session", *isolate, "--proc", "/proc", "--dev", "/dev",
+            "--perms", "01777", "--tmpfs", "/tmp", "--perms", "0755", "--dir", os.path.dirname(workdir),
+            "--bind", workdir, workdir, "--chdir", workdir]
 
 
-def _probe(argv, workdir, **kwargs):
-    """'' if `argv` imports a few stdlib modules fine, else why not."""
+def _probe(argv, workdir, drop_uid):
+    """'' if `argv` imports a few stdlib modules fine (as `drop_uid`, if not None), else why not."""
+    code = "import json, ctypes, random"
+    if drop_uid is not None:
+        code = f"import os; os.setgroups([]); os.setgid({drop_uid}); os.setuid({drop_uid}); {code}"
     try:
-        probe = subprocess.run(argv + [sys.executable, "-I", "-c", "import json, ctypes, random"], cwd=workdir,
-                               env=_child_env(workdir), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               timeout=30, **kwargs)
+        probe = subprocess.run(argv + [sys.executable, "-I", "-c", code], cwd=workdir, env=_child_env(workdir),
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
     return "" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["failed"])[-1]
@@ -141,19 +166,22 @@ def _probe(argv, workdir, **kwargs):
 
 def _probe_isolation():
     """(mode, warning): the strongest isolation that works here."""
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
     root = tempfile.mkdtemp(prefix="nanochat_exec_probe_")
     try:
+        if as_root:
+            os.chown(root, NOBODY_UID, NOBODY_UID)
+            os.chmod(root, 0o711)  # bwrap's root, without CAP_DAC_OVERRIDE, must still enter it
         bwrap_problem = "is not installed"
         if BWRAP:
-            bwrap_problem = _probe(_bwrap_args(root), root)
+            bwrap_problem = _probe(_bwrap_args(root), root, NOBODY_UID if as_root else None)
             if not bwrap_problem:
                 return "bwrap", None
             bwrap_problem = f"does not work here ({bwrap_problem})"
-        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        if not as_root:
             drop_problem = "we are not root, so cannot drop to an unprivileged user"
         else:
-            os.chown(root, NOBODY_UID, NOBODY_UID)
-            drop_problem = _probe([], root, user=NOBODY_UID, group=NOBODY_UID, extra_groups=[])
+            drop_problem = _probe([], root, NOBODY_UID)
             if not drop_problem:
                 return "nobody", None
             drop_problem = f"user nobody cannot run {sys.executable} ({drop_problem})"
@@ -234,10 +262,11 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEM
     try:
         workdir = os.path.join(root, "work")
         os.mkdir(workdir)
-        if mode == "nobody":
+        drop_uid = NOBODY_UID if mode == "nobody" or (mode == "bwrap" and os.geteuid() == 0) else None
+        if drop_uid is not None:
             os.chmod(root, 0o711)  # nobody may pass through to its working dir, but not list our files
             os.chown(workdir, NOBODY_UID, NOBODY_UID)
-        params = [_limits(maximum_memory_bytes, cpu_seconds), NOBODY_UID if mode == "nobody" else None, done_w]
+        params = [_limits(maximum_memory_bytes, cpu_seconds), drop_uid, done_w]
         argv = [sys.executable, "-I", "-X", "utf8", "-c", _SUPERVISOR, json.dumps(params)]
         if mode == "bwrap":
             argv = _bwrap_args(workdir) + argv
