@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -169,15 +168,61 @@ def test_rejected_key_stops_the_run(tmp_path, api_key):
     assert len(api.requests) <= 4  # fatal: no retries, remaining work cancelled
 
 
-def test_offline_fails_fast_with_clear_message(tmp_path, api_key):
+def test_root_cause_wins_over_stopped_workers(tmp_path, api_key, monkeypatch):
+    """Worker 0 gets the 401; worker 1 then sees the run stopped and its future completes FIRST (forced with
+    events, not timing). The run must still report the 401, not the other worker's stop."""
+    futures = []
+    task = threading.local()
+    second_done = threading.Event()
+    fatal_seen = threading.Event()
+
+    class RecordingPool(gen.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            futures.append(future)
+            if len(futures) == 2:
+                future.add_done_callback(lambda f: second_done.set())
+            return future
+
+    class SlowStopEvent(threading.Event):
+        def set(self):
+            super().set()
+            if getattr(task, "idx", None) == 0 and not fatal_seen.is_set():  # the stop set by worker 0
+                fatal_seen.set()
+                assert second_done.wait(30), "worker 1 never finished"  # worker 0 finishes only after worker 1
+
+    real_generate_one = gen.generate_one
+
+    def generate_one(idx, *args):
+        task.idx = idx
+        return real_generate_one(idx, *args)
+
+    def fake_request(session, args, key, prompt):
+        if task.idx == 0:
+            raise gen.FatalAPIError("the API rejected the key (HTTP 401)")
+        assert fatal_seen.wait(30)
+        raise gen.RetryableError("HTTP 500")
+
+    monkeypatch.setattr(gen, "ThreadPoolExecutor", RecordingPool)
+    monkeypatch.setattr(gen, "generate_one", generate_one)
+    monkeypatch.setattr(gen.threading, "Event", SlowStopEvent)
+    monkeypatch.setattr(gen, "request_conversation", fake_request)
+    with pytest.raises(SystemExit, match="rejected the key"):
+        run_main("--num", 2, "--workers", 2, "--output", tmp_path / "x.jsonl", "--base-url", "http://127.0.0.1:9/v1",
+                 "--backoff", 0.01)
+
+
+def test_offline_fails_fast_with_clear_message(tmp_path, api_key, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.time()
+    calls = []
+    real_request = gen.request_conversation
+    monkeypatch.setattr(gen, "request_conversation", lambda *a: calls.append(1) or real_request(*a))
     with pytest.raises(SystemExit, match="cannot reach the chat API"):
         run_main("--num", 3, "--output", tmp_path / "x.jsonl", "--base-url", f"http://127.0.0.1:{port}/v1",
-                 "--backoff", 0.05)
-    assert time.time() - t0 < 10
+                 "--backoff", 0.05, "--retries", 5)
+    assert len(calls) <= 2 * 3, "an unreachable API stops the run after one retry, not after every retry"
     assert not (tmp_path / "x.jsonl").exists()
 
 
