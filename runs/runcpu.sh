@@ -42,7 +42,7 @@ if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4;
     echo "(docstrings and docs of the installed Python standard library and packages, ~25M chars)."
     echo "Every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
     export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
-    python -m nanochat.dataset --offline-corpus
+    python -m dev.offline_corpus
 fi
 
 step "tokenizer: train and evaluate"

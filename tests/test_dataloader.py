@@ -13,7 +13,7 @@ import socket
 import pytest
 import torch
 
-from nanochat import dataset, local_corpus
+from nanochat import dataset
 from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_with_state,
                                  tokenizing_distributed_data_loader_bos_bestfit)
 
@@ -32,8 +32,8 @@ def local_data(base_dir, monkeypatch):
     """Shards of unique numbered documents in the 'local' dataset; returns a builder."""
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
     def build(n=600, seed=0, max_words=120):
-        return local_corpus.write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
-                                    shard_chars=n * max_words * 2)  # ~3 train shards
+        return dataset.write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
+                                     shard_chars=n * max_words * 2)  # ~3 train shards
     return build
 
 
