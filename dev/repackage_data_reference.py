@@ -30,16 +30,16 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable as a plain script
 
-parser = argparse.ArgumentParser(description="Repackage text into nanochat pretraining shards (reference recipe)")
+parser = argparse.ArgumentParser(description="Repackage text into nanochat pretraining shards (the hub shards' recipe)")
 parser.add_argument("--input-dir", type=str, default=None, help="folder of .txt/.md/.jsonl/.parquet files")
 parser.add_argument("--hf-dataset", type=str, default=None, help="upstream dataset, e.g. HuggingFaceFW/fineweb-edu (needs `datasets`)")
 parser.add_argument("--hf-config", type=str, default=None, help="dataset config, e.g. sample-100BT")
 parser.add_argument("--decode-gpt2-tokens", action="store_true", help="documents are GPT-2 token ids (ClimbMix): decode with tiktoken")
 parser.add_argument("--output-dir", type=str, required=True, help="where shard_XXXXX.parquet files go")
-parser.add_argument("--shard-chars", type=int, default=250_000_000, help="characters per shard (reference: 250M)")
-parser.add_argument("--row-group-size", type=int, default=1024, help="documents per row group (reference: 1024)")
+parser.add_argument("--shard-chars", type=int, default=250_000_000, help="characters per shard")
+parser.add_argument("--row-group-size", type=int, default=1024, help="documents per row group")
 parser.add_argument("--max-doc-chars", type=int, default=10_000, help="local text: split longer files into documents of at most this size")
-parser.add_argument("--seed", type=int, default=42, help="shuffle seed (reference: 42)")
+parser.add_argument("--seed", type=int, default=42, help="shuffle seed")
 parser.add_argument("--upload-repo", type=str, default=None, help="upload the folder to this hub dataset repo (needs HF_TOKEN)")
 args = parser.parse_args()
 if (args.input_dir is None) == (args.hf_dataset is None):

@@ -9,7 +9,7 @@ One small tool shared by both sweeps, so they record, skip and display results t
     (--kind scaling additionally takes --flops-budget for `done` and `append`)
 
 Rows are read from the summary.json that scripts/base_train.py writes next to its checkpoint, never scraped from the
-training log (the reference scraped printed lines and silently produced empty columns when the wording changed).
+training log (scraped lines silently give empty columns when the wording changes).
 The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
 the plots need nothing else.
 """

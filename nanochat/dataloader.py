@@ -10,8 +10,8 @@ DDP: rank r reads row groups r, r+W, r+2W, ... of every shard, so ranks see disj
 Exact resume: each yielded state_dict records the position of the next document to read AND the documents
 still waiting in the buffer (as coordinates file/row group/index, re-read and re-tokenized on resume), so a
 loader restarted from the state of step k yields exactly the batches the uninterrupted run yields after step k.
-The state is per rank (save each rank's own) and JSON-serializable. A state from another rank or in the
-reference's (pq_idx, rg_idx, epoch) form resumes approximately (skips to the next row group block), with a warning.
+The state is per rank (save each rank's own) and JSON-serializable. A state from another rank, or one holding only
+a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row group block), with a warning.
 """
 
 import os
@@ -143,7 +143,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             coords = _expand_coords(state["buffer"])
             add_docs(stream.read_docs(coords), coords)
         else:
-            # approximate, as the reference: skip the rest of the row-group block that was being read
+            # approximate: skip the rest of the row-group block that was being read
             print0(f"WARNING: dataloader state is not this rank's exact state (rank {rank}/{world_size}); "
                    f"resuming approximately at the next row group (some documents are skipped)")
             pq_idx = state["pq_idx"] if "file" not in state else stream.file_index(state["file"])

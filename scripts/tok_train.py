@@ -11,9 +11,11 @@ import argparse
 
 import torch
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import print0, atomic_write
+from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_data_dir, get_split_files, parquets_iter_batched
-from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, TOKEN_BYTES_FILENAME, compute_token_bytes
+from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, TOKEN_BYTES_FILENAME, compute_token_bytes,
+                                get_tokenizer_dir)
 
 parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the pretraining shards")
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters (default 2B)")
@@ -55,7 +57,7 @@ if tokenizer.get_vocab_size() != args.vocab_size:
     print0(f"Note: the text ran out of merges: vocab size is {tokenizer.get_vocab_size()}, not {args.vocab_size} "
            f"(train on more text for the full vocabulary)")
 
-tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+tokenizer_dir = get_tokenizer_dir()
 tokenizer.save(tokenizer_dir)
 
 # -----------------------------------------------------------------------------
@@ -74,10 +76,7 @@ assert tokenizer.decode(encoded) == test_text, "tokenizer round trip failed"
 
 token_bytes = compute_token_bytes(tokenizer)
 token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
-tmp_path = f"{token_bytes_path}.tmp.{os.getpid()}"
-with open(tmp_path, "wb") as f:
-    torch.save(token_bytes, f)
-os.replace(tmp_path, token_bytes_path)
+atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
 print0(f"Saved token_bytes to {token_bytes_path}")
 
 regular = token_bytes[token_bytes > 0].to(torch.float32)
@@ -91,13 +90,4 @@ stats = {
 }
 print0(", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()))
 
-try:
-    from nanochat.report import get_report
-except ImportError:  # the report module is optional
-    get_report = None
-if get_report is not None:
-    get_report().log(section="Tokenizer training", data=[
-        vars(args),  # CLI args
-        {"dataset": dataset, "chars_trained": num_chars_seen},
-        stats,
-    ])
+get_report().log(section="Tokenizer training", data=[vars(args), {"dataset": dataset, "chars_trained": num_chars_seen}, stats])
