@@ -109,8 +109,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
         device="cuda", resume_state_dict=None, buffer_size=1000):
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`."""
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
-    assert B > 0 and T > 0, f"batch size and sequence length must be positive, got B={B} T={T}"
     _, rank, _, world_size = get_dist_info()
     stream = _DocumentStream(split, rank, world_size)
     bos = tokenizer.get_bos_token_id()

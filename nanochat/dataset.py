@@ -30,7 +30,7 @@ import concurrent.futures
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_file, DownloadError, is_offline
+from nanochat.common import get_base_dir, download_file, DownloadError
 
 # -----------------------------------------------------------------------------
 # The datasets and where their shards live
@@ -200,11 +200,6 @@ def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=
     max_shard = info["max_shard"]
     num_train = max_shard if num_files < 0 else min(num_files, max_shard)
     indices = [max_shard] + list(range(num_train))  # the val shard first: it doubles as a connectivity check
-    if is_offline():
-        missing = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
-        if missing:
-            raise SystemExit(f"error: NANOCHAT_OFFLINE is set and {len(missing)} shards are missing in {data_dir}; "
-                             f"unset it to download ({OFFLINE_HINT})")
     print(f"Dataset {name}: {num_train} train shards + val shard {shard_name(max_shard)} -> {data_dir} "
           f"({num_workers} workers)", flush=True)
     if not download_shard(max_shard, data_dir, base_url, retries):
@@ -336,17 +331,13 @@ def build_from_dir(source_dir, max_doc_chars=10_000, shard_chars=10_000_000):
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
     if not os.path.isdir(source_dir):
         raise SystemExit(f"error: --from-dir {source_dir} is not a directory")
-    paths, num_other = [], 0
+    paths = []
     for root, dirs, files in os.walk(source_dir):
         dirs.sort()
-        for f in sorted(files):
-            if f.endswith((".txt", ".md", ".jsonl", ".parquet")):
-                paths.append(os.path.join(root, f))
-            else:
-                num_other += 1
+        paths += [os.path.join(root, f) for f in sorted(files) if f.endswith((".txt", ".md", ".jsonl", ".parquet"))]
     if not paths:
         raise SystemExit(f"error: --from-dir {source_dir} has no .txt, .md, .jsonl or .parquet files")
-    print(f"Reading {len(paths)} files from {source_dir} (skipped {num_other} with other extensions)", flush=True)
+    print(f"Reading {len(paths)} files from {source_dir}", flush=True)
     docs, not_text = [], []
     for path in paths:
         file_docs = read_user_file(path)

@@ -47,10 +47,7 @@ elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
 
-banner
-log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node"
-log "Results: $RESULTS_FILE"
-banner
+log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node; results: $RESULTS_FILE"
 
 for d in "${DEPTH_LIST[@]}"; do
     if python dev/sweep_results.py done --kind miniseries --csv "$RESULTS_FILE" --depth "$d"; then
@@ -84,8 +81,5 @@ for d in "${DEPTH_LIST[@]}"; do
         --wall-time "$((END - START))" --since "$START"
 done
 
-banner
-log "Miniseries '$SERIES_NAME' complete"
-banner
-log "Results saved to: $RESULTS_FILE"
+log "Miniseries '$SERIES_NAME' complete; results saved to: $RESULTS_FILE"
 python dev/sweep_results.py report --kind miniseries --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/miniseries.png"

@@ -45,10 +45,7 @@ elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
 
-banner
-log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}"
-log "Results: $RESULTS_FILE"
-banner
+log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}; results: $RESULTS_FILE"
 
 for flops in "${BUDGET_LIST[@]}"; do
     for d in "${DEPTH_LIST[@]}"; do
@@ -87,8 +84,5 @@ for flops in "${BUDGET_LIST[@]}"; do
     done
 done
 
-banner
-log "Scaling laws '$LABEL' complete"
-banner
-log "Results saved to: $RESULTS_FILE"
+log "Scaling laws '$LABEL' complete; results saved to: $RESULTS_FILE"
 python dev/sweep_results.py report --kind scaling --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/scaling_laws.png"
