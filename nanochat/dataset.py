@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, download_file, DownloadError
+from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
 # The datasets and where their shards live
@@ -78,39 +79,30 @@ def how_to_get(name):
     return f"download shards with: python -m nanochat.dataset -n 8{flag} ({OFFLINE_HINT})"
 
 
-def hub_base_url(name):
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/datasets/{HUB_DATASETS[name]['repo']}/resolve/main"
-
 # -----------------------------------------------------------------------------
 # Listing and reading shards
 
-def list_parquet_files(data_dir=None):
+def list_parquet_files(data_dir):
     """All finished shards in the data dir, sorted, as full paths (temp files are never listed)."""
-    data_dir = data_dir or get_data_dir()
-    if not os.path.isdir(data_dir):
-        return []
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet"))
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet")) if os.path.isdir(data_dir) else []
     return [os.path.join(data_dir, n) for n in names]
 
 
-def get_val_filename(data_dir, name=None):
+def get_val_filename(data_dir, name):
     """The pinned val shard's file name: from the manifest of a local build, else the hub dataset's last shard."""
     manifest_path = os.path.join(data_dir, MANIFEST)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             return json.load(f)["val"]
-    name = get_dataset_name(name)
     if name in HUB_DATASETS:
         return shard_name(HUB_DATASETS[name]["max_shard"])
     return None  # a local build without a manifest is an unfinished build
 
 
-def get_split_files(split, data_dir=None, name=None):
-    """Paths of the shards of one split. Exits with a clear message when shards are missing."""
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+def get_split_files(split, name=None):
+    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing."""
     name = get_dataset_name(name)
-    data_dir = data_dir or get_data_dir(name)
+    data_dir = get_data_dir(name)
     files = list_parquet_files(data_dir)
     if not files:
         others = [other for other in DATASETS if other != name and list_parquet_files(get_data_dir(other))]
@@ -194,7 +186,7 @@ def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=
     """The first num_files train shards (-1 = all) plus the pinned val shard. Returns (num_ok, num_requested)."""
     name = get_dataset_name(name)
     info = HUB_DATASETS[name]
-    base_url = base_url or hub_base_url(name)
+    base_url = base_url or f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
@@ -366,8 +358,7 @@ def main(argv=None):
 
     if args.from_dir:
         build_from_dir(args.from_dir, max_doc_chars=args.max_doc_chars)
-        if os.environ.get("NANOCHAT_DATASET") != "local":
-            print("To train on these shards: export NANOCHAT_DATASET=local")
+        print("To train on these shards: export NANOCHAT_DATASET=local")
         return
     name = get_dataset_name(args.dataset)
     if name not in HUB_DATASETS:

@@ -35,9 +35,8 @@ python -m nanochat.report reset
 
 step "data: pretraining shards"
 if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4; then
-    echo "Pretraining shards could not be downloaded: building the OFFLINE corpus instead"
-    echo "(docstrings and docs of the installed Python standard library and packages, ~25M chars)."
-    echo "Every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
+    echo "No downloaded shards: building the OFFLINE corpus from the installed Python docs (~25M chars) instead;"
+    echo "every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
     export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
     python -m dev.offline_corpus
 fi

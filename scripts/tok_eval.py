@@ -27,47 +27,29 @@ korean_text = r"""
 """.strip()
 
 code_text = r"""
-class WordCounter:
-    \"\"\"Counts how often each word appears in a stream of lines.\"\"\"
-
-    def __init__(self, lowercase=True):
-        self.lowercase = lowercase
-        self.counts = {}
-
-    def add_line(self, line):
+def most_common_words(lines, k=10, lowercase=True):
+    \"\"\"The k most frequent words in an iterable of lines, ties broken alphabetically.\"\"\"
+    counts = {}
+    for line in lines:
         for word in line.split():
             word = word.strip(".,;:!?\"'()[]")
-            if self.lowercase:
-                word = word.lower()
-            if word:
-                self.counts[word] = self.counts.get(word, 0) + 1
-
-    def most_common(self, k=10):
-        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            word = word.lower() if lowercase else word
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 """.strip()
 
 math_text = r"""
-\documentclass{article}
-\usepackage{amsmath}
-\begin{document}
-\section*{The sum of the first $n$ odd numbers}
 \textbf{Claim.} For every integer $n \ge 1$, $\sum_{k=1}^{n} (2k-1) = n^2$.
-
-\textbf{Proof by induction.} For $n = 1$ the sum is $1 = 1^2$. Assume $\sum_{k=1}^{n} (2k-1) = n^2$. Then
+\textbf{Proof.} For $n = 1$ the sum is $1 = 1^2$. If $\sum_{k=1}^{n} (2k-1) = n^2$, then
 \begin{align*}
-\sum_{k=1}^{n+1} (2k-1) &= n^2 + (2(n+1) - 1) \\
-                       &= n^2 + 2n + 1 = (n+1)^2.
+\sum_{k=1}^{n+1} (2k-1) &= n^2 + (2(n+1) - 1) = n^2 + 2n + 1 = (n+1)^2. \qed
 \end{align*}
-Hence the claim holds for all $n$. \qed
-\end{document}
 """.strip()
 
 science_text = r"""
 Mitochondria generate most of a cell's supply of adenosine triphosphate (ATP) through oxidative phosphorylation.
-Electrons derived from NADH and FADH2 pass along the electron transport chain in the inner mitochondrial membrane,
-and the energy released pumps protons into the intermembrane space. The resulting electrochemical gradient drives
-ATP synthase, a rotary enzyme that phosphorylates ADP. Uncoupling proteins let protons leak back without producing
-ATP, releasing the energy as heat, which is how brown adipose tissue keeps hibernating mammals warm.
+Electrons derived from NADH and FADH2 pass along the electron transport chain, and the energy released pumps protons
+into the intermembrane space; the resulting electrochemical gradient drives ATP synthase, a rotary enzyme.
 """.strip()
 
 all_text = [("news", news_text), ("korean", korean_text), ("code", code_text), ("math", math_text), ("science", science_text)]

@@ -30,10 +30,8 @@ if args.max_chars <= 0 or args.doc_cap <= 0:
 
 dataset = get_dataset_name()
 train_files = get_split_files("train")  # exits with a clear line if there are no shards
-print0(f"dataset: {dataset} ({len(train_files)} train shards in {get_data_dir()})")
-print0(f"max_chars: {args.max_chars:,}")
-print0(f"doc_cap: {args.doc_cap:,}")
-print0(f"vocab_size: {args.vocab_size:,}")
+print0(f"dataset: {dataset} ({len(train_files)} train shards in {get_data_dir()}), max_chars: {args.max_chars:,}, "
+       f"doc_cap: {args.doc_cap:,}, vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
 # Text: documents in shard order, each capped at doc_cap chars, until max_chars is crossed
@@ -59,17 +57,6 @@ if tokenizer.get_vocab_size() != args.vocab_size:
 
 tokenizer_dir = get_tokenizer_dir()
 tokenizer.save(tokenizer_dir)
-
-# -----------------------------------------------------------------------------
-# Sanity check: an exact round trip on mixed text
-
-test_text = """Hello world! This is a test.
-Numbers: 123, 4567, 89
-Contractions: I'm, you're, it's
-Special chars: @#$%^&*()
-Unicode: 你好世界 🌍"""
-encoded = tokenizer.encode(test_text)
-assert tokenizer.decode(encoded) == test_text, "tokenizer round trip failed"
 
 # -----------------------------------------------------------------------------
 # token_bytes.pt: raw byte length of every token (0 for specials), for vocab-independent bits per byte
