@@ -46,12 +46,9 @@ class RustBPETokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
-        vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
-        if vocab_size_no_special < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
-                             f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        # at least 256 (the bytes) + len(SPECIAL_TOKENS): scripts/tok_train.py checks the user's --vocab-size
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, vocab_size_no_special, pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         # a small corpus can run out of pairs to merge: specials then follow the last real rank
         offset = len(mergeable_ranks)
@@ -191,17 +188,10 @@ class RustBPETokenizer:
 
         return ids[:max_tokens], mask[:max_tokens]
 
-    def visualize_tokenization(self, ids, mask, with_token_id=False):
+    def visualize_tokenization(self, ids, mask):
         """Debug view: supervised tokens green, the rest red, separated by |."""
-        red, green, gray, reset = "\033[91m", "\033[92m", "\033[90m", "\033[0m"
-        pieces = []
-        for token_id, m in zip(ids, mask):
-            text = self.decode([token_id])
-            piece = f"{green if m == 1 else red}{text}{reset}"
-            if with_token_id:
-                piece += f"{gray}({token_id}){reset}"
-            pieces.append(piece)
-        return "|".join(pieces)
+        red, green, reset = "\033[91m", "\033[92m", "\033[0m"
+        return "|".join(f"{green if m == 1 else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling the assistant's reply: drop the last (assistant) message, prime <|assistant_start|>."""

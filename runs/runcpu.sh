@@ -11,8 +11,7 @@
 # english_words/), the evals and SFT use it.
 # It stops at the first failing step, printing that step's name.
 set -euo pipefail
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO_ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
