@@ -150,11 +150,11 @@ def read_row_group_texts(pf, rg_idx, path="?"):
     return [t for t in texts if t]
 
 
-def parquets_iter_batched(split, start=0, step=1):
-    """Yield the `text` column of every row group (start, start+step, ...) of every shard of the split."""
+def parquets_iter_batched(split):
+    """Yield the documents of every row group of every shard of the split, in order."""
     for path in get_split_files(split):
         pf = open_parquet(path)
-        for rg_idx in range(start, pf.num_row_groups, step):
+        for rg_idx in range(pf.num_row_groups):
             yield read_row_group_texts(pf, rg_idx, path)
 
 # -----------------------------------------------------------------------------
@@ -182,11 +182,11 @@ def download_shard(index, data_dir, base_url, retries=5):
     return True
 
 
-def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=5):
+def download_shards(num_files, name=None, num_workers=4, retries=5):
     """The first num_files train shards (-1 = all) plus the pinned val shard. Returns (num_ok, num_requested)."""
     name = get_dataset_name(name)
     info = HUB_DATASETS[name]
-    base_url = base_url or f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"
+    base_url = f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"  # HF_ENDPOINT selects a mirror
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
@@ -350,7 +350,6 @@ def main(argv=None):
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="number of train shards to download (-1 = all); the val shard is always fetched")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", type=str, default=None, help=f"one of {', '.join(HUB_DATASETS)} (default: env NANOCHAT_DATASET or {DEFAULT_DATASET})")
-    parser.add_argument("--base-url", type=str, default=None, help="download from this URL instead of the hub (a mirror)")
     parser.add_argument("--retries", type=int, default=5, help="download attempts per shard (exponential backoff between them)")
     parser.add_argument("--from-dir", type=str, default=None, help="build the 'local' dataset from your own .txt/.md/.jsonl/.parquet files")
     parser.add_argument("--max-doc-chars", type=int, default=10_000, help="--from-dir: split longer texts into documents of at most this size")
@@ -363,7 +362,7 @@ def main(argv=None):
     name = get_dataset_name(args.dataset)
     if name not in HUB_DATASETS:
         raise SystemExit(f"error: dataset {name!r} is built locally, not downloaded; {how_to_get(name)}")
-    ok, requested = download_shards(args.num_files, name, args.num_workers, args.base_url, args.retries)
+    ok, requested = download_shards(args.num_files, name, args.num_workers, args.retries)
     if ok < requested:
         raise SystemExit(f"error: {requested - ok} shards failed to download; run the same command again "
                          f"(finished shards are kept)")
