@@ -67,14 +67,9 @@ atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
 print0(f"Saved token_bytes to {token_bytes_path}")
 
 regular = token_bytes[token_bytes > 0].to(torch.float32)
-stats = {
-    "train_time": train_time,
-    "num_special_tokens": len(tokenizer.get_special_tokens()),
-    "token_bytes_min": int(regular.min().item()),
-    "token_bytes_max": int(regular.max().item()),
-    "token_bytes_mean": regular.mean().item(),
-    "token_bytes_std": regular.std().item(),
-}
+stats = dict(train_time=train_time, num_special_tokens=len(tokenizer.get_special_tokens()),
+             token_bytes_min=int(regular.min()), token_bytes_max=int(regular.max()),
+             token_bytes_mean=regular.mean().item(), token_bytes_std=regular.std().item())
 print0(", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()))
 
 get_report().log(section="Tokenizer training", data=[vars(args), {"dataset": dataset, "chars_trained": num_chars_seen}, stats])
