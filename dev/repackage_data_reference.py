@@ -1,5 +1,5 @@
 """
-Reference: how the hosted pretraining shards were produced, runnable on local text so the recipe can be checked.
+How the hosted pretraining shards were produced, runnable on local text so the recipe can be checked.
 
 The hub shards (karpathy/fineweb-edu-100b-shuffle, karpathy/climbmix-400b-shuffle) were made like this:
   1. Load the upstream dataset (FineWeb-Edu sample-100BT, or Nemotron-ClimbMix) and shuffle it with seed 42.
@@ -16,7 +16,7 @@ Here the input is a local folder of .txt/.md/.jsonl/.parquet files (read as in `
 or, with --hf-dataset and the `datasets` package installed, the upstream dataset itself.
 For our own shards day to day use `python -m nanochat.dataset --from-dir DIR` (keeps the tail, writes a manifest).
 
-    python dev/repackage_data_reference.py --input-dir ../shared/data/british_fiction --output-dir /tmp/shards --shard-chars 2000000
+    python dev/repackage_data_reference.py --input-dir ~/my_text --output-dir /tmp/shards --shard-chars 2000000
 """
 
 import os
