@@ -153,6 +153,12 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
     proc = run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", summary,
                           "--since", time.time() + 100, check=False)
     assert proc.returncode != 0 and "older than this run" in proc.stderr
+    # a summary without base_train's keys is refused by name, not guessed around
+    foreign = tmp_path / "foreign" / "summary.json"
+    foreign.parent.mkdir()
+    foreign.write_text(json.dumps({k: v for k, v in fake_summary(summary, 2, 1.0).items() if k != "param_counts"}))
+    proc = run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", foreign, check=False)
+    assert proc.returncode != 0 and "has no 'param_counts' entry" in proc.stderr.strip().splitlines()[-1]
     assert not results.exists()
     # a CSV with a foreign header is refused rather than mixed
     results.parent.mkdir(parents=True, exist_ok=True)
