@@ -228,6 +228,10 @@ class FatalAPIError(RuntimeError):
     """Errors that retrying cannot fix (bad key, unreachable server): stop the whole run."""
 
 
+class Stopped(RuntimeError):
+    """This worker gave up because another worker hit a FatalAPIError: never the error the run reports."""
+
+
 class RetryableError(RuntimeError):
     pass
 
@@ -278,7 +282,7 @@ def generate_one(idx, args, api_key, knowledge, stop_event):
     last_error = None
     for attempt in range(args.retries + 1):
         if stop_event.is_set():
-            raise FatalAPIError("stopped")
+            raise Stopped()
         try:
             messages = request_conversation(session, args, api_key, prompt)
             return messages, {"index": idx, "model": args.model, **spec}
@@ -388,8 +392,10 @@ def main(argv=None):
                 for future in as_completed(futures):
                     try:
                         messages, metadata = future.result()
+                    except Stopped:
+                        continue
                     except FatalAPIError as e:
-                        if fatal is None:
+                        if fatal is None:  # the first root cause; later ones are usually the same error
                             fatal = str(e)
                             stop_event.set()
                             for f in futures:

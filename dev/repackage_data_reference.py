@@ -1,5 +1,5 @@
 """
-Reference: how the hosted pretraining shards were produced, runnable on local text so the recipe can be checked.
+How the hosted pretraining shards were produced, runnable on local text so the recipe can be checked.
 
 The hub shards (karpathy/fineweb-edu-100b-shuffle, karpathy/climbmix-400b-shuffle) were made like this:
   1. Load the upstream dataset (FineWeb-Edu sample-100BT, or Nemotron-ClimbMix) and shuffle it with seed 42.
@@ -16,7 +16,7 @@ Here the input is a local folder of .txt/.md/.jsonl/.parquet files (read as in `
 or, with --hf-dataset and the `datasets` package installed, the upstream dataset itself.
 For our own shards day to day use `python -m nanochat.dataset --from-dir DIR` (keeps the tail, writes a manifest).
 
-    python dev/repackage_data_reference.py --input-dir ../shared/data/british_fiction --output-dir /tmp/shards --shard-chars 2000000
+    python dev/repackage_data_reference.py --input-dir ~/my_text --output-dir /tmp/shards --shard-chars 2000000
 """
 
 import os
@@ -30,16 +30,16 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable as a plain script
 
-parser = argparse.ArgumentParser(description="Repackage text into nanochat pretraining shards (reference recipe)")
+parser = argparse.ArgumentParser(description="Repackage text into nanochat pretraining shards (the hub shards' recipe)")
 parser.add_argument("--input-dir", type=str, default=None, help="folder of .txt/.md/.jsonl/.parquet files")
 parser.add_argument("--hf-dataset", type=str, default=None, help="upstream dataset, e.g. HuggingFaceFW/fineweb-edu (needs `datasets`)")
 parser.add_argument("--hf-config", type=str, default=None, help="dataset config, e.g. sample-100BT")
 parser.add_argument("--decode-gpt2-tokens", action="store_true", help="documents are GPT-2 token ids (ClimbMix): decode with tiktoken")
 parser.add_argument("--output-dir", type=str, required=True, help="where shard_XXXXX.parquet files go")
-parser.add_argument("--shard-chars", type=int, default=250_000_000, help="characters per shard (reference: 250M)")
-parser.add_argument("--row-group-size", type=int, default=1024, help="documents per row group (reference: 1024)")
+parser.add_argument("--shard-chars", type=int, default=250_000_000, help="characters per shard")
+parser.add_argument("--row-group-size", type=int, default=1024, help="documents per row group")
 parser.add_argument("--max-doc-chars", type=int, default=10_000, help="local text: split longer files into documents of at most this size")
-parser.add_argument("--seed", type=int, default=42, help="shuffle seed (reference: 42)")
+parser.add_argument("--seed", type=int, default=42, help="shuffle seed")
 parser.add_argument("--upload-repo", type=str, default=None, help="upload the folder to this hub dataset repo (needs HF_TOKEN)")
 args = parser.parse_args()
 if (args.input_dir is None) == (args.hf_dataset is None):
@@ -47,12 +47,12 @@ if (args.input_dir is None) == (args.hf_dataset is None):
 
 # 1-2. documents in shuffled order
 if args.input_dir:
-    from nanochat.local_corpus import read_user_file, split_long_document
+    from nanochat.dataset import read_user_file, split_long_document
     paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.input_dir) for f in fs
                    if f.endswith((".txt", ".md", ".jsonl", ".parquet")))
     if not paths:
         raise SystemExit(f"error: --input-dir {args.input_dir} has no .txt/.md/.jsonl/.parquet files")
-    docs = [piece for p in paths for doc in read_user_file(p) for piece in split_long_document(doc, args.max_doc_chars)]
+    docs = [piece for p in paths for doc in read_user_file(p) or [] for piece in split_long_document(doc, args.max_doc_chars)]
     random.Random(args.seed).shuffle(docs)
     documents = iter(docs)
 else:

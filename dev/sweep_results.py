@@ -9,7 +9,7 @@ One small tool shared by both sweeps, so they record, skip and display results t
     (--kind scaling additionally takes --flops-budget for `done` and `append`)
 
 Rows are read from the summary.json that scripts/base_train.py writes next to its checkpoint, never scraped from the
-training log (the reference scraped printed lines and silently produced empty columns when the wording changed).
+training log (scraped lines silently give empty columns when the wording changes).
 The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
 the plots need nothing else.
 """
@@ -115,18 +115,6 @@ def load_summary(summary_path, since=None):
         fail(f"{summary_path} is not valid JSON ({e}); re-run that training run")
 
 
-def param_breakdown(summary):
-    """The per-group parameter counts (wte, value_embeds, lm_head, transformer_matrices, scalars, total), or {}."""
-    for key in ("param_counts", "num_params_by_group", "parameter_counts", "num_scaling_params", "num_params"):
-        if isinstance(summary.get(key), dict):
-            return summary[key]
-    return {}
-
-
-def as_int(x):
-    return "" if x is None else int(x)
-
-
 def fmt_float(x, digits):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
@@ -134,33 +122,21 @@ def fmt_float(x, digits):
 
 
 def summary_to_row(summary, kind, wall_time=None, flops_budget=None):
-    groups = param_breakdown(summary)
-    num_params = summary.get("num_params")
-    if isinstance(num_params, dict) or num_params is None:
-        num_params = groups.get("total")
-    scaling = summary.get("num_scaling_params")
-    if isinstance(scaling, dict) or scaling is None:
-        # scaling params = transformer matrices + lm_head (the count the training horizon is computed from)
-        scaling = (groups["transformer_matrices"] + groups["lm_head"]) if groups else None
-    tokens = summary.get("tokens_trained")
-    ratio = summary.get("param_data_ratio")
-    if ratio is None and tokens and scaling:
-        ratio = tokens / scaling
-    core = summary.get("core_score")
+    """One CSV row from the summary.json that scripts/base_train.py writes (its keys, read as they are)."""
+    groups = summary["param_counts"]
     row = {
-        "depth": as_int(summary.get("depth")),
-        "model_dim": as_int(summary.get("model_dim")),
-        "num_params": as_int(num_params),
-        "num_scaling_params": as_int(scaling),
-        "num_iterations": as_int(summary.get("num_iterations")),
-        "tokens_trained": as_int(tokens),
-        "param_data_ratio": fmt_float(ratio, 2),
-        "val_bpb": fmt_float(summary.get("val_bpb"), 6),
+        "depth": int(summary["depth"]),
+        "model_dim": int(summary["model_dim"]),
+        "num_params": int(summary["num_params"]),
+        "num_scaling_params": int(summary["num_scaling_params"]),
+        "num_iterations": int(summary["num_iterations"]),
+        "tokens_trained": int(summary["tokens_trained"]),
+        "param_data_ratio": fmt_float(summary["param_data_ratio"], 2),
+        "val_bpb": fmt_float(summary["val_bpb"], 6),
         # empty (not 0.0) when CORE was not computed: a zero would read as a real, terrible score
-        "core_score": fmt_float(core, 6),
-        "train_time_sec": fmt_float(summary.get("train_time_sec"), 1),
-        "total_training_flops": "" if summary.get("total_training_flops") is None
-        else f"{float(summary['total_training_flops']):.6e}",
+        "core_score": fmt_float(summary["core_score"], 6),
+        "train_time_sec": fmt_float(summary["train_time_sec"], 1),
+        "total_training_flops": f"{float(summary['total_training_flops']):.6e}",
         "wall_time_sec": fmt_float(wall_time, 1),
     }
     if kind == "scaling":
@@ -168,9 +144,7 @@ def summary_to_row(summary, kind, wall_time=None, flops_budget=None):
         for column, group in (("params_wte", "wte"), ("params_value_embeds", "value_embeds"),
                               ("params_lm_head", "lm_head"), ("params_transformer", "transformer_matrices"),
                               ("params_scalars", "scalars"), ("params_total", "total")):
-            row[column] = as_int(groups.get(group))
-        if row["params_total"] == "":
-            row["params_total"] = as_int(num_params)
+            row[column] = int(groups[group])
     return row
 
 
@@ -362,7 +336,10 @@ def cmd_append(args):
         fail("--flops-budget is required with --kind scaling")
     rows = read_rows(args.csv, args.kind)
     summary = load_summary(args.summary, since=args.since)
-    row = summary_to_row(summary, args.kind, wall_time=args.wall_time, flops_budget=args.flops_budget)
+    try:
+        row = summary_to_row(summary, args.kind, wall_time=args.wall_time, flops_budget=args.flops_budget)
+    except KeyError as e:
+        fail(f"{args.summary} has no {e} entry: it was not written by this version of scripts/base_train.py")
     d = row["depth"]
     if row["core_score"] == "":
         log(f"WARNING: Could not extract CORE score for d={d} (CORE was not computed in this run); column left empty")

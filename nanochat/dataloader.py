@@ -10,8 +10,8 @@ DDP: rank r reads row groups r, r+W, r+2W, ... of every shard, so ranks see disj
 Exact resume: each yielded state_dict records the position of the next document to read AND the documents
 still waiting in the buffer (as coordinates file/row group/index, re-read and re-tokenized on resume), so a
 loader restarted from the state of step k yields exactly the batches the uninterrupted run yields after step k.
-The state is per rank (save each rank's own) and JSON-serializable. A state from another rank or in the
-reference's (pq_idx, rg_idx, epoch) form resumes approximately (skips to the next row group block), with a warning.
+The state is per rank (save each rank's own) and JSON-serializable. A state from another rank, or one holding only
+a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row group block), with a warning.
 """
 
 import os
@@ -109,8 +109,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
         device="cuda", resume_state_dict=None, buffer_size=1000):
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`."""
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
-    assert B > 0 and T > 0, f"batch size and sequence length must be positive, got B={B} T={T}"
     _, rank, _, world_size = get_dist_info()
     stream = _DocumentStream(split, rank, world_size)
     bos = tokenizer.get_bos_token_id()
@@ -143,7 +141,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             coords = _expand_coords(state["buffer"])
             add_docs(stream.read_docs(coords), coords)
         else:
-            # approximate, as the reference: skip the rest of the row-group block that was being read
+            # approximate: skip the rest of the row-group block that was being read
             print0(f"WARNING: dataloader state is not this rank's exact state (rank {rank}/{world_size}); "
                    f"resuming approximately at the next row group (some documents are skipped)")
             pq_idx = state["pq_idx"] if "file" not in state else stream.file_index(state["file"])

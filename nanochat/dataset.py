@@ -3,10 +3,9 @@ Pretraining data: parquet shards with one string column `text`, one document per
 
 Where shards come from (one dataset is in use at a time, chosen by --dataset or env NANOCHAT_DATASET):
 - climbmix     (default) downloaded from the Hugging Face hub, 6542 train shards + pinned val shard 06542
-- fineweb-edu  downloaded from the hub, 1822 train shards + pinned val shard 01822 (the SEED dataset)
-- offline      built here from text every machine with our dependencies already has: the docstrings, long
-               comments and bundled docs of the installed Python standard library and packages (python -m nanochat.dataset --offline-corpus)
+- fineweb-edu  downloaded from the hub, 1822 train shards + pinned val shard 01822
 - local        built here from your own .txt/.md/.jsonl/.parquet files (python -m nanochat.dataset --from-dir DIR)
+- offline      built from text already on this machine by the offline demo tool (python -m dev.offline_corpus)
 Each dataset lives in its own directory under the base dir (see get_data_dir), so sources never mix.
 The validation shard is pinned: the hub datasets' last shard, or the one named in manifest.json of a local build.
 
@@ -16,18 +15,23 @@ Env: NANOCHAT_DATASET (which dataset), HF_ENDPOINT (hub address, tests point it 
 CLI:
     python -m nanochat.dataset -n 8                 # first 8 train shards + the val shard of the default dataset
     python -m nanochat.dataset -n 8 --dataset fineweb-edu
-    python -m nanochat.dataset --offline-corpus     # then: export NANOCHAT_DATASET=offline
     python -m nanochat.dataset --from-dir ~/my_text # then: export NANOCHAT_DATASET=local
 """
 
 import os
+import re
 import json
+import random
+import shutil
+import hashlib
 import argparse
 import concurrent.futures
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-# nanochat.common (which imports torch) is imported inside functions: the CLI then starts, and fails offline, fast
+from nanochat.common import get_base_dir, download_file, DownloadError
+from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
 # The datasets and where their shards live
@@ -60,53 +64,45 @@ def get_dataset_name(name=None):
 
 def get_data_dir(name=None):
     """The one place that decides which directory holds the shards in use."""
-    from nanochat.common import get_base_dir
     return os.path.join(get_base_dir(), DATASETS[get_dataset_name(name)]["dirname"])
+
+
+OFFLINE_HINT = "offline? build shards from your own text: python -m nanochat.dataset --from-dir DIR"
 
 
 def how_to_get(name):
     if name == "offline":
-        return "build it with: python -m nanochat.dataset --offline-corpus"
+        return "build it with: python -m dev.offline_corpus"
     if name == "local":
         return "build it with: python -m nanochat.dataset --from-dir DIR"
     flag = "" if name == DEFAULT_DATASET else f" --dataset {name}"
-    return (f"download shards with: python -m nanochat.dataset -n 8{flag} "
-            f"(offline? python -m nanochat.dataset --offline-corpus and export NANOCHAT_DATASET=offline)")
+    return f"download shards with: python -m nanochat.dataset -n 8{flag} ({OFFLINE_HINT})"
 
-
-def hub_base_url(name):
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/datasets/{HUB_DATASETS[name]['repo']}/resolve/main"
 
 # -----------------------------------------------------------------------------
 # Listing and reading shards
 
-def list_parquet_files(data_dir=None):
+def list_parquet_files(data_dir):
     """All finished shards in the data dir, sorted, as full paths (temp files are never listed)."""
-    data_dir = data_dir or get_data_dir()
-    if not os.path.isdir(data_dir):
-        return []
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet"))
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet")) if os.path.isdir(data_dir) else []
     return [os.path.join(data_dir, n) for n in names]
 
 
-def get_val_filename(data_dir, name=None):
+def get_val_filename(data_dir, name):
     """The pinned val shard's file name: from the manifest of a local build, else the hub dataset's last shard."""
     manifest_path = os.path.join(data_dir, MANIFEST)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             return json.load(f)["val"]
-    name = get_dataset_name(name)
     if name in HUB_DATASETS:
         return shard_name(HUB_DATASETS[name]["max_shard"])
     return None  # a local build without a manifest is an unfinished build
 
 
-def get_split_files(split, data_dir=None, name=None):
-    """Paths of the shards of one split. Exits with a clear message when shards are missing."""
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+def get_split_files(split, name=None):
+    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing."""
     name = get_dataset_name(name)
-    data_dir = data_dir or get_data_dir(name)
+    data_dir = get_data_dir(name)
     files = list_parquet_files(data_dir)
     if not files:
         others = [other for other in DATASETS if other != name and list_parquet_files(get_data_dir(other))]
@@ -134,24 +130,31 @@ def open_parquet(path):
     except Exception as e:
         raise SystemExit(f"error: cannot read parquet file {path} ({type(e).__name__}: {e}); "
                          f"delete it and rebuild/re-download the shards")
-    if "text" not in pf.schema_arrow.names:
-        raise SystemExit(f"error: parquet file {path} has no 'text' column (columns: {pf.schema_arrow.names})")
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise SystemExit(f"error: parquet file {path} has no 'text' column (columns: {schema.names})")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise SystemExit(f"error: the 'text' column of parquet file {path} holds {text_type}, not strings")
     return pf
 
 
 def read_row_group_texts(pf, rg_idx, path="?"):
+    """The documents of one row group. Null and empty rows are dropped (the same way on every read, so
+    dataloader positions stay valid)."""
     try:
-        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
     except Exception as e:
         raise SystemExit(f"error: corrupt row group {rg_idx} in {path} ({type(e).__name__}: {e}); "
                          f"delete the file and rebuild/re-download the shards")
+    return [t for t in texts if t]
 
 
-def parquets_iter_batched(split, start=0, step=1):
-    """Yield the `text` column of every row group (start, start+step, ...) of every shard of the split."""
+def parquets_iter_batched(split):
+    """Yield the documents of every row group of every shard of the split, in order."""
     for path in get_split_files(split):
         pf = open_parquet(path)
-        for rg_idx in range(start, pf.num_row_groups, step):
+        for rg_idx in range(pf.num_row_groups):
             yield read_row_group_texts(pf, rg_idx, path)
 
 # -----------------------------------------------------------------------------
@@ -163,7 +166,6 @@ def download_shard(index, data_dir, base_url, retries=5):
     final_path = os.path.join(data_dir, filename)
     if os.path.exists(final_path):
         return True
-    from nanochat.common import download_file, DownloadError
     staging_path = final_path + ".download"  # not *.parquet: never listed as a shard
     try:
         download_file(f"{base_url}/{filename}", staging_path, retries=retries, desc=filename)
@@ -180,28 +182,20 @@ def download_shard(index, data_dir, base_url, retries=5):
     return True
 
 
-def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=5):
+def download_shards(num_files, name=None, num_workers=4, retries=5):
     """The first num_files train shards (-1 = all) plus the pinned val shard. Returns (num_ok, num_requested)."""
     name = get_dataset_name(name)
     info = HUB_DATASETS[name]
-    base_url = base_url or hub_base_url(name)
+    base_url = f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"  # HF_ENDPOINT selects a mirror
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
     num_train = max_shard if num_files < 0 else min(num_files, max_shard)
     indices = [max_shard] + list(range(num_train))  # the val shard first: it doubles as a connectivity check
-    from nanochat.common import is_offline
-    if is_offline():
-        missing = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
-        if missing:
-            raise SystemExit(f"error: NANOCHAT_OFFLINE is set and {len(missing)} shards are missing in {data_dir}; "
-                             f"unset it to download, or use: python -m nanochat.dataset --offline-corpus")
     print(f"Dataset {name}: {num_train} train shards + val shard {shard_name(max_shard)} -> {data_dir} "
           f"({num_workers} workers)", flush=True)
     if not download_shard(max_shard, data_dir, base_url, retries):
-        raise SystemExit(f"error: could not download {shard_name(max_shard)} from {base_url}. Offline? Build the "
-                         f"offline corpus instead: python -m nanochat.dataset --offline-corpus && "
-                         f"export NANOCHAT_DATASET=offline (or use --from-dir DIR with your own text)")
+        raise SystemExit(f"error: could not download {shard_name(max_shard)} from {base_url} ({OFFLINE_HINT})")
     ok = 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for success in pool.map(lambda i: download_shard(i, data_dir, base_url, retries), indices[1:]):
@@ -210,41 +204,168 @@ def download_shards(num_files, name=None, num_workers=4, base_url=None, retries=
     return ok, len(indices)
 
 # -----------------------------------------------------------------------------
+# Building shards from local text (--from-dir), in the same format as the hub shards
+
+def split_long_document(text, max_chars):
+    """Cut a long text at paragraph (then line, then hard) boundaries into pieces of at most max_chars."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, current = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        while len(para) > max_chars:  # a single huge paragraph: cut at a line break or hard
+            cut = para.rfind("\n", 0, max_chars)
+            cut = cut if cut > max_chars // 2 else max_chars
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(para[:cut])
+            para = para[cut:].lstrip("\n")
+        if current and len(current) + 2 + len(para) > max_chars:
+            pieces.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current:
+        pieces.append(current)
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def write_shards(documents, out_dir, dataset_name, source, shard_chars=10_000_000, val_fraction=0.05, seed=42,
+                 manifest_extra=None):
+    """
+    Deduplicate, shuffle (seeded) and write documents as shards into out_dir, atomically:
+    everything goes to a temp dir, manifest.json last, then the temp dir replaces out_dir.
+    The val shard gets val_fraction of the documents and is the last shard, named in the manifest.
+    """
+    seen, docs = set(), []
+    for doc in documents:
+        doc = doc.strip()
+        key = hashlib.sha1(" ".join(doc.split()).encode("utf-8", "replace")).digest()
+        if doc and key not in seen:
+            seen.add(key)
+            docs.append(doc)
+    if len(docs) < 2:
+        raise SystemExit(f"error: found {len(docs)} distinct documents in {source}; need at least 2 (one for val)")
+    random.Random(seed).shuffle(docs)
+    num_val = max(1, int(len(docs) * val_fraction))
+    val_docs, train_docs = docs[:num_val], docs[num_val:]
+    # row groups small enough that the val shard has several, so DDP ranks each get some val data
+    row_group_size = max(1, min(1024, num_val // 8))
+
+    shards, current, current_chars = [], [], 0
+    for doc in train_docs:
+        current.append(doc)
+        current_chars += len(doc)
+        if current_chars >= shard_chars and len(current) % row_group_size == 0:
+            shards.append(current)
+            current, current_chars = [], 0
+    if current:
+        shards.append(current)  # the tail is kept: local corpora are small
+    shards.append(val_docs)
+
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    names = [shard_name(i) for i in range(len(shards))]
+    for name, shard_docs in zip(names, shards):
+        pq.write_table(pa.Table.from_pydict({"text": shard_docs}), os.path.join(tmp_dir, name),
+                       row_group_size=row_group_size, use_dictionary=False, compression="zstd",
+                       compression_level=3, write_statistics=False)
+    manifest = dict(dataset=dataset_name, source=str(source), num_documents=len(docs),
+                    num_chars=sum(len(d) for d in docs), row_group_size=row_group_size,
+                    train=names[:-1], val=names[-1], seed=seed, **(manifest_extra or {}))
+    with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    # swap the finished dir in: a reader sees the old build or the new one, never a mix
+    old_dir = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old_dir)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    print(f"Wrote {len(names) - 1} train shards + val shard {names[-1]} ({len(docs):,} documents, "
+          f"{manifest['num_chars'] / 1e6:.1f}M chars, {len(val_docs):,} val docs) to {out_dir}", flush=True)
+    return manifest
+
+
+def read_user_file(path):
+    """Documents from one user file: .txt/.md = whole file, .jsonl = one per line, .parquet = its text column.
+    Returns None for a file that is not UTF-8 text (binary data, another encoding): the caller skips it."""
+    if path.endswith(".parquet"):
+        pf = open_parquet(path)
+        return [t for rg in range(pf.num_row_groups) for t in read_row_group_texts(pf, rg, path)]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text:  # valid UTF-8 can still be binary; text never holds NUL bytes
+        return None
+    if not path.endswith(".jsonl"):
+        return [text]
+    docs = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{line_no} is not valid JSON ({e}); fix or remove that line")
+        doc = row if isinstance(row, str) else (row.get("text") if isinstance(row, dict) else None)
+        if not isinstance(doc, str):
+            raise SystemExit(f"error: {path}:{line_no} has no string 'text' field; each line must be "
+                             f'{{"text": "..."}} or a JSON string')
+        docs.append(doc)
+    return docs
+
+
+def build_from_dir(source_dir, max_doc_chars=10_000, shard_chars=10_000_000):
+    """Shards of the 'local' dataset from the text files under source_dir."""
+    source_dir = os.path.abspath(os.path.expanduser(source_dir))
+    if not os.path.isdir(source_dir):
+        raise SystemExit(f"error: --from-dir {source_dir} is not a directory")
+    paths = []
+    for root, dirs, files in os.walk(source_dir):
+        dirs.sort()
+        paths += [os.path.join(root, f) for f in sorted(files) if f.endswith((".txt", ".md", ".jsonl", ".parquet"))]
+    if not paths:
+        raise SystemExit(f"error: --from-dir {source_dir} has no .txt, .md, .jsonl or .parquet files")
+    print(f"Reading {len(paths)} files from {source_dir}", flush=True)
+    docs, not_text = [], []
+    for path in paths:
+        file_docs = read_user_file(path)
+        if file_docs is None:
+            not_text.append(os.path.relpath(path, source_dir))
+            continue
+        for doc in file_docs:
+            docs += split_long_document(doc, max_doc_chars)
+    if not_text:
+        print(f"Skipped {len(not_text)} files that are not UTF-8 text (binary?): {', '.join(not_text[:5])}"
+              f"{' ...' if len(not_text) > 5 else ''}", flush=True)
+    return write_shards(docs, get_data_dir("local"), "local", source_dir, shard_chars=shard_chars)
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Get pretraining shards: download them, or build them locally")
+    parser = argparse.ArgumentParser(description="Get pretraining shards: download them, or build them from your own text")
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="number of train shards to download (-1 = all); the val shard is always fetched")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads / extraction processes")
-    parser.add_argument("--dataset", type=str, default=None, help=f"one of {', '.join(DATASETS)} (default: env NANOCHAT_DATASET or {DEFAULT_DATASET})")
-    parser.add_argument("--base-url", type=str, default=None, help="download from this URL instead of the hub (a mirror)")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--dataset", type=str, default=None, help=f"one of {', '.join(HUB_DATASETS)} (default: env NANOCHAT_DATASET or {DEFAULT_DATASET})")
     parser.add_argument("--retries", type=int, default=5, help="download attempts per shard (exponential backoff between them)")
-    # local builds
-    parser.add_argument("--offline-corpus", action="store_true", help="build the offline corpus from installed Python docs (dataset 'offline')")
-    parser.add_argument("--from-dir", type=str, default=None, help="build shards from your own .txt/.md/.jsonl/.parquet files (dataset 'local')")
-    parser.add_argument("--max-chars", type=int, default=50_000_000, help="offline corpus: stop after this many characters")
-    parser.add_argument("--max-doc-chars", type=int, default=10_000, help="local builds: split longer texts into documents of at most this size")
-    parser.add_argument("--force", action="store_true", help="offline corpus: rebuild even if already built")
+    parser.add_argument("--from-dir", type=str, default=None, help="build the 'local' dataset from your own .txt/.md/.jsonl/.parquet files")
+    parser.add_argument("--max-doc-chars", type=int, default=10_000, help="--from-dir: split longer texts into documents of at most this size")
     args = parser.parse_args(argv)
 
-    from nanochat.local_corpus import build_from_dir, build_offline_corpus  # the local builders live there
-    if args.offline_corpus and args.from_dir:
-        raise SystemExit("error: use either --offline-corpus or --from-dir, not both")
-    name = get_dataset_name("offline" if args.offline_corpus else "local" if args.from_dir else args.dataset)
     if args.from_dir:
         build_from_dir(args.from_dir, max_doc_chars=args.max_doc_chars)
-    elif name == "offline":
-        build_offline_corpus(max_chars=args.max_chars, max_doc_chars=args.max_doc_chars,
-                             num_workers=min(args.num_workers, os.cpu_count() or 1), force=args.force)
-    elif name == "local":
-        raise SystemExit("error: dataset 'local' is built from your files: python -m nanochat.dataset --from-dir DIR")
-    else:
-        ok, requested = download_shards(args.num_files, name, args.num_workers, args.base_url, args.retries)
-        if ok < requested:
-            raise SystemExit(f"error: {requested - ok} shards failed to download; run the same command again "
-                             f"(finished shards are kept)")
+        print("To train on these shards: export NANOCHAT_DATASET=local")
         return
-    if os.environ.get("NANOCHAT_DATASET") != name:
-        print(f"To train on these shards: export NANOCHAT_DATASET={name}")
+    name = get_dataset_name(args.dataset)
+    if name not in HUB_DATASETS:
+        raise SystemExit(f"error: dataset {name!r} is built locally, not downloaded; {how_to_get(name)}")
+    ok, requested = download_shards(args.num_files, name, args.num_workers, args.retries)
+    if ok < requested:
+        raise SystemExit(f"error: {requested - ok} shards failed to download; run the same command again "
+                         f"(finished shards are kept)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ import copy
 import pickle
 from functools import lru_cache
 
+import torch
+import rustbpe
+import tiktoken
+
+from nanochat.common import get_base_dir, atomic_write
+
 SPECIAL_TOKENS = [
     "<|bos|>",              # delimits documents: every document / conversation starts with it
     "<|user_start|>",       # user turns
@@ -40,14 +46,9 @@ class RustBPETokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
-        import rustbpe
-        import tiktoken
-        vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
-        if vocab_size_no_special < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
-                             f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        # at least 256 (the bytes) + len(SPECIAL_TOKENS): scripts/tok_train.py checks the user's --vocab-size
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, vocab_size_no_special, pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         # a small corpus can run out of pairs to merge: specials then follow the last real rank
         offset = len(mergeable_ranks)
@@ -68,16 +69,12 @@ class RustBPETokenizer:
     @classmethod
     def from_pretrained(cls, tiktoken_name):
         """A pretrained tiktoken encoding (e.g. gpt2, cl100k_base); <|endoftext|> plays the role of BOS."""
-        import tiktoken
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
         os.makedirs(tokenizer_dir, exist_ok=True)
         path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(self.enc, f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: pickle.dump(self.enc, f))
         print(f"Saved tokenizer encoding to {path}")
 
     # -------------------------------------------------------------------------
@@ -111,27 +108,13 @@ class RustBPETokenizer:
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """str -> list[int]; list[str] -> list[list[int]] (encoded in parallel). Special-token text is NOT parsed."""
-        prepend_id = None if prepend is None else self._as_id(prepend)
-        append_id = None if append is None else self._as_id(append)
+        prefix = [] if prepend is None else [self._as_id(prepend)]
+        suffix = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if prepend_id is not None:
-                ids.insert(0, prepend_id)
-            if append_id is not None:
-                ids.append(append_id)
-            return ids
+            return prefix + self.enc.encode_ordinary(text) + suffix
         if isinstance(text, list):
-            batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            if prepend_id is not None:
-                batch = [[prepend_id] + ids for ids in batch]
-            if append_id is not None:
-                for ids in batch:
-                    ids.append(append_id)
-            return batch
+            return [prefix + ids + suffix for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise ValueError(f"encode expects a str or a list of str, got {type(text).__name__}")
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -205,17 +188,10 @@ class RustBPETokenizer:
 
         return ids[:max_tokens], mask[:max_tokens]
 
-    def visualize_tokenization(self, ids, mask, with_token_id=False):
+    def visualize_tokenization(self, ids, mask):
         """Debug view: supervised tokens green, the rest red, separated by |."""
-        red, green, gray, reset = "\033[91m", "\033[92m", "\033[90m", "\033[0m"
-        pieces = []
-        for token_id, m in zip(ids, mask):
-            text = self.decode([token_id])
-            piece = f"{green if m == 1 else red}{text}{reset}"
-            if with_token_id:
-                piece += f"{gray}({token_id}){reset}"
-            pieces.append(piece)
-        return "|".join(pieces)
+        red, green, reset = "\033[91m", "\033[92m", "\033[0m"
+        return "|".join(f"{green if m == 1 else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling the assistant's reply: drop the last (assistant) message, prime <|assistant_start|>."""
@@ -229,7 +205,6 @@ class RustBPETokenizer:
 
 
 def get_tokenizer_dir():
-    from nanochat.common import get_base_dir
     return os.path.join(get_base_dir(), "tokenizer")
 
 
@@ -239,7 +214,6 @@ def get_tokenizer():
 
 def compute_token_bytes(tokenizer):
     """Bytes per token id: the raw byte length of each regular token, 0 for special tokens (excluded from bpb)."""
-    import torch
     special_ids = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
     counts = [0 if i in special_ids else len(tokenizer.decode_single_token_bytes(i))
               for i in range(tokenizer.get_vocab_size())]
@@ -247,7 +221,6 @@ def compute_token_bytes(tokenizer):
 
 
 def get_token_bytes(device="cpu"):
-    import torch
     path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILENAME)
     if not os.path.exists(path):
         raise SystemExit(f"error: no token bytes at {path}; it is written by: python -m scripts.tok_train")

@@ -11,7 +11,6 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 
 log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*"; }
-banner() { echo "=============================================="; }
 
 # One process: plain python (fast start, no process group); more: torchrun on this node.
 launch() {

@@ -47,10 +47,7 @@ elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
 
-banner
-log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node"
-log "Results: $RESULTS_FILE"
-banner
+log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node; results: $RESULTS_FILE"
 
 for d in "${DEPTH_LIST[@]}"; do
     if python dev/sweep_results.py done --kind miniseries --csv "$RESULTS_FILE" --depth "$d"; then
@@ -64,16 +61,9 @@ for d in "${DEPTH_LIST[@]}"; do
     log "Training d=$d (model tag $TAG), log: $LOG_FILE"
     START=$(date +%s)
     # CORE once at the end on all examples; no samples; checkpoint only at the end
-    if ! launch scripts.base_train \
-        --depth="$d" \
-        --run="$RUN_NAME" \
-        --model-tag="$TAG" \
-        --device-batch-size="$(device_batch_size "$d")" \
-        --core-metric-every=999999 \
-        --core-metric-max-per-task=-1 \
-        --sample-every=-1 \
-        --save-every=-1 \
-        ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOG_FILE"; then
+    if ! launch scripts.base_train --depth="$d" --run="$RUN_NAME" --model-tag="$TAG" \
+        --device-batch-size="$(device_batch_size "$d")" --core-metric-every=999999 --core-metric-max-per-task=-1 \
+        --sample-every=-1 --save-every=-1 ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOG_FILE"; then
         log "ERROR: training d=$d failed; see $LOG_FILE (on OOM, pass e.g. EXTRA_ARGS=--device-batch-size=8)."
         log "Re-run the same command to continue: depths already in $RESULTS_FILE are skipped."
         exit 1
@@ -84,8 +74,5 @@ for d in "${DEPTH_LIST[@]}"; do
         --wall-time "$((END - START))" --since "$START"
 done
 
-banner
-log "Miniseries '$SERIES_NAME' complete"
-banner
-log "Results saved to: $RESULTS_FILE"
+log "Miniseries '$SERIES_NAME' complete. Results saved to: $RESULTS_FILE"
 python dev/sweep_results.py report --kind miniseries --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/miniseries.png"

@@ -6,19 +6,15 @@
 #
 #   bash runs/runcpu.sh
 #
-# Offline it builds the pretraining corpus from text already on this machine and says so. If a folder
-# laid out like shared/data (eval_bundle/, gsm8k/, mmlu/, nanochat_identity/, english_words/) sits beside
-# the repo as ../shared/data, or NANOCHAT_LOCAL_DATA points at one, the evals and SFT use it.
+# Offline it builds the pretraining corpus from text already on this machine and says so. If
+# NANOCHAT_LOCAL_DATA points at a folder of local copies (eval_bundle/, gsm8k/, mmlu/, nanochat_identity/,
+# english_words/), the evals and SFT use it.
 # It stops at the first failing step, printing that step's name.
 set -euo pipefail
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO_ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
-if [ -z "${NANOCHAT_LOCAL_DATA:-}" ] && [ -d "$REPO_ROOT/../shared/data" ]; then
-    export NANOCHAT_LOCAL_DATA="$(cd "$REPO_ROOT/../shared/data" && pwd)"
-fi
 if [ -z "${NANOCHAT_EVAL_BUNDLE:-}" ] && [ -n "${NANOCHAT_LOCAL_DATA:-}" ] && [ -d "$NANOCHAT_LOCAL_DATA/eval_bundle" ]; then
     export NANOCHAT_EVAL_BUNDLE="$NANOCHAT_LOCAL_DATA/eval_bundle"
 fi
@@ -38,11 +34,10 @@ python -m nanochat.report reset
 
 step "data: pretraining shards"
 if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4; then
-    echo "Pretraining shards could not be downloaded: building the OFFLINE corpus instead"
-    echo "(docstrings and docs of the installed Python standard library and packages, ~25M chars)."
-    echo "Every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
+    echo "No downloaded shards: building the OFFLINE corpus from the installed Python docs (~25M chars) instead;"
+    echo "every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
     export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
-    python -m nanochat.dataset --offline-corpus
+    python -m dev.offline_corpus
 fi
 
 step "tokenizer: train and evaluate"

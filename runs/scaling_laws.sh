@@ -45,10 +45,7 @@ elif [ -f .venv/bin/activate ]; then
     source .venv/bin/activate
 fi
 
-banner
-log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}"
-log "Results: $RESULTS_FILE"
-banner
+log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}; results: $RESULTS_FILE"
 
 for flops in "${BUDGET_LIST[@]}"; do
     for d in "${DEPTH_LIST[@]}"; do
@@ -63,21 +60,11 @@ for flops in "${BUDGET_LIST[@]}"; do
         log "Training d=$d at $flops FLOPs (model tag $TAG), log: $LOG_FILE"
         START=$(date +%s)
         # horizon from the FLOPs budget only (ratio disabled); CORE once at the end on all examples
-        if ! launch scripts.base_train \
-            --depth="$d" \
-            --target-flops="$flops" \
-            --target-param-data-ratio=-1 \
-            --run="$RUN_NAME" \
-            --model-tag="$TAG" \
-            --device-batch-size="$(device_batch_size "$d")" \
-            --eval-tokens="$EVAL_TOKENS" \
-            --core-metric-every=999999 \
-            --core-metric-max-per-task=-1 \
-            --sample-every=-1 \
-            --save-every=-1 \
-            ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOG_FILE"; then
-            log "ERROR: training d=$d at $flops FLOPs failed; see $LOG_FILE"
-            log "Re-run the same command to continue: finished combinations are skipped."
+        if ! launch scripts.base_train --depth="$d" --target-flops="$flops" --target-param-data-ratio=-1 \
+            --run="$RUN_NAME" --model-tag="$TAG" --device-batch-size="$(device_batch_size "$d")" \
+            --eval-tokens="$EVAL_TOKENS" --core-metric-every=999999 --core-metric-max-per-task=-1 \
+            --sample-every=-1 --save-every=-1 ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOG_FILE"; then
+            log "ERROR: training d=$d at $flops FLOPs failed; see $LOG_FILE. Re-run to continue (finished runs are skipped)."
             exit 1
         fi
         END=$(date +%s)
@@ -87,8 +74,5 @@ for flops in "${BUDGET_LIST[@]}"; do
     done
 done
 
-banner
-log "Scaling laws '$LABEL' complete"
-banner
-log "Results saved to: $RESULTS_FILE"
+log "Scaling laws '$LABEL' complete. Results saved to: $RESULTS_FILE"
 python dev/sweep_results.py report --kind scaling --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/scaling_laws.png"

@@ -5,9 +5,9 @@
 #   # or, to keep it running after you disconnect and keep a log:
 #   screen -L -Logfile runs/speedrun.log -S speedrun bash runs/speedrun.sh
 #
-# Expected time and cost (8xH100 80GB SXM, figures of the reference recipe this script uses; ours unmeasured):
+# Expected time and cost (8xH100 80GB SXM, published figures for this recipe; not yet measured here):
 #   environment + first shards + tokenizer   ~5 min   (the rest of the data downloads meanwhile)
-#   base training (d24, data:param 8, fp8)   ~1.65 h  (the reference's time-to-GPT-2 record: CORE ~0.26)
+#   base training (d24, data:param 8, fp8)   ~1.65 h  (time-to-GPT-2 record: CORE ~0.26)
 #   base eval (CORE, bpb, samples)           ~5 min
 #   SFT + chat eval                          ~15-20 min
 #   total                                    ~2.1-2.3 h; at ~$24/h for the node that is ~$50-55.
@@ -23,7 +23,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # repo root, env defaults, NPROC_PER_NODE, log/launch helpers
 WANDB_RUN="${WANDB_RUN:-dummy}"
 
-# The best recipe we have (the reference's 1.65 h record): depth 24, 8 tokens per scaling parameter, fp8 matmuls,
+# The best recipe we have (the 1.65 h record): depth 24, 8 tokens per scaling parameter, fp8 matmuls,
 # 16 sequences per GPU per micro-step (32 does not fit in 80 GB at d24); batch size, LRs and weight decay are
 # derived automatically from the depth and the horizon.
 BASE_TRAIN_ARGS=(--depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8)

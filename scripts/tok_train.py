@@ -11,9 +11,11 @@ import argparse
 
 import torch
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import print0, atomic_write
+from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_data_dir, get_split_files, parquets_iter_batched
-from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, TOKEN_BYTES_FILENAME, compute_token_bytes
+from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, TOKEN_BYTES_FILENAME, compute_token_bytes,
+                                get_tokenizer_dir)
 
 parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the pretraining shards")
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters (default 2B)")
@@ -28,10 +30,8 @@ if args.max_chars <= 0 or args.doc_cap <= 0:
 
 dataset = get_dataset_name()
 train_files = get_split_files("train")  # exits with a clear line if there are no shards
-print0(f"dataset: {dataset} ({len(train_files)} train shards in {get_data_dir()})")
-print0(f"max_chars: {args.max_chars:,}")
-print0(f"doc_cap: {args.doc_cap:,}")
-print0(f"vocab_size: {args.vocab_size:,}")
+print0(f"dataset: {dataset} ({len(train_files)} train shards in {get_data_dir()}), max_chars: {args.max_chars:,}, "
+       f"doc_cap: {args.doc_cap:,}, vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
 # Text: documents in shard order, each capped at doc_cap chars, until max_chars is crossed
@@ -55,49 +55,21 @@ if tokenizer.get_vocab_size() != args.vocab_size:
     print0(f"Note: the text ran out of merges: vocab size is {tokenizer.get_vocab_size()}, not {args.vocab_size} "
            f"(train on more text for the full vocabulary)")
 
-tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+tokenizer_dir = get_tokenizer_dir()
 tokenizer.save(tokenizer_dir)
-
-# -----------------------------------------------------------------------------
-# Sanity check: an exact round trip on mixed text
-
-test_text = """Hello world! This is a test.
-Numbers: 123, 4567, 89
-Contractions: I'm, you're, it's
-Special chars: @#$%^&*()
-Unicode: 你好世界 🌍"""
-encoded = tokenizer.encode(test_text)
-assert tokenizer.decode(encoded) == test_text, "tokenizer round trip failed"
 
 # -----------------------------------------------------------------------------
 # token_bytes.pt: raw byte length of every token (0 for specials), for vocab-independent bits per byte
 
 token_bytes = compute_token_bytes(tokenizer)
 token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
-tmp_path = f"{token_bytes_path}.tmp.{os.getpid()}"
-with open(tmp_path, "wb") as f:
-    torch.save(token_bytes, f)
-os.replace(tmp_path, token_bytes_path)
+atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
 print0(f"Saved token_bytes to {token_bytes_path}")
 
 regular = token_bytes[token_bytes > 0].to(torch.float32)
-stats = {
-    "train_time": train_time,
-    "num_special_tokens": len(tokenizer.get_special_tokens()),
-    "token_bytes_min": int(regular.min().item()),
-    "token_bytes_max": int(regular.max().item()),
-    "token_bytes_mean": regular.mean().item(),
-    "token_bytes_std": regular.std().item(),
-}
+stats = dict(train_time=train_time, num_special_tokens=len(tokenizer.get_special_tokens()),
+             token_bytes_min=int(regular.min()), token_bytes_max=int(regular.max()),
+             token_bytes_mean=regular.mean().item(), token_bytes_std=regular.std().item())
 print0(", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()))
 
-try:
-    from nanochat.report import get_report
-except ImportError:  # the report module is optional
-    get_report = None
-if get_report is not None:
-    get_report().log(section="Tokenizer training", data=[
-        vars(args),  # CLI args
-        {"dataset": dataset, "chars_trained": num_chars_seen},
-        stats,
-    ])
+get_report().log(section="Tokenizer training", data=[vars(args), {"dataset": dataset, "chars_trained": num_chars_seen}, stats])

@@ -1,6 +1,6 @@
 """
 BOS-aligned best-fit dataloader: packing invariants, equality with the spec's algorithm, exact resume
-(JSON round trip, across epochs), approximate resume from a reference-style state, bad input, and a
+(JSON round trip, across epochs), approximate resume from a position-only state, bad input, and a
 2-process gloo run whose ranks see disjoint documents. No network.
 """
 
@@ -13,7 +13,7 @@ import socket
 import pytest
 import torch
 
-from nanochat import dataset, local_corpus
+from nanochat import dataset
 from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_with_state,
                                  tokenizing_distributed_data_loader_bos_bestfit)
 
@@ -32,8 +32,8 @@ def local_data(base_dir, monkeypatch):
     """Shards of unique numbered documents in the 'local' dataset; returns a builder."""
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
     def build(n=600, seed=0, max_words=120):
-        return local_corpus.write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
-                                    shard_chars=n * max_words * 2)  # ~3 train shards
+        return dataset.write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
+                                     shard_chars=n * max_words * 2)  # ~3 train shards
     return build
 
 
@@ -139,7 +139,7 @@ def test_val_split_and_approximate_resume(local_data, tiny_tokenizer, capsys):
     val_ids = {int(DOC_ID.match(t).group(1)) for t in val_texts}
     for inputs, _, _ in take(val_loader, 10):
         assert set(doc_ids_in_rows(tiny_tokenizer, inputs)) <= val_ids
-    # a reference-style state (pq_idx, rg_idx, epoch) resumes approximately, with a warning
+    # a position-only state (pq_idx, rg_idx, epoch) resumes approximately, with a warning
     loader = loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", buffer_size=10,
                                resume_state_dict={"pq_idx": 1, "rg_idx": 2, "epoch": 1})
     inputs, _, state = next(loader)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,11 +31,14 @@ BAD_ORDER = [{"role": "assistant", "content": "hello"}, {"role": "user", "conten
 
 
 class FakeAPI:
-    """A chat-completions endpoint whose n-th request (1-based) answers according to `plan(n)`."""
+    """A chat-completions endpoint that answers each request according to `plan(conversation, attempt)`:
+    conversation = the order (0-based) in which its prompt first arrived, attempt = 0 for the first request of
+    that prompt, 1 for its first retry, ... (per conversation, so the answers do not depend on thread scheduling)."""
 
     def __init__(self, plan):
         self.plan = plan
         self.requests = []
+        self.prompts = []
         self.lock = threading.Lock()
         api = self
 
@@ -46,11 +48,15 @@ class FakeAPI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
                 with api.lock:
+                    attempt = sum(r["body"]["messages"][0]["content"] == prompt for r in api.requests)
                     api.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                          "body": body})
-                    n = len(api.requests)
-                status, payload = api.plan(n)
+                    if attempt == 0:
+                        api.prompts.append(prompt)
+                    conversation = api.prompts.index(prompt)
+                status, payload = api.plan(conversation, attempt)
                 if status == 200:
                     payload = {"choices": [{"message": {"role": "assistant",
                                                         "content": json.dumps({"messages": payload})}}]}
@@ -76,11 +82,12 @@ def api_key(monkeypatch):
     monkeypatch.delenv("OPENROUTER_BASE_URL", raising=False)
 
 
-def flaky_plan(n):
-    # every 3rd request is a server error, every 4th returns a conversation with the wrong role order
-    if n % 3 == 0:
+def flaky_plan(conversation, attempt):
+    # the first try of every 3rd conversation is a server error, of every 4th a conversation with the wrong role
+    # order; every retry succeeds
+    if attempt == 0 and conversation % 3 == 0:
         return 500, {"error": "overloaded"}
-    if n % 4 == 0:
+    if attempt == 0 and conversation % 4 == 1:
         return 200, BAD_ORDER
     return 200, GOOD
 
@@ -100,7 +107,7 @@ def test_generates_valid_jsonl_with_retries_and_diverse_prompts(tmp_path, api_ke
     assert len(lines) == 8
     for line in lines:
         assert gen.validate_messages(json.loads(line)) == GOOD
-    assert len(api.requests) > 8  # retries happened
+    assert len(api.requests) == 8 + 5  # conversations 0, 3, 6 (500) and 1, 5 (bad order) needed one retry
     first = api.requests[0]
     assert first["path"] == "/api/v1/chat/completions" and first["auth"] == "Bearer test-key"
     assert first["body"]["response_format"]["type"] == "json_schema"
@@ -128,7 +135,7 @@ def test_diversity_sampling_is_reproducible_and_spread():
 
 
 def test_append_and_save_metadata(tmp_path, api_key):
-    api = FakeAPI(lambda n: (200, GOOD))
+    api = FakeAPI(lambda conversation, attempt: (200, GOOD))
     out = tmp_path / "ids.jsonl"
     try:
         run_main("--num", 2, "--output", out, "--base-url", api.url, "--save-metadata")
@@ -146,7 +153,7 @@ def test_append_and_save_metadata(tmp_path, api_key):
 
 
 def test_persistently_bad_output_fails_clearly_and_writes_nothing(tmp_path, api_key, capsys):
-    api = FakeAPI(lambda n: (200, BAD_ORDER))
+    api = FakeAPI(lambda conversation, attempt: (200, BAD_ORDER))
     out = tmp_path / "ids.jsonl"
     try:
         with pytest.raises(SystemExit, match="no conversation could be generated"):
@@ -160,7 +167,7 @@ def test_persistently_bad_output_fails_clearly_and_writes_nothing(tmp_path, api_
 
 
 def test_rejected_key_stops_the_run(tmp_path, api_key):
-    api = FakeAPI(lambda n: (401, {"error": "invalid key"}))
+    api = FakeAPI(lambda conversation, attempt: (401, {"error": "invalid key"}))
     try:
         with pytest.raises(SystemExit, match="rejected the key"):
             run_main("--num", 5, "--output", tmp_path / "x.jsonl", "--base-url", api.url)
@@ -169,15 +176,61 @@ def test_rejected_key_stops_the_run(tmp_path, api_key):
     assert len(api.requests) <= 4  # fatal: no retries, remaining work cancelled
 
 
-def test_offline_fails_fast_with_clear_message(tmp_path, api_key):
+def test_root_cause_wins_over_stopped_workers(tmp_path, api_key, monkeypatch):
+    """Worker 0 gets the 401; worker 1 then sees the run stopped and its future completes FIRST (forced with
+    events, not timing). The run must still report the 401, not the other worker's stop."""
+    futures = []
+    task = threading.local()
+    second_done = threading.Event()
+    fatal_seen = threading.Event()
+
+    class RecordingPool(gen.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            futures.append(future)
+            if len(futures) == 2:
+                future.add_done_callback(lambda f: second_done.set())
+            return future
+
+    class SlowStopEvent(threading.Event):
+        def set(self):
+            super().set()
+            if getattr(task, "idx", None) == 0 and not fatal_seen.is_set():  # the stop set by worker 0
+                fatal_seen.set()
+                assert second_done.wait(30), "worker 1 never finished"  # worker 0 finishes only after worker 1
+
+    real_generate_one = gen.generate_one
+
+    def generate_one(idx, *args):
+        task.idx = idx
+        return real_generate_one(idx, *args)
+
+    def fake_request(session, args, key, prompt):
+        if task.idx == 0:
+            raise gen.FatalAPIError("the API rejected the key (HTTP 401)")
+        assert fatal_seen.wait(30)
+        raise gen.RetryableError("HTTP 500")
+
+    monkeypatch.setattr(gen, "ThreadPoolExecutor", RecordingPool)
+    monkeypatch.setattr(gen, "generate_one", generate_one)
+    monkeypatch.setattr(gen.threading, "Event", SlowStopEvent)
+    monkeypatch.setattr(gen, "request_conversation", fake_request)
+    with pytest.raises(SystemExit, match="rejected the key"):
+        run_main("--num", 2, "--workers", 2, "--output", tmp_path / "x.jsonl", "--base-url", "http://127.0.0.1:9/v1",
+                 "--backoff", 0.01)
+
+
+def test_offline_fails_fast_with_clear_message(tmp_path, api_key, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.time()
+    calls = []
+    real_request = gen.request_conversation
+    monkeypatch.setattr(gen, "request_conversation", lambda *a: calls.append(1) or real_request(*a))
     with pytest.raises(SystemExit, match="cannot reach the chat API"):
         run_main("--num", 3, "--output", tmp_path / "x.jsonl", "--base-url", f"http://127.0.0.1:{port}/v1",
-                 "--backoff", 0.05)
-    assert time.time() - t0 < 10
+                 "--backoff", 0.05, "--retries", 5)
+    assert len(calls) <= 2 * 3, "an unreachable API stops the run after one retry, not after every retry"
     assert not (tmp_path / "x.jsonl").exists()
 
 

@@ -153,6 +153,12 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
     proc = run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", summary,
                           "--since", time.time() + 100, check=False)
     assert proc.returncode != 0 and "older than this run" in proc.stderr
+    # a summary without base_train's keys is refused by name, not guessed around
+    foreign = tmp_path / "foreign" / "summary.json"
+    foreign.parent.mkdir()
+    foreign.write_text(json.dumps({k: v for k, v in fake_summary(summary, 2, 1.0).items() if k != "param_counts"}))
+    proc = run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", foreign, check=False)
+    assert proc.returncode != 0 and "has no 'param_counts' entry" in proc.stderr.strip().splitlines()[-1]
     assert not results.exists()
     # a CSV with a foreign header is refused rather than mixed
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +294,7 @@ TINY_TRAIN_ARGS = ("--aspect-ratio=32 --head-dim=32 --max-seq-len=64 --window-pa
 def tiny_base(tmp_path_factory):
     """A base dir with local shards built from a small English corpus and a 512-token tokenizer trained on them."""
     from conftest import tiny_corpus
-    from nanochat.local_corpus import write_shards
+    from nanochat.dataset import write_shards
     base = tmp_path_factory.mktemp("sweep_base")
     write_shards(tiny_corpus(), str(base / "base_data_local"), "local", "tests/conftest.py tiny_corpus")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1")
@@ -400,4 +406,4 @@ def test_run_scripts_use_flags_the_stage_scripts_define(script):
                       "scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
                       "scripts.chat_cli"):
             assert stage in modules, f"runcpu.sh does not run {stage}"
-        assert "--offline-corpus" in text and "set -euo pipefail" in text
+        assert "dev.offline_corpus" in text and "set -euo pipefail" in text

@@ -164,7 +164,7 @@ def test_tok_train_and_tok_eval_scripts(base_dir, tmp_path, monkeypatch, capsys)
     src.mkdir()
     for i in range(40):
         (src / f"doc{i:02d}.txt").write_text(f"Document number {i}. " + " ".join(CORPUS[i % 4] for _ in range(3)))
-    from nanochat.local_corpus import build_from_dir
+    from nanochat.dataset import build_from_dir
     build_from_dir(str(src))
     with pytest.raises(SystemExit, match="tok_train"):
         run_script("scripts.tok_eval")
