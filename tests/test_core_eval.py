@@ -552,7 +552,7 @@ def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_fact
     """tokenizer + shards + a tiny GPT checkpoint -> python -m scripts.base_eval runs samples, bpb and CORE."""
     import dataclasses
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.local_corpus import build_from_dir
+    from nanochat.dataset import build_from_dir
     from nanochat.tokenizer import compute_token_bytes
     tokenizer = request.getfixturevalue("tiny_tokenizer")
     tokenizer.save(str(base_dir / "tokenizer"))

@@ -225,7 +225,7 @@ def test_closed_loop_core_and_bpb(base_dir, tiny_tokenizer, tmp_path, capsys, mo
     """checkpoint -> export -> base_eval --hf-path gives the CORE and bpb of base_eval on the checkpoint."""
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
-    from nanochat.local_corpus import build_from_dir
+    from nanochat.dataset import build_from_dir
     bundle = few_task_bundle(tmp_path / "bundle", ["hellaswag_zeroshot", "jeopardy", "arc_easy", "winogrande"])
     save_tokenizer(tiny_tokenizer, base_dir)
     texts = tmp_path / "texts"
