@@ -216,5 +216,5 @@ def test_missing_base_checkpoint_is_a_clear_error(base_dir):
 def test_indivisible_total_batch_size_is_a_clear_error(chat_env):
     from scripts import chat_sft
     with pytest.raises(SystemExit) as excinfo:
-        chat_sft.main(["--device-type=cpu", "--total-batch-size=100", "--mixture=offline", "--dry-run=1"])
+        chat_sft.main(["--device-type=cpu", "--total-batch-size=100", "--dry-run=1"])
     assert "must be a multiple of" in str(excinfo.value)
