@@ -218,3 +218,22 @@ def test_indivisible_total_batch_size_is_a_clear_error(chat_env):
     with pytest.raises(SystemExit) as excinfo:
         chat_sft.main(["--device-type=cpu", "--total-batch-size=100", "--dry-run=1"])
     assert "must be a multiple of" in str(excinfo.value)
+
+
+def test_mixture_with_nothing_but_the_checkout(tmp_path, monkeypatch, capsys):
+    """Offline with no local data: the parts that need downloads are left out and named; identity conversations and
+    the spelling tasks (bundled data) remain, in the same order every time."""
+    from scripts.chat_sft import parse_args, build_mixture
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.delenv("NANOCHAT_LOCAL_DATA", raising=False)
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    args = parse_args(["--simple-spelling-size=50", "--spelling-bee-size=30"])
+    train, val, description, unavailable = build_mixture(args)
+    assert [u.split(" (")[0] for u in unavailable] == ["SmolTalk train", "MMLU auxiliary_train", "GSM8K train",
+                                                      "SmolTalk test", "MMLU test[:5200]", "GSM8K test[:420]"]
+    assert description.startswith("identity conversations") and "SimpleSpelling 50" in description
+    assert "SpellingBee 30" in description and len(val) == 256
+    out = capsys.readouterr().out
+    assert "OFFLINE" in out and "unavailable: GSM8K train" in out
+    again, _, _, _ = build_mixture(args)
+    assert [json.dumps(train[i]) for i in range(len(train))] == [json.dumps(again[i]) for i in range(len(again))]
