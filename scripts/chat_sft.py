@@ -359,6 +359,46 @@ def resolve_inherited(args, meta):
     return pretrained
 
 
+def build_optimizer(model, args, device, rank, world_size):
+    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers.
+    The base state is sharded per rank, so it only fits under the same number of processes; every rank warm-starts
+    or none does."""
+    def fresh():
+        return model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizer = fresh()
+    base_state = None
+    if args.load_optimizer:
+        base_world_size = saved_world_size("base", args.model_tag, args.model_step)
+        if base_world_size not in (None, world_size):
+            print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
+                   f"{world_size}; starting with a fresh optimizer")
+        else:
+            try:
+                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
+            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+                print0(f"WARNING: could not read the base optimizer state ({e})")
+            if base_state is None:
+                print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    if any_rank(base_state is None, device):
+        base_state = None
+    if base_state is not None:
+        # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
+        hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(base_state)
+            for group, hyper in zip(optimizer.param_groups, hyperparams):
+                group.update(hyper)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+        except (ValueError, KeyError, RuntimeError) as e:
+            optimizer = fresh()
+            print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
@@ -404,44 +444,7 @@ def main(argv=None):
     token_bytes = get_token_bytes(device=device)
 
     # --- optimizer (fresh LRs, momentum warm-started from the base run) -----------------------------------------
-    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                           matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    if args.load_optimizer:
-        base_state = None
-        base_world_size = saved_world_size("base", args.model_tag, args.model_step)
-        if base_world_size is not None and base_world_size != world_size:
-            # optimizer state is sharded per rank: another world size means other shapes
-            print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
-                   f"{world_size}; starting with a fresh optimizer")
-        else:
-            try:
-                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
-                print0(f"WARNING: could not read the base optimizer state ({e}); starting with a fresh optimizer")
-        if ddp:  # all ranks warm-start, or none does
-            have = torch.tensor(int(base_state is not None), device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item() == 0:
-                base_state = None
-        if base_state is not None:
-            # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            try:
-                optimizer.load_state_dict(base_state)
-                for group, hyper in zip(optimizer.param_groups, fresh):
-                    group.update(hyper)
-                print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-            except (ValueError, KeyError, RuntimeError) as e:
-                optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr,
-                                                       embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
-                                                       weight_decay=args.weight_decay)
-                print0(f"WARNING: base optimizer state does not match this model/world size ({e}); starting fresh")
-        elif base_world_size in (None, world_size):
-            print0("WARNING: no optimizer state found in the base checkpoint; starting with a fresh optimizer")
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-
+    optimizer = build_optimizer(orig_model, args, device, rank, world_size)
     scaler = make_grad_scaler(device_type)
 
     # --- data ---------------------------------------------------------------------------------------------------
