@@ -184,7 +184,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
 
     Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
     fits), then BOS padding. A conversation longer than a row is truncated to the row (so it can always be placed;
-    the reference kept it forever and the buffer clogged), or skipped if the truncation leaves no assistant token.
+    a conversation that never fits would clog the buffer), or skipped if the truncation leaves no assistant token.
     """
     stats = stats if stats is not None else new_packing_stats()
     capacity = T + 1

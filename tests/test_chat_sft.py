@@ -237,3 +237,21 @@ def test_mixture_with_nothing_but_the_checkout(tmp_path, monkeypatch, capsys):
     assert "OFFLINE" in out and "unavailable: GSM8K train" in out
     again, _, _, _ = build_mixture(args)
     assert [json.dumps(train[i]) for i in range(len(train))] == [json.dumps(again[i]) for i in range(len(again))]
+
+
+def test_truncated_base_checkpoint_is_one_clear_line(chat_env):
+    from scripts import chat_sft
+    model_file = chat_env / "base_checkpoints" / "d2" / "model_000005.pt"
+    model_file.write_bytes(model_file.read_bytes()[:500])
+    with pytest.raises(SystemExit) as excinfo:
+        chat_sft.main(["--device-type=cpu", "--dry-run=1"])
+    message = str(excinfo.value.code)
+    assert message.startswith("error:") and "\n" not in message and str(model_file) in message
+    assert "no earlier complete step" in message
+
+
+def test_model_tag_is_a_plain_name(chat_env):
+    from scripts import chat_sft
+    with pytest.raises(SystemExit) as excinfo:
+        chat_sft.main(["--device-type=cpu", "--model-tag=../../x", "--dry-run=1"])
+    assert str(excinfo.value.code).startswith("error: --model-tag=")
