@@ -269,15 +269,11 @@ def _resolve(checkpoints_dir, model_tag=None, step=None):
     return checkpoint_dir, step
 
 
-def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    checkpoint_dir, step = _resolve(checkpoints_dir, model_tag, step)
+def load_model(source, device, phase, model_tag=None, step=None):
+    """source in {'base', 'sft', 'rl'} -> (model, tokenizer, meta). Raises CheckpointError (a FileNotFoundError)."""
+    checkpoint_dir, step = _resolve(checkpoints_dir_for(source), model_tag, step)
     log0(f"Loading model from {checkpoint_dir} with step {step}")
     return build_model(checkpoint_dir, step, device, phase)
-
-
-def load_model(source, *args, **kwargs):
-    """source in {'base', 'sft', 'rl'} -> (model, tokenizer, meta). Raises CheckpointError (a FileNotFoundError)."""
-    return load_model_from_dir(checkpoints_dir_for(source), *args, **kwargs)
 
 
 def load_optimizer_state(source, device, rank, model_tag=None, step=None):

@@ -129,8 +129,6 @@ def check_args(args):
         fail(f"--warmup-steps={args.warmup_steps} must be >= 0")
     if args.keep_last == 0 or args.keep_last < -1:
         fail(f"--keep-last={args.keep_last} must be a positive number of checkpoints or -1 (keep all)")
-    if args.fp8 and args.device_type and args.device_type != "cuda":
-        fail(f"--fp8 needs a CUDA GPU with compute capability >= 8.9; this run is on {args.device_type}. Drop --fp8.")
     ckpt.check_model_tag(args.model_tag)
 
 # -----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval
+from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, chatcore_from_results
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
@@ -625,11 +625,11 @@ def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
             continue
         results[task_name] = accuracy
         print0(f"  {task_name}: {100 * accuracy:.2f}%")
-    centered = {t: (a - BASELINES[t]) / (1 - BASELINES[t]) for t, a in results.items()}
-    categorical = [c for t, c in centered.items() if BASELINES[t] > 0]
-    chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
-    chatcore_cat = sum(categorical) / len(categorical) if categorical else float("nan")
-    partial = "" if len(results) == len(ALL_TASKS) else f" (partial: {len(results)}/{len(ALL_TASKS)} tasks)"
+    chatcore, label = chatcore_from_results(results, unavailable)
+    chatcore_cat, _ = chatcore_from_results(results, unavailable, [t for t in ALL_TASKS if BASELINES[t] > 0])
+    chatcore = float("nan") if chatcore is None else chatcore
+    chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
+    partial = "" if label == "full" else f" {label}"
     print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
     if was_training:
         model.train()
