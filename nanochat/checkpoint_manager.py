@@ -158,8 +158,10 @@ def prune_checkpoints(checkpoint_dir, keep):
     """Keep only the `keep` most recent complete checkpoints (marker removed first, so a kill mid-way is safe)."""
     for step in complete_steps(checkpoint_dir)[:-keep]:
         os.remove(marker_path(checkpoint_dir, step))
-        for path in glob.glob(os.path.join(checkpoint_dir, f"*_{step:06d}*")):
-            os.remove(path)
+        for path in [model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step),
+                     *glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))]:
+            if os.path.exists(path):
+                os.remove(path)
         log0(f"Removed checkpoint {step} from {checkpoint_dir} (keeping the last {keep})")
 
 # -----------------------------------------------------------------------------
