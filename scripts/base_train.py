@@ -377,6 +377,21 @@ def save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_
                          rank=rank, sync_ranks=True)
 
 
+def restore_loop_state(meta, rank, device_type):
+    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states."""
+    states = meta.get("dataloader_state_dicts") or [meta.get("dataloader_state_dict")]
+    loop = meta["loop_state"]
+    state = LoopState(step=meta["step"], val_bpb=meta.get("val_bpb"), min_val_bpb=loop["min_val_bpb"],
+                      smooth_train_loss=loop["smooth_train_loss"], total_training_time=loop["total_training_time"],
+                      history=loop.get("history", LoopState().history), core_results=loop.get("core_results"))
+    rng = loop.get("rng_states")
+    if rng and rank < len(rng):
+        torch.set_rng_state(decode_rng_state(rng[rank]["cpu"]))
+        if device_type == "cuda" and rng[rank].get("cuda"):
+            torch.cuda.set_rng_state(decode_rng_state(rng[rank]["cuda"]))
+    return state, states[rank] if rank < len(states) else states[0]
+
+
 def main(argv=None):
     # --- flags and cheap checks ---------------------------------------------------------------------------
     args = build_parser().parse_args(argv)
@@ -435,21 +450,7 @@ def main(argv=None):
                  "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                  "total_batch_size": plan.total_batch_size}
 
-    state = LoopState()
-    loader_resume_state = None
-    if resuming:
-        states = resume_meta.get("dataloader_state_dicts") or [resume_meta.get("dataloader_state_dict")]
-        loader_resume_state = states[rank] if rank < len(states) else states[0]
-        loop = resume_meta["loop_state"]
-        state = LoopState(step=resume_meta["step"], val_bpb=resume_meta.get("val_bpb"),
-                          min_val_bpb=loop["min_val_bpb"], smooth_train_loss=loop["smooth_train_loss"],
-                          total_training_time=loop["total_training_time"],
-                          history=loop.get("history", state.history), core_results=loop.get("core_results"))
-        rng = loop.get("rng_states")
-        if rng and rank < len(rng):
-            torch.set_rng_state(decode_rng_state(rng[rank]["cpu"]))
-            if device_type == "cuda" and rng[rank].get("cuda"):
-                torch.cuda.set_rng_state(decode_rng_state(rng[rank]["cuda"]))
+    state, loader_resume_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_resume_state)
     x, y, loader_state = next(train_loader)  # prefetch the first batch
