@@ -4,6 +4,7 @@ distributed set-up under torchrun, printing, peak-FLOPs lookup and the one downl
 Device, dtype and process-group decisions are made here and nowhere else.
 """
 
+import gc
 import os
 import re
 import time
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    if os.path.exists(base_dir) and not os.path.isdir(base_dir):
+        raise SystemExit(f"error: the base dir {base_dir} (NANOCHAT_BASE_DIR) is a file, not a directory")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
 
@@ -114,7 +117,8 @@ COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _choose_compute_dtype()
 
 def compute_init(device_type="cuda"):
     """Seed, set precision flags and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
-    assert device_type in ("cuda", "mps", "cpu"), f"invalid device type {device_type!r}"
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise SystemExit(f"error: --device-type={device_type} is not one of cuda, cpu, mps")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device-type=cuda but no CUDA device is available (try --device-type=cpu)")
     if device_type == "mps" and not torch.backends.mps.is_available():
@@ -156,6 +160,53 @@ def peak_memory_mib(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+def any_rank(flag, device):
+    """True if flag is true on any rank, so every rank takes the same decision."""
+    if not is_ddp_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+# -----------------------------------------------------------------------------
+# The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
+
+def make_grad_scaler(device_type):
+    """fp16 activations need loss scaling; bf16 and fp32 do not (None)."""
+    return torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
+
+def set_hyperparams(optimizer, lr_multiplier, momentum=None, weight_decay=None):
+    """LR of every group = its initial LR x lr_multiplier; Muon groups also get momentum / weight decay when given."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_multiplier
+        if group.get("kind") == "muon":
+            if momentum is not None:
+                group["momentum"] = momentum
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+
+def optimizer_step(optimizer, scaler):
+    """optimizer.step(), through the GradScaler under fp16 (every rank skips an overflowing step together)."""
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.unscale_(optimizer)
+    if is_ddp_initialized():
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    scaler.step(optimizer)
+    scaler.update()
+
+def manage_gc(first_step_of_run, step):
+    """Python's cyclic GC stalls for ~0.5 s at a time walking long-lived objects: after the first step collect once,
+    freeze the survivors and disable it, then collect only every 5000 steps. gc.enable() undoes it."""
+    if first_step_of_run:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
 
 # -----------------------------------------------------------------------------
 # Atomic writes: a reader (or a resumed run) sees the old file or the new one, never half of one

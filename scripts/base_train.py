@@ -8,10 +8,11 @@ Examples:
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 -m scripts.base_train ...
     python -m scripts.base_train --depth=12 --resume-from-step=1000               # resume a run (same flags)
 
-The recipe is the reference's HEAD recipe (auto batch size, batch-scaled learning rates, T_epoch weight decay,
-warmup + warmdown schedule, HEAD momentum/WD schedules) behind the SEED command line; where a default differs from
-the SEED docs the flag's help says so. SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0;
-a non-finite loss stops the run (exit 1) without touching earlier checkpoints.
+The recipe: auto batch size, batch-scaled learning rates, T_epoch weight decay, warmup + warmdown LR schedule,
+Muon momentum and weight-decay schedules. The script reads top-down in stages: flags, plan (shapes, batch, horizon;
+all on the meta device), setup (device, resume checks, model, optimizer, data), the loop, the wrap-up (summary.json
+and the report). SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0. A non-finite loss, or
+weights / optimizer state that became non-finite, stop the run (exit 1) and nothing non-finite is ever saved.
 """
 
 import os
@@ -24,15 +25,29 @@ import time
 import base64
 import signal
 import argparse
-import resource
+import contextlib
 import dataclasses
 
 import torch
 import torch.distributed as dist
 
-B_REF = 2 ** 19          # reference total batch size (tokens) the learning rates were tuned at
-REF_DEPTH = 12           # reference depth for the batch-size / weight-decay scaling laws
-DEFAULT_RATIO = 12.0     # HEAD tokens:params ratio (SEED docs: 10.5)
+from nanochat import fp8
+from nanochat import checkpoint_manager as ckpt
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
+                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
+                             peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc)
+from nanochat.core_eval import evaluate_core, SAMPLE_PROMPTS
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.engine import Engine
+from nanochat.flash_attention import get_backend
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+
+B_REF = 2 ** 19          # total batch size (tokens) the learning rates were tuned at
+REF_DEPTH = 12           # depth the batch-size / weight-decay scaling laws are anchored at
+DEFAULT_RATIO = 12.0     # tokens : scaling params when no horizon flag says otherwise
 
 
 def build_parser():
@@ -46,34 +61,35 @@ def build_parser():
     g = parser.add_argument_group("model architecture")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one dial that sizes everything")
     g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of head dim)")
-    g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
+    g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension (even: rotary embeddings rotate pairs)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="maximum context length (tokens)")
-    g.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern tiled over layers: L = full context, S = short window (a quarter of the context at HEAD; the SEED docs say half); last layer always L")
+    g.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern tiled over layers: L = full context, S = a quarter of it; last layer always L")
     g = parser.add_argument_group("training horizon (first positive one wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimization steps (-1 = off)")
     g.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
-    g.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off). HEAD default 12 (SEED docs: 10.5)")
+    g.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off)")
     g = parser.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step (lower it on OOM: 16, 8, 4, 2, 1)")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto: B_opt ~ D^0.383 around 2^19 at d12)")
-    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR for the token and value embeddings (value embeddings get x0.5 at HEAD)")
-    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR for lm_head. HEAD default 0.008 (SEED docs: 0.004)")
+    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR for the token embeddings (value embeddings get x0.5)")
+    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR for lm_head")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR for the transformer matrices")
     g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR for the x0 lambdas (resid lambdas get x0.01)")
-    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon cautious weight decay at d12 / 2^19 tokens (rescaled for other sizes). HEAD default 0.28 (SEED docs: 0.2)")
-    g.add_argument("--adam-beta1", type=float, default=None, help="AdamW beta1 for lm_head/embeddings/resid lambdas. Default: HEAD's tuned per-group betas (beta1 0.8); SEED docs: 0.8")
-    g.add_argument("--adam-beta2", type=float, default=None, help="AdamW beta2 for lm_head/embeddings/resid lambdas. Default: HEAD's tuned per-group betas (0.96 lm_head, 0.995 embeddings, 0.95 scalars); SEED docs: 0.95")
-    g.add_argument("--warmup-ratio", type=float, default=None, help="LR warmup as a fraction of the steps; overrides --warmup-steps when given (SEED docs default 0.0; HEAD uses --warmup-steps)")
-    g.add_argument("--warmup-steps", type=int, default=40, help="LR warmup steps (HEAD), capped so warmup never runs into the warmdown")
-    g.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps spent in the final LR decay. HEAD default 0.65 (SEED docs: 0.5)")
-    g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step. HEAD default 0.05 (SEED docs: 0.0)")
+    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon cautious weight decay at d12 / 2^19 tokens (rescaled for other sizes)")
+    g.add_argument("--adam-beta1", type=float, default=None, help="AdamW beta1 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.8)")
+    g.add_argument("--adam-beta2", type=float, default=None, help="AdamW beta2 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.96 lm_head, 0.995 embeddings, 0.95 scalars)")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="LR warmup as a fraction of the steps; overrides --warmup-steps when given")
+    g.add_argument("--warmup-steps", type=int, default=40, help="LR warmup steps, capped so warmup never runs into the warmdown")
+    g.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps spent in the final LR decay")
+    g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from the checkpoint at this step (-1 = fresh run); pass the same flags as the original run")
     g.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep-last", type=int, default=-1, help="after each save keep only the last K checkpoints, to bound disk use (-1 = keep all)")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name under base_checkpoints/ (default d<depth>)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = off)")
-    g.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per validation bpb evaluation. HEAD default 80*2^19 (SEED docs: 40M)")
+    g.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per validation bpb evaluation")
     g.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the end (-1 = off)")
     g.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     g.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps and at the end (-1 = off)")
@@ -91,6 +107,10 @@ def check_args(args):
         value = getattr(args, flag)
         if value < 1:
             fail(f"--{flag.replace('_', '-')}={value} must be a positive integer")
+    if args.head_dim % 2:
+        fail(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
+    if args.device_type not in ("", "cuda", "cpu", "mps"):
+        fail(f"--device-type={args.device_type} is not one of cuda, cpu, mps (or empty to autodetect)")
     if args.max_seq_len < 2:
         fail(f"--max-seq-len={args.max_seq_len} must be at least 2")
     if not args.window_pattern or any(c not in "SL" for c in args.window_pattern.upper()):
@@ -107,9 +127,9 @@ def check_args(args):
         fail(f"--warmup-ratio={args.warmup_ratio} must be in [0, 1]")
     if args.warmup_steps < 0:
         fail(f"--warmup-steps={args.warmup_steps} must be >= 0")
-    if args.fp8 and args.device_type and args.device_type != "cuda":
-        fail(f"--fp8 needs a CUDA GPU with compute capability >= 8.9; this run is on {args.device_type}. Drop --fp8.")
-
+    if args.keep_last == 0 or args.keep_last < -1:
+        fail(f"--keep-last={args.keep_last} must be a positive number of checkpoints or -1 (keep all)")
+    ckpt.check_model_tag(args.model_tag)
 
 # -----------------------------------------------------------------------------
 # Schedules (it = 0-based index of the update being made, N = number of updates)
@@ -131,7 +151,7 @@ def get_lr_multiplier(it, N, warmup_iters, warmdown_ratio, final_lr_frac):
 
 
 def get_muon_momentum(it, N, warmdown_ratio):
-    # HEAD: ramp 0.85 -> 0.97 over the first 400 steps, hold, then 0.97 -> 0.90 across the warmdown
+    # ramp 0.85 -> 0.97 over the first 400 steps, hold, then 0.97 -> 0.90 across the warmdown
     momentum = 0.85 + (0.97 - 0.85) * min(it / 400, 1.0)
     warmdown_iters = round(warmdown_ratio * N)
     start = N - warmdown_iters
@@ -141,45 +161,27 @@ def get_muon_momentum(it, N, warmdown_ratio):
 
 
 def get_weight_decay(it, N, wd):
-    return wd * 0.5 * (1 + math.cos(math.pi * it / max(N, 1)))  # cosine to zero (HEAD)
-
+    return wd * 0.5 * (1 + math.cos(math.pi * it / max(N, 1)))  # cosine to zero
 
 # -----------------------------------------------------------------------------
+# Plan: model shape, batch size, LR / weight-decay scaling and horizon, all from the flags
 
-def encode_rng_state(state):
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def decode_rng_state(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def gather_objects(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def any_rank(flag, device, world_size):
-    """True if flag is true on any rank (all ranks take the same decision)."""
-    if world_size == 1:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def format_count(n):
-    return f"{n:,}"
+@dataclasses.dataclass
+class Plan:
+    model_config: object
+    param_counts: dict
+    num_scaling_params: int
+    flops_per_token: float
+    total_batch_size: int
+    grad_accum_steps: int
+    batch_lr_scale: float
+    weight_decay_scaled: float
+    num_iterations: int
+    total_tokens: int
 
 
 def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
-    """Model shape, batch size, LR / weight-decay scaling and horizon from the flags (HEAD recipe). Everything is
-    computed on the meta device (no memory). Returns a dict; prints what it decided."""
-    from nanochat.gpt import GPT, config_from_depth
-
+    """Everything is computed on the meta device (no memory). Prints what it decided."""
     def make_config(depth):
         return config_from_depth(depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
                                  vocab_size=vocab_size, window_pattern=args.window_pattern.upper())
@@ -207,7 +209,6 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
         target_tokens = args.target_flops / flops_per_token
     else:
         target_tokens = ratio_for_scaling * num_scaling_params
-    del meta_model, ref_model
 
     total_batch_size = args.total_batch_size
     if total_batch_size == -1:
@@ -244,254 +245,261 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
     print0(f"Total number of training tokens: {total_tokens:,}")
     print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
-    return dict(model_config=model_config, param_counts=param_counts, num_scaling_params=num_scaling_params,
-                flops_per_token=flops_per_token, total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps,
-                batch_lr_scale=batch_lr_scale, weight_decay_scaled=weight_decay_scaled, num_iterations=num_iterations,
-                total_tokens=total_tokens, D_REF=D_REF, target_tokens=target_tokens)
+    return Plan(model_config, param_counts, num_scaling_params, flops_per_token, total_batch_size, grad_accum_steps,
+                batch_lr_scale, weight_decay_scaled, num_iterations, total_tokens)
+
+# -----------------------------------------------------------------------------
+# Loop state: everything the loop carries from step to step. It goes into the checkpoint meta, with the RNG and
+# dataloader states, so that a resumed run continues bit-exactly.
+
+@dataclasses.dataclass
+class LoopState:
+    step: int = 0
+    val_bpb: float = None
+    min_val_bpb: float = float("inf")
+    smooth_train_loss: float = 0.0
+    total_training_time: float = 0.0
+    history: dict = dataclasses.field(default_factory=lambda: {"train": [], "val": []})
+    core_results: dict = None
+
+    def record(self, split, entry):
+        rows = [r for r in self.history[split] if r["step"] != entry["step"]]  # a resumed step replaces its old entry
+        self.history[split] = rows + [entry]
+
+
+def encode_rng_state(state):
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def decode_rng_state(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def gather_objects(obj, world_size):
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_resume(args, checkpoint_dir, world_size, user_config):
+    """The resume checkpoint's meta after checking it is complete, readable and from a compatible run."""
+    step = args.resume_from_step
+    if not ckpt.is_complete(checkpoint_dir, step):
+        available = ckpt.complete_steps(checkpoint_dir)
+        fail(f"--resume-from-step={step}: no complete checkpoint for step {step} in {checkpoint_dir} "
+             f"(complete steps there: {available if available else 'none'})")
+    try:
+        meta = ckpt.load_meta(checkpoint_dir, step)
+    except ckpt.CheckpointError as e:
+        fail(f"--resume-from-step={step}: {e}")
+    saved_world = meta.get("world_size", 1)
+    if saved_world != world_size:
+        fail(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} process(es) "
+             f"but this run has {world_size}; optimizer state is sharded per rank, relaunch with {saved_world} processes")
+    differing = [k for k, v in meta.get("user_config", {}).items()
+                 if k not in ("resume_from_step", "run", "keep_last") and user_config.get(k) != v]
+    if differing:
+        print0(f"WARNING: flags differ from the checkpoint's run ({', '.join('--' + k.replace('_', '-') for k in differing)}); "
+               "the schedules follow the current flags, so the resumed run will not match an uninterrupted one")
+    return meta
+
+
+def print_hardware(device_type, window_pattern):
+    """Peak FLOPs (None = MFU n/a) and the attention backend's warnings."""
+    backend, _ = get_backend(device_type)
+    if device_type != "cuda":
+        print0(f"MFU n/a (no peak FLOPs figure for device type {device_type})")
+        return None
+    gpu_name = torch.cuda.get_device_name(0)
+    peak_flops = get_peak_flops(gpu_name)
+    print0(f"GPU: {gpu_name} | Peak FLOPS (BF16): {peak_flops:.2e}" if peak_flops else
+           f"GPU: {gpu_name} | Peak FLOPS (BF16): unknown (MFU n/a)")
+    if backend == "fa3":
+        print0("✓ Using Flash Attention 3 (Hopper GPU detected), efficient, new and awesome.")
+    else:
+        print0("!" * 80)
+        print0(f"WARNING: Flash Attention 3 not available, using a fallback attention backend ({backend}). "
+               "Training will be less efficient.")
+        if backend == "sdpa" and window_pattern.upper() != "L":
+            print0(f"WARNING: SDPA has no support for sliding window attention (pattern {window_pattern}); "
+                   "GPU utilization will be terrible. Use --window-pattern L.")
+        print0("!" * 80)
+    return peak_flops
+
+
+def build_model(args, plan, device, checkpoint_dir, rank):
+    """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
+    with torch.device("meta"):
+        model = GPT(plan.model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optim_data = None
+    if args.resume_from_step >= 0:
+        try:
+            model_data, optim_data, _ = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
+                                                            load_optimizer=True, rank=rank)
+            model.load_state_dict(model_data, strict=True, assign=True)
+        except (ckpt.CheckpointError, RuntimeError) as e:
+            fail(f"--resume-from-step={args.resume_from_step}: {e}")
+        del model_data
+        print0(f"Resumed model weights from {checkpoint_dir} at step {args.resume_from_step}")
+    if args.fp8:
+        try:
+            fp8.convert_to_float8_training(model, recipe=args.fp8_recipe, device=device)
+        except (fp8.Fp8UnsupportedError, ValueError) as e:
+            fail(str(e))
+    adam_betas = None
+    if args.adam_beta1 is not None or args.adam_beta2 is not None:
+        adam_betas = (args.adam_beta1 if args.adam_beta1 is not None else 0.8,
+                      args.adam_beta2 if args.adam_beta2 is not None else 0.95)
+    scale = plan.batch_lr_scale
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
+                                      matrix_lr=args.matrix_lr * scale, weight_decay=plan.weight_decay_scaled,
+                                      adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale)
+    if optim_data is not None:
+        optimizer.load_state_dict(optim_data)
+    return model, optimizer
+
+
+def save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_state, device_type, rank, world_size):
+    """Checkpoint after state.step updates; the batch for state.step is not consumed yet (resume_loader_state)."""
+    loader_states = gather_objects(resume_loader_state, world_size)
+    rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()),
+                                 "cuda": encode_rng_state(torch.cuda.get_rng_state()) if device_type == "cuda" else None},
+                                world_size)
+    loop_state = {k: getattr(state, k) for k in ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")}
+    meta = {"step": state.step, "val_bpb": state.val_bpb, **meta_base, "world_size": world_size,
+            "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
+            "loop_state": {**loop_state, "rng_states": rng_states}}
+    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.state_dict(), meta,
+                         rank=rank, sync_ranks=True)
+
+
+def restore_loop_state(meta, rank, device_type):
+    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states."""
+    states = meta.get("dataloader_state_dicts") or [meta.get("dataloader_state_dict")]
+    loop = meta["loop_state"]
+    state = LoopState(step=meta["step"], val_bpb=meta.get("val_bpb"), min_val_bpb=loop["min_val_bpb"],
+                      smooth_train_loss=loop["smooth_train_loss"], total_training_time=loop["total_training_time"],
+                      history=loop.get("history", LoopState().history), core_results=loop.get("core_results"))
+    rng = loop.get("rng_states")
+    if rng and rank < len(rng):
+        torch.set_rng_state(decode_rng_state(rng[rank]["cpu"]))
+        if device_type == "cuda" and rng[rank].get("cuda"):
+            torch.cuda.set_rng_state(decode_rng_state(rng[rank]["cuda"]))
+    return state, states[rank] if rank < len(states) else states[0]
 
 
 def main(argv=None):
+    # --- flags and cheap checks ---------------------------------------------------------------------------
     args = build_parser().parse_args(argv)
     user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
     check_args(args)
-
-    from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                                 get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-    from nanochat.gpt import GPT, config_from_depth
-    from nanochat import checkpoint_manager as ckpt
-    from nanochat.loss_eval import evaluate_bpb
-
     print_banner()
     device_type = args.device_type or autodetect_device_type()
     if args.fp8 and device_type != "cuda":
         fail(f"--fp8 needs a CUDA GPU with compute capability >= 8.9; this run is on {device_type}. Drop --fp8.")
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if args.fp8:
-        from nanochat import fp8
         try:
             fp8.check_fp8_support(device)  # before any heavy work
         except fp8.Fp8UnsupportedError as e:
             fail(str(e))
-
-    # --- cheap checks that need the world size, before building anything big ---------------------------
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+    world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size > 0 and args.total_batch_size % world_tokens_per_fwdbwd != 0:
         fail(f"--total-batch-size={args.total_batch_size} is not divisible by --device-batch-size x --max-seq-len x "
              f"world size = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens_per_fwdbwd}; "
              f"use a multiple of {world_tokens_per_fwdbwd} (or -1 for auto)")
-    model_tag = args.model_tag if args.model_tag else f"d{args.depth}"
+    model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resuming = args.resume_from_step >= 0
-    resume_meta = None
-    if resuming:
-        step = args.resume_from_step
-        if not ckpt.is_complete(checkpoint_dir, step):
-            available = []
-            if os.path.isdir(checkpoint_dir):
-                available = sorted(int(f[len("complete_"):-len(".json")]) for f in os.listdir(checkpoint_dir)
-                                   if f.startswith("complete_") and f.endswith(".json"))
-            fail(f"--resume-from-step={step}: no complete checkpoint for step {step} in {checkpoint_dir} "
-                 f"(complete steps there: {available if available else 'none'})")
-        resume_meta = ckpt.load_meta(checkpoint_dir, step)
-        saved_world = resume_meta.get("world_size", 1)
-        if saved_world != world_size:
-            fail(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} process(es) "
-                 f"but this run has {world_size}; optimizer state is sharded per rank, relaunch with {saved_world} processes")
-        differing = [k for k, v in resume_meta.get("user_config", {}).items()
-                     if k not in ("resume_from_step", "run") and user_config.get(k) != v]
-        if differing:
-            print0(f"WARNING: flags differ from the checkpoint's run ({', '.join('--' + k.replace('_', '-') for k in differing)}); "
-                   "the schedules follow the current flags, so the resumed run will not match an uninterrupted one")
+    resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
 
-    # --- wandb, tokenizer -------------------------------------------------------------------------------
+    # --- wandb, tokenizer, plan ------------------------------------------------------------------------------
     wandb_run = DummyWandb()
     if args.run != "dummy" and master:
         try:
-            import wandb
+            import wandb  # optional dependency
             wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
         except Exception as e:
             print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
-    from nanochat.tokenizer import get_tokenizer, get_token_bytes
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
     vocab_size = tokenizer.get_vocab_size()
     print0(f"Vocab size: {vocab_size:,}")
-
-    # --- model shape, batch size, LR / WD scaling, horizon (all on the meta device: cheap) ---------------
     plan = training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0)
-    model_config, param_counts = plan["model_config"], plan["param_counts"]
-    num_scaling_params, flops_per_token = plan["num_scaling_params"], plan["flops_per_token"]
-    total_batch_size, grad_accum_steps = plan["total_batch_size"], plan["grad_accum_steps"]
-    batch_lr_scale, weight_decay_scaled = plan["batch_lr_scale"], plan["weight_decay_scaled"]
-    num_iterations, total_tokens = plan["num_iterations"], plan["total_tokens"]
+    num_iterations = plan.num_iterations
     if resuming and args.resume_from_step > num_iterations:
         fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_iterations} steps)")
     warmup_iters = warmup_iters_for(args, num_iterations)
+    peak_flops = print_hardware(device_type, args.window_pattern)
 
-    # --- hardware / attention messages ------------------------------------------------------------------
-    if device_type == "cuda":
-        gpu_name = torch.cuda.get_device_name(0)
-        peak_flops = get_peak_flops(gpu_name)
-        print0(f"GPU: {gpu_name} | Peak FLOPS (BF16): {peak_flops:.2e}" if peak_flops else
-               f"GPU: {gpu_name} | Peak FLOPS (BF16): unknown (MFU n/a)")
-    else:
-        peak_flops = None
-        print0(f"MFU n/a (no peak FLOPs figure for device type {device_type})")
-    from nanochat.flash_attention import get_backend
-    backend, _ = get_backend(device_type)
-    if device_type == "cuda":
-        if backend == "fa3":
-            print0("✓ Using Flash Attention 3 (Hopper GPU detected), efficient, new and awesome.")
-        else:
-            print0("!" * 80)
-            print0("WARNING: Flash Attention 3 not available, using a fallback attention backend "
-                   f"({backend}). Training will be less efficient.")
-            if backend == "sdpa" and args.window_pattern.upper() != "L":
-                print0(f"WARNING: SDPA has no support for sliding window attention (pattern {args.window_pattern}); "
-                       "GPU utilization will be terrible. Use --window-pattern L.")
-            print0("!" * 80)
+    # --- model, optimizer, data -------------------------------------------------------------------------------
+    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank)  # uncompiled: checkpoints, CORE, samples
+    model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model  # the compile decision
+    for key, value in plan.param_counts.items():
+        print0(f"{key:24s}: {value:,}")
+    print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
+    eval_context = (lambda: fp8.disable_fp8(orig_model)) if args.fp8 else contextlib.nullcontext
+    scaler = make_grad_scaler(device_type)
+    meta_base = {"model_config": dataclasses.asdict(plan.model_config), "user_config": user_config,
+                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                 "total_batch_size": plan.total_batch_size}
 
-    # --- build the model (and restore it when resuming) -------------------------------------------------
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=device)
-    model.init_weights()
-    optim_data = None
-    if resuming:
-        model_data, optim_data, _ = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                        load_optimizer=True, rank=rank)
-        model.load_state_dict(model_data, strict=True, assign=True)
-        del model_data
-        print0(f"Resumed model weights from {checkpoint_dir} at step {args.resume_from_step}")
-    orig_model = model  # uncompiled: checkpoints, CORE and sampling (variable shapes)
-    fp8_off = None
-    if args.fp8:
-        from nanochat import fp8
-        try:
-            fp8.convert_to_float8_training(orig_model, recipe=args.fp8_recipe, device=device)
-        except (fp8.Fp8UnsupportedError, ValueError) as e:
-            fail(str(e))
-        fp8_off = fp8.disable_fp8
-    if device_type == "cuda":
-        model = torch.compile(orig_model, dynamic=False)
-    for key, value in param_counts.items():
-        print0(f"{key:24s}: {format_count(value)}")
-    print0(f"Estimated FLOPs per token: {flops_per_token:e}")
-
-    def eval_context():
-        import contextlib
-        return fp8_off(orig_model) if fp8_off is not None else contextlib.nullcontext()
-
-    adam_betas = None
-    if args.adam_beta1 is not None or args.adam_beta2 is not None:
-        adam_betas = (args.adam_beta1 if args.adam_beta1 is not None else 0.8,
-                      args.adam_beta2 if args.adam_beta2 is not None else 0.95)
-    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr * batch_lr_scale,
-                                           embedding_lr=args.embedding_lr * batch_lr_scale,
-                                           matrix_lr=args.matrix_lr * batch_lr_scale,
-                                           weight_decay=weight_decay_scaled, adam_betas=adam_betas,
-                                           scalar_lr=args.scalar_lr * batch_lr_scale)
-    if optim_data is not None:
-        optimizer.load_state_dict(optim_data)
-        del optim_data
-    scaler = torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
-
-    # --- data ---------------------------------------------------------------------------------------------
-    from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
-    loader_resume_state = None
-    if resuming:
-        states = resume_meta.get("dataloader_state_dicts") or [resume_meta.get("dataloader_state_dict")]
-        loader_resume_state = states[rank] if rank < len(states) else states[0]
+    state, loader_resume_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_resume_state)
-    build_val_loader = lambda: tokenizing_distributed_data_loader_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
     x, y, loader_state = next(train_loader)  # prefetch the first batch
     # loader_state resumes *after* (x, y); to resume at (x, y) itself a checkpoint stores the state of the batch before
     resume_loader_state = loader_resume_state
+    last_good_step = args.resume_from_step if resuming else None  # the newest checkpoint known to be finite
 
-    # --- loop state -----------------------------------------------------------------------------------------
-    step = 0
-    val_bpb = None
-    min_val_bpb = float("inf")
-    smooth_train_loss = 0.0
-    total_training_time = 0.0
-    history = {"train": [], "val": []}
-    core_results = None
-    if resuming:
-        loop = resume_meta["loop_state"]
-        step = resume_meta["step"]
-        val_bpb = resume_meta.get("val_bpb")
-        min_val_bpb = loop["min_val_bpb"]
-        smooth_train_loss = loop["smooth_train_loss"]
-        total_training_time = loop["total_training_time"]
-        history = loop.get("history", history)
-        core_results = loop.get("core_results")
-        rng = loop.get("rng_states")
-        if rng and rank < len(rng):
-            torch.set_rng_state(decode_rng_state(rng[rank]["cpu"]))
-            if device_type == "cuda" and rng[rank].get("cuda"):
-                torch.cuda.set_rng_state(decode_rng_state(rng[rank]["cuda"]))
-
-    # --- preemption: remember the signal, act on it at the next step boundary --------------------------------
-    stop_signal = {"signum": None}
+    # --- preemption: remember the signal, act on it at the next step boundary ----------------------------------
+    stop_signal = []
     def on_signal(signum, frame):
-        if stop_signal["signum"] is None:
+        if not stop_signal:
             print(f"[rank {rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", flush=True)
-        stop_signal["signum"] = signum
+        stop_signal.append(signum)
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def save(at_step):
-        loader_states = gather_objects(resume_loader_state, world_size)
-        rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()),
-                                     "cuda": encode_rng_state(torch.cuda.get_rng_state()) if device_type == "cuda" else None},
-                                    world_size)
-        meta = {
-            "step": at_step,
-            "val_bpb": val_bpb,
-            "model_config": dataclasses.asdict(model_config),
-            "user_config": user_config,
-            "device_batch_size": args.device_batch_size,
-            "max_seq_len": args.max_seq_len,
-            "total_batch_size": total_batch_size,
-            "world_size": world_size,
-            "dataloader_state_dict": loader_states[0],
-            "dataloader_state_dicts": loader_states,
-            "loop_state": {
-                "min_val_bpb": min_val_bpb,
-                "smooth_train_loss": smooth_train_loss,
-                "total_training_time": total_training_time,
-                "history": history,
-                "core_results": core_results,
-                "rng_states": rng_states,
-            },
-        }
-        ckpt.save_checkpoint(checkpoint_dir, at_step, orig_model.state_dict(), optimizer.state_dict(), meta,
-                             rank=rank, sync_ranks=True)
+    def stop_diverged(what):
+        last_good = (f"the last good checkpoint is step {last_good_step} in {checkpoint_dir} (resume from it with lower "
+                     f"learning rates)") if last_good_step is not None else "no checkpoint of this run was saved (lower the learning rates)"
+        print0(f"error: {what}; stopping without saving it; {last_good}")
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
+        compute_cleanup()
+        raise SystemExit(1)
 
-    def record(split, entry):
-        rows = [r for r in history[split] if r["step"] != entry["step"]]  # a resumed step replaces its old entry
-        rows.append(entry)
-        history[split] = rows
+    def save_now():
+        nonlocal last_good_step
+        finite = ckpt.is_finite_state(orig_model.state_dict()) and ckpt.is_finite_state(optimizer.state_dict())
+        if any_rank(not finite, device):
+            stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}")
+        save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_state, device_type, rank, world_size)
+        last_good_step = state.step
+        if master and args.keep_last > 0:
+            ckpt.prune_checkpoints(checkpoint_dir, args.keep_last)
 
-    # --- training loop ----------------------------------------------------------------------------------
-    print0(f"Starting training at step {step} of {num_iterations} (checkpoints: {checkpoint_dir})")
+    # --- training loop --------------------------------------------------------------------------------------
+    print0(f"Starting training at step {state.step} of {num_iterations} (checkpoints: {checkpoint_dir})")
     first_step_of_run = True
-    fault_nan_step = int(os.environ.get("NANOCHAT_TEST_NAN_AT_STEP", "-1"))
     mfu = None
     stopped_by_signal = False
     while True:
+        step = state.step
         last_step = step == num_iterations
-        flops_so_far = flops_per_token * total_batch_size * step
+        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
+        resumed_here = resuming and step == args.resume_from_step  # already on disk
 
-        # preemption: checkpoint here (model after `step` updates, batch for `step` not consumed yet) and leave
-        if any_rank(stop_signal["signum"] is not None, device, world_size):
-            if step > 0 and not (resuming and step == args.resume_from_step):
-                save(step)
+        # preemption: checkpoint here and leave
+        if any_rank(bool(stop_signal), device):
+            if step > 0 and not resumed_here:
+                save_now()
             if step > 0:
                 print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
             else:
@@ -503,35 +511,34 @@ def main(argv=None):
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+            val_loader = tokenizing_distributed_data_loader_bos_bestfit(
+                tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
             with eval_context():
-                val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
-            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            record("val", {"step": step, "val_bpb": val_bpb, "flops": flops_so_far})
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
+                state.val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
+            state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+            state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
+                           "val/bpb": state.val_bpb})
             model.train()
 
         # CORE metric (all ranks, uncompiled model), never at step 0
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             orig_model.eval()
             try:
-                from nanochat.core_eval import evaluate_core
                 with eval_context():
-                    core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-                label = "" if not core_results.get("partial") else f" (partial: {core_results.get('num_tasks')}/{core_results.get('total_tasks')} tasks)"
-                print0(f"Step {step:05d} | CORE metric: {core_results['core_metric']:.4f}{label}")
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_results["core_metric"],
-                               "centered_results": core_results.get("centered_results")})
-            except ImportError as e:
-                print0(f"Step {step:05d} | CORE metric skipped: base_eval is not available ({e})")
-            except (Exception, SystemExit) as e:
+                    results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+                state.core_results = results
+                label = "" if not results.get("partial") else f" (partial: {results.get('num_tasks')}/{results.get('total_tasks')} tasks)"
+                print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}{label}")
+                wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                               "centered_results": results.get("centered_results")})
+            except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
                 print0(f"Step {step:05d} | CORE metric skipped: {e}")
             orig_model.train()
 
         # samples (rank 0, uncompiled model, greedy)
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            from nanochat.engine import Engine
-            from nanochat.core_eval import SAMPLE_PROMPTS  # one prompt list for training-time and eval-time samples
             orig_model.eval()
             engine = Engine(orig_model, tokenizer)
             with eval_context():
@@ -542,189 +549,130 @@ def main(argv=None):
             orig_model.train()
 
         # checkpoint
-        if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
-            if not (resuming and step == args.resume_from_step):
-                save(step)
-
+        periodic = step > 0 and args.save_every > 0 and step % args.save_every == 0
+        if (last_step or periodic) and not resumed_here:
+            save_now()
         if last_step:
             break
 
         # --- one optimization step ---
-        synchronize()
+        synchronize(device_type)
         t0 = time.time()
         micro_losses = []
-        for micro_step in range(grad_accum_steps):
+        for micro_step in range(plan.grad_accum_steps):
             loss = model(x, y)
             micro_losses.append(loss.detach())
-            loss = loss / grad_accum_steps
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            loss = loss / plan.grad_accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             resume_loader_state = loader_state  # the batch after this one is what a resume must start with
             x, y, loader_state = next(train_loader)  # prefetch while the device works
         lrm = get_lr_multiplier(step, num_iterations, warmup_iters, args.warmdown_ratio, args.final_lr_frac)
-        muon_momentum = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
-        muon_wd = get_weight_decay(step, num_iterations, weight_decay_scaled)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum
-                group["weight_decay"] = muon_wd
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            if world_size > 1:  # every rank skips together when any rank saw inf/nan
-                for found_inf in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        set_hyperparams(optimizer, lrm, momentum=get_muon_momentum(step, num_iterations, args.warmdown_ratio),
+                        weight_decay=get_weight_decay(step, num_iterations, plan.weight_decay_scaled))
+        optimizer_step(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         losses = torch.stack(micro_losses)
-        if fault_nan_step == step:
-            losses = losses * float("nan")  # test hook (NANOCHAT_TEST_NAN_AT_STEP): simulate a diverged step
-        all_finite = bool(torch.isfinite(losses).all().item())
-        train_loss = losses[-1].item()  # rank 0's last micro-batch, as the reference logs it
-        synchronize()
+        train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
+        synchronize(device_type)
         dt = time.time() - t0
-
-        if any_rank(not all_finite, device, world_size) and scaler is None:
-            print0(f"error: training loss became {train_loss} at step {step} (non-finite); stopping without saving. "
-                   f"Earlier checkpoints in {checkpoint_dir} are untouched; lower the learning rates or resume from one.")
-            for s, h in previous_handlers.items():
-                signal.signal(s, h)
-            compute_cleanup()
-            raise SystemExit(1)
+        if scaler is None and any_rank(not bool(torch.isfinite(losses).all()), device):
+            stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)")
 
         # --- logging ---
         ema_beta = 0.9
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
-        pct = 100 * step / num_iterations
-        tok_per_sec = int(total_batch_size / dt)
-        flops_per_sec = flops_per_token * total_batch_size / dt
-        mfu = 100 * flops_per_sec / (peak_flops * world_size) if peak_flops else None
+        state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
+        debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = int(plan.total_batch_size / dt)
+        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (peak_flops * world_size) if peak_flops else None
         if step > 10:
-            total_training_time += dt  # the first steps (compilation warm-up) do not count
+            state.total_training_time += dt  # the first steps (compilation warm-up) do not count
         eta = ""
         if step - 10 > 0:
-            eta = f" | eta: {(num_iterations - step) * total_training_time / (step - 10) / 60:.1f}m"
+            eta = f" | eta: {(num_iterations - step) * state.total_training_time / (step - 10) / 60:.1f}m"
         epoch = loader_state.get("epoch", "?") if isinstance(loader_state, dict) else "?"
         mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
-        print0(f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {epoch} | "
-               f"total time: {total_training_time / 60:.2f}m{eta}")
-        record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
+               f"total time: {state.total_training_time / 60:.2f}m{eta}")
+        state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
         if step % 100 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
                            "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                            "train/mfu": mfu, "train/epoch": epoch})
-
-        # Python's cyclic GC stalls for ~0.5 s at a time: collect once, freeze survivors, then collect rarely
-        step += 1
-        if first_step_of_run:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-            first_step_of_run = False
-        elif step % 5000 == 0:
-            gc.collect()
+        state.step += 1
+        manage_gc(first_step_of_run, state.step)
+        first_step_of_run = False
 
     # --- wrap up ---------------------------------------------------------------------------------------------
     gc.enable()
     gc.unfreeze()
     for s, h in previous_handlers.items():
         signal.signal(s, h)
-    if stopped_by_signal:
-        wandb_run.finish()
-        compute_cleanup()
-        return 0
-
-    if device_type == "cuda":
-        peak_memory_mib = torch.cuda.max_memory_allocated() / 1024 / 1024
-        print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB")
-    else:
-        peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB (process max RSS)")
-    print0(f"Total training time: {total_training_time / 60:.2f}m")
-    if min_val_bpb != float("inf"):
-        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
-
-    total_flops = flops_per_token * total_tokens
-    core_score = core_results["core_metric"] if core_results else None
-    summary = {
-        "model_tag": model_tag,
-        "depth": args.depth,
-        "model_dim": model_config.n_embd,
-        "num_heads": model_config.n_head,
-        "max_seq_len": args.max_seq_len,
-        "vocab_size": vocab_size,
-        "num_params": param_counts["total"],
-        "num_scaling_params": num_scaling_params,
-        "param_counts": param_counts,
-        "flops_per_token": flops_per_token,
-        "num_iterations": num_iterations,
-        "total_batch_size": total_batch_size,
-        "tokens_trained": total_tokens,
-        "param_data_ratio": total_tokens / num_scaling_params,
-        "total_training_flops": total_flops,
-        "val_bpb": val_bpb,
-        "min_val_bpb": None if min_val_bpb == float("inf") else min_val_bpb,
-        "core_score": core_score,
-        "core_partial": bool(core_results.get("partial")) if core_results else None,
-        "train_time_sec": total_training_time,
-        "mfu": mfu,
-        "peak_memory_mib": peak_memory_mib,
-        "world_size": world_size,
-        "device_type": device_type,
-        "fp8": args.fp8,
-        "checkpoint_dir": checkpoint_dir,
-    }
-    if master:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        summary_path = os.path.join(checkpoint_dir, "summary.json")
-        tmp = summary_path + f".tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, summary_path)
-        print0(f"Wrote run summary to {summary_path}")
-        try:
-            from nanochat.report import get_report
-            report = get_report()
-            report.log(section="Base model training", data=[
-                user_config,
-                {
-                    "Number of parameters": param_counts["total"],
-                    "Number of scaling parameters": num_scaling_params,
-                    "Number of FLOPs per token": f"{flops_per_token:e}",
-                    "Calculated number of iterations": num_iterations,
-                    "Number of training tokens": total_tokens,
-                    "Tokens : Scaling params ratio": total_tokens / num_scaling_params,
-                    "Total batch size": total_batch_size,
-                    "DDP world size": world_size,
-                    "warmup_iters": warmup_iters,
-                    "warmdown_ratio": args.warmdown_ratio,
-                    "final_lr_frac": args.final_lr_frac,
-                },
-                {
-                    "Minimum validation bpb": summary["min_val_bpb"],
-                    "Final validation bpb": val_bpb,
-                    "CORE metric estimate": core_score,
-                    "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a",
-                    "Total training flops": f"{total_flops:e}",
-                    "Total training time": f"{total_training_time / 60:.2f}m",
-                    "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
-                },
-            ])
-            report.log_history("base-training", history)
-        except ImportError as e:
-            print0(f"Report not written: nanochat.report is not available ({e})")
+    if not stopped_by_signal:
+        write_summary(args, plan, state, user_config, model_tag, vocab_size, warmup_iters, mfu, world_size,
+                      device_type, checkpoint_dir, master)
     wandb_run.finish()
     compute_cleanup()
     return 0
+
+
+def write_summary(args, plan, state, user_config, model_tag, vocab_size, warmup_iters, mfu, world_size, device_type,
+                  checkpoint_dir, master):
+    """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
+    peak_mib = peak_memory_mib(device_type)
+    print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
+    print0(f"Total training time: {state.total_training_time / 60:.2f}m")
+    min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
+    if min_val_bpb is not None:
+        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    if not master:
+        return
+    total_flops = plan.flops_per_token * plan.total_tokens
+    core = state.core_results
+    core_score = core["core_metric"] if core else None
+    ratio = plan.total_tokens / plan.num_scaling_params
+    summary = {
+        "model_tag": model_tag, "depth": args.depth, "model_dim": plan.model_config.n_embd,
+        "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len, "vocab_size": vocab_size,
+        "num_params": plan.param_counts["total"], "num_scaling_params": plan.num_scaling_params,
+        "param_counts": plan.param_counts, "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
+        "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
+        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
+        "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
+        "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
+        "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
+    }
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    summary_path = os.path.join(checkpoint_dir, "summary.json")
+    atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
+    print0(f"Wrote run summary to {summary_path}")
+    report = get_report()
+    report.log(section="Base model training", data=[
+        user_config,
+        {
+            "Number of parameters": plan.param_counts["total"],
+            "Number of scaling parameters": plan.num_scaling_params,
+            "Number of FLOPs per token": f"{plan.flops_per_token:e}",
+            "Calculated number of iterations": plan.num_iterations,
+            "Number of training tokens": plan.total_tokens,
+            "Tokens : Scaling params ratio": ratio,
+            "Total batch size": plan.total_batch_size,
+            "DDP world size": world_size,
+            "warmup_iters": warmup_iters,
+            "warmdown_ratio": args.warmdown_ratio,
+            "final_lr_frac": args.final_lr_frac,
+        },
+        {
+            "Minimum validation bpb": min_val_bpb,
+            "Final validation bpb": state.val_bpb,
+            "CORE metric estimate": core_score,
+            "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a",
+            "Total training flops": f"{total_flops:e}",
+            "Total training time": f"{state.total_training_time / 60:.2f}m",
+            "Peak memory usage": f"{peak_mib:.2f}MiB",
+        },
+    ])
+    report.log_history("base-training", state.history)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
-                             DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists
+from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
+                             DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized, set_hyperparams)
+from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from tasks.gsm8k import GSM8K
 
 
 def parse_args(argv=None):
@@ -32,10 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
-                        help="legacy flag: the compute dtype is chosen in nanochat.common (set NANOCHAT_DTYPE)")
     # which model to start from
-    parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl", "mid"],
+    parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl"],
                         help="checkpoint family to start from")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: last)")
@@ -129,7 +130,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
         for j in range(k):
             passed[j] += int(any(outcomes[:j + 1]))
         total += 1
-    if dist.is_available() and dist.is_initialized():
+    if is_ddp_initialized():
         dist.all_reduce(passed, op=dist.ReduceOp.SUM)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return [(passed[j].item() / max(total.item(), 1)) for j in range(k)]
@@ -140,23 +141,16 @@ def main(argv=None):
     user_config = dict(vars(args))
     check_checkpoint_exists(args.source, args.model_tag, args.model_step)
 
-    from nanochat.engine import Engine
-    from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.report import get_report
-    from tasks.gsm8k import GSM8K
-
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
-        print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
     if args.examples_per_step % world_size != 0:
         raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
                          f"processes ({world_size})")
 
     if args.run != "dummy" and master:
-        import wandb
+        import wandb  # optional dependency
         wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
     else:
         wandb_run = DummyWandb()
@@ -211,7 +205,10 @@ def main(argv=None):
             print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
             wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}})
             history["pass_at_k"].append(dict(step=step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}))
-        # checkpoint (model only, as the reference)
+        # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model
+        if ((step > 0 and step % args.save_every == 0) or last_step) and any_rank(not is_finite_state(model.state_dict()), device):
+            raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
+                             f"(lower the learning rates or --init-lr-frac)")
         if master and ((step > 0 and step % args.save_every == 0) or last_step):
             meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
                              pass_at_k=last_pass_at_k, source=args.source)
@@ -251,8 +248,7 @@ def main(argv=None):
 
         # linear LR decay to zero over the run; the optimizer averages gradients across ranks
         lrm = 1.0 - step / num_steps
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+        set_hyperparams(optimizer, lrm)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm})

@@ -2,34 +2,28 @@
 Supervised finetuning (SFT): turn a base model into a chat model.
 
     python -m scripts.chat_sft
-    python -m scripts.chat_sft --mixture=offline --num-iterations=200        # no network needed
+    NANOCHAT_OFFLINE=1 python -m scripts.chat_sft --num-iterations=200        # only data already on disk
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=my_sft
 
-What it does (SEED interface, HEAD recipe):
+What it does:
 - loads the base checkpoint; batch geometry (--max-seq-len, --device-batch-size, --total-batch-size) and the
   learning rates are inherited from it unless given, and the base optimizer's momentum buffers are loaded
   (--load-optimizer=1) with fresh learning rates;
-- trains on a TaskMixture of conversations packed into rows with BOS-aligned best-fit packing; the loss is on the
-  assistant's own tokens only (not on user turns, BOS, tool outputs or padding);
+- trains on one mixture of conversations (SFT_PARTS: SmolTalk, MMLU auxiliary_train x --mmlu-epochs, GSM8K x
+  --gsm8k-epochs, identity conversations x --identity-epochs, SimpleSpelling, SpellingBee); a part whose data cannot
+  be had (offline and not on disk) is left out with a loud banner that names it, and the report lists it;
+- packs conversations into rows with BOS-aligned best-fit packing; the loss is on the assistant's own tokens only
+  (not on user turns, BOS, tool outputs or padding);
 - conversations longer than a row are truncated to fit (or skipped when nothing the assistant says survives), so
   the packing buffer can never clog with short --max-seq-len; both are counted and reported;
 - the loss is a token mean over the whole optimizer step, so a micro-batch with zero supervised tokens adds zero
   gradient instead of a 0/0 NaN;
 - evaluates validation loss / bpb and ChatCORE (categorical and generative chat tasks) during training, saves to
   <base>/chatsft_checkpoints/<tag>/ and writes the "Chat SFT" report section.
-
-Mixtures (--mixture):
-- full (SEED + HEAD): SmolTalk + MMLU auxiliary_train x --mmlu-epochs + GSM8K x --gsm8k-epochs + identity
-  conversations x --identity-epochs + SimpleSpelling + SpellingBee;
-- head: HEAD's simplified mixture, SmolTalk + MMLU x3 + GSM8K x4;
-- offline: the mixture of real data available without network (tasks/ offline helper);
-- auto (default): full when every part can be loaded, otherwise the offline mixture, with a loud banner listing
-  the parts that were unavailable.
 """
 
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-import gc
 import math
 import time
 import argparse
@@ -38,12 +32,24 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
-                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval
-from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists
+from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
+                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
+                             manage_gc)
+from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
+                                         saved_world_size, is_finite_state)
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON, identity_conversations_path
+from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, chatcore_from_results
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-# Fallbacks when neither the command line nor the base checkpoint gives a value (HEAD's defaults)
+# Fallbacks when neither the command line nor the base checkpoint gives a value
 FALLBACKS = dict(max_seq_len=2048, device_batch_size=32, total_batch_size=524288,
                  embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02)
 
@@ -54,23 +60,19 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
-                        help="legacy flag: the compute dtype is chosen in nanochat.common (set NANOCHAT_DTYPE)")
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = CUDA only")
     # which base model
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
     parser.add_argument("--load-optimizer", type=int, default=1,
                         help="1 = warm-start from the base optimizer's momentum buffers (LRs reset), 0 = fresh")
-    # data mixture
-    parser.add_argument("--mixture", type=str, default="auto", choices=["auto", "full", "head", "offline"],
-                        help="training mixture (see the module docstring); auto falls back to offline loudly")
+    # data mixture (SFT_PARTS)
     parser.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
     parser.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
     parser.add_argument("--identity-epochs", type=int, default=2,
-                        help="copies of <base>/identity_conversations.jsonl (full mixture)")
-    parser.add_argument("--simple-spelling-size", type=int, default=200000, help="SimpleSpelling rows (full mixture)")
-    parser.add_argument("--spelling-bee-size", type=int, default=80000, help="SpellingBee rows (full mixture)")
+                        help="copies of the identity conversations (who the model says it is)")
+    parser.add_argument("--simple-spelling-size", type=int, default=200000, help="SimpleSpelling rows (spell a word)")
+    parser.add_argument("--spelling-bee-size", type=int, default=80000, help="SpellingBee rows (count letters in a word)")
     # horizon and batch geometry (None = inherit from the base checkpoint)
     parser.add_argument("--num-iterations", type=int, default=-1,
                         help="optimizer steps to train (-1 = one full pass over the mixture)")
@@ -82,10 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherited)")
     parser.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the matrices (default: inherited)")
     parser.add_argument("--weight-decay", type=float, default=0.0,
-                        help="weight decay (HEAD keeps 0: pretraining already ramped it to 0)")
-    parser.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs x this at the start (HEAD tuned; SEED 1.0)")
+                        help="weight decay (0: pretraining already ramped it to 0)")
+    parser.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs x this at the start (tuned)")
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of training spent warming up the LR")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of training spent decaying the LR (SEED 0.2)")
+    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of training spent decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
     # evaluation
     parser.add_argument("--eval-every", type=int, default=200, help="val loss/bpb every N steps (-1 = only at the end)")
@@ -106,104 +108,66 @@ def parse_args(argv=None):
     return args
 
 # -----------------------------------------------------------------------------
-# Mixtures
+# The mixture: one list of parts, each used when its data can be had
 
-def _load_part(name, build, copies, parts, unavailable):
-    """Build one mixture part once and add it `copies` times; data that cannot be had is remembered, not fatal."""
-    if copies <= 0:
-        return
-    try:
-        task = build()
-    except (ImportError, OSError, RuntimeError, SystemExit) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        unavailable.append(f"{name} ({reason})")
-        return
-    parts.extend([(name, task)] * copies)
-
-
-def build_full_mixture(args, head_only=False):
-    """(train_parts, val_parts, unavailable): lists of (name, task) and of 'name (reason)'."""
-    from tasks.smoltalk import SmolTalk
-    from tasks.mmlu import MMLU
-    from tasks.gsm8k import GSM8K
-    train, val, unavailable = [], [], []
-    _load_part("SmolTalk train", lambda: SmolTalk(split="train"), 1, train, unavailable)
-    _load_part("MMLU auxiliary_train", lambda: MMLU(subset="all", split="auxiliary_train"), args.mmlu_epochs,
-               train, unavailable)
-    _load_part("GSM8K train", lambda: GSM8K(subset="main", split="train"), args.gsm8k_epochs, train, unavailable)
-    if not head_only:
-        from tasks.customjson import CustomJSON, identity_conversations_path
-        from tasks.spellingbee import SimpleSpelling, SpellingBee
-        identity_path, identity_source = identity_conversations_path()
-        if args.identity_epochs > 0 and identity_path is None:
-            unavailable.append(f"identity conversations ({os.path.join(get_base_dir(), 'identity_conversations.jsonl')} not found)")
-        elif args.identity_epochs > 0:
-            print0(f"Identity conversations: {identity_path} ({identity_source})")
-            _load_part("identity conversations", lambda: CustomJSON(filepath=identity_path), args.identity_epochs,
-                       train, unavailable)
-        _load_part("SimpleSpelling", lambda: SimpleSpelling(size=args.simple_spelling_size, split="train"),
-                   int(args.simple_spelling_size > 0), train, unavailable)
-        _load_part("SpellingBee", lambda: SpellingBee(size=args.spelling_bee_size, split="train"),
-                   int(args.spelling_bee_size > 0), train, unavailable)
-    _load_part("SmolTalk test", lambda: SmolTalk(split="test"), 1, val, unavailable)
-    _load_part("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200), 1, val, unavailable)
-    _load_part("GSM8K test[:420]", lambda: GSM8K(subset="main", split="test", stop=420), 1, val, unavailable)
-    return train, val, unavailable
+SFT_PARTS = [  # (name, split, copies from the flags, how to build it)
+    ("SmolTalk train", "train", lambda a: 1, lambda a: SmolTalk(split="train")),
+    ("MMLU auxiliary_train", "train", lambda a: a.mmlu_epochs, lambda a: MMLU(subset="all", split="auxiliary_train")),
+    ("GSM8K train", "train", lambda a: a.gsm8k_epochs, lambda a: GSM8K(subset="main", split="train")),
+    ("identity conversations", "train", lambda a: a.identity_epochs, lambda a: identity_conversations()),
+    ("SimpleSpelling", "train", lambda a: int(a.simple_spelling_size > 0),
+     lambda a: SimpleSpelling(size=a.simple_spelling_size, split="train")),
+    ("SpellingBee", "train", lambda a: int(a.spelling_bee_size > 0),
+     lambda a: SpellingBee(size=a.spelling_bee_size, split="train")),
+    ("SmolTalk test", "val", lambda a: 1, lambda a: SmolTalk(split="test")),
+    ("MMLU test[:5200]", "val", lambda a: 1, lambda a: MMLU(subset="all", split="test", stop=5200)),
+    ("GSM8K test[:420]", "val", lambda a: 1, lambda a: GSM8K(subset="main", split="test", stop=420)),
+    ("SpellingBee test[:256]", "val", lambda a: 1, lambda a: SpellingBee(size=256, split="test")),
+]
 
 
-def build_offline_mixture(args):
-    """The offline mixture from tasks/ (real data on disk, never the network): (train_parts, val_parts, unavailable)."""
-    from tasks.offline import offline_sft_tasks
-    mix = offline_sft_tasks(simple_spelling_size=args.simple_spelling_size, spelling_bee_size=args.spelling_bee_size,
-                            identity_epochs=args.identity_epochs, gsm8k_epochs=args.gsm8k_epochs,
-                            mmlu_epochs=args.mmlu_epochs)
-    print0(mix.describe())
-    train = [(f"{type(t).__name__}", t) for t in mix.train_tasks]
-    val = [(f"{type(t).__name__}", t) for t in mix.val_tasks]
-    return train, val, list(mix.unavailable)
+def identity_conversations():
+    path, source = identity_conversations_path()
+    if path is None:
+        raise OSError(f"no identity_conversations.jsonl (looked in NANOCHAT_LOCAL_DATA, {get_base_dir()} and data/)")
+    print0(f"Identity conversations: {path} ({source})")
+    return CustomJSON(filepath=path)
 
 
-def choose_mixture(args):
-    """Returns (train_task, val_task, description, unavailable_parts)."""
-    from tasks.common import TaskMixture
-    from nanochat.hub import is_offline
-    mode = args.mixture
-    unavailable_full = []
-    if mode == "auto" and is_offline():
-        print0("NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set: using the OFFLINE SFT mixture")
-        mode = "offline"
-    if mode in ("auto", "full", "head"):
-        train, val, unavailable_full = build_full_mixture(args, head_only=(mode == "head"))
-        if not unavailable_full:
-            mode = mode if mode != "auto" else "full"
-        elif mode == "auto":
-            print0("!" * 100)
-            print0("WARNING: the full SFT mixture is not available, falling back to the OFFLINE mixture.")
-            for part in unavailable_full:
-                print0(f"  unavailable: {part if len(part) <= 240 else part[:240] + ' ...'}")
-            print0("  (set NANOCHAT_LOCAL_DATA to local copies, or NANOCHAT_OFFLINE=1 to skip the network attempts)")
-            print0("!" * 100)
-            mode = "offline"
-        else:
-            lines = "\n".join(f"  unavailable: {p}" for p in unavailable_full)
-            raise SystemExit(f"error: --mixture={mode} needs data that cannot be loaded:\n{lines}\n"
-                             f"connect to the network once (data is cached under the base dir) or use --mixture=offline")
-    unavailable = list(unavailable_full)
-    if mode == "offline":
-        train, val, unavailable_offline = build_offline_mixture(args)
-        unavailable += [p for p in unavailable_offline if p not in unavailable]
-    if not train or sum(len(t) for _, t in train) == 0:
-        raise SystemExit("error: the SFT training mixture is empty (no part could be loaded); see the lines above")
-    if not val or sum(len(t) for _, t in val) == 0:
-        raise SystemExit("error: the SFT validation mixture is empty (no part could be loaded); see the lines above")
-    train_task = TaskMixture([t for _, t in train])
-    val_task = TaskMixture([t for _, t in val])
+def build_mixture(args):
+    """Returns (train_task, val_task, description, unavailable_parts); a part that cannot be loaded is left out."""
+    if is_offline():
+        print0("NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set: OFFLINE, the SFT mixture uses only data already on disk")
+    parts = {"train": [], "val": []}
+    unavailable = []
+    for name, split, copies, build in SFT_PARTS:
+        if copies(args) <= 0:
+            continue
+        try:
+            task = build(args)
+        except (ImportError, OSError, RuntimeError, SystemExit) as e:  # offline and not on disk, or no such file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            unavailable.append(f"{name} ({reason if len(reason) <= 240 else reason[:240] + ' ...'})")
+            continue
+        parts[split] += [(name, task)] * copies(args)
+    if unavailable:
+        print0("!" * 100)
+        print0("WARNING: parts of the SFT mixture are unavailable and left out:")
+        for part in unavailable:
+            print0(f"  unavailable: {part}")
+        print0("  (set NANOCHAT_LOCAL_DATA to local copies, or connect once: data is cached under the base dir)")
+        print0("!" * 100)
+    for split, rows in parts.items():
+        if sum(len(t) for _, t in rows) == 0:
+            raise SystemExit(f"error: the SFT {split} mixture is empty (no part could be loaded); see the lines above")
+    train_task = TaskMixture([t for _, t in parts["train"]])
+    val_task = TaskMixture([t for _, t in parts["val"]])
     counts = {}
-    for name, task in train:
+    for name, task in parts["train"]:
         counts[name] = counts.get(name, 0) + len(task)  # oversampled parts are summed
-    description = f"{mode}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    description = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     print0(f"Training mixture: {len(train_task):,} rows ({description})")
-    print0(f"Validation mixture: {len(val_task):,} rows ({', '.join(n for n, _ in val)})")
+    print0(f"Validation mixture: {len(val_task):,} rows ({', '.join(n for n, _ in parts['val'])})")
     return train_task, val_task, description, unavailable
 
 # -----------------------------------------------------------------------------
@@ -220,7 +184,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
 
     Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
     fits), then BOS padding. A conversation longer than a row is truncated to the row (so it can always be placed;
-    the reference kept it forever and the buffer clogged), or skipped if the truncation leaves no assistant token.
+    a conversation that never fits would clog the buffer), or skipped if the truncation leaves no assistant token.
     """
     stats = stats if stats is not None else new_packing_stats()
     capacity = T + 1
@@ -342,7 +306,7 @@ def evaluate_sft_loss(model, batches, steps, token_bytes):
         sum_tokens += valid.sum()
         sum_nats_bytes += (loss * (nbytes > 0)).sum()
         sum_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized():
+    if is_ddp_initialized():
         packed = torch.stack([sum_nats, sum_tokens, sum_nats_bytes, sum_bytes])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = packed.unbind(0)
@@ -354,7 +318,7 @@ def evaluate_sft_loss(model, batches, steps, token_bytes):
 # Schedules
 
 def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """HEAD schedule on progress p in [0, 1]: linear warmup, constant, linear warmdown to final_lr_frac."""
+    """LR multiplier on progress p in [0, 1]: linear warmup, constant, linear warmdown to final_lr_frac."""
     p = min(max(progress, 0.0), 1.0)
     if warmup_ratio > 0 and p < warmup_ratio:
         return (p + 1e-8) / warmup_ratio
@@ -371,7 +335,7 @@ def muon_momentum(step):
 # -----------------------------------------------------------------------------
 
 def resolve_inherited(args, meta):
-    """Fill None flags from the base checkpoint (HEAD), printing where each value came from."""
+    """Fill None flags from the base checkpoint, printing where each value came from."""
     user_config = meta.get("user_config") or {}
     pretrained = dict(max_seq_len=meta.get("max_seq_len", user_config.get("max_seq_len")),
                       device_batch_size=meta.get("device_batch_size", user_config.get("device_batch_size")),
@@ -395,18 +359,44 @@ def resolve_inherited(args, meta):
     return pretrained
 
 
-def base_optimizer_world_size(model_tag, step):
-    """How many processes saved the base checkpoint's optimizer shards (from its completion marker), or None."""
-    import json
-    from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, marker_path
-    try:
-        checkpoints_dir = checkpoints_dir_for("base")
-        checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_largest_model(checkpoints_dir))
-        step = step if step is not None else find_last_step(checkpoint_dir)
-        with open(marker_path(checkpoint_dir, step), encoding="utf-8") as f:
-            return json.load(f).get("world_size")
-    except (OSError, ValueError):
-        return None
+def build_optimizer(model, args, device, rank, world_size):
+    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers.
+    The base state is sharded per rank, so it only fits under the same number of processes; every rank warm-starts
+    or none does."""
+    def fresh():
+        return model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizer = fresh()
+    base_state = None
+    if args.load_optimizer:
+        base_world_size = saved_world_size("base", args.model_tag, args.model_step)
+        if base_world_size not in (None, world_size):
+            print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
+                   f"{world_size}; starting with a fresh optimizer")
+        else:
+            try:
+                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
+            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+                print0(f"WARNING: could not read the base optimizer state ({e})")
+            if base_state is None:
+                print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    if any_rank(base_state is None, device):
+        base_state = None
+    if base_state is not None:
+        # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
+        hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(base_state)
+            for group, hyper in zip(optimizer.param_groups, hyperparams):
+                group.update(hyper)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+        except (ValueError, KeyError, RuntimeError) as e:
+            optimizer = fresh()
+            print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
 
 
 def main(argv=None):
@@ -414,20 +404,13 @@ def main(argv=None):
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
     check_checkpoint_exists("base", args.model_tag, args.model_step)
 
-    from nanochat.tokenizer import get_token_bytes
-    from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.report import get_report
-
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.dtype is not None and getattr(torch, args.dtype) != COMPUTE_DTYPE:
-        print0(f"NOTE: --dtype={args.dtype} is ignored; the compute dtype is {COMPUTE_DTYPE} (set NANOCHAT_DTYPE to change it)")
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     if args.run != "dummy" and master:
-        import wandb
+        import wandb  # optional dependency
         wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
     else:
         wandb_run = DummyWandb()
@@ -454,58 +437,18 @@ def main(argv=None):
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={model.config.sequence_len}")
 
     orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
-    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
-    if use_compile:
+    if args.compile == 1 or (args.compile == -1 and device_type == "cuda"):  # the compile decision
         model = torch.compile(model, dynamic=False)
     depth = orig_model.config.n_layer
     num_flops_per_token = orig_model.estimate_flops()
     token_bytes = get_token_bytes(device=device)
 
     # --- optimizer (fresh LRs, momentum warm-started from the base run) -----------------------------------------
-    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                           matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    if args.load_optimizer:
-        from nanochat.checkpoint_manager import load_optimizer_state
-        base_state = None
-        saved_world_size = base_optimizer_world_size(args.model_tag, args.model_step)
-        if saved_world_size is not None and saved_world_size != world_size:
-            # optimizer state is sharded per rank: another world size means other shapes
-            print0(f"WARNING: the base optimizer state was saved by {saved_world_size} process(es) and this run has "
-                   f"{world_size}; starting with a fresh optimizer")
-        else:
-            try:
-                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
-                print0(f"WARNING: could not read the base optimizer state ({e}); starting with a fresh optimizer")
-        if ddp:  # all ranks warm-start, or none does
-            have = torch.tensor(int(base_state is not None), device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item() == 0:
-                base_state = None
-        if base_state is not None:
-            # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            try:
-                optimizer.load_state_dict(base_state)
-                for group, hyper in zip(optimizer.param_groups, fresh):
-                    group.update(hyper)
-                print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-            except (ValueError, KeyError, RuntimeError) as e:
-                optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr,
-                                                       embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
-                                                       weight_decay=args.weight_decay)
-                print0(f"WARNING: base optimizer state does not match this model/world size ({e}); starting fresh")
-        elif saved_world_size in (None, world_size):
-            print0("WARNING: no optimizer state found in the base checkpoint; starting with a fresh optimizer")
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-
-    # fp16 needs loss scaling; bf16/fp32 do not
-    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
+    optimizer = build_optimizer(orig_model, args, device, rank, world_size)
+    scaler = make_grad_scaler(device_type)
 
     # --- data ---------------------------------------------------------------------------------------------------
-    train_dataset, val_dataset, mixture_description, unavailable = choose_mixture(args)
+    train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
     train_stats = new_packing_stats()
     train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
     build_val_loader = lambda: sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
@@ -554,7 +497,7 @@ def main(argv=None):
 
         # one optimizer step: fetch all micro-batches first so the loss can be normalized by the step's
         # supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0
-        synchronize()
+        synchronize(device_type)
         t0 = time.time()
         micro_batches = []
         for _ in range(grad_accum_steps):
@@ -575,22 +518,11 @@ def main(argv=None):
         # LR and momentum from the progress made before this step (so the first step runs at the initial LR and
         # the last one does not waste its batch at LR 0); then record the progress including this step
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group.get("kind") == "muon":
-                group["momentum"] = muon_momentum(step)
+        set_hyperparams(optimizer, lrm, momentum=muon_momentum(step))
         if num_supervised > 0:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-                if ddp:  # every rank must agree on skipping an overflowing step
-                    for found_inf in scaler._found_inf_per_device(optimizer).values():
-                        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler)
         model.zero_grad(set_to_none=True)
-        synchronize()
+        synchronize(device_type)
         dt = time.time() - t0
         step += 1
         if args.num_iterations > 0:
@@ -620,17 +552,10 @@ def main(argv=None):
             wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
                            "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
-        # the Python GC walks millions of long-lived objects for nothing: freeze them after the first step
-        if step == 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        manage_gc(step == 1, step)
 
     # --- wrap up -----------------------------------------------------------------------------------------------
-    if device_type == "cuda":
-        print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
+    print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
     padding_fraction = train_stats["padding"] / max(train_stats["tokens"], 1)
@@ -640,6 +565,9 @@ def main(argv=None):
     if zero_supervised_steps:
         print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
 
+    if not args.dry_run and any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
+        raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
+                         f"nothing was saved (lower the learning rates)")
     if not args.dry_run:
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{depth}")
         model_config = asdict(orig_model.config)
@@ -667,8 +595,7 @@ def main(argv=None):
         if chatcore is not None:
             stats["ChatCORE during SFT"] = chatcore
         report.log(section="Chat SFT", data=[user_config, stats])
-        if hasattr(report, "log_history"):
-            report.log_history("chat-sft", history)
+        report.log_history("chat-sft", history)
     wandb_run.finish()
     compute_cleanup()
     return dict(step=step, val_bpb=val_bpb, val_loss=val_loss, min_val_bpb=min_val_bpb, chatcore=chatcore,
@@ -677,7 +604,6 @@ def main(argv=None):
 
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
     """ChatCORE over the default chat tasks whose data is available (unavailable ones are reported once)."""
-    from nanochat.engine import Engine
     was_training = model.training
     model.eval()
     engine = Engine(model, tokenizer)
@@ -699,11 +625,11 @@ def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
             continue
         results[task_name] = accuracy
         print0(f"  {task_name}: {100 * accuracy:.2f}%")
-    centered = {t: (a - BASELINES[t]) / (1 - BASELINES[t]) for t, a in results.items()}
-    categorical = [c for t, c in centered.items() if BASELINES[t] > 0]
-    chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
-    chatcore_cat = sum(categorical) / len(categorical) if categorical else float("nan")
-    partial = "" if len(results) == len(ALL_TASKS) else f" (partial: {len(results)}/{len(ALL_TASKS)} tasks)"
+    chatcore, label = chatcore_from_results(results, unavailable)
+    chatcore_cat, _ = chatcore_from_results(results, unavailable, [t for t in ALL_TASKS if BASELINES[t] > 0])
+    chatcore = float("nan") if chatcore is None else chatcore
+    chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
+    partial = "" if label == "full" else f" {label}"
     print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
     if was_training:
         model.train()

@@ -83,7 +83,6 @@ def env_for(base_dir, **extra):
     env = dict(os.environ)
     env.update(NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO), NANOCHAT_DTYPE="float32")
-    env.pop("NANOCHAT_TEST_NAN_AT_STEP", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -216,18 +215,51 @@ def test_sigterm_saves_checkpoint_and_exits_zero(train_dir):
     assert not (ckpt_dir(train_dir) / "summary.json").exists()  # a preempted run is not a finished run
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(train_dir):
-    args = TINY + ["--num-iterations=10", "--save-every=2", "--eval-every=-1"]
-    proc = run_train(train_dir, args, NANOCHAT_TEST_NAN_AT_STEP=3)
-    assert proc.returncode != 0
-    assert "non-finite" in proc.stdout and "step 3" in proc.stdout
+def test_divergence_never_saves_a_non_finite_checkpoint(train_dir):
+    """A real divergence (every LR x1e12): the update of step 1 makes the weights non-finite while every logged loss
+    is finite; no checkpoint with non-finite weights or optimizer state is written, and one line names the last good
+    step."""
+    args = TINY + ["--num-iterations=10", "--save-every=1", "--eval-every=-1", "--embedding-lr=3e11",
+                   "--unembedding-lr=8e9", "--matrix-lr=2e10", "--scalar-lr=5e11"]
+    proc = run_train(train_dir, args)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = lines_with(proc.stdout, "error:")
+    assert len(errors) == 1 and "non-finite" in errors[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stderr
     d = ckpt_dir(train_dir)
-    names = sorted(os.listdir(d))
-    assert "complete_000002.json" in names and not any("000004" in n for n in names), names
-    from nanochat.checkpoint_manager import find_last_step
-    assert find_last_step(str(d)) == 2
-    sd = torch.load(d / "model_000002.pt")
-    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    steps = sorted(int(n[len("complete_"):-len(".json")]) for n in os.listdir(d) if n.startswith("complete_"))
+
+    def finite(obj):
+        if isinstance(obj, torch.Tensor):
+            return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        if isinstance(obj, dict):
+            return all(finite(v) for v in obj.values())
+        return all(finite(v) for v in obj) if isinstance(obj, (list, tuple)) else True
+    for step in steps:
+        assert finite(torch.load(d / f"model_{step:06d}.pt")), step
+        assert finite(torch.load(d / f"optim_{step:06d}_rank0.pt")), step
+    assert steps and f"last good checkpoint is step {steps[-1]}" in errors[0], errors[0]
+    assert not (d / "summary.json").exists()
+
+
+def test_keep_last_prunes_periodic_checkpoints(train_dir):
+    proc = run_train(train_dir, TINY + ["--num-iterations=6", "--save-every=1", "--eval-every=-1", "--keep-last=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from nanochat.checkpoint_manager import complete_steps
+    d = ckpt_dir(train_dir)
+    assert complete_steps(str(d)) == [5, 6]
+    assert not any("000004" in n or "000001" in n for n in os.listdir(d))
+
+
+def test_unreadable_resume_checkpoint_is_one_clear_line(train_dir):
+    args = TINY + ["--num-iterations=4", "--save-every=2", "--eval-every=-1"]
+    assert run_train(train_dir, args).returncode == 0
+    model_file = ckpt_dir(train_dir) / "model_000004.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
+    proc = run_train(train_dir, args + ["--resume-from-step=4"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resume-from-step=4") and str(model_file) in last and "previous complete step is 2" in last
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -237,6 +269,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(train_dir):
     (["--fp8", "--device-type=cpu"], "--fp8"),
     (["--window-pattern=SXL"], "--window-pattern"),
     (["--num-iterations=-1", "--target-param-data-ratio=-1"], "horizon"),
+    (["--device-type=tpu"], "--device-type=tpu"),
+    (["--head-dim=7"], "--head-dim=7"),
+    (["--model-tag=../../x"], "--model-tag="),
+    (["--keep-last=0"], "--keep-last=0"),
 ])
 def test_bad_input_is_one_clear_line(train_dir, monkeypatch, capsys, flags, needle):
     # in-process: these checks run before any heavy work, so no subprocess (and no torch import) is needed
@@ -249,6 +285,15 @@ def test_bad_input_is_one_clear_line(train_dir, monkeypatch, capsys, flags, need
     assert message.startswith("error:") and needle in message and "\n" not in message, message
     assert "step 00000" not in capsys.readouterr().out  # stopped before any training
     assert not ckpt_dir(train_dir).exists()
+
+
+def test_base_dir_that_is_a_file_is_one_clear_line(tmp_path):
+    base_file = tmp_path / "not_a_dir"
+    base_file.write_text("x")
+    proc = run_train(base_file, TINY + ["--num-iterations=2"], timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(base_file) in last and "not a directory" in last
 
 
 def test_cli_bad_input_exits_nonzero(train_dir):
@@ -282,10 +327,10 @@ def test_head_recipe_plan_matches_spec(depth, batch, wd, steps):
     from scripts.base_train import training_plan, build_parser
     args = build_parser().parse_args([f"--depth={depth}"])
     plan = training_plan(args, 32768, 16 * 2048 * 8, print0=lambda *a, **k: None)
-    assert plan["total_batch_size"] == batch
-    assert abs(plan["weight_decay_scaled"] - wd) < 5e-4
-    assert abs(plan["num_iterations"] - steps) <= 1  # the spec's figures are hand-computed
-    assert abs(plan["batch_lr_scale"] - (batch / 2 ** 19) ** 0.5) < 1e-12
+    assert plan.total_batch_size == batch
+    assert abs(plan.weight_decay_scaled - wd) < 5e-4
+    assert abs(plan.num_iterations - steps) <= 1  # the spec's figures are hand-computed
+    assert abs(plan.batch_lr_scale - (batch / 2 ** 19) ** 0.5) < 1e-12
 
 
 def test_bench_train_smoke(capsys):

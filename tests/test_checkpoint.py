@@ -1,11 +1,13 @@
 """
 checkpoint_manager: file layout and names, atomic writes + completion marker, incomplete checkpoints ignored,
-model rebuild (build_model / load_model), optimizer shards; loss_eval.evaluate_bpb against a hand computation.
+model rebuild (build_model / load_model), optimizer shards, unusable files, pruning, tags; loss_eval.evaluate_bpb against a hand computation.
 """
 
 import os
 import json
+import sys
 import math
+import subprocess
 
 import pytest
 import torch
@@ -106,11 +108,7 @@ def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_mod
     optim_state = ckpt.load_optimizer_state("base", "cpu", rank=0)
     assert optim_state is not None and len(optim_state["param_groups"]) == len(opt.param_groups)
     assert ckpt.load_optimizer_state("base", "cpu", rank=3) is None
-    # older checkpoints without the HEAD scalars still load (as no-ops)
-    old = {k: v for k, v in model.state_dict().items() if k not in ("smear_lambda", "backout_lambda", "resid_lambdas")}
-    ckpt.save_checkpoint(d, 5, old, None, model_meta(model, 5), rank=0)
-    loaded5, _, _ = ckpt.load_model("base", "cpu", phase="train", model_tag="d2", step=5)
-    assert torch.equal(loaded5.resid_lambdas, torch.ones_like(loaded5.resid_lambdas))
+    loaded5, _, _ = ckpt.load_model("base", "cpu", phase="train", model_tag="d2", step=4)
     assert loaded5.training
     with pytest.raises(ValueError, match="unknown checkpoint source"):
         ckpt.load_model("nope", "cpu", phase="eval")
@@ -136,3 +134,80 @@ def test_evaluate_bpb_matches_hand_computation():
     bpb = evaluate_bpb(Fixed(), iter(batches), 2, token_bytes)
     assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-6)
     assert evaluate_bpb(Fixed(), iter([(y1, torch.full_like(y1, -1))]), 1, token_bytes) == float("inf")
+
+
+# -----------------------------------------------------------------------------
+# Unusable files, diverged state, leftovers, pruning, tags
+
+def _saved_model(base_dir, tiny_tokenizer, tiny_model_factory, steps=(2, 4)):
+    save_tokenizer(tiny_tokenizer, base_dir)
+    model = tiny_model_factory(tiny_tokenizer.get_vocab_size())
+    d = os.path.join(base_dir, "base_checkpoints", "d2")
+    for step in steps:
+        ckpt.save_checkpoint(d, step, model.state_dict(), None, model_meta(model, step), rank=0)
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "meta_truncated", "meta_foreign"])
+def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_model_factory, damage):
+    d = _saved_model(base_dir, tiny_tokenizer, tiny_model_factory)
+    model_file, meta_file = os.path.join(d, "model_000004.pt"), os.path.join(d, "meta_000004.json")
+    if damage == "truncated":
+        data = open(model_file, "rb").read()
+        open(model_file, "wb").write(data[:len(data) // 2])
+    elif damage == "empty":
+        open(model_file, "wb").close()
+    elif damage == "foreign":
+        torch.save({"some.other.weight": torch.ones(3)}, model_file)
+    elif damage == "meta_truncated":
+        text = open(meta_file).read()
+        open(meta_file, "w").write(text[:len(text) // 2])
+    else:
+        open(meta_file, "w").write("[1, 2, 3]")
+    bad_file = meta_file if damage.startswith("meta") else model_file
+    with pytest.raises(FileNotFoundError) as excinfo:  # what every loader already handles
+        ckpt.load_model("base", "cpu", phase="eval")
+    assert bad_file in str(excinfo.value) and "previous complete step is 2" in str(excinfo.value)
+    with pytest.raises(SystemExit) as excinfo:
+        ckpt.load_model_or_exit("base", "cpu", phase="eval")
+    message = str(excinfo.value.code)
+    assert message.startswith("error:") and "\n" not in message and bad_file in message and "step is 2" in message
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    d = str(tmp_path / "d2")
+    with pytest.raises(ValueError, match="non-finite"):
+        ckpt.save_checkpoint(d, 1, {"w": torch.tensor([1.0, float("nan")])}, None, {}, rank=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        ckpt.save_checkpoint(d, 1, {"w": torch.ones(1)}, {"state": {0: {"m": torch.tensor([float("inf")])}}}, {}, rank=0)
+    assert not os.path.exists(d) or os.listdir(d) == []
+
+
+def test_stale_temp_files_are_removed_on_save(tmp_path):
+    d = tmp_path / "d2"
+    d.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / f"model_000002.pt.tmp.{dead.pid}").write_bytes(b"x" * 100)   # a killed save
+    (d / f"model_000002.pt.tmp.{os.getppid()}").write_bytes(b"x")    # a live process's save in progress
+    ckpt.save_checkpoint(str(d), 3, {"w": torch.ones(1)}, None, {}, rank=0)
+    names = os.listdir(d)
+    assert f"model_000002.pt.tmp.{dead.pid}" not in names and f"model_000002.pt.tmp.{os.getppid()}" in names
+
+
+def test_prune_keeps_last_k(tmp_path):
+    d = str(tmp_path / "d2")
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
+    ckpt.prune_checkpoints(d, 2)
+    assert ckpt.complete_steps(d) == [6, 8]
+    assert sorted(os.listdir(d)) == sorted(f"{kind}_{s:06d}{ext}" for s in (6, 8) for kind, ext in
+                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", "_rank0.pt")))
+
+
+@pytest.mark.parametrize("tag", ["../../x", "a/b", "..", "/abs", ""])
+def test_model_tag_must_be_a_plain_name(tag):
+    with pytest.raises(SystemExit) as excinfo:
+        ckpt.check_model_tag(tag)
+    assert str(excinfo.value.code).startswith("error: --model-tag=")
+    assert ckpt.check_model_tag("d12_run-2.b") == "d12_run-2.b"
