@@ -1,7 +1,7 @@
 """
 The task machinery (tasks/, nanochat/hub.py): slicing, mixtures, the multiple-choice prompt, hub-parquet loading with
 its cache and manifest (against a local HTTP server), every task's conversation format and grading on real rows from
-../shared/data (skipped when absent) and on hand-made rows, malformed rows, and the offline SFT mixture.
+../shared/data (skipped when absent) and on hand-made rows and malformed rows.
 No network: every test runs in offline mode with a temporary base dir.
 """
 
@@ -665,34 +665,6 @@ def test_identity_path_base_dir(isolated):
         json.dumps([{"role": "user", "content": "who?"}, {"role": "assistant", "content": "me"}]) + "\n")
     from tasks.customjson import identity_conversations_path
     assert identity_conversations_path() == (str(isolated / "identity_conversations.jsonl"), "base dir")
-
-
-# -----------------------------------------------------------------------------
-# The offline SFT mixture
-
-def test_offline_mixture_with_nothing_but_the_checkout():
-    from tasks.offline import offline_sft_tasks
-    mix = offline_sft_tasks(simple_spelling_size=50, spelling_bee_size=30, val_spelling_size=8)
-    names = [type(t).__name__ for t in mix.train_tasks]
-    assert names == ["CustomJSON", "CustomJSON", "SimpleSpelling", "SpellingBee"]
-    assert [type(t).__name__ for t in mix.val_tasks] == ["SpellingBee"]
-    text = mix.describe()
-    assert "UNAVAILABLE: GSM8K" in text and "UNAVAILABLE: SmolTalk" in text and "UNAVAILABLE: MMLU" in text
-    assert "bundled" in text
-    order = [json.dumps(ex) for ex in TaskMixture(mix.train_tasks)]
-    again = offline_sft_tasks(simple_spelling_size=50, spelling_bee_size=30, val_spelling_size=8)
-    assert order == [json.dumps(ex) for ex in TaskMixture(again.train_tasks)]
-
-
-def test_offline_mixture_with_real_local_data(real_data):
-    from tasks.offline import offline_sft_tasks
-    mix = offline_sft_tasks(simple_spelling_size=100, spelling_bee_size=100)
-    names = [type(t).__name__ for t in mix.train_tasks]
-    assert names.count("GSM8K") == 2 and names.count("CustomJSON") == 2
-    assert sorted(type(t).__name__ for t in mix.val_tasks) == ["GSM8K", "MMLU", "SpellingBee"]
-    assert sum(len(t) for t in mix.val_tasks) == 420 + 5200 + 256
-    assert any("370099 words" in line for line in mix.available)
-    assert len(mix.unavailable) == 2  # SmolTalk and MMLU auxiliary_train are not in shared/data
 
 
 # -----------------------------------------------------------------------------
