@@ -27,6 +27,7 @@ import logging
 import secrets
 import argparse
 import threading
+from collections import Counter
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +78,16 @@ def build_parser():
 
 def check_args(args):
     """Bad flags fail here, before any model is loaded."""
-    if not 0 <= args.temperature <= args.max_temperature:
-        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, --max-temperature={args.max_temperature}]")
-    if not 0 <= args.top_k <= args.max_top_k:
-        raise SystemExit(f"error: -k/--top-k {args.top_k} must be in [0, --max-top-k={args.max_top_k}]")
-    if not 1 <= args.max_tokens <= args.max_max_tokens:
-        raise SystemExit(f"error: -m/--max-tokens {args.max_tokens} must be in [1, --max-max-tokens={args.max_max_tokens}]")
-    for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if not 1 <= args.port <= 65535:
-        raise SystemExit(f"error: -p/--port {args.port} is not a valid port")
+    ranges = [  # (flag, value, lowest, highest)
+        ("-t/--temperature", args.temperature, 0, args.max_temperature),
+        ("-k/--top-k", args.top_k, 0, args.max_top_k),
+        ("-m/--max-tokens", args.max_tokens, 1, args.max_max_tokens),
+        ("-p/--port", args.port, 1, 65535),
+    ] + [(f"--{name.replace('_', '-')}", getattr(args, name), 1, float("inf"))
+         for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars")]
+    for flag, value, low, high in ranges:
+        if not low <= value <= high:
+            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, borrowed by one request at a time
@@ -110,9 +110,7 @@ class WorkerPool:
         self.idle = asyncio.Queue()  # FIFO: waiting requests are served in arrival order
         for worker in self.workers:
             self.idle.put_nowait(worker)
-        self.requests_served = 0
-        self.requests_cancelled = 0
-        self.requests_failed = 0
+        self.finished = Counter()  # requests by how they ended: "stop"/"length" (served), "cancelled", "error"
 
     async def acquire(self):
         worker = await self.idle.get()
@@ -133,12 +131,6 @@ def replica_devices(device_type, num_replicas):
     if num_replicas > torch.cuda.device_count():
         raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {torch.cuda.device_count()} CUDA devices are visible")
     return [torch.device("cuda", i) for i in range(num_replicas)]
-
-
-def use_device_in_this_thread(device):
-    """Kernels launched from this thread go to `device` (the current CUDA device is per thread)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
 
 
 def load_workers(args):
@@ -247,16 +239,14 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
     stream, include_usage = True, False
     if openai_style:
         stream = payload.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", param="stream")
         options = payload.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        if payload.get("n") not in (None, 1):
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if payload.get("top_p") not in (None, 1):
-            raise ApiError(400, "top_p is not supported (use top_k); leave it unset or 1", param="top_p")
-        if payload.get("stop"):
-            raise ApiError(400, "stop sequences are not supported", param="stop")
+        for name, ok, message in [("stream", isinstance(stream, bool), "stream must be true or false"),
+                                  ("n", payload.get("n") in (None, 1), "only n=1 is supported"),
+                                  ("top_p", payload.get("top_p") in (None, 1), "top_p is not supported (use top_k); leave it unset or 1"),
+                                  ("stop", not payload.get("stop"), "stop sequences are not supported")]:
+            if not ok:
+                raise ApiError(400, message, param=name)
     return ChatRequest(clean, temperature, top_k, max_tokens, seed, stream, include_usage)
 
 # -----------------------------------------------------------------------------
@@ -289,7 +279,8 @@ class Generation:
         worker, request = self.worker, self.request
         finish = "error"
         try:
-            use_device_in_this_thread(torch.device(worker.device))
+            if worker.device.startswith("cuda"):
+                torch.cuda.set_device(worker.device)  # the current CUDA device is per thread
             tokens, finish = stream_reply(worker.engine, worker.tokenizer, request.prompt, request.max_tokens,
                                           request.temperature, request.top_k, request.seed, self._emit_text, self.stop.is_set)
             self.completion_tokens, self.finish = len(tokens), finish  # before "done": the client reads them then
@@ -304,14 +295,8 @@ class Generation:
 
     def _finish(self, finish):
         # runs on the event loop thread, so the counters and the queue need no locks
-        pool = self.pool
-        if finish == "cancelled":
-            pool.requests_cancelled += 1
-        elif finish == "error":
-            pool.requests_failed += 1
-        else:
-            pool.requests_served += 1
-        pool.release(self.worker)
+        self.pool.finished[finish] += 1
+        self.pool.release(self.worker)
         logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
 
 
@@ -321,7 +306,7 @@ async def run_generation(pool, request):
     try:
         worker = await pool.acquire()
     except asyncio.CancelledError:  # the client went away while waiting for a worker
-        pool.requests_cancelled += 1
+        pool.finished["cancelled"] += 1
         raise
     generation = Generation(pool, worker, request, asyncio.get_running_loop())
     try:
@@ -438,11 +423,11 @@ def create_app(args, workers):
 
     @app.get("/stats")
     async def stats():
+        busy, finished = sum(w.busy for w in pool.workers), pool.finished
         return {
-            "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(),
-            "busy_workers": len(pool.workers) - pool.idle.qsize(),
-            "requests_active": sum(w.busy for w in pool.workers), "requests_served": pool.requests_served,
-            "requests_cancelled": pool.requests_cancelled, "requests_failed": pool.requests_failed,
+            "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(), "busy_workers": busy,
+            "requests_active": busy, "requests_served": finished["stop"] + finished["length"],
+            "requests_cancelled": finished["cancelled"], "requests_failed": finished["error"],
             "workers": [{"gpu_id": w.gpu_id, "device": w.device, "busy": w.busy,
                          "requests_served": w.requests_served, "tokens_generated": w.tokens_generated} for w in pool.workers],
         }
