@@ -149,13 +149,10 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), num_samples=1, generator=rng)
         return indices.gather(1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
 
 
 # -----------------------------------------------------------------------------------------------------

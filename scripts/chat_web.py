@@ -112,15 +112,6 @@ class WorkerPool:
             self.idle.put_nowait(worker)
         self.finished = Counter()  # requests by how they ended: "stop"/"length" (served), "cancelled", "error"
 
-    async def acquire(self):
-        worker = await self.idle.get()
-        worker.busy = True
-        return worker
-
-    def release(self, worker):
-        worker.busy = False
-        self.idle.put_nowait(worker)
-
 
 def replica_devices(device_type, num_replicas):
     """The devices to put one model replica on each: cuda:0..n-1, or the one cpu/mps device."""
@@ -261,8 +252,7 @@ class Generation:
         self.pool, self.worker, self.request, self.loop = pool, worker, request, loop
         self.events = asyncio.Queue()
         self.stop = threading.Event()
-        self.completion_tokens, self.finish = 0, None
-        self.text = ""
+        self.completion_tokens, self.finish, self.text = 0, None, ""
         threading.Thread(target=self._run, name=f"generate-gpu{worker.gpu_id}", daemon=True).start()
 
     def _call_in_loop(self, fn, *args):
@@ -296,7 +286,8 @@ class Generation:
     def _finish(self, finish):
         # runs on the event loop thread, so the counters and the queue need no locks
         self.pool.finished[finish] += 1
-        self.pool.release(self.worker)
+        self.worker.busy = False
+        self.pool.idle.put_nowait(self.worker)
         logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
 
 
@@ -304,10 +295,11 @@ async def run_generation(pool, request):
     """Async iterator of (event, generation) for one request. Borrows a worker, starts the thread, and on exit (done,
     error, or cancellation because the client went away) tells the thread to stop."""
     try:
-        worker = await pool.acquire()
+        worker = await pool.idle.get()
     except asyncio.CancelledError:  # the client went away while waiting for a worker
         pool.finished["cancelled"] += 1
         raise
+    worker.busy = True
     generation = Generation(pool, worker, request, asyncio.get_running_loop())
     try:
         while True:
