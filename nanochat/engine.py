@@ -60,13 +60,11 @@ def _eval_string_receiver(node):
 def _eval_count(node):
     # <string expr>.count(<str constant>[, <int start>[, <int end>]])
     call = node.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "count"):
-        raise ValueError("only str.count(...) expressions are supported")
-    if call.keywords or not 1 <= len(call.args) <= 3:
-        raise ValueError("bad count arguments")
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "count"
+            and not call.keywords and 1 <= len(call.args) <= 3
+            and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+        raise ValueError("only <string>.count(<string literal>[, start[, end]]) is supported")
     needle = call.args[0]
-    if not (isinstance(needle, ast.Constant) and isinstance(needle.value, str)):
-        raise ValueError("count needs a string literal")
     bounds = [_eval_arithmetic(a) for a in call.args[1:]]
     if not all(isinstance(b, int) for b in bounds):
         raise ValueError("count bounds must be integers")

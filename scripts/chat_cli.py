@@ -35,12 +35,10 @@ def parse_args(argv=None):
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
-    if args.top_k < 0:
-        raise SystemExit(f"error: -k/--top-k {args.top_k} must be >= 0 (0 disables top-k)")
-    if args.max_tokens < 1:
-        raise SystemExit(f"error: -m/--max-tokens {args.max_tokens} must be >= 1")
+    for flag, value, low, high in [("-t/--temperature", args.temperature, 0, 2), ("-k/--top-k", args.top_k, 0, float("inf")),
+                                   ("-m/--max-tokens", args.max_tokens, 1, float("inf"))]:
+        if not low <= value <= high:
+            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
     return args
 
 

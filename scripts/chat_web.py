@@ -115,13 +115,11 @@ class WorkerPool:
 
 def replica_devices(device_type, num_replicas):
     """The devices to put one model replica on each: cuda:0..n-1, or the one cpu/mps device."""
-    if device_type != "cuda":
-        if num_replicas > 1:
-            raise SystemExit(f"error: -n/--num-gpus {num_replicas} needs CUDA (device type here: {device_type}); use -n 1")
-        return [torch.device(device_type)]
-    if num_replicas > torch.cuda.device_count():
-        raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {torch.cuda.device_count()} CUDA devices are visible")
-    return [torch.device("cuda", i) for i in range(num_replicas)]
+    usable = torch.cuda.device_count() if device_type == "cuda" else 1
+    if num_replicas > usable:
+        raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {usable} {device_type} device(s) can hold a replica "
+                         "(more than one needs CUDA)")
+    return [torch.device("cuda", i) for i in range(num_replicas)] if device_type == "cuda" else [torch.device(device_type)]
 
 
 def load_workers(args):
