@@ -14,11 +14,9 @@ def message_chunks(tokenizer, messages):
     """One token list per message: <|user_start|> text <|user_end|> / <|assistant_start|> text <|assistant_end|>.
     A leading system message is folded into the first user message, as render_conversation does."""
     messages = list(messages)
-    if messages and messages[0]["role"] == "system":
-        system, rest = messages[0], messages[1:]
-        if rest:
-            rest[0] = {"role": rest[0]["role"], "content": system["content"] + "\n\n" + rest[0]["content"]}
-        messages = rest
+    if messages[0]["role"] == "system":  # callers validate that a user message follows it
+        system, first = messages.pop(0), messages[0]
+        messages[0] = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
     chunks = []
     for message in messages:
         start, end = ROLE_TOKENS[message["role"]]

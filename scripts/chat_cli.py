@@ -8,6 +8,7 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 """
 
 import argparse
+from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
 from nanochat.common import compute_init, autodetect_device_type
@@ -66,9 +67,7 @@ def main(argv=None):
     context = model.config.sequence_len
     assistant_start, assistant_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["assistant"])
 
-    def write(text):
-        print(text, end="", flush=True)
-
+    write = partial(print, end="", flush=True)
     print(BANNER)
     chunks = []  # token lists of the conversation's turns (replies kept with their tool calls)
     for user_input in user_inputs(args.prompt):

@@ -225,11 +225,10 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
         max_tokens = _number(payload, "max_completion_tokens", max_tokens, int, 1, limits["max_max_tokens"])
     seed = _number(payload, "seed", defaults["seed"], int, -2**63, 2**63 - 1)
     seed = random.randint(0, 2**31 - 1) if seed is None else seed % 2**31  # random per request unless asked
-    stream, include_usage = True, False
+    stream = payload.get("stream", False) if openai_style else True  # the plain endpoint always streams
+    options = payload.get("stream_options")
+    include_usage = openai_style and isinstance(options, dict) and bool(options.get("include_usage"))
     if openai_style:
-        stream = payload.get("stream", False)
-        options = payload.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         for name, ok, message in [("stream", isinstance(stream, bool), "stream must be true or false"),
                                   ("n", payload.get("n") in (None, 1), "only n=1 is supported"),
                                   ("top_p", payload.get("top_p") in (None, 1), "top_p is not supported (use top_k); leave it unset or 1"),
