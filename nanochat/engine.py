@@ -99,8 +99,7 @@ class KVCache:
     """Per-layer K/V storage (num_layers, B, T_max, H_kv, D), the layout FA3's kv-cache API expects.
     All rows are always at the same position. Also carries the last pre-smear embedding for the model's smear."""
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
-        dtype = COMPUTE_DTYPE if dtype is None else dtype
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         self.batch_size, self.seq_len, self.n_layers = batch_size, seq_len, num_layers
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)

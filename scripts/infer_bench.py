@@ -126,9 +126,8 @@ def main(argv=None):
     print(rule)
     print(f"Model: {args.source} {args.model_tag or '(largest tag)'} step {meta.get('step')} | depth {cfg.n_layer} | "
           f"dim {cfg.n_embd} | heads {cfg.n_head} | kv heads {cfg.n_kv_head} | context {cfg.sequence_len}")
-    print(f"Device: {gpu_name} | peak bandwidth {bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s | "
-          f"peak {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOPS | "
-          f"memory {total_memory / 2**30 if total_memory else float('nan'):.1f} GiB")
+    print(f"Device: {gpu_name} | peak bandwidth {cell(bandwidth, 0, 2, 1e-12)} TB/s | peak {cell(peak_flops, 0, 0, 1e-12)} "
+          f"TFLOPS | memory {cell(total_memory, 0, 1, 2**-30)} GiB")
     print(f"Parameters: {', '.join(f'{n:,} {d}' for d, n in param_dtypes.items())} | weights {weight_bytes / 2**20:.1f} MiB")
     print(f"KV cache: {kv_bytes_per_token:,} bytes/token stored, {kv_read_per_step:,} bytes read/step at context {context_mid} "
           f"(window pattern {cfg.window_pattern})")
