@@ -170,18 +170,9 @@ def _number(payload, name, default, kind, low, high):
     return kind(value)
 
 
-def _content_text(content, index, openai_style):
-    if isinstance(content, str):
-        return content
-    if openai_style and isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
-        if all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-            return "".join(part["text"] for part in content)
-        raise ApiError(400, f"messages[{index}].content: only text parts are supported", param=f"messages[{index}].content")
-    raise ApiError(400, f"messages[{index}].content must be a string", param=f"messages[{index}].content")
-
-
-def parse_chat_request(raw_body, defaults, limits, openai_style):
-    """Validate a chat request body against the limits; returns a ChatRequest or raises ApiError."""
+def parse_chat_request(raw_body, args, openai_style):
+    """Validate a chat request body against the limits in the server flags (args); returns a ChatRequest or raises
+    ApiError. Sampling fields a request leaves out take the server's defaults."""
     try:
         payload = json.loads(raw_body)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too many digits, too deeply nested
@@ -191,8 +182,8 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    if len(messages) > limits["max_messages"]:
-        raise ApiError(400, f"too many messages: {len(messages)} > {limits['max_messages']}", param="messages", code="too_many_messages")
+    if len(messages) > args.max_messages:
+        raise ApiError(400, f"too many messages: {len(messages)} > {args.max_messages}", param="messages", code="too_many_messages")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -201,16 +192,22 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
         if role not in ("user", "assistant", "system") or (role == "system" and i != 0):
             raise ApiError(400, f"messages[{i}].role {json.dumps(role)[:40]} is not allowed: roles are 'user' and 'assistant' "
                                 "(plus one optional leading 'system' message)", param=f"messages[{i}].role", code="invalid_role")
-        text = _content_text(message.get("content"), i, openai_style)
+        text = message.get("content")
+        if openai_style and isinstance(text, list) and all(  # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in text):
+            text = "".join(part["text"] for part in text)
+        if not isinstance(text, str):
+            raise ApiError(400, f"messages[{i}].content must be a string" + (" or a list of text parts" if openai_style else ""),
+                           param=f"messages[{i}].content")
         if not text.strip():
             raise ApiError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
-        if len(text) > limits["max_message_chars"]:
-            raise ApiError(400, f"messages[{i}].content is too long: {len(text)} characters > {limits['max_message_chars']}",
+        if len(text) > args.max_message_chars:
+            raise ApiError(400, f"messages[{i}].content is too long: {len(text)} characters > {args.max_message_chars}",
                            param=f"messages[{i}].content", code="message_too_long")
         clean.append({"role": role, "content": text})
     total_chars = sum(len(m["content"]) for m in clean)
-    if total_chars > limits["max_conversation_chars"]:
-        raise ApiError(400, f"conversation is too long: {total_chars} characters > {limits['max_conversation_chars']}",
+    if total_chars > args.max_conversation_chars:
+        raise ApiError(400, f"conversation is too long: {total_chars} characters > {args.max_conversation_chars}",
                        param="messages", code="conversation_too_long")
     turns = clean[1:] if clean[0]["role"] == "system" else clean
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
@@ -218,12 +215,12 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
         raise ApiError(400, "messages must alternate user, assistant, user, ... and end with a user message "
                             "(after one optional leading system message)", param="messages", code="invalid_role")
 
-    temperature = _number(payload, "temperature", defaults["temperature"], float, 0.0, limits["max_temperature"])
-    top_k = _number(payload, "top_k", defaults["top_k"], int, 0, limits["max_top_k"])
-    max_tokens = _number(payload, "max_tokens", defaults["max_tokens"], int, 1, limits["max_max_tokens"])
+    temperature = _number(payload, "temperature", args.temperature, float, 0.0, args.max_temperature)
+    top_k = _number(payload, "top_k", args.top_k, int, 0, args.max_top_k)
+    max_tokens = _number(payload, "max_tokens", args.max_tokens, int, 1, args.max_max_tokens)
     if openai_style:
-        max_tokens = _number(payload, "max_completion_tokens", max_tokens, int, 1, limits["max_max_tokens"])
-    seed = _number(payload, "seed", defaults["seed"], int, -2**63, 2**63 - 1)
+        max_tokens = _number(payload, "max_completion_tokens", max_tokens, int, 1, args.max_max_tokens)
+    seed = _number(payload, "seed", args.seed, int, -2**63, 2**63 - 1)
     seed = random.randint(0, 2**31 - 1) if seed is None else seed % 2**31  # random per request unless asked
     stream = payload.get("stream", False) if openai_style else True  # the plain endpoint always streams
     options = payload.get("stream_options")
@@ -346,9 +343,6 @@ def create_app(args, workers):
     """The FastAPI app serving the given workers (from load_workers, or models built in-process by tests)."""
     pool = WorkerPool(workers)
     tokenizer, context = workers[0].tokenizer, min(w.sequence_len for w in workers)
-    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed}
-    limits = {name: getattr(args, name) for name in ("max_messages", "max_message_chars", "max_conversation_chars",
-                                                      "max_temperature", "max_top_k", "max_max_tokens")}
     max_body_bytes = 4 * args.max_conversation_chars + 64 * args.max_messages + 65536  # JSON escaping headroom
     model_id = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     started = int(time.time())
@@ -370,10 +364,8 @@ def create_app(args, workers):
         return Response(status_code=499)  # nobody reads it
 
     def check_api_key(http_request):
-        if args.api_key is None:
-            return
         given = http_request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, f"Bearer {args.api_key}".encode()):
+        if args.api_key is not None and not secrets.compare_digest(given, f"Bearer {args.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def read_chat_request(http_request, openai_style):
@@ -383,7 +375,7 @@ def create_app(args, workers):
             body += chunk
             if len(body) > max_body_bytes:
                 raise ApiError(413, f"request body too large: more than {max_body_bytes} bytes", code="body_too_large")
-        request = parse_chat_request(bytes(body), defaults, limits, openai_style)
+        request = parse_chat_request(bytes(body), args, openai_style)
         # fit the conversation into the model context, oldest turns dropped first
         chunks = message_chunks(tokenizer, request.messages)
         request.prompt, dropped, request.max_tokens = fit_prompt(tokenizer, chunks, context, request.max_tokens)
