@@ -33,8 +33,6 @@ _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
 
 
 def _eval_arithmetic(node):
-    if isinstance(node, ast.Expression):
-        return _eval_arithmetic(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
@@ -57,9 +55,8 @@ def _eval_string_receiver(node):
     raise ValueError("unsupported string expression")
 
 
-def _eval_count(node):
+def _eval_count(call):
     # <string expr>.count(<str constant>[, <int start>[, <int end>]])
-    call = node.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "count"
             and not call.keywords and 1 <= len(call.args) <= 3
             and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
@@ -84,10 +81,10 @@ def use_calculator(expr):
             expr = expr.replace(",", "")
             if not expr or any(c not in "0123456789*+-/.() " for c in expr) or "**" in expr:
                 return None
-            return _eval_arithmetic(ast.parse(expr, mode="eval"))
+            return _eval_arithmetic(ast.parse(expr, mode="eval").body)
         if ".count(" not in expr:
             return None
-        return _eval_count(ast.parse(expr, mode="eval"))
+        return _eval_count(ast.parse(expr, mode="eval").body)
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError, RecursionError, MemoryError):
         return None
 
