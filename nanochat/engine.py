@@ -255,8 +255,9 @@ def main():
         t0 = time.time()
         outputs[name] = run()
         synchronize(device_type)
+        seconds = time.time() - t0
         print(f"{name:6}: {tokenizer.decode(prompt + outputs[name])!r}")
-        print(f"{name} time: {time.time() - t0:.2f}s")
+        print(f"{name} time: {seconds:.2f}s")
     naive, cached = outputs["naive"], outputs["engine"]
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)

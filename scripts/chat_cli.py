@@ -39,7 +39,8 @@ def parse_args(argv=None):
     for flag, value, low, high in [("-t/--temperature", args.temperature, 0, 2), ("-k/--top-k", args.top_k, 0, float("inf")),
                                    ("-m/--max-tokens", args.max_tokens, 1, float("inf"))]:
         if not low <= value <= high:
-            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise SystemExit(f"error: {flag} {value} must be {bounds}")
     return args
 
 

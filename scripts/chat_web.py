@@ -87,7 +87,8 @@ def check_args(args):
          for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars")]
     for flag, value, low, high in ranges:
         if not low <= value <= high:
-            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise SystemExit(f"error: {flag} {value} must be {bounds}")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, borrowed by one request at a time
