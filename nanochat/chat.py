@@ -14,11 +14,9 @@ def message_chunks(tokenizer, messages):
     """One token list per message: <|user_start|> text <|user_end|> / <|assistant_start|> text <|assistant_end|>.
     A leading system message is folded into the first user message, as render_conversation does."""
     messages = list(messages)
-    if messages and messages[0]["role"] == "system":
-        system, rest = messages[0], messages[1:]
-        if rest:
-            rest[0] = {"role": rest[0]["role"], "content": system["content"] + "\n\n" + rest[0]["content"]}
-        messages = rest
+    if messages[0]["role"] == "system":  # callers validate that a user message follows it
+        system, first = messages.pop(0), messages[0]
+        messages[0] = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
     chunks = []
     for message in messages:
         start, end = ROLE_TOKENS[message["role"]]
@@ -64,6 +62,7 @@ class ReplyDecoder:
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.other_special = {special(name) for name in tokenizer.get_special_tokens()} - self.stop_tokens
+        self.openers = {self.python_start: "[calculator: ", self.output_start: "[output: "}
         self.segment = []          # ids of the current run of ordinary tokens
         self.emitted = ""          # how much of the segment's decoded text was already returned
         self.open_bracket = False  # a "[calculator: ..." or "[output: ..." is shown but not yet closed
@@ -96,21 +95,16 @@ class ReplyDecoder:
             new, self.emitted = text[len(self.emitted):], text
             return prefix + new
         # a tool special token: close the ordinary segment, then show the tool call readably
+        # (any other special token has no readable form)
         text = prefix + self._flush_segment()
-        if token == self.python_start:
-            text += self._close()
+        if token in self.openers:
+            text += self._close() + self.openers[token]
             self.open_bracket = True
-            return text + "[calculator: "
-        if token == self.python_end:
+        elif token == self.python_end:
             self.after_python_end = True
-            return text
-        if token == self.output_start:
+        elif token == self.output_end:
             text += self._close()
-            self.open_bracket = True
-            return text + "[output: "
-        if token == self.output_end:
-            return text + self._close()
-        return text  # any other special token has no readable form
+        return text
 
     def flush(self):
         """Whatever is still held back (a trailing partial character, an unclosed tool call)."""

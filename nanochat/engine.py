@@ -33,8 +33,6 @@ _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
 
 
 def _eval_arithmetic(node):
-    if isinstance(node, ast.Expression):
-        return _eval_arithmetic(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
@@ -57,16 +55,13 @@ def _eval_string_receiver(node):
     raise ValueError("unsupported string expression")
 
 
-def _eval_count(node):
+def _eval_count(call):
     # <string expr>.count(<str constant>[, <int start>[, <int end>]])
-    call = node.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "count"):
-        raise ValueError("only str.count(...) expressions are supported")
-    if call.keywords or not 1 <= len(call.args) <= 3:
-        raise ValueError("bad count arguments")
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "count"
+            and not call.keywords and 1 <= len(call.args) <= 3
+            and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+        raise ValueError("only <string>.count(<string literal>[, start[, end]]) is supported")
     needle = call.args[0]
-    if not (isinstance(needle, ast.Constant) and isinstance(needle.value, str)):
-        raise ValueError("count needs a string literal")
     bounds = [_eval_arithmetic(a) for a in call.args[1:]]
     if not all(isinstance(b, int) for b in bounds):
         raise ValueError("count bounds must be integers")
@@ -86,10 +81,10 @@ def use_calculator(expr):
             expr = expr.replace(",", "")
             if not expr or any(c not in "0123456789*+-/.() " for c in expr) or "**" in expr:
                 return None
-            return _eval_arithmetic(ast.parse(expr, mode="eval"))
+            return _eval_arithmetic(ast.parse(expr, mode="eval").body)
         if ".count(" not in expr:
             return None
-        return _eval_count(ast.parse(expr, mode="eval"))
+        return _eval_count(ast.parse(expr, mode="eval").body)
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError, RecursionError, MemoryError):
         return None
 
@@ -101,8 +96,7 @@ class KVCache:
     """Per-layer K/V storage (num_layers, B, T_max, H_kv, D), the layout FA3's kv-cache API expects.
     All rows are always at the same position. Also carries the last pre-smear embedding for the model's smear."""
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
-        dtype = COMPUTE_DTYPE if dtype is None else dtype
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         self.batch_size, self.seq_len, self.n_layers = batch_size, seq_len, num_layers
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -149,28 +143,14 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), num_samples=1, generator=rng)
         return indices.gather(1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
 
 
 # -----------------------------------------------------------------------------------------------------
 # engine
-
-class RowState:
-    """Per-sample generation state."""
-
-    def __init__(self, tokens):
-        self.current_tokens = list(tokens)
-        self.forced_tokens = []        # FIFO of tokens to emit instead of sampling (tool output)
-        self.in_python_block = False
-        self.python_expr_tokens = []
-        self.completed = False
-
 
 class Engine:
     def __init__(self, model, tokenizer):
@@ -188,7 +168,7 @@ class Engine:
 
         python_start, python_end = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
         output_start, output_end = tok.encode_special("<|output_start|>"), tok.encode_special("<|output_end|>")
-        assistant_end, bos = tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()
+        stop_tokens = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
 
         cfg = model.config
         cache_args = dict(num_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device)
@@ -203,63 +183,48 @@ class Engine:
         decode_cache.prefill(prefill_cache)
         del prefill_cache
 
-        rows = [RowState(tokens) for _ in range(num_samples)]
+        # per row: tokens to emit instead of sampling (tool output), the expression being written inside
+        # <|python_start|> ... <|python_end|> (None outside a block), and whether the row has ended its turn
+        forced = [[] for _ in range(num_samples)]
+        expression = [None] * num_samples
+        completed = [False] * num_samples
         num_generated = 0
-        while True:
-            if max_tokens is not None and num_generated >= max_tokens:
-                break
-            if all(row.completed for row in rows):
-                break
+        while max_tokens is None or num_generated < max_tokens:
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            token_column, token_masks = [], []
-            for row, sampled_token in zip(rows, sampled):
-                forced = len(row.forced_tokens) > 0
-                token = row.forced_tokens.pop(0) if forced else sampled_token
-                token_column.append(token)
-                token_masks.append(0 if forced else 1)
-                row.current_tokens.append(token)
-                if token == assistant_end or token == bos:
-                    row.completed = True
+            token_masks = [0 if forced[i] else 1 for i in range(num_samples)]
+            token_column = [forced[i].pop(0) if forced[i] else sampled[i] for i in range(num_samples)]
+            for i, token in enumerate(token_column):
+                completed[i] = completed[i] or token in stop_tokens
                 # tool state machine
                 if token == python_start:
-                    row.in_python_block = True
-                    row.python_expr_tokens = []
-                elif token == python_end and row.in_python_block:
-                    row.in_python_block = False
-                    if row.python_expr_tokens:
-                        result = use_calculator(tok.decode(row.python_expr_tokens))
-                        if result is not None:
-                            row.forced_tokens.append(output_start)
-                            row.forced_tokens.extend(tok.encode(str(result)))
-                            row.forced_tokens.append(output_end)
-                    row.python_expr_tokens = []
-                elif row.in_python_block:
-                    row.python_expr_tokens.append(token)
+                    expression[i] = []
+                elif token == python_end and expression[i] is not None:
+                    result = use_calculator(tok.decode(expression[i])) if expression[i] else None
+                    if result is not None:
+                        forced[i] += [output_start, *tok.encode(str(result)), output_end]
+                    expression[i] = None
+                elif expression[i] is not None:
+                    expression[i].append(token)
             yield token_column, token_masks
             num_generated += 1
-            if decode_cache.get_pos() >= decode_cache.seq_len:
-                break  # cache (context) full: stop instead of overflowing
+            if all(completed) or decode_cache.get_pos() >= decode_cache.seq_len:
+                break  # every row ended its turn, or the cache (context) is full: stop instead of overflowing
             ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
             logits = model.forward(ids, kv_cache=decode_cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), lists of token lists including the prompt; terminal tokens
         (<|assistant_end|>, BOS) are not appended."""
-        assistant_end, bos = self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()
+        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
         for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-                if completed[i]:
-                    continue
-                if token == assistant_end or token == bos:
-                    completed[i] = True
-                else:
+                completed[i] = completed[i] or token in stop_tokens
+                if not completed[i]:
                     results[i].append(token)
                     masks[i].append(mask)
-            if all(completed):
-                break
         return results, masks
 
 
@@ -281,20 +246,19 @@ def main():
         raise SystemExit(f"error: could not load a base model ({e}); train one first with python -m scripts.base_train")
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
 
-    def timed(fn):
+    engine = Engine(model, tokenizer)
+    runs = {"naive": lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)),
+            "engine": lambda: engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]}
+    outputs = {}
+    for name, run in runs.items():
         synchronize(device_type)
         t0 = time.time()
-        out = fn()
+        outputs[name] = run()
         synchronize(device_type)
-        return out, time.time() - t0
-
-    naive, t_naive = timed(lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)))
-    engine = Engine(model, tokenizer)
-    (results, _), t_engine = timed(lambda: engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0))
-    cached = results[0][len(prompt):]
-    for name, tokens, seconds in (("naive", naive, t_naive), ("engine", cached, t_engine)):
-        print(f"{name:6}: {tokenizer.decode(prompt + tokens)!r}")
+        seconds = time.time() - t0
+        print(f"{name:6}: {tokenizer.decode(prompt + outputs[name])!r}")
         print(f"{name} time: {seconds:.2f}s")
+    naive, cached = outputs["naive"], outputs["engine"]
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
     if mismatch is not None:

@@ -32,10 +32,18 @@ PROMPTS = [
 ]
 
 
+def positive_ints(text):
+    """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark a running nanochat web server")
     parser.add_argument("--url", type=str, default="http://127.0.0.1:8000", help="server base URL")
-    parser.add_argument("--clients", type=str, default="1,2,4,8", help="comma-separated concurrency levels")
+    parser.add_argument("--clients", type=positive_ints, default="1,2,4,8", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=4, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
@@ -45,12 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--launch", action="store_true", help="start `python -m scripts.chat_web` (args after --) on a free port")
     parser.add_argument("server_args", nargs="*", help="arguments for chat_web when --launch is given (after --)")
     args = parser.parse_args(argv)
-    try:
-        args.levels = [int(c) for c in args.clients.split(",") if c.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --clients {args.clients!r} must be comma-separated integers, e.g. 1,4,16")
-    if not args.levels or min(args.levels) < 1:
-        raise SystemExit("error: --clients levels must be >= 1")
     if args.requests < 1 or args.max_tokens < 1:
         raise SystemExit("error: --requests and --max-tokens must be >= 1")
     return args
@@ -151,7 +153,7 @@ def main(argv=None):
         print(header)
         print("-" * len(header))
         rows = []
-        for clients in args.levels:
+        for clients in args.clients:
             row = run_level(args, clients)
             rows.append(row)
             print(f"{row['clients']:>7} {row['requests']:>5} {row['errors']:>6} {row['requests_per_sec']:>8.2f} "

@@ -8,6 +8,7 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 """
 
 import argparse
+from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
 from nanochat.common import compute_init, autodetect_device_type
@@ -35,12 +36,11 @@ def parse_args(argv=None):
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
-    if args.top_k < 0:
-        raise SystemExit(f"error: -k/--top-k {args.top_k} must be >= 0 (0 disables top-k)")
-    if args.max_tokens < 1:
-        raise SystemExit(f"error: -m/--max-tokens {args.max_tokens} must be >= 1")
+    for flag, value, low, high in [("-t/--temperature", args.temperature, 0, 2), ("-k/--top-k", args.top_k, 0, float("inf")),
+                                   ("-m/--max-tokens", args.max_tokens, 1, float("inf"))]:
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise SystemExit(f"error: {flag} {value} must be {bounds}")
     return args
 
 
@@ -68,9 +68,7 @@ def main(argv=None):
     context = model.config.sequence_len
     assistant_start, assistant_end = (tokenizer.encode_special(t) for t in ROLE_TOKENS["assistant"])
 
-    def write(text):
-        print(text, end="", flush=True)
-
+    write = partial(print, end="", flush=True)
     print(BANNER)
     chunks = []  # token lists of the conversation's turns (replies kept with their tool calls)
     for user_input in user_inputs(args.prompt):

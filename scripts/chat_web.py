@@ -27,6 +27,7 @@ import logging
 import secrets
 import argparse
 import threading
+from collections import Counter
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +78,17 @@ def build_parser():
 
 def check_args(args):
     """Bad flags fail here, before any model is loaded."""
-    if not 0 <= args.temperature <= args.max_temperature:
-        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, --max-temperature={args.max_temperature}]")
-    if not 0 <= args.top_k <= args.max_top_k:
-        raise SystemExit(f"error: -k/--top-k {args.top_k} must be in [0, --max-top-k={args.max_top_k}]")
-    if not 1 <= args.max_tokens <= args.max_max_tokens:
-        raise SystemExit(f"error: -m/--max-tokens {args.max_tokens} must be in [1, --max-max-tokens={args.max_max_tokens}]")
-    for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if not 1 <= args.port <= 65535:
-        raise SystemExit(f"error: -p/--port {args.port} is not a valid port")
+    ranges = [  # (flag, value, lowest, highest)
+        ("-t/--temperature", args.temperature, 0, args.max_temperature),
+        ("-k/--top-k", args.top_k, 0, args.max_top_k),
+        ("-m/--max-tokens", args.max_tokens, 1, args.max_max_tokens),
+        ("-p/--port", args.port, 1, 65535),
+    ] + [(f"--{name.replace('_', '-')}", getattr(args, name), 1, float("inf"))
+         for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars")]
+    for flag, value, low, high in ranges:
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise SystemExit(f"error: {flag} {value} must be {bounds}")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, borrowed by one request at a time
@@ -110,35 +111,16 @@ class WorkerPool:
         self.idle = asyncio.Queue()  # FIFO: waiting requests are served in arrival order
         for worker in self.workers:
             self.idle.put_nowait(worker)
-        self.requests_served = 0
-        self.requests_cancelled = 0
-        self.requests_failed = 0
-
-    async def acquire(self):
-        worker = await self.idle.get()
-        worker.busy = True
-        return worker
-
-    def release(self, worker):
-        worker.busy = False
-        self.idle.put_nowait(worker)
+        self.finished = Counter()  # requests by how they ended: "stop"/"length" (served), "cancelled", "error"
 
 
 def replica_devices(device_type, num_replicas):
     """The devices to put one model replica on each: cuda:0..n-1, or the one cpu/mps device."""
-    if device_type != "cuda":
-        if num_replicas > 1:
-            raise SystemExit(f"error: -n/--num-gpus {num_replicas} needs CUDA (device type here: {device_type}); use -n 1")
-        return [torch.device(device_type)]
-    if num_replicas > torch.cuda.device_count():
-        raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {torch.cuda.device_count()} CUDA devices are visible")
-    return [torch.device("cuda", i) for i in range(num_replicas)]
-
-
-def use_device_in_this_thread(device):
-    """Kernels launched from this thread go to `device` (the current CUDA device is per thread)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    usable = torch.cuda.device_count() if device_type == "cuda" else 1
+    if num_replicas > usable:
+        raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {usable} {device_type} device(s) can hold a replica "
+                         "(more than one needs CUDA)")
+    return [torch.device("cuda", i) for i in range(num_replicas)] if device_type == "cuda" else [torch.device(device_type)]
 
 
 def load_workers(args):
@@ -189,18 +171,9 @@ def _number(payload, name, default, kind, low, high):
     return kind(value)
 
 
-def _content_text(content, index, openai_style):
-    if isinstance(content, str):
-        return content
-    if openai_style and isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
-        if all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-            return "".join(part["text"] for part in content)
-        raise ApiError(400, f"messages[{index}].content: only text parts are supported", param=f"messages[{index}].content")
-    raise ApiError(400, f"messages[{index}].content must be a string", param=f"messages[{index}].content")
-
-
-def parse_chat_request(raw_body, defaults, limits, openai_style):
-    """Validate a chat request body against the limits; returns a ChatRequest or raises ApiError."""
+def parse_chat_request(raw_body, args, openai_style):
+    """Validate a chat request body against the limits in the server flags (args); returns a ChatRequest or raises
+    ApiError. Sampling fields a request leaves out take the server's defaults."""
     try:
         payload = json.loads(raw_body)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too many digits, too deeply nested
@@ -210,8 +183,8 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    if len(messages) > limits["max_messages"]:
-        raise ApiError(400, f"too many messages: {len(messages)} > {limits['max_messages']}", param="messages", code="too_many_messages")
+    if len(messages) > args.max_messages:
+        raise ApiError(400, f"too many messages: {len(messages)} > {args.max_messages}", param="messages", code="too_many_messages")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -220,16 +193,22 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
         if role not in ("user", "assistant", "system") or (role == "system" and i != 0):
             raise ApiError(400, f"messages[{i}].role {json.dumps(role)[:40]} is not allowed: roles are 'user' and 'assistant' "
                                 "(plus one optional leading 'system' message)", param=f"messages[{i}].role", code="invalid_role")
-        text = _content_text(message.get("content"), i, openai_style)
+        text = message.get("content")
+        if openai_style and isinstance(text, list) and all(  # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in text):
+            text = "".join(part["text"] for part in text)
+        if not isinstance(text, str):
+            raise ApiError(400, f"messages[{i}].content must be a string" + (" or a list of text parts" if openai_style else ""),
+                           param=f"messages[{i}].content")
         if not text.strip():
             raise ApiError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
-        if len(text) > limits["max_message_chars"]:
-            raise ApiError(400, f"messages[{i}].content is too long: {len(text)} characters > {limits['max_message_chars']}",
+        if len(text) > args.max_message_chars:
+            raise ApiError(400, f"messages[{i}].content is too long: {len(text)} characters > {args.max_message_chars}",
                            param=f"messages[{i}].content", code="message_too_long")
         clean.append({"role": role, "content": text})
     total_chars = sum(len(m["content"]) for m in clean)
-    if total_chars > limits["max_conversation_chars"]:
-        raise ApiError(400, f"conversation is too long: {total_chars} characters > {limits['max_conversation_chars']}",
+    if total_chars > args.max_conversation_chars:
+        raise ApiError(400, f"conversation is too long: {total_chars} characters > {args.max_conversation_chars}",
                        param="messages", code="conversation_too_long")
     turns = clean[1:] if clean[0]["role"] == "system" else clean
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
@@ -237,26 +216,23 @@ def parse_chat_request(raw_body, defaults, limits, openai_style):
         raise ApiError(400, "messages must alternate user, assistant, user, ... and end with a user message "
                             "(after one optional leading system message)", param="messages", code="invalid_role")
 
-    temperature = _number(payload, "temperature", defaults["temperature"], float, 0.0, limits["max_temperature"])
-    top_k = _number(payload, "top_k", defaults["top_k"], int, 0, limits["max_top_k"])
-    max_tokens = _number(payload, "max_tokens", defaults["max_tokens"], int, 1, limits["max_max_tokens"])
+    temperature = _number(payload, "temperature", args.temperature, float, 0.0, args.max_temperature)
+    top_k = _number(payload, "top_k", args.top_k, int, 0, args.max_top_k)
+    max_tokens = _number(payload, "max_tokens", args.max_tokens, int, 1, args.max_max_tokens)
     if openai_style:
-        max_tokens = _number(payload, "max_completion_tokens", max_tokens, int, 1, limits["max_max_tokens"])
-    seed = _number(payload, "seed", defaults["seed"], int, -2**63, 2**63 - 1)
+        max_tokens = _number(payload, "max_completion_tokens", max_tokens, int, 1, args.max_max_tokens)
+    seed = _number(payload, "seed", args.seed, int, -2**63, 2**63 - 1)
     seed = random.randint(0, 2**31 - 1) if seed is None else seed % 2**31  # random per request unless asked
-    stream, include_usage = True, False
+    stream = payload.get("stream", False) if openai_style else True  # the plain endpoint always streams
+    options = payload.get("stream_options")
+    include_usage = openai_style and isinstance(options, dict) and bool(options.get("include_usage"))
     if openai_style:
-        stream = payload.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", param="stream")
-        options = payload.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        if payload.get("n") not in (None, 1):
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if payload.get("top_p") not in (None, 1):
-            raise ApiError(400, "top_p is not supported (use top_k); leave it unset or 1", param="top_p")
-        if payload.get("stop"):
-            raise ApiError(400, "stop sequences are not supported", param="stop")
+        for name, ok, message in [("stream", isinstance(stream, bool), "stream must be true or false"),
+                                  ("n", payload.get("n") in (None, 1), "only n=1 is supported"),
+                                  ("top_p", payload.get("top_p") in (None, 1), "top_p is not supported (use top_k); leave it unset or 1"),
+                                  ("stop", not payload.get("stop"), "stop sequences are not supported")]:
+            if not ok:
+                raise ApiError(400, message, param=name)
     return ChatRequest(clean, temperature, top_k, max_tokens, seed, stream, include_usage)
 
 # -----------------------------------------------------------------------------
@@ -271,8 +247,7 @@ class Generation:
         self.pool, self.worker, self.request, self.loop = pool, worker, request, loop
         self.events = asyncio.Queue()
         self.stop = threading.Event()
-        self.completion_tokens, self.finish = 0, None
-        self.text = ""
+        self.completion_tokens, self.finish, self.text = 0, None, ""
         threading.Thread(target=self._run, name=f"generate-gpu{worker.gpu_id}", daemon=True).start()
 
     def _call_in_loop(self, fn, *args):
@@ -289,7 +264,8 @@ class Generation:
         worker, request = self.worker, self.request
         finish = "error"
         try:
-            use_device_in_this_thread(torch.device(worker.device))
+            if worker.device.startswith("cuda"):
+                torch.cuda.set_device(worker.device)  # the current CUDA device is per thread
             tokens, finish = stream_reply(worker.engine, worker.tokenizer, request.prompt, request.max_tokens,
                                           request.temperature, request.top_k, request.seed, self._emit_text, self.stop.is_set)
             self.completion_tokens, self.finish = len(tokens), finish  # before "done": the client reads them then
@@ -304,14 +280,9 @@ class Generation:
 
     def _finish(self, finish):
         # runs on the event loop thread, so the counters and the queue need no locks
-        pool = self.pool
-        if finish == "cancelled":
-            pool.requests_cancelled += 1
-        elif finish == "error":
-            pool.requests_failed += 1
-        else:
-            pool.requests_served += 1
-        pool.release(self.worker)
+        self.pool.finished[finish] += 1
+        self.worker.busy = False
+        self.pool.idle.put_nowait(self.worker)
         logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
 
 
@@ -319,10 +290,11 @@ async def run_generation(pool, request):
     """Async iterator of (event, generation) for one request. Borrows a worker, starts the thread, and on exit (done,
     error, or cancellation because the client went away) tells the thread to stop."""
     try:
-        worker = await pool.acquire()
+        worker = await pool.idle.get()
     except asyncio.CancelledError:  # the client went away while waiting for a worker
-        pool.requests_cancelled += 1
+        pool.finished["cancelled"] += 1
         raise
+    worker.busy = True
     generation = Generation(pool, worker, request, asyncio.get_running_loop())
     try:
         while True:
@@ -372,9 +344,6 @@ def create_app(args, workers):
     """The FastAPI app serving the given workers (from load_workers, or models built in-process by tests)."""
     pool = WorkerPool(workers)
     tokenizer, context = workers[0].tokenizer, min(w.sequence_len for w in workers)
-    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed}
-    limits = {name: getattr(args, name) for name in ("max_messages", "max_message_chars", "max_conversation_chars",
-                                                      "max_temperature", "max_top_k", "max_max_tokens")}
     max_body_bytes = 4 * args.max_conversation_chars + 64 * args.max_messages + 65536  # JSON escaping headroom
     model_id = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     started = int(time.time())
@@ -396,10 +365,8 @@ def create_app(args, workers):
         return Response(status_code=499)  # nobody reads it
 
     def check_api_key(http_request):
-        if args.api_key is None:
-            return
         given = http_request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, f"Bearer {args.api_key}".encode()):
+        if args.api_key is not None and not secrets.compare_digest(given, f"Bearer {args.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def read_chat_request(http_request, openai_style):
@@ -409,7 +376,7 @@ def create_app(args, workers):
             body += chunk
             if len(body) > max_body_bytes:
                 raise ApiError(413, f"request body too large: more than {max_body_bytes} bytes", code="body_too_large")
-        request = parse_chat_request(bytes(body), defaults, limits, openai_style)
+        request = parse_chat_request(bytes(body), args, openai_style)
         # fit the conversation into the model context, oldest turns dropped first
         chunks = message_chunks(tokenizer, request.messages)
         request.prompt, dropped, request.max_tokens = fit_prompt(tokenizer, chunks, context, request.max_tokens)
@@ -438,11 +405,11 @@ def create_app(args, workers):
 
     @app.get("/stats")
     async def stats():
+        busy, finished = sum(w.busy for w in pool.workers), pool.finished
         return {
-            "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(),
-            "busy_workers": len(pool.workers) - pool.idle.qsize(),
-            "requests_active": sum(w.busy for w in pool.workers), "requests_served": pool.requests_served,
-            "requests_cancelled": pool.requests_cancelled, "requests_failed": pool.requests_failed,
+            "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(), "busy_workers": busy,
+            "requests_active": busy, "requests_served": finished["stop"] + finished["length"],
+            "requests_cancelled": finished["cancelled"], "requests_failed": finished["error"],
             "workers": [{"gpu_id": w.gpu_id, "device": w.device, "busy": w.busy,
                          "requests_served": w.requests_served, "tokens_generated": w.tokens_generated} for w in pool.workers],
         }

@@ -44,22 +44,13 @@ def cell(value, width, digits, scale=1):
     """One right-aligned table cell; n/a for a number this device cannot give."""
     return f"{'n/a' if value is None else f'{scale * value:.{digits}f}':>{width}}"
 
-# -----------------------------------------------------------------------------
-# Device facts (candidates for nanochat/common.py next to synchronize and peak_memory_mib)
 
-def device_name_and_memory(device_type):
-    """The accelerator's name and total memory in bytes; (device_type, None) off CUDA."""
-    if device_type != "cuda":
-        return device_type, None
-    return torch.cuda.get_device_name(), torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-
-
-def reset_peak_memory(device_type):
-    """Start a new peak for peak_memory_mib (CUDA only: a process's peak resident set cannot be reset)."""
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-# -----------------------------------------------------------------------------
+def positive_ints(text):
+    """argparse type for "1,8,32": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(text)
+    return values
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark inference of a nanochat checkpoint")
@@ -68,16 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (clamped to sequence_len - decode tokens)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="tokens generated per timed run")
-    parser.add_argument("--batch-sizes", type=str, default="1,8,32,128", help="comma-separated decode batch sizes")
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32,128", help="comma-separated decode batch sizes")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
-    try:
-        args.batch_list = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --batch-sizes {args.batch_sizes!r} must be comma-separated integers")
-    if not args.batch_list or min(args.batch_list) < 1:
-        raise SystemExit("error: --batch-sizes must be >= 1")
     if args.prompt_tokens < 1 or args.decode_tokens < 2:
         raise SystemExit("error: --prompt-tokens must be >= 1 and --decode-tokens >= 2")
     return args
@@ -86,7 +71,8 @@ def parse_args(argv=None):
 def bench_generate(engine, prompt, batch_size, decode_tokens, temperature, device_type):
     """One timed generation. The first next() (batch-1 prefill + KV replication + first sample) is the TTFT;
     every later next() is one decode step for all rows. Returns (ttft, step_times, peak memory MiB)."""
-    reset_peak_memory(device_type)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # a new peak for peak_memory_mib (a process's peak RSS cannot be reset)
     synchronize(device_type)
     generator = engine.generate(prompt, num_samples=batch_size, max_tokens=decode_tokens, temperature=temperature, seed=42)
     step_times, start = [], time.perf_counter()
@@ -116,7 +102,9 @@ def main(argv=None):
     prompt = tokenizer.encode(PARAGRAPH * max(1, prompt_len // 10), prepend=tokenizer.get_bos_token_id())[:prompt_len]
 
     # what one decode step must read and compute, from the architecture
-    gpu_name, total_memory = device_name_and_memory(device_type)
+    gpu_name, total_memory = device_type, None
+    if device_type == "cuda":
+        gpu_name, total_memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(device).total_memory
     bandwidth, peak_flops = peak_bandwidth(gpu_name), get_peak_flops(gpu_name)  # None (n/a) for a CPU
     param_dtypes = Counter()
     for p in model.parameters():
@@ -138,9 +126,8 @@ def main(argv=None):
     print(rule)
     print(f"Model: {args.source} {args.model_tag or '(largest tag)'} step {meta.get('step')} | depth {cfg.n_layer} | "
           f"dim {cfg.n_embd} | heads {cfg.n_head} | kv heads {cfg.n_kv_head} | context {cfg.sequence_len}")
-    print(f"Device: {gpu_name} | peak bandwidth {bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s | "
-          f"peak {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOPS | "
-          f"memory {total_memory / 2**30 if total_memory else float('nan'):.1f} GiB")
+    print(f"Device: {gpu_name} | peak bandwidth {cell(bandwidth, 0, 2, 1e-12)} TB/s | peak {cell(peak_flops, 0, 0, 1e-12)} "
+          f"TFLOPS | memory {cell(total_memory, 0, 1, 2**-30)} GiB")
     print(f"Parameters: {', '.join(f'{n:,} {d}' for d, n in param_dtypes.items())} | weights {weight_bytes / 2**20:.1f} MiB")
     print(f"KV cache: {kv_bytes_per_token:,} bytes/token stored, {kv_read_per_step:,} bytes read/step at context {context_mid} "
           f"(window pattern {cfg.window_pattern})")
@@ -157,7 +144,7 @@ def main(argv=None):
 
     print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'MBU %':>7} {'MFU %':>8} {'peak MiB':>9} {'steps':>6}")
     sweep = []
-    for batch_size in args.batch_list:
+    for batch_size in args.batch_sizes:
         bench_generate(engine, prompt, batch_size, 8, args.temperature, device_type)  # warm up
         ttft, step_times, peak_mib = bench_generate(engine, prompt, batch_size, args.decode_tokens, args.temperature, device_type)
         steps = len(step_times)

@@ -250,6 +250,22 @@ def test_openai_only_fields_validated(server, extra):
     assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra))
 
 
+def test_openai_text_content_parts(server, caplog):
+    """/v1 accepts OpenAI content parts when they are all text (joined as they are); any other part, or parts on the
+    plain endpoint, is a 400 on that message's content."""
+    def post(path, content, **fields):
+        return requests.post(server.url + path, json={"messages": [{"role": "user", "content": content}], **fields}, timeout=60)
+    caplog.set_level(logging.INFO, logger="nanochat.web")
+    parts = [{"type": "text", "text": "sun"}, {"type": "text", "text": "flower"}]
+    r = post("/v1/chat/completions", parts, max_tokens=2)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert "[USER]: sunflower" in caplog.text  # the conversation is logged before the reply starts
+    image = [{"type": "image_url", "image_url": {"url": "http://example.test/cat.png"}}]
+    for path, content in [("/v1/chat/completions", image), ("/v1/chat/completions", parts + image), ("/chat/completions", parts)]:
+        r = post(path, content)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", (path, content)
+
+
 def test_body_too_large_and_limits_are_flags(server):
     r = requests.post(server.url + "/chat/completions", data=b"x" * 200_000, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 413 and "too large" in r.json()["detail"]
