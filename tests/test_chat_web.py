@@ -418,7 +418,7 @@ def test_api_key_is_required_when_set(tiny_tokenizer, capsys):
                           headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
         # the serving benchmark sends the key
-        from scripts import bench_serving
+        from dev import bench_serving
         bench_serving.main(["--url", live.url, "--api-key", "s3cret", "--clients", "1", "--requests", "1", "--max-tokens", "2", "--warmup", "0"])
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["levels"][0]["errors"] == 0
         # the page and the health checks stay open (the page asks for the key itself)
@@ -656,7 +656,7 @@ def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
 # the benchmarks run and report what they promise
 
 def test_serving_benchmark(server, capsys):
-    from scripts import bench_serving
+    from dev import bench_serving
     bench_serving.main(["--url", server.url, "--clients", "1,3", "--requests", "1", "--max-tokens", "4", "--warmup", "0"])
     out = capsys.readouterr().out
     assert "req/s" in out and "TTFT p50 ms" in out

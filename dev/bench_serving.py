@@ -3,9 +3,9 @@ Serving benchmark for scripts/chat_web.py: requests/s, time-to-first-token and t
 clients, each sending requests back to back over the OpenAI-compatible streaming endpoint.
 
     python -m scripts.chat_web --port 8000 &          # a running server
-    python -m scripts.bench_serving --url http://127.0.0.1:8000 --clients 1,4,16 --requests 8 --max-tokens 128
+    python -m dev.bench_serving --url http://127.0.0.1:8000 --clients 1,4,16 --requests 8 --max-tokens 128
 
-    python -m scripts.bench_serving --launch -- -i sft --num-gpus 8   # or: start a server, measure, stop it
+    python -m dev.bench_serving --launch -- -i sft --num-gpus 8   # or: start a server, measure, stop it
 
 Prints one table row per concurrency level and, as the very last line, one JSON document with everything.
 """
