@@ -91,97 +91,55 @@ def run_command(cmd, cwd=None):
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def get_git_info():
-    branch = run_command("git rev-parse --abbrev-ref HEAD") or "unknown"
-    commit = run_command("git rev-parse --short HEAD") or "unknown"
-    status = run_command("git status --porcelain")
-    dirty = "unknown" if status is None else ("dirty" if status else "clean")
-    message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
-    return {"branch": branch, "commit": commit, "dirty": dirty, "message": message}
+def count_bytes_and_lines(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data), data.count(b"\n")
 
 
-def get_gpu_info():
-    if not torch.cuda.is_available():
-        return {"available": False}
-    count = torch.cuda.device_count()
-    names = [torch.cuda.get_device_name(i) for i in range(count)]
-    memory = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
-    return {"available": True, "count": count, "names": names, "memory_gb": memory / 1024**3,
-            "cuda_version": torch.version.cuda or "unknown"}
-
-
-def get_system_info():
-    return {
-        "platform": platform.system(),
-        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
-        "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count(),
-        "memory_gb": psutil.virtual_memory().total / 1024**3,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def estimate_hourly_rate(gpu_info):
-    """USD/hour for the whole machine, or None without GPUs."""
-    if not gpu_info.get("available"):
-        return None
-    first = gpu_info["names"][0]
-    per_gpu = next((rate for key, rate in GPU_HOURLY_RATES.items() if key in first), DEFAULT_GPU_HOURLY_RATE)
-    return per_gpu * gpu_info["count"]
-
-
-def find_lock_file():
-    """The dependency lock file of the current directory (uv.lock, else the first other *.lock), or None."""
-    names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
-    return next((name for name in names if os.path.isfile(name)), None)
-
-
-def get_bloat_info():
+def bloat_lines():
     """Size of the git-tracked source: characters (bytes), lines, files, approx tokens, lock-file lines."""
     listing = run_command("git ls-files")
     files = [f for f in (listing or "").splitlines() if f.endswith(BLOAT_EXTENSIONS) and os.path.isfile(f)]
-    num_chars = num_lines = 0
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        num_chars += len(data)
-        num_lines += data.count(b"\n")
-    lock_file = find_lock_file()
-    dep_lines = 0
-    if lock_file:
-        with open(lock_file, "rb") as f:
-            dep_lines = f.read().count(b"\n")
-    return {"chars": num_chars, "lines": num_lines, "files": len(files), "tokens": num_chars // 4,
-            "lock_file": lock_file or "uv.lock", "dependencies": dep_lines}
+    sizes = [count_bytes_and_lines(path) for path in files]
+    num_chars, num_lines = sum(c for c, _ in sizes), sum(n for _, n in sizes)
+    # the dependency lock file of the current directory: uv.lock, else the first other *.lock
+    lock_names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
+    lock_file = next((name for name in lock_names if os.path.isfile(name)), None)
+    dep_lines = count_bytes_and_lines(lock_file)[1] if lock_file else 0
+    return [f"- Characters: {num_chars:,}", f"- Lines: {num_lines:,}", f"- Files: {len(files):,}",
+            f"- Tokens (approx): {num_chars // 4:,}", f"- Dependencies ({lock_file or 'uv.lock'} lines): {dep_lines:,}"]
 
 
 def generate_header():
-    git, gpu, system, bloat = get_git_info(), get_gpu_info(), get_system_info(), get_bloat_info()
+    status = run_command("git status --porcelain")
+    dirty = "unknown" if status is None else ("dirty" if status else "clean")
+    message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
+    physical_cores = psutil.cpu_count(logical=False) or os.cpu_count()
+    logical_cores = psutil.cpu_count(logical=True) or os.cpu_count()
     lines = ["# nanochat training report", "", f"Generated: {now()}", "", "## Environment", "",
              "### Git Information",
-             f"- Branch: {git['branch']}",
-             f"- Commit: {git['commit']} ({git['dirty']})",
-             f"- Message: {git['message']}", "",
+             f"- Branch: {run_command('git rev-parse --abbrev-ref HEAD') or 'unknown'}",
+             f"- Commit: {run_command('git rev-parse --short HEAD') or 'unknown'} ({dirty})",
+             f"- Message: {message}", "",
              "### Hardware",
-             f"- Platform: {system['platform']}",
-             f"- CPUs: {system['physical_cores']} cores ({system['logical_cores']} logical)",
-             f"- Memory: {system['memory_gb']:.1f} GB"]
-    if gpu["available"]:
-        lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
-                  f"- GPU Memory: {gpu['memory_gb']:.1f} GB total",
-                  f"- CUDA Version: {gpu['cuda_version']}"]
+             f"- Platform: {platform.system()}",
+             f"- CPUs: {physical_cores} cores ({logical_cores} logical)",
+             f"- Memory: {psutil.virtual_memory().total / 1024**3:.1f} GB"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        names = [torch.cuda.get_device_name(i) for i in range(count)]
+        memory = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+        # the machine's hourly rate, priced by its first GPU
+        per_gpu = next((rate for key, rate in GPU_HOURLY_RATES.items() if key in names[0]), DEFAULT_GPU_HOURLY_RATE)
+        lines += [f"- GPUs: {count}x {', '.join(sorted(set(names)))}",
+                  f"- GPU Memory: {memory / 1024**3:.1f} GB total",
+                  f"- CUDA Version: {torch.version.cuda or 'unknown'}",
+                  f"- Hourly Rate: ${per_gpu * count:.2f}/hour"]
     else:
         lines.append("- GPUs: None available")
-    rate = estimate_hourly_rate(gpu)
-    if rate is not None:
-        lines.append(f"- Hourly Rate: ${rate:.2f}/hour")
-    lines += ["", "### Software", f"- Python: {system['python']}", f"- PyTorch: {system['torch']}", "",
-              "### Bloat",
-              f"- Characters: {bloat['chars']:,}",
-              f"- Lines: {bloat['lines']:,}",
-              f"- Files: {bloat['files']:,}",
-              f"- Tokens (approx): {bloat['tokens']:,}",
-              f"- Dependencies ({bloat['lock_file']} lines): {bloat['dependencies']:,}", ""]
+    lines += ["", "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
+              "### Bloat", *bloat_lines(), ""]
     return "\n".join(lines) + "\n"
 
 

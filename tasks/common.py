@@ -2,7 +2,7 @@
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
 - TaskMixture: a deterministic seed-42 shuffle of several tasks;
-- render_mc: the exact multiple-choice prompt;
+- MultipleChoiceTask, multiple_choice_example, render_mc: the exact multiple-choice prompt and its grading;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
 - validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
 
@@ -44,12 +44,10 @@ class Task:
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        raise NotImplementedError  # 'generative' or 'categorical'
+    eval_type = None  # 'generative' or 'categorical'
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.ds)  # most tasks are a view of one loaded dataset, self.ds
 
     def get_example(self, index):
         raise NotImplementedError
@@ -92,6 +90,25 @@ class TaskMixture(Task):
         assert 0 <= index < self.num_conversations, f"index {index} out of range for mixture of {self.num_conversations}"
         task_index, local_index = self.index_map[index]
         return self.tasks[task_index][local_index]
+
+
+class MultipleChoiceTask(Task):
+    """A categorical task whose examples come from multiple_choice_example: the model answers with one letter."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        letters = conversation["letters"]
+        assert completion in letters, f"{type(self).__name__} answer must be one of {letters}, got {completion!r}"
+        return completion == conversation["messages"][-1]["content"]
+
+
+def multiple_choice_example(question, letters, choices, answer):
+    messages = [
+        {"role": "user", "content": render_mc(question, letters, choices)},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "letters": letters}
 
 
 def render_mc(question, letters, choices):
