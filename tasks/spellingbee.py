@@ -19,7 +19,7 @@ import functools
 
 from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
 from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path
-from tasks.gsm8k import extract_answer
+from tasks.gsm8k import final_answer_matches
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -99,31 +99,32 @@ def load_words():
     return words, f"bundled ({len(words)} words)"
 
 
-def example_seed(index, split):
-    return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
-
-
 def spelled_out(word):
     return f"{word}:{','.join(word)}"
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """`size` generated examples over the word list; example i of a split comes from its own seeded rng."""
+
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), "SpellingBee split must be train|test"
+        assert split in ("train", "test"), f"{type(self).__name__} split must be train|test"
         self.size, self.split = size, split
         self.words, self.word_source = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
 
+    def example_rng(self, index):
+        return random.Random(index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index)
+
+
+class SpellingBee(WordTask):
+
     def get_example(self, index):
-        rng = random.Random(example_seed(index, self.split))
+        rng = self.example_rng(index)
         # the order of the rng calls below defines the examples; do not reorder
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -159,34 +160,21 @@ class SpellingBee(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, completion):
-        assert isinstance(completion, str), "completion must be a string"
-        reference = conversation["messages"][-1]["content"][-1]["text"]
-        ref, pred = extract_answer(reference), extract_answer(completion)
-        return int(pred is not None and pred == ref)
+        return final_answer_matches(conversation, completion)
 
     def reward(self, conversation, completion):
         return float(self.evaluate(conversation, completion))
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
 
-    def __init__(self, size=1000, split="train", **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), "SimpleSpelling split must be train|test"
-        self.size, self.split = size, split
-        words, self.word_source = load_words()
-        self.words = list(words)
+        self.words = list(self.words)
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        rng = random.Random(example_seed(index, self.split))
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         messages = [
             {"role": "user", "content": f"Spell the word: {word}"},
