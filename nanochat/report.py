@@ -18,6 +18,7 @@ rate and wall clock.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -38,14 +39,15 @@ OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.m
 
 # Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
 STAGES = ["BASE", "SFT", "RL"]
-STAGE_OF_FILE = {"base-model-training.md": "BASE", "base-model-evaluation.md": "BASE",
-                 "chat-evaluation-base.md": "BASE", "chat-evaluation-sft.md": "SFT", "chat-evaluation-rl.md": "RL"}
-METRIC_KEYS = {
-    "base-model-training.md": {"Final validation bpb": "val bpb"},
-    "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
-    "chat": {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
-             "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE (6 tasks)",
-             "ChatCORE-5 metric": "ChatCORE (5 tasks)"},
+CHAT_METRICS = {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
+                "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE (6 tasks)",
+                "ChatCORE-5 metric": "ChatCORE (5 tasks)"}
+METRICS_OF_FILE = {  # fragment -> (stage, {key in the fragment: metric row})
+    "base-model-training.md": ("BASE", {"Final validation bpb": "val bpb"}),
+    "base-model-evaluation.md": ("BASE", {"CORE metric": "CORE", "val bpb": "val bpb"}),
+    "chat-evaluation-base.md": ("BASE", CHAT_METRICS),
+    "chat-evaluation-sft.md": ("SFT", CHAT_METRICS),
+    "chat-evaluation-rl.md": ("RL", CHAT_METRICS),
 }
 LAST_ROWS = ("ChatCORE (6 tasks)", "ChatCORE (5 tasks)")
 GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # USD per GPU-hour (Lambda Cloud list prices)
@@ -154,11 +156,10 @@ def parse_timestamp(text):
         return None
 
 
-def fragment_timestamp(content):
-    for line in content.splitlines():
-        if line.startswith("timestamp:"):
-            return parse_timestamp(line.split(":", 1)[1])
-    return None
+def find_line(pattern, text):
+    """Group 1 of the first line that matches pattern, or ''."""
+    match = re.search(pattern, text, re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 def fragment_items(content):
@@ -172,7 +173,7 @@ def fragment_items(content):
 
 
 def extract_metrics(file_name, content):
-    keys = METRIC_KEYS.get(file_name) or (METRIC_KEYS["chat"] if file_name.startswith("chat-evaluation") else {})
+    keys = METRICS_OF_FILE[file_name][1] if file_name in METRICS_OF_FILE else {}
     items = fragment_items(content)
     return {row: items[key] for key, row in keys.items() if key in items}
 
@@ -229,10 +230,9 @@ def plot_history(name, history, out_dir):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         has_data = False
         for ax, (split, y_key, title) in zip(axes, panels):
-            points = [(r[x_key], r[y_key]) for r in history.get(split, []) if r.get(x_key) is not None]
-            points = [(x, y) for x, y in points if y == y and abs(y) != float("inf")]  # drop NaN/inf
-            if x_key == "flops":
-                points = [(x, y) for x, y in points if x > 0]  # log axis: step 0 has spent 0 FLOPs
+            # NaN/inf are dropped, and on the log FLOPs axis so is step 0 (it has spent 0 FLOPs)
+            points = [(r[x_key], r[y_key]) for r in history.get(split, [])
+                      if r.get(x_key) is not None and math.isfinite(r[y_key]) and (x_key == "step" or r[x_key] > 0)]
             if points:
                 has_data = True
                 xs, ys = zip(*points)
@@ -295,32 +295,19 @@ class Report:
         write_text(os.path.join(self.report_dir, "header.md"), header)
         print(f"Reset report and wrote header to {os.path.join(self.report_dir, 'header.md')}")
 
-    def _histories(self):
-        out = []
-        for name in sorted(os.listdir(self.report_dir)):
-            if name.startswith("history-") and name.endswith(".json"):
-                with open(os.path.join(self.report_dir, name)) as f:
-                    record = json.load(f)
-                out.append((record["name"], record["history"]))
-        return out
-
     def generate(self):
         """Write report.md (header, stage sections, plots, summary) and copy it to the current directory."""
         report_file = os.path.join(self.report_dir, "report.md")
         print(f"Generating report to {report_file}")
-        parts = []
         header_file = os.path.join(self.report_dir, "header.md")
-        start_time, bloat_block, header = None, "[bloat data missing]\n", ""
+        header = ""
         if os.path.isfile(header_file):
             with open(header_file) as f:
                 header = f.read()
-            parts.append(header)
-            match = re.search(r"^Run started: (.*)$", header, re.MULTILINE)
-            start_time = parse_timestamp(match.group(1)) if match else None
-            match = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
-            bloat_block = match.group(1) + "\n" if match else bloat_block
         else:
             print(f"Warning: {header_file} does not exist. Did you forget to run `python -m nanochat.report reset`?")
+        parts = [header]
+        start_time = parse_timestamp(find_line(r"^Run started: (.*)$", header))
 
         metrics = {stage: {} for stage in STAGES}
         timeline = []  # (stage title, timestamp)
@@ -333,36 +320,35 @@ class Report:
             with open(path) as f:
                 content = f.read()
             parts.append(content.rstrip("\n") + "\n\n")
-            stamp = fragment_timestamp(content)
-            title = content.splitlines()[0].lstrip("# ").strip() if content.strip() else file_name
+            stamp = parse_timestamp(find_line(r"^timestamp:(.*)$", content))
             if stamp is not None:
-                timeline.append((title, stamp))
-            if file_name in STAGE_OF_FILE:
-                extracted = extract_metrics(file_name, content)
-                stage = metrics[STAGE_OF_FILE[file_name]]
-                for row, value in extracted.items():
+                timeline.append((content.splitlines()[0].lstrip("# ").strip(), stamp))
+            if file_name in METRICS_OF_FILE:
+                stage = metrics[METRICS_OF_FILE[file_name][0]]
+                for row, value in extract_metrics(file_name, content).items():
                     # a base-eval val bpb beats the training-time one; otherwise first come first served
                     if row not in stage or file_name == "base-model-evaluation.md":
                         stage[row] = value
 
         # plots of the training histories, written next to report.md
         plot_files = []
-        histories = self._histories()
-        if histories:
-            try:
-                for name, history in histories:
-                    plot_files += plot_history(name, history, self.report_dir)
-            except ImportError:
-                print("Warning: matplotlib is not installed; the report has no plots")
+        try:
+            for name in sorted(os.listdir(self.report_dir)):
+                if name.startswith("history-") and name.endswith(".json"):
+                    with open(os.path.join(self.report_dir, name)) as f:
+                        record = json.load(f)
+                    plot_files += plot_history(record["name"], record["history"], self.report_dir)
+        except ImportError:
+            print("Warning: matplotlib is not installed; the report has no plots")
         if plot_files:
             parts.append("## Training curves\n\n")
             parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
 
         # summary: bloat, metrics table, timeline, wall clock, cost
+        bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
         parts.append("## Summary\n\n")
-        parts.append(bloat_block + "\n")
+        parts.append((bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n")
         parts.append(summary_table(metrics) + "\n")
-        end_time = max((stamp for _, stamp in timeline), default=None)
         if timeline and start_time is not None:
             parts.append("| Stage | Finished | Since previous |\n|---|---|---|\n")
             previous = start_time
@@ -370,14 +356,11 @@ class Report:
                 parts.append(f"| {title} | {stamp.strftime(TIMESTAMP_FORMAT)} | "
                              f"{format_duration((stamp - previous).total_seconds())} |\n")
                 previous = stamp
-            parts.append("\n")
-        if start_time is not None and end_time is not None:
-            elapsed = (end_time - start_time).total_seconds()
-            parts.append(f"Total wall clock time: {format_duration(elapsed)}\n")
-            rate = re.search(r"^- Hourly Rate: \$([0-9.]+)/hour", header, re.MULTILINE)
+            elapsed = (previous - start_time).total_seconds()  # the wall clock runs to the last stage that finished
+            parts.append(f"\nTotal wall clock time: {format_duration(elapsed)}\n")
+            rate = find_line(r"^- Hourly Rate: \$([0-9.]+)/hour", header)
             if rate:
-                parts.append(f"Estimated cost: ${float(rate.group(1)) * elapsed / 3600:.2f} "
-                             f"(hourly rate x wall clock)\n")
+                parts.append(f"Estimated cost: ${float(rate) * elapsed / 3600:.2f} (hourly rate x wall clock)\n")
         else:
             parts.append("Total wall clock time: unknown\n")
 
