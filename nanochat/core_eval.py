@@ -38,7 +38,6 @@ CORE_TASK_LABELS = (
     "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators", "bigbench_repeat_copy_logic", "squad", "coqa",
     "boolq", "bigbench_language_identification",
 )
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337      # every task's example list is shuffled with this seed (even when not truncated)
 FEWSHOT_SEED_BASE = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
 
@@ -129,18 +128,12 @@ def model_max_length(model):
 
 def crop_sequences(tokens, start_idxs, end_idxs, max_len):
     """Keep the LAST max_len tokens of over-long sequences and shift their scored span accordingly."""
-    new_tokens, new_starts, new_ends = [], [], []
-    for t, s, e in zip(tokens, start_idxs, end_idxs):
-        if len(t) > max_len:
-            crop = len(t) - max_len
-            t, s, e = t[crop:], s - crop, e - crop
-            # (robustness) the scored span needs its predicting position inside the window: start >= 1
-            s = max(s, 1)
-            assert s < e, "scored span does not fit in the model's context window"
-        new_tokens.append(t)
-        new_starts.append(s)
-        new_ends.append(e)
-    return new_tokens, new_starts, new_ends
+    crops = [max(0, len(t) - max_len) for t in tokens]
+    # (robustness) the scored span needs its predicting position inside the window: start >= 1
+    starts = [max(s - crop, 1) for s, crop in zip(start_idxs, crops)]
+    ends = [e - crop for e, crop in zip(end_idxs, crops)]
+    assert all(s < e for s, e in zip(starts, ends)), "scored span does not fit in the model's context window"
+    return [t[crop:] for t, crop in zip(tokens, crops)], starts, ends
 
 
 def stack_sequences(tokens, pad_token_id):
@@ -179,20 +172,20 @@ def sample_fewshot(data, idx, num_fewshot):
     return [data[i] for i in rng.sample(candidates, num_fewshot)]
 
 
+# task type -> (prompt renderer, scored-token selection)
+TASK_TYPES = {
+    "multiple_choice": (render_prompts_mc, batch_sequences_mc),
+    "schema": (render_prompts_schema, batch_sequences_schema),
+    "language_modeling": (render_prompts_lm, batch_sequences_lm),
+}
+
+
 def prepare_example(idx, model, tokenizer, data, task_meta):
     """Render and tokenize item idx -> (tokens, start_idxs, end_idxs), cropped to the model's window."""
-    item = data[idx]
-    task_type = task_meta["task_type"]
-    delimiter = task_meta.get("continuation_delimiter", " ")
+    render, batch_sequences = TASK_TYPES[task_meta["task_type"]]
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
-    if task_type == "multiple_choice":
-        tokens, starts, ends = batch_sequences_mc(tokenizer, render_prompts_mc(item, delimiter, fewshot))
-    elif task_type == "schema":
-        tokens, starts, ends = batch_sequences_schema(tokenizer, render_prompts_schema(item, delimiter, fewshot))
-    elif task_type == "language_modeling":
-        tokens, starts, ends = batch_sequences_lm(tokenizer, render_prompts_lm(item, delimiter, fewshot))
-    else:
-        raise ValueError(f"unsupported task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
+    prompts = render(data[idx], task_meta.get("continuation_delimiter", " "), fewshot)
+    tokens, starts, ends = batch_sequences(tokenizer, prompts)
     max_len = model_max_length(model)
     if max_len is not None:
         tokens, starts, ends = crop_sequences(tokens, starts, ends, max_len)
