@@ -54,18 +54,15 @@ def render_prompts_mc(item, continuation_delimiter, fewshot_examples):
 
 def render_prompts_schema(item, continuation_delimiter, fewshot_examples):
     """One prompt per context option: [ex.gold_context D ex.continuation \\n\\n]* option D item.continuation."""
-    prefix = "".join(
-        f"{ex['context_options'][ex['gold']]}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
-    )
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{continuation_delimiter}{ex['continuation']}\n\n"
+                     for ex in fewshot_examples)
     return [f"{prefix}{option}{continuation_delimiter}{item['continuation']}" for option in item["context_options"]]
 
 
 def render_prompts_lm(item, continuation_delimiter, fewshot_examples):
     """Two prompts: without and with the continuation. The "without" prompt is stripped as a whole, so a trailing
     space/newline of the delimiter moves onto the first continuation token (e.g. "ctx\\nAnswer:" vs "ctx\\nAnswer: x")."""
-    prefix = "".join(
-        f"{ex['context'].strip()}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
-    )
+    prefix = "".join(f"{ex['context'].strip()}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples)
     context = item["context"].strip()
     without = f"{prefix}{context}{continuation_delimiter}".strip()
     with_cont = f"{prefix}{context}{continuation_delimiter}{item['continuation']}"
@@ -227,9 +224,7 @@ def shuffle_and_truncate(data, max_per_task=-1):
     """Per-task preparation: shuffle with Random(1337) always, then keep the first max_per_task."""
     data = list(data)
     random.Random(SHUFFLE_SEED).shuffle(data)
-    if max_per_task > 0:
-        data = data[:max_per_task]
-    return data
+    return data[:max_per_task] if max_per_task > 0 else data
 
 
 def centered_accuracy(accuracy, random_baseline_percent):
@@ -244,16 +239,10 @@ def core_metric(centered_results):
     return sum(values) / len(values) if values else float("nan")
 
 
-def is_full_core(labels):
-    """True iff every one of the 22 CORE tasks was evaluated."""
-    return set(CORE_TASK_LABELS) <= set(labels)
-
-
 def core_label(labels):
     """"full (22/22 tasks)" or "partial (k/22 tasks)", so a partial score is never mistaken for a full one."""
     k = len(set(labels) & set(CORE_TASK_LABELS))
-    kind = "full" if is_full_core(labels) else "partial"
-    return f"{kind} ({k}/{len(CORE_TASK_LABELS)} tasks)"
+    return f"{'full' if k == len(CORE_TASK_LABELS) else 'partial'} ({k}/{len(CORE_TASK_LABELS)} tasks)"
 
 # -----------------------------------------------------------------------------
 # The eval bundle: --bundle-dir, else env NANOCHAT_EVAL_BUNDLE, else <base_dir>/eval_bundle (downloaded once)
@@ -356,14 +345,6 @@ def load_jsonl(path, task_type):
     return data
 
 
-def load_random_baselines(bundle_dir):
-    path = os.path.join(bundle_dir, "eval_meta_data.csv")
-    if not os.path.isfile(path):
-        raise BundleError(f"{path} is missing; the bundle is incomplete (re-download it)")
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-
-
 def load_core_tasks(bundle_dir):
     """-> (tasks, skipped). tasks: list of (label, task_meta, data_path, random_baseline) whose files exist;
     skipped: list of (label, reason). Reads and checks core.yaml but not the data files."""
@@ -373,7 +354,11 @@ def load_core_tasks(bundle_dir):
             task_list = yaml.safe_load(f)["icl_tasks"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise BundleError(f"{yaml_path}: cannot read the task list ({e}); re-download the eval bundle") from None
-    baselines = load_random_baselines(bundle_dir)
+    meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    if not os.path.isfile(meta_path):
+        raise BundleError(f"{meta_path} is missing; the bundle is incomplete (re-download it)")
+    with open(meta_path, "r", encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks, skipped = [], []
     for task in task_list:
         label = task["label"]
@@ -437,7 +422,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         centered_results[label] = centered
         print0(f"accuracy: {accuracy:.4f} | centered: {centered:.4f} | time: {time.time() - t0:.2f}s")
     labels = list(results)
-    partial = not is_full_core(labels)
+    partial = not set(CORE_TASK_LABELS) <= set(labels)
     return {
         "results": results,
         "centered_results": centered_results,
