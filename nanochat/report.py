@@ -185,9 +185,7 @@ def format_duration(seconds):
 
 def summary_table(metrics):
     """metrics: {stage: {row: value}} -> markdown table, CORE first, ChatCORE last, others alphabetical."""
-    rows = set()
-    for stage_metrics in metrics.values():
-        rows |= set(stage_metrics)
+    rows = set().union(*metrics.values())
     first = [r for r in ("CORE", "val bpb") if r in rows]
     last = [r for r in LAST_ROWS if r in rows]
     ordered = first + sorted(rows - set(first) - set(last)) + last
@@ -267,14 +265,11 @@ class Report:
         """Write one stage's fragment <slug>.md (overwrites). data: list of dicts (as '- key: value') and strings."""
         path = os.path.join(self.report_dir, f"{slugify(section)}.md")
         parts = [f"## {section}\n", f"timestamp: {now()}\n", "\n"]
-        for item in data:
-            if not item:
-                continue
+        for item in filter(None, data):  # empty dicts and None are left out
             if isinstance(item, str):
                 parts.append(item)
             else:
-                for key, value in item.items():
-                    parts.append(f"- {key}: {format_value(value)}\n")
+                parts += [f"- {key}: {format_value(value)}\n" for key, value in item.items()]
         parts.append("\n")
         write_text(path, "".join(parts))
         return path
@@ -395,11 +390,7 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
                         help="reset at the start of a run, generate at the end")
     args = parser.parse_args(argv)
-    report = get_report()
-    if args.command == "generate":
-        report.generate()
-    else:
-        report.reset()
+    getattr(get_report(), args.command)()  # Report.generate() or Report.reset()
 
 
 if __name__ == "__main__":

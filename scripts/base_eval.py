@@ -110,8 +110,7 @@ def main(argv=None):
         except BundleError as e:
             raise SystemExit(f"error: {e}") from None
 
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
 
     # the model under evaluation: one of ours, or any transformers causal LM
     engine = token_bytes = None
@@ -140,8 +139,7 @@ def main(argv=None):
         print0(RULE + "\nBPB Evaluation\n" + RULE)
         bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size,
                       token_bytes)
-        summary["train bpb"] = bpb["train"]
-        summary["val bpb"] = bpb["val"]
+        summary.update({f"{split} bpb": value for split, value in bpb.items()})
     if "core" in modes:
         print0(RULE + "\nCORE Evaluation\n" + RULE)
         try:

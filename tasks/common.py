@@ -17,7 +17,6 @@ does not depend on whether the network happens to be up.
 import os
 import gzip
 import json
-import math
 import random
 from pathlib import Path
 
@@ -38,13 +37,13 @@ class TaskDataError(RuntimeError):
 class Task:
     """A view over a dataset: task[i] is example start + i*step of the underlying data."""
 
+    eval_type = None  # 'generative' or 'categorical'
+
     def __init__(self, start=0, stop=None, step=1):
         assert start >= 0, f"start must be >= 0, got {start}"
         assert stop is None or stop >= start, f"stop must be None or >= start, got start={start} stop={stop}"
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
-
-    eval_type = None  # 'generative' or 'categorical'
 
     def num_examples(self):
         return len(self.ds)  # most tasks are a view of one loaded dataset, self.ds
@@ -59,8 +58,7 @@ class Task:
         # stop is clamped to the data size: asking for stop=5200 of a smaller local copy gives what exists
         # instead of a view whose tail crashes when indexed
         n = self.num_examples()
-        stop = n if self.stop is None else min(self.stop, n)
-        return max(0, math.ceil((stop - self.start) / self.step))
+        return len(range(self.start, n if self.stop is None else min(self.stop, n), self.step))
 
     def __getitem__(self, index):
         assert isinstance(index, int), f"task index must be an int, got {type(index).__name__}"
@@ -114,11 +112,8 @@ def multiple_choice_example(question, letters, choices, answer):
 def render_mc(question, letters, choices):
     """The multiple-choice user message. The letter comes after its choice and with no space after '=', so the
     prompt contains the very token ('A', not ' A') the assistant answers with."""
-    text = f"Multiple Choice question: {question}\n"
-    for letter, choice in zip(letters, choices):
-        text += f"- {choice}={letter}\n"
-    text += "\nRespond only with the letter of the correct answer."
-    return text
+    choice_lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{choice_lines}\nRespond only with the letter of the correct answer."
 
 
 # -----------------------------------------------------------------------------

@@ -24,10 +24,7 @@ def identity_conversations_path():
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
     if os.path.exists(path):
         return path, "base dir"
-    path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
-    if path.exists():
-        return str(path), "bundled"
-    return None, None
+    return str(BUNDLED_DATA_DIR / "identity_conversations.jsonl"), "bundled"  # ships with the repository
 
 
 def read_conversations(filepath):

@@ -62,20 +62,17 @@ USER_MSG_TEMPLATES = [
 @functools.lru_cache(maxsize=4)
 def _read_word_file(path):
     with open(path, encoding="utf-8") as f:
-        words = [line.strip() for line in f]  # the upstream file has CRLF endings
-    words = [w for w in words if w]
+        words = tuple(w for w in (line.strip() for line in f) if w)  # the upstream file has CRLF endings
     if not words:
         raise TaskDataError(f"{path}: the word list is empty")
-    return tuple(words)
+    return words
 
 
 @functools.lru_cache(maxsize=1)
 def _bundled_words():
-    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once)."""
+    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once).
+    That file ships with the repository, so spelling tasks always have words."""
     path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
-    if not path.exists():
-        raise TaskDataError(f"no word list available: {path} is missing and the download was not possible; set "
-                            "NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt")
     words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", path.read_text(encoding="utf-8").lower()))))
     print(f"WARNING: using the small bundled word list ({len(words)} words from data/identity_conversations.jsonl) "
           "for spelling tasks; set NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt for the full one")
