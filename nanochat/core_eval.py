@@ -197,9 +197,7 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
     if task_meta["task_type"] == "language_modeling":
         # teacher-forced greedy exact match == greedy decoding reproduces the continuation
         s, e = starts[0], ends[0]
-        predicted = predictions[0, s - 1 : e - 1]
-        actual = input_ids[0, s:e]
-        return bool(torch.equal(predicted, actual)), None
+        return bool(torch.equal(predictions[0, s - 1 : e - 1], input_ids[0, s:e])), None
     mean_losses = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
     predicted_idx = mean_losses.index(min(mean_losses))  # first on ties
     return predicted_idx == data[idx]["gold"], mean_losses
@@ -215,8 +213,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(score_example(idx, model, tokenizer, data, device, task_meta)[0])
     if world_size > 1:
-        dist.barrier()
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)  # a collective: it also waits for every rank
     return correct.mean().item()
 
 

@@ -239,9 +239,7 @@ def plot_history(name, history, out_dir):
                     ax.set_xscale("log")
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(title)
-            ax.set_title(f"{name}: {title} vs {x_label}")
+            ax.set(xlabel=x_label, ylabel=title, title=f"{name}: {title} vs {x_label}")
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
         if has_data:

@@ -118,14 +118,12 @@ def main(argv=None):
         from nanochat.hf import HFEngine, load_hf_model  # optional dependency: pip install -e .[hf]
         model, tokenizer = load_hf_model(args.hf_path, device)
         engine, token_bytes, sequence_len = HFEngine(model, tokenizer), tokenizer.token_bytes(device), model.sequence_len
-        model_name = args.hf_path
-        model_slug = "hf_" + os.path.basename(os.path.normpath(args.hf_path))
+        model_name, model_slug = args.hf_path, "hf_" + os.path.basename(os.path.normpath(args.hf_path))
     else:
         model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
         step = meta.get("step", args.step or 0)
         sequence_len = meta["model_config"]["sequence_len"]
-        model_name = f"base_model (step {step})"
-        model_slug = f"base_model_{step:06d}"
+        model_name, model_slug = f"base_model (step {step})", f"base_model_{step:06d}"
     print0(f"Evaluating {model_name}")
 
     summary = {"Model": model_name}

@@ -13,6 +13,7 @@ from tasks.common import MultipleChoiceTask, TaskDataError, load_task_dataset, l
 
 LOCAL_DIRS = {"dev": ("dev",), "test": ("test",), "validation": ("val", "validation"),
               "auxiliary_train": ("auxiliary_train",)}
+ANSWER_INDEX = {"A": 0, "B": 1, "C": 2, "D": 3, "0": 0, "1": 1, "2": 2, "3": 3}  # both CSV layouts' answer column
 
 
 def read_mmlu_csv(path, subject):
@@ -24,14 +25,10 @@ def read_mmlu_csv(path, subject):
             if len(record) != 6:
                 raise TaskDataError(f"{path}:{lineno}: expected 6 columns (question, 4 choices, answer), got {len(record)}")
             question, *choices, answer = record
-            answer = answer.strip()
-            if answer in ("A", "B", "C", "D"):
-                answer = "ABCD".index(answer)
-            elif answer in ("0", "1", "2", "3"):
-                answer = int(answer)
-            else:
-                raise TaskDataError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer!r}")
-            rows.append({"question": question, "subject": subject, "choices": choices, "answer": answer})
+            if answer.strip() not in ANSWER_INDEX:
+                raise TaskDataError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer.strip()!r}")
+            rows.append({"question": question, "subject": subject, "choices": choices,
+                         "answer": ANSWER_INDEX[answer.strip()]})
     return rows
 
 
