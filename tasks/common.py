@@ -195,12 +195,12 @@ def local_path(*parts):
     return path if path.exists() else None
 
 
-def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint="", load_fallback=None):
+def load_task_dataset(what, repo_id, subset, split, load_local, local_hint, load_fallback=None):
     """The rows of one dataset split, shuffled with seed 42 (so index i is the same row whichever source).
     load_local() returns the rows of a local copy (a list of dicts), or None when there is none; else the hub's rows.
     `what` names the task in messages, `local_hint` says which local file would serve it.
     load_fallback (same contract as load_local, tried when the hub fails) is only still used by HumanEval."""
-    rows = load_local() if load_local is not None else None
+    rows = load_local()
     if rows is not None:
         if not rows:
             raise TaskDataError(f"{what}: the local copy is empty ({local_hint})")
@@ -211,8 +211,8 @@ def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint=
         rows = load_fallback() if load_fallback is not None else None
         if rows:
             return HubDataset.from_rows(rows).shuffle(seed=42)
-        hint = f" holding {local_hint}" if local_hint else ""
         raise TaskDataError(
-            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder{hint}; or put the "
-            f"hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a shard_urls.json listing them."
+            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder holding "
+            f"{local_hint}; or put the hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a "
+            "shard_urls.json listing them."
         ) from e

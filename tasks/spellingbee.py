@@ -72,8 +72,8 @@ def _read_word_file(path):
 def _bundled_words():
     """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once).
     That file ships with the repository, so spelling tasks always have words."""
-    path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
-    words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", path.read_text(encoding="utf-8").lower()))))
+    text = (BUNDLED_DATA_DIR / "identity_conversations.jsonl").read_text(encoding="utf-8").lower()
+    words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", text))))
     print(f"WARNING: using the small bundled word list ({len(words)} words from data/identity_conversations.jsonl) "
           "for spelling tasks; set NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt for the full one")
     return words
