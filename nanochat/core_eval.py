@@ -82,10 +82,6 @@ def common_prefix_length(seqs):
     return n
 
 
-def common_suffix_length(seqs):
-    return common_prefix_length([s[::-1] for s in seqs])
-
-
 def batch_sequences_mc(tokenizer, prompts):
     """Score only the tokens where the choices differ: from the end of their longest common token prefix."""
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
@@ -99,7 +95,7 @@ def batch_sequences_mc(tokenizer, prompts):
 def batch_sequences_schema(tokenizer, prompts):
     """Score only the shared continuation: the longest common token suffix, under each context."""
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
-    suffix = common_suffix_length(tokens)
+    suffix = common_prefix_length([t[::-1] for t in tokens])  # the longest common suffix
     # (robustness) keep the span non-empty and never reaching the BOS token.
     suffix = max(1, min(suffix, min(len(t) for t in tokens) - 1))
     return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
@@ -150,8 +146,7 @@ def forward_model(model, input_ids):
     target_ids = torch.roll(input_ids, shifts=-1, dims=1)
     losses = F.cross_entropy(logits.view(-1, vocab_size), target_ids.view(-1), reduction="none").view(batch_size, seq_len)
     losses[:, -1] = float("nan")
-    predictions = logits.argmax(dim=-1)
-    return losses, predictions
+    return losses, logits.argmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -162,8 +157,6 @@ def sample_fewshot(data, idx, num_fewshot):
     """The published few-shot draw, in its order: random.Random(1234 + idx).sample(all indices but idx, k)."""
     # (robustness) with a tiny --max-per-task there may be fewer other items than shots: use as many as there are.
     num_fewshot = min(num_fewshot, len(data) - 1)
-    if num_fewshot <= 0:
-        return []
     rng = random.Random(FEWSHOT_SEED_BASE + idx)
     candidates = [i for i in range(len(data)) if i != idx]
     return [data[i] for i in rng.sample(candidates, num_fewshot)]

@@ -68,9 +68,7 @@ def write_text(path, content):
 
 
 def format_value(value):
-    """Floats with 4 decimals, large ints with thousands separators, everything else str()."""
-    if isinstance(value, bool):
-        return str(value)
+    """Floats with 4 decimals, large ints with thousands separators, everything else (bools too) str()."""
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int) and value >= 10000:

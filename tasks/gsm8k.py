@@ -17,9 +17,7 @@ ANNOTATION_RE = re.compile(r"(<<[^>]+>>)")
 def extract_answer(text):
     """The number after '#### ', commas removed, or None."""
     match = ANSWER_RE.search(text)
-    if match is None:
-        return None
-    return match.group(1).strip().replace(",", "")
+    return match.group(1).strip().replace(",", "") if match else None
 
 
 def final_answer_matches(conversation, completion):
