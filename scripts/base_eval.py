@@ -53,8 +53,7 @@ def run_samples(model, tokenizer, engine=None):
     for title, texts in (("Conditioned samples:", samples), ("Unconditioned samples:", unconditioned)):
         print0("\n" + title)
         for text in texts:
-            print0("-" * 80)
-            print0(text)
+            print0("-" * 80 + "\n" + text)
     return samples, unconditioned
 
 
@@ -63,11 +62,9 @@ def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tok
     if split_tokens < tokens_per_step:
         raise SystemExit(f"error: --split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
                          f"(device batch {device_batch_size} x sequence {sequence_len} x world {world_size})")
-    if split_tokens % tokens_per_step != 0:
-        adjusted = (split_tokens // tokens_per_step) * tokens_per_step
-        print0(f"Adjusting split_tokens from {split_tokens} to {adjusted} (a multiple of {tokens_per_step})")
-        split_tokens = adjusted
     steps = split_tokens // tokens_per_step
+    if split_tokens != steps * tokens_per_step:
+        print0(f"Adjusting split_tokens from {split_tokens} to {steps * tokens_per_step} (a multiple of {tokens_per_step})")
     token_bytes = get_token_bytes(device=device) if token_bytes is None else token_bytes
     bpb = {}
     for split in ("train", "val"):
