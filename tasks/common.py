@@ -76,16 +76,14 @@ class TaskMixture(Task):
     def __init__(self, tasks, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.tasks = tasks
-        self.lengths = [len(task) for task in tasks]
-        self.num_conversations = sum(self.lengths)
-        self.index_map = [(t, i) for t, length in enumerate(self.lengths) for i in range(length)]
+        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
         random.Random(42).shuffle(self.index_map)  # interleave the tasks through the whole mixture
 
     def num_examples(self):
-        return self.num_conversations
+        return len(self.index_map)
 
     def get_example(self, index):
-        assert 0 <= index < self.num_conversations, f"index {index} out of range for mixture of {self.num_conversations}"
+        assert 0 <= index < len(self.index_map), f"index {index} out of range for mixture of {len(self.index_map)}"
         task_index, local_index = self.index_map[index]
         return self.tasks[task_index][local_index]
 

@@ -80,15 +80,12 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
-    num_batches = -(-num_problems // batch_size)
     num_passed, total = 0, 0
-    for b in range(rank, num_batches, world_size):
-        i0, i1 = b * batch_size, min((b + 1) * batch_size, num_problems)
-        conversations = [task_object[ii] for ii in range(i0, i1)]
+    for i0 in range(rank * batch_size, num_problems, world_size * batch_size):  # rank r takes batches r, r+W, ...
+        conversations = [task_object[i] for i in range(i0, min(i0 + batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         # right-pad with BOS: attention is causal, so padding after the answer position changes nothing
         max_length = max(len(p) for p in prompts)
-        answer_positions = [len(p) - 1 for p in prompts]
         padded = [p + [bos] * (max_length - len(p)) for p in prompts]
         ids = torch.tensor(padded, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -96,7 +93,7 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
         for idx, conversation in enumerate(conversations):
             letters = conversation["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]  # each letter is a single token
-            focus = logits[idx, answer_positions[idx], letter_ids]
+            focus = logits[idx, len(prompts[idx]) - 1, letter_ids]  # at the last prompt token
             predicted_letter = letters[focus.argmax(dim=-1).item()]
             num_passed += int(bool(task_object.evaluate(conversation, predicted_letter)))
             total += 1
