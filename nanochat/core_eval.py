@@ -352,12 +352,9 @@ def load_core_tasks(bundle_dir):
     tasks, skipped = [], []
     for task in task_list:
         label = task["label"]
-        task_meta = {
-            "task_type": task["icl_task_type"],
-            "dataset_uri": task["dataset_uri"],
-            "num_fewshot": task["num_fewshot"][0],
-            "continuation_delimiter": task.get("continuation_delimiter", " "),
-        }
+        task_meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
+                     "num_fewshot": task["num_fewshot"][0],
+                     "continuation_delimiter": task.get("continuation_delimiter", " ")}
         if task_meta["task_type"] not in TASK_TYPES:
             raise BundleError(f"{yaml_path}: task {label} has unknown icl_task_type {task_meta['task_type']!r}")
         data_path = os.path.join(bundle_dir, "eval_data", task_meta["dataset_uri"])
@@ -407,10 +404,8 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         t0 = time.time()
         print0(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... ", end="")
         accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
-        centered = centered_accuracy(accuracy, baseline)
-        results[label] = accuracy
-        centered_results[label] = centered
-        print0(f"accuracy: {accuracy:.4f} | centered: {centered:.4f} | time: {time.time() - t0:.2f}s")
+        results[label], centered_results[label] = accuracy, centered_accuracy(accuracy, baseline)
+        print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     labels = list(results)
     partial = not set(CORE_TASK_LABELS) <= set(labels)
     return {
