@@ -38,7 +38,6 @@ CORE_TASK_LABELS = (
     "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators", "bigbench_repeat_copy_logic", "squad", "coqa",
     "boolq", "bigbench_language_identification",
 )
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337      # every task's example list is shuffled with this seed (even when not truncated)
 FEWSHOT_SEED_BASE = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
 
@@ -55,18 +54,15 @@ def render_prompts_mc(item, continuation_delimiter, fewshot_examples):
 
 def render_prompts_schema(item, continuation_delimiter, fewshot_examples):
     """One prompt per context option: [ex.gold_context D ex.continuation \\n\\n]* option D item.continuation."""
-    prefix = "".join(
-        f"{ex['context_options'][ex['gold']]}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
-    )
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{continuation_delimiter}{ex['continuation']}\n\n"
+                     for ex in fewshot_examples)
     return [f"{prefix}{option}{continuation_delimiter}{item['continuation']}" for option in item["context_options"]]
 
 
 def render_prompts_lm(item, continuation_delimiter, fewshot_examples):
     """Two prompts: without and with the continuation. The "without" prompt is stripped as a whole, so a trailing
     space/newline of the delimiter moves onto the first continuation token (e.g. "ctx\\nAnswer:" vs "ctx\\nAnswer: x")."""
-    prefix = "".join(
-        f"{ex['context'].strip()}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples
-    )
+    prefix = "".join(f"{ex['context'].strip()}{continuation_delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples)
     context = item["context"].strip()
     without = f"{prefix}{context}{continuation_delimiter}".strip()
     with_cont = f"{prefix}{context}{continuation_delimiter}{item['continuation']}"
@@ -86,10 +82,6 @@ def common_prefix_length(seqs):
     return n
 
 
-def common_suffix_length(seqs):
-    return common_prefix_length([s[::-1] for s in seqs])
-
-
 def batch_sequences_mc(tokenizer, prompts):
     """Score only the tokens where the choices differ: from the end of their longest common token prefix."""
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
@@ -103,7 +95,7 @@ def batch_sequences_mc(tokenizer, prompts):
 def batch_sequences_schema(tokenizer, prompts):
     """Score only the shared continuation: the longest common token suffix, under each context."""
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
-    suffix = common_suffix_length(tokens)
+    suffix = common_prefix_length([t[::-1] for t in tokens])  # the longest common suffix
     # (robustness) keep the span non-empty and never reaching the BOS token.
     suffix = max(1, min(suffix, min(len(t) for t in tokens) - 1))
     return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
@@ -129,18 +121,12 @@ def model_max_length(model):
 
 def crop_sequences(tokens, start_idxs, end_idxs, max_len):
     """Keep the LAST max_len tokens of over-long sequences and shift their scored span accordingly."""
-    new_tokens, new_starts, new_ends = [], [], []
-    for t, s, e in zip(tokens, start_idxs, end_idxs):
-        if len(t) > max_len:
-            crop = len(t) - max_len
-            t, s, e = t[crop:], s - crop, e - crop
-            # (robustness) the scored span needs its predicting position inside the window: start >= 1
-            s = max(s, 1)
-            assert s < e, "scored span does not fit in the model's context window"
-        new_tokens.append(t)
-        new_starts.append(s)
-        new_ends.append(e)
-    return new_tokens, new_starts, new_ends
+    crops = [max(0, len(t) - max_len) for t in tokens]
+    # (robustness) the scored span needs its predicting position inside the window: start >= 1
+    starts = [max(s - crop, 1) for s, crop in zip(start_idxs, crops)]
+    ends = [e - crop for e, crop in zip(end_idxs, crops)]
+    assert all(s < e for s, e in zip(starts, ends)), "scored span does not fit in the model's context window"
+    return [t[crop:] for t, crop in zip(tokens, crops)], starts, ends
 
 
 def stack_sequences(tokens, pad_token_id):
@@ -160,8 +146,7 @@ def forward_model(model, input_ids):
     target_ids = torch.roll(input_ids, shifts=-1, dims=1)
     losses = F.cross_entropy(logits.view(-1, vocab_size), target_ids.view(-1), reduction="none").view(batch_size, seq_len)
     losses[:, -1] = float("nan")
-    predictions = logits.argmax(dim=-1)
-    return losses, predictions
+    return losses, logits.argmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -172,27 +157,25 @@ def sample_fewshot(data, idx, num_fewshot):
     """The published few-shot draw, in its order: random.Random(1234 + idx).sample(all indices but idx, k)."""
     # (robustness) with a tiny --max-per-task there may be fewer other items than shots: use as many as there are.
     num_fewshot = min(num_fewshot, len(data) - 1)
-    if num_fewshot <= 0:
-        return []
     rng = random.Random(FEWSHOT_SEED_BASE + idx)
     candidates = [i for i in range(len(data)) if i != idx]
     return [data[i] for i in rng.sample(candidates, num_fewshot)]
 
 
+# task type -> (prompt renderer, scored-token selection)
+TASK_TYPES = {
+    "multiple_choice": (render_prompts_mc, batch_sequences_mc),
+    "schema": (render_prompts_schema, batch_sequences_schema),
+    "language_modeling": (render_prompts_lm, batch_sequences_lm),
+}
+
+
 def prepare_example(idx, model, tokenizer, data, task_meta):
     """Render and tokenize item idx -> (tokens, start_idxs, end_idxs), cropped to the model's window."""
-    item = data[idx]
-    task_type = task_meta["task_type"]
-    delimiter = task_meta.get("continuation_delimiter", " ")
+    render, batch_sequences = TASK_TYPES[task_meta["task_type"]]
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
-    if task_type == "multiple_choice":
-        tokens, starts, ends = batch_sequences_mc(tokenizer, render_prompts_mc(item, delimiter, fewshot))
-    elif task_type == "schema":
-        tokens, starts, ends = batch_sequences_schema(tokenizer, render_prompts_schema(item, delimiter, fewshot))
-    elif task_type == "language_modeling":
-        tokens, starts, ends = batch_sequences_lm(tokenizer, render_prompts_lm(item, delimiter, fewshot))
-    else:
-        raise ValueError(f"unsupported task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
+    prompts = render(data[idx], task_meta.get("continuation_delimiter", " "), fewshot)
+    tokens, starts, ends = batch_sequences(tokenizer, prompts)
     max_len = model_max_length(model)
     if max_len is not None:
         tokens, starts, ends = crop_sequences(tokens, starts, ends, max_len)
@@ -207,9 +190,7 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
     if task_meta["task_type"] == "language_modeling":
         # teacher-forced greedy exact match == greedy decoding reproduces the continuation
         s, e = starts[0], ends[0]
-        predicted = predictions[0, s - 1 : e - 1]
-        actual = input_ids[0, s:e]
-        return bool(torch.equal(predicted, actual)), None
+        return bool(torch.equal(predictions[0, s - 1 : e - 1], input_ids[0, s:e])), None
     mean_losses = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
     predicted_idx = mean_losses.index(min(mean_losses))  # first on ties
     return predicted_idx == data[idx]["gold"], mean_losses
@@ -225,8 +206,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(score_example(idx, model, tokenizer, data, device, task_meta)[0])
     if world_size > 1:
-        dist.barrier()
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)  # a collective: it also waits for every rank
     return correct.mean().item()
 
 
@@ -234,9 +214,7 @@ def shuffle_and_truncate(data, max_per_task=-1):
     """Per-task preparation: shuffle with Random(1337) always, then keep the first max_per_task."""
     data = list(data)
     random.Random(SHUFFLE_SEED).shuffle(data)
-    if max_per_task > 0:
-        data = data[:max_per_task]
-    return data
+    return data[:max_per_task] if max_per_task > 0 else data
 
 
 def centered_accuracy(accuracy, random_baseline_percent):
@@ -251,16 +229,10 @@ def core_metric(centered_results):
     return sum(values) / len(values) if values else float("nan")
 
 
-def is_full_core(labels):
-    """True iff every one of the 22 CORE tasks was evaluated."""
-    return set(CORE_TASK_LABELS) <= set(labels)
-
-
 def core_label(labels):
     """"full (22/22 tasks)" or "partial (k/22 tasks)", so a partial score is never mistaken for a full one."""
     k = len(set(labels) & set(CORE_TASK_LABELS))
-    kind = "full" if is_full_core(labels) else "partial"
-    return f"{kind} ({k}/{len(CORE_TASK_LABELS)} tasks)"
+    return f"{'full' if k == len(CORE_TASK_LABELS) else 'partial'} ({k}/{len(CORE_TASK_LABELS)} tasks)"
 
 # -----------------------------------------------------------------------------
 # The eval bundle: --bundle-dir, else env NANOCHAT_EVAL_BUNDLE, else <base_dir>/eval_bundle (downloaded once)
@@ -363,14 +335,6 @@ def load_jsonl(path, task_type):
     return data
 
 
-def load_random_baselines(bundle_dir):
-    path = os.path.join(bundle_dir, "eval_meta_data.csv")
-    if not os.path.isfile(path):
-        raise BundleError(f"{path} is missing; the bundle is incomplete (re-download it)")
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-
-
 def load_core_tasks(bundle_dir):
     """-> (tasks, skipped). tasks: list of (label, task_meta, data_path, random_baseline) whose files exist;
     skipped: list of (label, reason). Reads and checks core.yaml but not the data files."""
@@ -380,16 +344,17 @@ def load_core_tasks(bundle_dir):
             task_list = yaml.safe_load(f)["icl_tasks"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise BundleError(f"{yaml_path}: cannot read the task list ({e}); re-download the eval bundle") from None
-    baselines = load_random_baselines(bundle_dir)
+    meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    if not os.path.isfile(meta_path):
+        raise BundleError(f"{meta_path} is missing; the bundle is incomplete (re-download it)")
+    with open(meta_path, "r", encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks, skipped = [], []
     for task in task_list:
         label = task["label"]
-        task_meta = {
-            "task_type": task["icl_task_type"],
-            "dataset_uri": task["dataset_uri"],
-            "num_fewshot": task["num_fewshot"][0],
-            "continuation_delimiter": task.get("continuation_delimiter", " "),
-        }
+        task_meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
+                     "num_fewshot": task["num_fewshot"][0],
+                     "continuation_delimiter": task.get("continuation_delimiter", " ")}
         if task_meta["task_type"] not in TASK_TYPES:
             raise BundleError(f"{yaml_path}: task {label} has unknown icl_task_type {task_meta['task_type']!r}")
         data_path = os.path.join(bundle_dir, "eval_data", task_meta["dataset_uri"])
@@ -439,12 +404,10 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         t0 = time.time()
         print0(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... ", end="")
         accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
-        centered = centered_accuracy(accuracy, baseline)
-        results[label] = accuracy
-        centered_results[label] = centered
-        print0(f"accuracy: {accuracy:.4f} | centered: {centered:.4f} | time: {time.time() - t0:.2f}s")
+        results[label], centered_results[label] = accuracy, centered_accuracy(accuracy, baseline)
+        print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     labels = list(results)
-    partial = not is_full_core(labels)
+    partial = not set(CORE_TASK_LABELS) <= set(labels)
     return {
         "results": results,
         "centered_results": centered_results,

@@ -137,9 +137,6 @@ class HFTokenizer:
         self.tokenizer = tokenizer
         self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
-    def get_vocab_size(self):
-        return len(self.tokenizer)
-
     def get_bos_token_id(self):
         return self.bos_token_id
 

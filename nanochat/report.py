@@ -18,6 +18,7 @@ rate and wall clock.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -38,14 +39,15 @@ OPTIONAL_FILES = {"chat-evaluation-base.md", "chat-rl.md", "chat-evaluation-rl.m
 
 # Summary table: which stage (column) each fragment feeds, and which "- key: value" lines become which metric row.
 STAGES = ["BASE", "SFT", "RL"]
-STAGE_OF_FILE = {"base-model-training.md": "BASE", "base-model-evaluation.md": "BASE",
-                 "chat-evaluation-base.md": "BASE", "chat-evaluation-sft.md": "SFT", "chat-evaluation-rl.md": "RL"}
-METRIC_KEYS = {
-    "base-model-training.md": {"Final validation bpb": "val bpb"},
-    "base-model-evaluation.md": {"CORE metric": "CORE", "val bpb": "val bpb"},
-    "chat": {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
-             "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE (6 tasks)",
-             "ChatCORE-5 metric": "ChatCORE (5 tasks)"},
+CHAT_METRICS = {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
+                "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE (6 tasks)",
+                "ChatCORE-5 metric": "ChatCORE (5 tasks)"}
+METRICS_OF_FILE = {  # fragment -> (stage, {key in the fragment: metric row})
+    "base-model-training.md": ("BASE", {"Final validation bpb": "val bpb"}),
+    "base-model-evaluation.md": ("BASE", {"CORE metric": "CORE", "val bpb": "val bpb"}),
+    "chat-evaluation-base.md": ("BASE", CHAT_METRICS),
+    "chat-evaluation-sft.md": ("SFT", CHAT_METRICS),
+    "chat-evaluation-rl.md": ("RL", CHAT_METRICS),
 }
 LAST_ROWS = ("ChatCORE (6 tasks)", "ChatCORE (5 tasks)")
 GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # USD per GPU-hour (Lambda Cloud list prices)
@@ -66,9 +68,7 @@ def write_text(path, content):
 
 
 def format_value(value):
-    """Floats with 4 decimals, large ints with thousands separators, everything else str()."""
-    if isinstance(value, bool):
-        return str(value)
+    """Floats with 4 decimals, large ints with thousands separators, everything else (bools too) str()."""
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int) and value >= 10000:
@@ -91,97 +91,55 @@ def run_command(cmd, cwd=None):
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def get_git_info():
-    branch = run_command("git rev-parse --abbrev-ref HEAD") or "unknown"
-    commit = run_command("git rev-parse --short HEAD") or "unknown"
-    status = run_command("git status --porcelain")
-    dirty = "unknown" if status is None else ("dirty" if status else "clean")
-    message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
-    return {"branch": branch, "commit": commit, "dirty": dirty, "message": message}
+def count_bytes_and_lines(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data), data.count(b"\n")
 
 
-def get_gpu_info():
-    if not torch.cuda.is_available():
-        return {"available": False}
-    count = torch.cuda.device_count()
-    names = [torch.cuda.get_device_name(i) for i in range(count)]
-    memory = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
-    return {"available": True, "count": count, "names": names, "memory_gb": memory / 1024**3,
-            "cuda_version": torch.version.cuda or "unknown"}
-
-
-def get_system_info():
-    return {
-        "platform": platform.system(),
-        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
-        "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count(),
-        "memory_gb": psutil.virtual_memory().total / 1024**3,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def estimate_hourly_rate(gpu_info):
-    """USD/hour for the whole machine, or None without GPUs."""
-    if not gpu_info.get("available"):
-        return None
-    first = gpu_info["names"][0]
-    per_gpu = next((rate for key, rate in GPU_HOURLY_RATES.items() if key in first), DEFAULT_GPU_HOURLY_RATE)
-    return per_gpu * gpu_info["count"]
-
-
-def find_lock_file():
-    """The dependency lock file of the current directory (uv.lock, else the first other *.lock), or None."""
-    names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
-    return next((name for name in names if os.path.isfile(name)), None)
-
-
-def get_bloat_info():
+def bloat_lines():
     """Size of the git-tracked source: characters (bytes), lines, files, approx tokens, lock-file lines."""
     listing = run_command("git ls-files")
     files = [f for f in (listing or "").splitlines() if f.endswith(BLOAT_EXTENSIONS) and os.path.isfile(f)]
-    num_chars = num_lines = 0
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        num_chars += len(data)
-        num_lines += data.count(b"\n")
-    lock_file = find_lock_file()
-    dep_lines = 0
-    if lock_file:
-        with open(lock_file, "rb") as f:
-            dep_lines = f.read().count(b"\n")
-    return {"chars": num_chars, "lines": num_lines, "files": len(files), "tokens": num_chars // 4,
-            "lock_file": lock_file or "uv.lock", "dependencies": dep_lines}
+    sizes = [count_bytes_and_lines(path) for path in files]
+    num_chars, num_lines = sum(c for c, _ in sizes), sum(n for _, n in sizes)
+    # the dependency lock file of the current directory: uv.lock, else the first other *.lock
+    lock_names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
+    lock_file = next((name for name in lock_names if os.path.isfile(name)), None)
+    dep_lines = count_bytes_and_lines(lock_file)[1] if lock_file else 0
+    return [f"- Characters: {num_chars:,}", f"- Lines: {num_lines:,}", f"- Files: {len(files):,}",
+            f"- Tokens (approx): {num_chars // 4:,}", f"- Dependencies ({lock_file or 'uv.lock'} lines): {dep_lines:,}"]
 
 
 def generate_header():
-    git, gpu, system, bloat = get_git_info(), get_gpu_info(), get_system_info(), get_bloat_info()
+    status = run_command("git status --porcelain")
+    dirty = "unknown" if status is None else ("dirty" if status else "clean")
+    message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
+    physical_cores = psutil.cpu_count(logical=False) or os.cpu_count()
+    logical_cores = psutil.cpu_count(logical=True) or os.cpu_count()
     lines = ["# nanochat training report", "", f"Generated: {now()}", "", "## Environment", "",
              "### Git Information",
-             f"- Branch: {git['branch']}",
-             f"- Commit: {git['commit']} ({git['dirty']})",
-             f"- Message: {git['message']}", "",
+             f"- Branch: {run_command('git rev-parse --abbrev-ref HEAD') or 'unknown'}",
+             f"- Commit: {run_command('git rev-parse --short HEAD') or 'unknown'} ({dirty})",
+             f"- Message: {message}", "",
              "### Hardware",
-             f"- Platform: {system['platform']}",
-             f"- CPUs: {system['physical_cores']} cores ({system['logical_cores']} logical)",
-             f"- Memory: {system['memory_gb']:.1f} GB"]
-    if gpu["available"]:
-        lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
-                  f"- GPU Memory: {gpu['memory_gb']:.1f} GB total",
-                  f"- CUDA Version: {gpu['cuda_version']}"]
+             f"- Platform: {platform.system()}",
+             f"- CPUs: {physical_cores} cores ({logical_cores} logical)",
+             f"- Memory: {psutil.virtual_memory().total / 1024**3:.1f} GB"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        names = [torch.cuda.get_device_name(i) for i in range(count)]
+        memory = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+        # the machine's hourly rate, priced by its first GPU
+        per_gpu = next((rate for key, rate in GPU_HOURLY_RATES.items() if key in names[0]), DEFAULT_GPU_HOURLY_RATE)
+        lines += [f"- GPUs: {count}x {', '.join(sorted(set(names)))}",
+                  f"- GPU Memory: {memory / 1024**3:.1f} GB total",
+                  f"- CUDA Version: {torch.version.cuda or 'unknown'}",
+                  f"- Hourly Rate: ${per_gpu * count:.2f}/hour"]
     else:
         lines.append("- GPUs: None available")
-    rate = estimate_hourly_rate(gpu)
-    if rate is not None:
-        lines.append(f"- Hourly Rate: ${rate:.2f}/hour")
-    lines += ["", "### Software", f"- Python: {system['python']}", f"- PyTorch: {system['torch']}", "",
-              "### Bloat",
-              f"- Characters: {bloat['chars']:,}",
-              f"- Lines: {bloat['lines']:,}",
-              f"- Files: {bloat['files']:,}",
-              f"- Tokens (approx): {bloat['tokens']:,}",
-              f"- Dependencies ({bloat['lock_file']} lines): {bloat['dependencies']:,}", ""]
+    lines += ["", "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
+              "### Bloat", *bloat_lines(), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -196,11 +154,10 @@ def parse_timestamp(text):
         return None
 
 
-def fragment_timestamp(content):
-    for line in content.splitlines():
-        if line.startswith("timestamp:"):
-            return parse_timestamp(line.split(":", 1)[1])
-    return None
+def find_line(pattern, text):
+    """Group 1 of the first line that matches pattern, or ''."""
+    match = re.search(pattern, text, re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 def fragment_items(content):
@@ -214,7 +171,7 @@ def fragment_items(content):
 
 
 def extract_metrics(file_name, content):
-    keys = METRIC_KEYS.get(file_name) or (METRIC_KEYS["chat"] if file_name.startswith("chat-evaluation") else {})
+    keys = METRICS_OF_FILE[file_name][1] if file_name in METRICS_OF_FILE else {}
     items = fragment_items(content)
     return {row: items[key] for key, row in keys.items() if key in items}
 
@@ -226,9 +183,7 @@ def format_duration(seconds):
 
 def summary_table(metrics):
     """metrics: {stage: {row: value}} -> markdown table, CORE first, ChatCORE last, others alphabetical."""
-    rows = set()
-    for stage_metrics in metrics.values():
-        rows |= set(stage_metrics)
+    rows = set().union(*metrics.values())
     first = [r for r in ("CORE", "val bpb") if r in rows]
     last = [r for r in LAST_ROWS if r in rows]
     ordered = first + sorted(rows - set(first) - set(last)) + last
@@ -271,10 +226,9 @@ def plot_history(name, history, out_dir):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         has_data = False
         for ax, (split, y_key, title) in zip(axes, panels):
-            points = [(r[x_key], r[y_key]) for r in history.get(split, []) if r.get(x_key) is not None]
-            points = [(x, y) for x, y in points if y == y and abs(y) != float("inf")]  # drop NaN/inf
-            if x_key == "flops":
-                points = [(x, y) for x, y in points if x > 0]  # log axis: step 0 has spent 0 FLOPs
+            # NaN/inf are dropped, and on the log FLOPs axis so is step 0 (it has spent 0 FLOPs)
+            points = [(r[x_key], r[y_key]) for r in history.get(split, [])
+                      if r.get(x_key) is not None and math.isfinite(r[y_key]) and (x_key == "step" or r[x_key] > 0)]
             if points:
                 has_data = True
                 xs, ys = zip(*points)
@@ -283,9 +237,7 @@ def plot_history(name, history, out_dir):
                     ax.set_xscale("log")
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(title)
-            ax.set_title(f"{name}: {title} vs {x_label}")
+            ax.set(xlabel=x_label, ylabel=title, title=f"{name}: {title} vs {x_label}")
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
         if has_data:
@@ -309,14 +261,11 @@ class Report:
         """Write one stage's fragment <slug>.md (overwrites). data: list of dicts (as '- key: value') and strings."""
         path = os.path.join(self.report_dir, f"{slugify(section)}.md")
         parts = [f"## {section}\n", f"timestamp: {now()}\n", "\n"]
-        for item in data:
-            if not item:
-                continue
+        for item in filter(None, data):  # empty dicts and None are left out
             if isinstance(item, str):
                 parts.append(item)
             else:
-                for key, value in item.items():
-                    parts.append(f"- {key}: {format_value(value)}\n")
+                parts += [f"- {key}: {format_value(value)}\n" for key, value in item.items()]
         parts.append("\n")
         write_text(path, "".join(parts))
         return path
@@ -337,32 +286,19 @@ class Report:
         write_text(os.path.join(self.report_dir, "header.md"), header)
         print(f"Reset report and wrote header to {os.path.join(self.report_dir, 'header.md')}")
 
-    def _histories(self):
-        out = []
-        for name in sorted(os.listdir(self.report_dir)):
-            if name.startswith("history-") and name.endswith(".json"):
-                with open(os.path.join(self.report_dir, name)) as f:
-                    record = json.load(f)
-                out.append((record["name"], record["history"]))
-        return out
-
     def generate(self):
         """Write report.md (header, stage sections, plots, summary) and copy it to the current directory."""
         report_file = os.path.join(self.report_dir, "report.md")
         print(f"Generating report to {report_file}")
-        parts = []
         header_file = os.path.join(self.report_dir, "header.md")
-        start_time, bloat_block, header = None, "[bloat data missing]\n", ""
+        header = ""
         if os.path.isfile(header_file):
             with open(header_file) as f:
                 header = f.read()
-            parts.append(header)
-            match = re.search(r"^Run started: (.*)$", header, re.MULTILINE)
-            start_time = parse_timestamp(match.group(1)) if match else None
-            match = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
-            bloat_block = match.group(1) + "\n" if match else bloat_block
         else:
             print(f"Warning: {header_file} does not exist. Did you forget to run `python -m nanochat.report reset`?")
+        parts = [header]
+        start_time = parse_timestamp(find_line(r"^Run started: (.*)$", header))
 
         metrics = {stage: {} for stage in STAGES}
         timeline = []  # (stage title, timestamp)
@@ -375,36 +311,35 @@ class Report:
             with open(path) as f:
                 content = f.read()
             parts.append(content.rstrip("\n") + "\n\n")
-            stamp = fragment_timestamp(content)
-            title = content.splitlines()[0].lstrip("# ").strip() if content.strip() else file_name
+            stamp = parse_timestamp(find_line(r"^timestamp:(.*)$", content))
             if stamp is not None:
-                timeline.append((title, stamp))
-            if file_name in STAGE_OF_FILE:
-                extracted = extract_metrics(file_name, content)
-                stage = metrics[STAGE_OF_FILE[file_name]]
-                for row, value in extracted.items():
+                timeline.append((content.splitlines()[0].lstrip("# ").strip(), stamp))
+            if file_name in METRICS_OF_FILE:
+                stage = metrics[METRICS_OF_FILE[file_name][0]]
+                for row, value in extract_metrics(file_name, content).items():
                     # a base-eval val bpb beats the training-time one; otherwise first come first served
                     if row not in stage or file_name == "base-model-evaluation.md":
                         stage[row] = value
 
         # plots of the training histories, written next to report.md
         plot_files = []
-        histories = self._histories()
-        if histories:
-            try:
-                for name, history in histories:
-                    plot_files += plot_history(name, history, self.report_dir)
-            except ImportError:
-                print("Warning: matplotlib is not installed; the report has no plots")
+        try:
+            for name in sorted(os.listdir(self.report_dir)):
+                if name.startswith("history-") and name.endswith(".json"):
+                    with open(os.path.join(self.report_dir, name)) as f:
+                        record = json.load(f)
+                    plot_files += plot_history(record["name"], record["history"], self.report_dir)
+        except ImportError:
+            print("Warning: matplotlib is not installed; the report has no plots")
         if plot_files:
             parts.append("## Training curves\n\n")
             parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
 
         # summary: bloat, metrics table, timeline, wall clock, cost
+        bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
         parts.append("## Summary\n\n")
-        parts.append(bloat_block + "\n")
+        parts.append((bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n")
         parts.append(summary_table(metrics) + "\n")
-        end_time = max((stamp for _, stamp in timeline), default=None)
         if timeline and start_time is not None:
             parts.append("| Stage | Finished | Since previous |\n|---|---|---|\n")
             previous = start_time
@@ -412,14 +347,11 @@ class Report:
                 parts.append(f"| {title} | {stamp.strftime(TIMESTAMP_FORMAT)} | "
                              f"{format_duration((stamp - previous).total_seconds())} |\n")
                 previous = stamp
-            parts.append("\n")
-        if start_time is not None and end_time is not None:
-            elapsed = (end_time - start_time).total_seconds()
-            parts.append(f"Total wall clock time: {format_duration(elapsed)}\n")
-            rate = re.search(r"^- Hourly Rate: \$([0-9.]+)/hour", header, re.MULTILINE)
+            elapsed = (previous - start_time).total_seconds()  # the wall clock runs to the last stage that finished
+            parts.append(f"\nTotal wall clock time: {format_duration(elapsed)}\n")
+            rate = find_line(r"^- Hourly Rate: \$([0-9.]+)/hour", header)
             if rate:
-                parts.append(f"Estimated cost: ${float(rate.group(1)) * elapsed / 3600:.2f} "
-                             f"(hourly rate x wall clock)\n")
+                parts.append(f"Estimated cost: ${float(rate) * elapsed / 3600:.2f} (hourly rate x wall clock)\n")
         else:
             parts.append("Total wall clock time: unknown\n")
 
@@ -454,11 +386,7 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
                         help="reset at the start of a run, generate at the end")
     args = parser.parse_args(argv)
-    report = get_report()
-    if args.command == "generate":
-        report.generate()
-    else:
-        report.reset()
+    getattr(get_report(), args.command)()  # Report.generate() or Report.reset()
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def run_samples(model, tokenizer, engine=None):
     for title, texts in (("Conditioned samples:", samples), ("Unconditioned samples:", unconditioned)):
         print0("\n" + title)
         for text in texts:
-            print0("-" * 80)
-            print0(text)
+            print0("-" * 80 + "\n" + text)
     return samples, unconditioned
 
 
@@ -63,11 +62,9 @@ def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tok
     if split_tokens < tokens_per_step:
         raise SystemExit(f"error: --split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
                          f"(device batch {device_batch_size} x sequence {sequence_len} x world {world_size})")
-    if split_tokens % tokens_per_step != 0:
-        adjusted = (split_tokens // tokens_per_step) * tokens_per_step
-        print0(f"Adjusting split_tokens from {split_tokens} to {adjusted} (a multiple of {tokens_per_step})")
-        split_tokens = adjusted
     steps = split_tokens // tokens_per_step
+    if split_tokens != steps * tokens_per_step:
+        print0(f"Adjusting split_tokens from {split_tokens} to {steps * tokens_per_step} (a multiple of {tokens_per_step})")
     token_bytes = get_token_bytes(device=device) if token_bytes is None else token_bytes
     bpb = {}
     for split in ("train", "val"):
@@ -110,8 +107,7 @@ def main(argv=None):
         except BundleError as e:
             raise SystemExit(f"error: {e}") from None
 
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
 
     # the model under evaluation: one of ours, or any transformers causal LM
     engine = token_bytes = None
@@ -119,14 +115,12 @@ def main(argv=None):
         from nanochat.hf import HFEngine, load_hf_model  # optional dependency: pip install -e .[hf]
         model, tokenizer = load_hf_model(args.hf_path, device)
         engine, token_bytes, sequence_len = HFEngine(model, tokenizer), tokenizer.token_bytes(device), model.sequence_len
-        model_name = args.hf_path
-        model_slug = "hf_" + os.path.basename(os.path.normpath(args.hf_path))
+        model_name, model_slug = args.hf_path, "hf_" + os.path.basename(os.path.normpath(args.hf_path))
     else:
         model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
         step = meta.get("step", args.step or 0)
         sequence_len = meta["model_config"]["sequence_len"]
-        model_name = f"base_model (step {step})"
-        model_slug = f"base_model_{step:06d}"
+        model_name, model_slug = f"base_model (step {step})", f"base_model_{step:06d}"
     print0(f"Evaluating {model_name}")
 
     summary = {"Model": model_name}
@@ -140,8 +134,7 @@ def main(argv=None):
         print0(RULE + "\nBPB Evaluation\n" + RULE)
         bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size,
                       token_bytes)
-        summary["train bpb"] = bpb["train"]
-        summary["val bpb"] = bpb["val"]
+        summary.update({f"{split} bpb": value for split, value in bpb.items()})
     if "core" in modes:
         print0(RULE + "\nCORE Evaluation\n" + RULE)
         try:

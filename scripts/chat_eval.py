@@ -28,7 +28,7 @@ from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_lines
 
 # -----------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
     # which model
     parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "sft", "rl"], help="checkpoint family: sft|rl|base")
@@ -54,19 +54,14 @@ def parse_args(argv=None):
         parser.error("--max-problems must be >= 1")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
-    return args
 
-
-def main(argv=None):
-    args = parse_args(argv)
     task_names = ALL_TASKS if args.task_name is None else [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in task_names if t not in BASELINES]
     if unknown:
         raise SystemExit(f"error: unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
     check_checkpoint_exists(args.source, args.model_tag, args.step)
 
-    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if "HumanEval" in task_names:
         print0(f"HumanEval code sandbox: {isolation()} isolation")

@@ -10,7 +10,7 @@ test split, the CORE eval bundle's converted test sets (eval_data/world_knowledg
 import os
 from pathlib import Path
 
-from tasks.common import Task, load_task_dataset, local_path, read_jsonl, render_mc
+from tasks.common import MultipleChoiceTask, load_task_dataset, local_path, multiple_choice_example, read_jsonl
 
 BUNDLE_FILES = {"ARC-Easy": "arc_easy.jsonl", "ARC-Challenge": "arc_challenge.jsonl"}
 
@@ -41,7 +41,7 @@ def load_local_arc(subset, split):
     return rows_from_eval_bundle(path) if path is not None else None
 
 
-class ARC(Task):
+class ARC(MultipleChoiceTask):
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
@@ -52,25 +52,8 @@ class ARC(Task):
                                     local_hint=f"arc/{subset}/{split}.jsonl or eval_bundle/eval_data/world_knowledge/"
                                                f"{BUNDLE_FILES[subset]}")
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
-
     def get_example(self, index):
         row = self.ds[index]
-        question, choices = row["question"], row["choices"]["text"]
         letters, answer = row["choices"]["label"], row["answerKey"]
         assert answer in letters, f"ARC answer {answer!r} is not one of the row's letters {letters}"
-        messages = [
-            {"role": "user", "content": render_mc(question, letters, choices)},
-            {"role": "assistant", "content": answer},
-        ]
-        return {"messages": messages, "letters": letters}
-
-    def evaluate(self, conversation, completion):
-        assert completion in conversation["letters"], \
-            f"ARC answer must be one of {conversation['letters']}, got {completion!r}"
-        return completion == conversation["messages"][-1]["content"]
+        return multiple_choice_example(row["question"], letters, row["choices"]["text"], answer)

@@ -2,7 +2,7 @@
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
 - TaskMixture: a deterministic seed-42 shuffle of several tasks;
-- render_mc: the exact multiple-choice prompt;
+- MultipleChoiceTask, multiple_choice_example, render_mc: the exact multiple-choice prompt and its grading;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
 - validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
 
@@ -17,7 +17,6 @@ does not depend on whether the network happens to be up.
 import os
 import gzip
 import json
-import math
 import random
 from pathlib import Path
 
@@ -38,18 +37,16 @@ class TaskDataError(RuntimeError):
 class Task:
     """A view over a dataset: task[i] is example start + i*step of the underlying data."""
 
+    eval_type = None  # 'generative' or 'categorical'
+
     def __init__(self, start=0, stop=None, step=1):
         assert start >= 0, f"start must be >= 0, got {start}"
         assert stop is None or stop >= start, f"stop must be None or >= start, got start={start} stop={stop}"
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        raise NotImplementedError  # 'generative' or 'categorical'
-
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.ds)  # most tasks are a view of one loaded dataset, self.ds
 
     def get_example(self, index):
         raise NotImplementedError
@@ -61,8 +58,7 @@ class Task:
         # stop is clamped to the data size: asking for stop=5200 of a smaller local copy gives what exists
         # instead of a view whose tail crashes when indexed
         n = self.num_examples()
-        stop = n if self.stop is None else min(self.stop, n)
-        return max(0, math.ceil((stop - self.start) / self.step))
+        return len(range(self.start, n if self.stop is None else min(self.stop, n), self.step))
 
     def __getitem__(self, index):
         assert isinstance(index, int), f"task index must be an int, got {type(index).__name__}"
@@ -80,28 +76,42 @@ class TaskMixture(Task):
     def __init__(self, tasks, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.tasks = tasks
-        self.lengths = [len(task) for task in tasks]
-        self.num_conversations = sum(self.lengths)
-        self.index_map = [(t, i) for t, length in enumerate(self.lengths) for i in range(length)]
+        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
         random.Random(42).shuffle(self.index_map)  # interleave the tasks through the whole mixture
 
     def num_examples(self):
-        return self.num_conversations
+        return len(self.index_map)
 
     def get_example(self, index):
-        assert 0 <= index < self.num_conversations, f"index {index} out of range for mixture of {self.num_conversations}"
+        assert 0 <= index < len(self.index_map), f"index {index} out of range for mixture of {len(self.index_map)}"
         task_index, local_index = self.index_map[index]
         return self.tasks[task_index][local_index]
+
+
+class MultipleChoiceTask(Task):
+    """A categorical task whose examples come from multiple_choice_example: the model answers with one letter."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        letters = conversation["letters"]
+        assert completion in letters, f"{type(self).__name__} answer must be one of {letters}, got {completion!r}"
+        return completion == conversation["messages"][-1]["content"]
+
+
+def multiple_choice_example(question, letters, choices, answer):
+    messages = [
+        {"role": "user", "content": render_mc(question, letters, choices)},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "letters": letters}
 
 
 def render_mc(question, letters, choices):
     """The multiple-choice user message. The letter comes after its choice and with no space after '=', so the
     prompt contains the very token ('A', not ' A') the assistant answers with."""
-    text = f"Multiple Choice question: {question}\n"
-    for letter, choice in zip(letters, choices):
-        text += f"- {choice}={letter}\n"
-    text += "\nRespond only with the letter of the correct answer."
-    return text
+    choice_lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{choice_lines}\nRespond only with the letter of the correct answer."
 
 
 # -----------------------------------------------------------------------------
@@ -137,12 +147,10 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
 # -----------------------------------------------------------------------------
 # Where data comes from
 
-def read_jsonl(path, required_keys=None):
-    """Rows of a JSONL file (.gz ok), blank lines skipped. A broken line, or an object missing one of
-    required_keys, raises TaskDataError naming file:line: a bad row is reported, never silently dropped."""
-    path = str(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
+def iter_jsonl(path):
+    """(line number, row) for each non-blank line of a JSONL file (.gz ok). A broken line raises TaskDataError
+    naming file:line: a bad row is reported, never silently dropped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -151,9 +159,16 @@ def read_jsonl(path, required_keys=None):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if required_keys is not None and (not isinstance(row, dict) or any(k not in row for k in required_keys)):
-                raise TaskDataError(f"{path}:{lineno}: expected a JSON object with keys {list(required_keys)}")
-            rows.append(row)
+            yield lineno, row
+
+
+def read_jsonl(path, required_keys=None):
+    """Rows of a JSONL file; an object missing one of required_keys raises TaskDataError naming file:line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if required_keys is not None and (not isinstance(row, dict) or any(k not in row for k in required_keys)):
+            raise TaskDataError(f"{path}:{lineno}: expected a JSON object with keys {list(required_keys)}")
+        rows.append(row)
     return rows
 
 
@@ -178,12 +193,12 @@ def local_path(*parts):
     return path if path.exists() else None
 
 
-def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint="", load_fallback=None):
+def load_task_dataset(what, repo_id, subset, split, load_local, local_hint, load_fallback=None):
     """The rows of one dataset split, shuffled with seed 42 (so index i is the same row whichever source).
     load_local() returns the rows of a local copy (a list of dicts), or None when there is none; else the hub's rows.
     `what` names the task in messages, `local_hint` says which local file would serve it.
     load_fallback (same contract as load_local, tried when the hub fails) is only still used by HumanEval."""
-    rows = load_local() if load_local is not None else None
+    rows = load_local()
     if rows is not None:
         if not rows:
             raise TaskDataError(f"{what}: the local copy is empty ({local_hint})")
@@ -194,8 +209,8 @@ def load_task_dataset(what, repo_id, subset, split, load_local=None, local_hint=
         rows = load_fallback() if load_fallback is not None else None
         if rows:
             return HubDataset.from_rows(rows).shuffle(seed=42)
-        hint = f" holding {local_hint}" if local_hint else ""
         raise TaskDataError(
-            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder{hint}; or put the "
-            f"hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a shard_urls.json listing them."
+            f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder holding "
+            f"{local_hint}; or put the hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a "
+            "shard_urls.json listing them."
         ) from e

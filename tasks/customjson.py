@@ -7,10 +7,9 @@ Used for the identity conversations that teach the model who it is.
 """
 
 import os
-import json
 
 from nanochat.common import get_base_dir
-from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path, validate_messages
+from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, iter_jsonl, local_path, validate_messages
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
@@ -25,28 +24,17 @@ def identity_conversations_path():
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
     if os.path.exists(path):
         return path, "base dir"
-    path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
-    if path.exists():
-        return str(path), "bundled"
-    return None, None
+    return str(BUNDLED_DATA_DIR / "identity_conversations.jsonl"), "bundled"  # ships with the repository
 
 
 def read_conversations(filepath):
     """All conversations of a CustomJSON file, validated; TaskDataError names the first bad line."""
     conversations = []
-    with open(filepath, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{filepath}:{lineno}"
-            try:
-                messages = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(messages, dict) and "messages" in messages:
-                messages = messages["messages"]
-            validate_messages(messages, where)
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for lineno, messages in iter_jsonl(filepath):
+        if isinstance(messages, dict) and "messages" in messages:
+            messages = messages["messages"]
+        validate_messages(messages, f"{filepath}:{lineno}")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return conversations
 
 

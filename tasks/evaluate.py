@@ -45,19 +45,19 @@ def load_task(task_name):
 # -----------------------------------------------------------------------------
 # Evaluation loops
 
-def _all_reduce_counts(*counts, device):
-    """Sum integer counters over ranks (no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    t = torch.tensor(counts, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return tuple(int(x) for x in t.tolist())
+def final_accuracy(num_passed, total, device):
+    """Sum the counts over ranks (when distributed), print the final line, return the accuracy."""
+    if dist.is_available() and dist.is_initialized():
+        counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        num_passed, total = counts.tolist()
+    print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
+    return num_passed / max(total, 1)
 
 
 def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
                         max_problems=None):
-    ddp, rank, _, world_size = get_dist_info()
-    device = model.get_device()
+    _, rank, _, world_size = get_dist_info()
     num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
     num_passed, total = 0, 0
     for i in range(rank, num_problems, world_size):
@@ -66,34 +66,26 @@ def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_
         # Engine's default seed (42) makes the evaluation deterministic even at temperature > 0
         results, _ = engine.generate_batch(prompt_tokens, num_samples=num_samples, max_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k)
-        prefix_length = len(prompt_tokens)
-        completions = [tokenizer.decode(result[prefix_length:]) for result in results]
-        outcomes = [task_object.evaluate(conversation, completion) for completion in completions]
-        passed = any(outcomes)
+        completions = [tokenizer.decode(result[len(prompt_tokens):]) for result in results]
+        num_passed += int(any([task_object.evaluate(conversation, completion) for completion in completions]))
         total += 1
-        num_passed += int(passed)
         print(f"\r\033[KRank {rank} | {num_passed}/{total} ({100 * num_passed / total:.2f}%)", end="", flush=True)
     print()
-    num_passed, total = _all_reduce_counts(num_passed, total, device=device)
     print0("=" * 50)
-    print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
-    return num_passed / max(total, 1)
+    return final_accuracy(num_passed, total, model.get_device())
 
 
 def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=None):
-    ddp, rank, _, world_size = get_dist_info()
+    _, rank, _, world_size = get_dist_info()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
-    num_batches = -(-num_problems // batch_size)
     num_passed, total = 0, 0
-    for b in range(rank, num_batches, world_size):
-        i0, i1 = b * batch_size, min((b + 1) * batch_size, num_problems)
-        conversations = [task_object[ii] for ii in range(i0, i1)]
+    for i0 in range(rank * batch_size, num_problems, world_size * batch_size):  # rank r takes batches r, r+W, ...
+        conversations = [task_object[i] for i in range(i0, min(i0 + batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         # right-pad with BOS: attention is causal, so padding after the answer position changes nothing
         max_length = max(len(p) for p in prompts)
-        answer_positions = [len(p) - 1 for p in prompts]
         padded = [p + [bos] * (max_length - len(p)) for p in prompts]
         ids = torch.tensor(padded, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -101,13 +93,11 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
         for idx, conversation in enumerate(conversations):
             letters = conversation["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]  # each letter is a single token
-            focus = logits[idx, answer_positions[idx], letter_ids]
+            focus = logits[idx, len(prompts[idx]) - 1, letter_ids]  # at the last prompt token
             predicted_letter = letters[focus.argmax(dim=-1).item()]
             num_passed += int(bool(task_object.evaluate(conversation, predicted_letter)))
             total += 1
-    num_passed, total = _all_reduce_counts(num_passed, total, device=device)
-    print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
-    return num_passed / max(total, 1)
+    return final_accuracy(num_passed, total, device)
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,

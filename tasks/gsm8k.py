@@ -17,9 +17,17 @@ ANNOTATION_RE = re.compile(r"(<<[^>]+>>)")
 def extract_answer(text):
     """The number after '#### ', commas removed, or None."""
     match = ANSWER_RE.search(text)
-    if match is None:
-        return None
-    return match.group(1).strip().replace(",", "")
+    return match.group(1).strip().replace(",", "") if match else None
+
+
+def final_answer_matches(conversation, completion):
+    """1 if the completion's '#### <number>' equals the reference's (exact string after comma removal): the
+    reference is the last part of the conversation's final assistant message."""
+    assert isinstance(completion, str), "completion must be a string"
+    content = conversation["messages"][-1]["content"]
+    reference = content[-1]["text"] if isinstance(content, list) else content
+    pred = extract_answer(completion)
+    return int(pred is not None and pred == extract_answer(reference))
 
 
 def answer_to_parts(answer):
@@ -40,6 +48,8 @@ def answer_to_parts(answer):
 
 class GSM8K(Task):
 
+    eval_type = "generative"
+
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic"), "GSM8K subset must be main|socratic"
@@ -53,13 +63,6 @@ class GSM8K(Task):
         self.ds = load_task_dataset(f"GSM8K {subset}/{split}", "openai/gsm8k", subset, split, load_local,
                                     local_hint=f"gsm8k/{filename}")
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
-
     def get_example(self, index):
         row = self.ds[index]
         messages = [
@@ -69,13 +72,7 @@ class GSM8K(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, completion):
-        """1 if the completion's '#### <number>' equals the reference's (exact string after comma removal)."""
-        assert isinstance(completion, str), "completion must be a string"
-        reference_parts = conversation["messages"][-1]["content"]
-        reference = reference_parts[-1]["text"] if isinstance(reference_parts, list) else reference_parts
-        ref = extract_answer(reference)
-        pred = extract_answer(completion)
-        return int(pred is not None and pred == ref)
+        return final_answer_matches(conversation, completion)
 
     def reward(self, conversation, completion):
         return float(self.evaluate(conversation, completion))

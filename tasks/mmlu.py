@@ -9,10 +9,11 @@ subject named <subject>_<split>.csv, either with a header `question,choice0,choi
 
 import csv
 
-from tasks.common import Task, TaskDataError, load_task_dataset, local_path, render_mc
+from tasks.common import MultipleChoiceTask, TaskDataError, load_task_dataset, local_path, multiple_choice_example
 
 LOCAL_DIRS = {"dev": ("dev",), "test": ("test",), "validation": ("val", "validation"),
               "auxiliary_train": ("auxiliary_train",)}
+ANSWER_INDEX = {"A": 0, "B": 1, "C": 2, "D": 3, "0": 0, "1": 1, "2": 2, "3": 3}  # both CSV layouts' answer column
 
 
 def read_mmlu_csv(path, subject):
@@ -24,14 +25,10 @@ def read_mmlu_csv(path, subject):
             if len(record) != 6:
                 raise TaskDataError(f"{path}:{lineno}: expected 6 columns (question, 4 choices, answer), got {len(record)}")
             question, *choices, answer = record
-            answer = answer.strip()
-            if answer in ("A", "B", "C", "D"):
-                answer = "ABCD".index(answer)
-            elif answer in ("0", "1", "2", "3"):
-                answer = int(answer)
-            else:
-                raise TaskDataError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer!r}")
-            rows.append({"question": question, "subject": subject, "choices": choices, "answer": answer})
+            if answer.strip() not in ANSWER_INDEX:
+                raise TaskDataError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer.strip()!r}")
+            rows.append({"question": question, "subject": subject, "choices": choices,
+                         "answer": ANSWER_INDEX[answer.strip()]})
     return rows
 
 
@@ -54,7 +51,7 @@ def load_local_mmlu(split):
     return None
 
 
-class MMLU(Task):
+class MMLU(MultipleChoiceTask):
 
     letters = ("A", "B", "C", "D")
 
@@ -66,23 +63,8 @@ class MMLU(Task):
         self.ds = load_task_dataset(f"MMLU {split}", "cais/mmlu", subset, split, lambda: load_local_mmlu(split),
                                     local_hint=f"mmlu/{LOCAL_DIRS[split][0]}/*.csv")
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
-
     def get_example(self, index):
         row = self.ds[index]
-        choices = row["choices"]
-        assert len(choices) == 4, f"MMLU row {index} has {len(choices)} choices, expected 4"
-        messages = [
-            {"role": "user", "content": render_mc(row["question"], self.letters, choices)},
-            {"role": "assistant", "content": self.letters[row["answer"]]},
-        ]
-        return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
-
-    def evaluate(self, conversation, completion):
-        assert completion in self.letters, f"MMLU answer must be one of {self.letters}, got {completion!r}"
-        return completion == conversation["messages"][-1]["content"]
+        assert len(row["choices"]) == 4, f"MMLU row {index} has {len(row['choices'])} choices, expected 4"
+        example = multiple_choice_example(row["question"], self.letters, row["choices"], self.letters[row["answer"]])
+        return {**example, "subject": row.get("subject", "")}

@@ -22,9 +22,6 @@ class SmolTalk(Task):
         self.ds = load_task_dataset(f"SmolTalk {split}", "HuggingFaceTB/smol-smoltalk", "default", split,
                                     load_local, local_hint=f"smoltalk/{split}.jsonl")
 
-    def num_examples(self):
-        return len(self.ds)
-
     def get_example(self, index):
         messages = self.ds[index]["messages"]
         validate_messages(messages, f"SmolTalk {self.split} row {index}", allow_system=True, require_nonempty=False)

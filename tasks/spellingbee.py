@@ -19,7 +19,7 @@ import functools
 
 from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
 from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path
-from tasks.gsm8k import extract_answer
+from tasks.gsm8k import final_answer_matches
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -62,21 +62,18 @@ USER_MSG_TEMPLATES = [
 @functools.lru_cache(maxsize=4)
 def _read_word_file(path):
     with open(path, encoding="utf-8") as f:
-        words = [line.strip() for line in f]  # the upstream file has CRLF endings
-    words = [w for w in words if w]
+        words = tuple(w for w in (line.strip() for line in f) if w)  # the upstream file has CRLF endings
     if not words:
         raise TaskDataError(f"{path}: the word list is empty")
-    return tuple(words)
+    return words
 
 
 @functools.lru_cache(maxsize=1)
 def _bundled_words():
-    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once)."""
-    path = BUNDLED_DATA_DIR / "identity_conversations.jsonl"
-    if not path.exists():
-        raise TaskDataError(f"no word list available: {path} is missing and the download was not possible; set "
-                            "NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt")
-    words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", path.read_text(encoding="utf-8").lower()))))
+    """Every distinct lowercase a-z word (2+ letters) of our bundled identity conversations, sorted (warns once).
+    That file ships with the repository, so spelling tasks always have words."""
+    text = (BUNDLED_DATA_DIR / "identity_conversations.jsonl").read_text(encoding="utf-8").lower()
+    words = tuple(sorted(set(re.findall(r"\b[a-z]{2,}\b", text))))
     print(f"WARNING: using the small bundled word list ({len(words)} words from data/identity_conversations.jsonl) "
           "for spelling tasks; set NANOCHAT_LOCAL_DATA to a folder with english_words/words_alpha.txt for the full one")
     return words
@@ -99,31 +96,32 @@ def load_words():
     return words, f"bundled ({len(words)} words)"
 
 
-def example_seed(index, split):
-    return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
-
-
 def spelled_out(word):
     return f"{word}:{','.join(word)}"
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """`size` generated examples over the word list; example i of a split comes from its own seeded rng."""
+
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), "SpellingBee split must be train|test"
+        assert split in ("train", "test"), f"{type(self).__name__} split must be train|test"
         self.size, self.split = size, split
         self.words, self.word_source = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
 
+    def example_rng(self, index):
+        return random.Random(index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index)
+
+
+class SpellingBee(WordTask):
+
     def get_example(self, index):
-        rng = random.Random(example_seed(index, self.split))
+        rng = self.example_rng(index)
         # the order of the rng calls below defines the examples; do not reorder
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -159,34 +157,21 @@ class SpellingBee(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, completion):
-        assert isinstance(completion, str), "completion must be a string"
-        reference = conversation["messages"][-1]["content"][-1]["text"]
-        ref, pred = extract_answer(reference), extract_answer(completion)
-        return int(pred is not None and pred == ref)
+        return final_answer_matches(conversation, completion)
 
     def reward(self, conversation, completion):
         return float(self.evaluate(conversation, completion))
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
 
-    def __init__(self, size=1000, split="train", **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), "SimpleSpelling split must be train|test"
-        self.size, self.split = size, split
-        words, self.word_source = load_words()
-        self.words = list(words)
+        self.words = list(self.words)
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        rng = random.Random(example_seed(index, self.split))
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         messages = [
             {"role": "user", "content": f"Spell the word: {word}"},
