@@ -603,36 +603,31 @@ def main(argv=None):
 
 
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
-    """ChatCORE over the default chat tasks whose data is available (unavailable ones are reported once)."""
-    was_training = model.training
+    """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
     model.eval()
     engine = Engine(model, tokenizer)
     results = {}
-    for task_name in ALL_TASKS:
-        if task_name in unavailable:
-            continue
+    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
         categorical = BASELINES[task_name] > 0  # the MC tasks have a chance baseline
-        max_problems = (None if args.chatcore_max_cat < 0 else args.chatcore_max_cat) if categorical \
-            else args.chatcore_max_sample
+        max_problems = args.chatcore_max_sample
+        if categorical:
+            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
         try:
-            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
-                                     max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                                     max_problems=max_problems)
+            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
+                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
+                                               max_problems=max_problems)
         except TaskUnavailable as e:
-            reason = str(e) if len(str(e)) <= 200 else str(e)[:200] + " ..."
-            print0(f"  {task_name}: SKIPPED, data unavailable ({reason})")
+            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
             unavailable.add(task_name)
             continue
-        results[task_name] = accuracy
-        print0(f"  {task_name}: {100 * accuracy:.2f}%")
-    chatcore, label = chatcore_from_results(results, unavailable)
-    chatcore_cat, _ = chatcore_from_results(results, unavailable, [t for t in ALL_TASKS if BASELINES[t] > 0])
+        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
+    chatcore, label = chatcore_from_results(results)
+    chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
     chatcore = float("nan") if chatcore is None else chatcore
     chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
     partial = "" if label == "full" else f" {label}"
     print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
-    if was_training:
-        model.train()
+    model.train()
     return chatcore, results
 
 
