@@ -34,7 +34,7 @@ import torch.distributed as dist
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
+                             get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
                              peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc)
 from nanochat.core_eval import evaluate_core, SAMPLE_PROMPTS
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
@@ -420,13 +420,7 @@ def main(argv=None):
     resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
 
     # --- wandb, tokenizer, plan ------------------------------------------------------------------------------
-    wandb_run = DummyWandb()
-    if args.run != "dummy" and master:
-        try:
-            import wandb  # optional dependency
-            wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
-        except Exception as e:
-            print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
+    wandb_run = init_wandb("nanochat", args.run, user_config, master)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
     vocab_size = tokenizer.get_vocab_size()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
-                             DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized, set_hyperparams)
+                             init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized, set_hyperparams)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -149,11 +149,7 @@ def main(argv=None):
         raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
                          f"processes ({world_size})")
 
-    if args.run != "dummy" and master:
-        import wandb  # optional dependency
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
 
     # data first: a missing dataset should fail before the model is loaded
     try:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
-                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
                              manage_gc)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
@@ -409,11 +409,7 @@ def main(argv=None):
     master = rank == 0
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
 
-    if args.run != "dummy" and master:
-        import wandb  # optional dependency
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb("nanochat-sft", args.run, user_config, master)
 
     # --- model, inherited settings, batch geometry --------------------------------------------------------------
     model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
