@@ -171,6 +171,18 @@ def any_rank(flag, device):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
+def check_flag_ranges(args, positive=(), fractions=()):
+    """Exit with one `error: --flag=value ...` line for the first flag out of range: the `positive` ones must be >= 1,
+    the `fractions` in [0, 1]. A flag left at None (not given, inherited later) is not checked."""
+    def fail(name, value, wanted):
+        raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(name, getattr(args, name), "a positive integer")
+    for name in fractions:
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
+            fail(name, getattr(args, name), "in [0, 1]")
+
 # -----------------------------------------------------------------------------
 # The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
 
@@ -187,6 +199,12 @@ def set_hyperparams(optimizer, lr_multiplier, momentum=None, weight_decay=None):
                 group["momentum"] = momentum
             if weight_decay is not None:
                 group["weight_decay"] = weight_decay
+
+def scale_initial_lrs(optimizer, factor):
+    """Every group starts at factor x its LR; set_hyperparams later scales from this initial LR."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        group["initial_lr"] = group["lr"]
 
 def optimizer_step(optimizer, scaler):
     """optimizer.step(), through the GradScaler under fp16 (every rank skips an overflowing step together)."""

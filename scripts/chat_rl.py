@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
-                             init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized, set_hyperparams)
+                             init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             set_hyperparams, scale_initial_lrs)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -64,10 +65,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num_samples % args.device_batch_size != 0:
         parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
-    for name in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
-                 "eval_every", "save_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_flag_ranges(args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+                                      "num_epochs", "eval_every", "save_every"))
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     return args
@@ -178,9 +177,7 @@ def main(argv=None):
 
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_initial_lrs(optimizer, args.init_lr_frac)
 
     # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
     example_indices = itertools.cycle(range(rank, len(train_task), world_size))

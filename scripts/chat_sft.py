@@ -35,9 +35,9 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
                              get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
-                             manage_gc)
+                             manage_gc, check_flag_ranges, scale_initial_lrs)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         saved_world_size, is_finite_state)
+                                         saved_world_size, is_finite_state, CheckpointError)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -99,10 +99,8 @@ def parse_args(argv=None):
     # output
     parser.add_argument("--dry-run", type=int, default=0, help="1 = do not save a checkpoint or write the report")
     args = parser.parse_args(argv)
-    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    check_flag_ranges(args, positive=("max_seq_len", "device_batch_size", "total_batch_size"),
+                      fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"))
     if args.num_iterations == 0 or args.num_iterations < -1:
         parser.error("--num-iterations must be a positive number of steps, or -1 for one pass over the mixture")
     return args
@@ -215,17 +213,13 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
                 raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
                                  f"fix or remove that row in its source file") from e
             stats["conversations"] += 1
-            if len(ids) > capacity:
-                ids, mask = ids[:capacity], mask[:capacity]
-                if not any(mask[1:]):
-                    stats["skipped"] += 1
-                    consumed += world_size  # a skipped conversation still counts as seen for the epoch
-                    continue
-                stats["truncated"] += 1
-            elif not any(mask[1:]):
+            truncated = len(ids) > capacity
+            ids, mask = ids[:capacity], mask[:capacity]
+            if not any(mask[1:]):  # nothing the assistant says (or nothing left of it after truncation)
                 stats["skipped"] += 1
-                consumed += world_size
+                consumed += world_size  # a skipped conversation still counts as seen for the epoch
                 continue
+            stats["truncated"] += truncated
             buffer.append((ids, mask))
 
     while True:
@@ -335,23 +329,22 @@ def muon_momentum(step):
 # -----------------------------------------------------------------------------
 
 def resolve_inherited(args, meta):
-    """Fill None flags from the base checkpoint, printing where each value came from."""
-    user_config = meta.get("user_config") or {}
-    pretrained = dict(max_seq_len=meta.get("max_seq_len", user_config.get("max_seq_len")),
-                      device_batch_size=meta.get("device_batch_size", user_config.get("device_batch_size")),
-                      total_batch_size=meta.get("total_batch_size", user_config.get("total_batch_size")),
-                      embedding_lr=user_config.get("embedding_lr"),
-                      unembedding_lr=user_config.get("unembedding_lr"),
-                      matrix_lr=user_config.get("matrix_lr"))
+    """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
+    printing where each value came from. Returns the base run's values (None where it has none)."""
+    base_flags = meta.get("user_config") or {}
+    pretrained = {}
     for name, fallback in FALLBACKS.items():
-        given, base_value = getattr(args, name), pretrained.get(name)
-        if isinstance(base_value, (int, float)) and base_value is not None and base_value <= 0:
+        base_value = meta.get(name, base_flags.get(name))
+        if base_value is not None and base_value <= 0:
             base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
-        if given is None:
-            value = base_value if base_value is not None else fallback
-            source = "Inherited" if base_value is not None else "Using fallback"
-            print0(f"{source} {name}={value}" + (" from pretrained checkpoint" if base_value is not None else ""))
-            setattr(args, name, value)
+        pretrained[name] = base_value
+        given = getattr(args, name)
+        if given is None and base_value is not None:
+            print0(f"Inherited {name}={base_value} from pretrained checkpoint")
+            setattr(args, name, base_value)
+        elif given is None:
+            print0(f"Using fallback {name}={fallback}")
+            setattr(args, name, fallback)
         elif base_value is not None and given != base_value:
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
@@ -376,7 +369,7 @@ def build_optimizer(model, args, device, rank, world_size):
         else:
             try:
                 base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+            except CheckpointError as e:
                 print0(f"WARNING: could not read the base optimizer state ({e})")
             if base_state is None:
                 print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
@@ -393,9 +386,7 @@ def build_optimizer(model, args, device, rank, world_size):
         except (ValueError, KeyError, RuntimeError) as e:
             optimizer = fresh()
             print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_initial_lrs(optimizer, args.init_lr_frac)
     return optimizer
 
 
@@ -561,10 +552,10 @@ def main(argv=None):
     if zero_supervised_steps:
         print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
 
-    if not args.dry_run and any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
-        raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
-                         f"nothing was saved (lower the learning rates)")
     if not args.dry_run:
+        if any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
+            raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
+                             f"nothing was saved (lower the learning rates)")
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{depth}")
         model_config = asdict(orig_model.config)
         save_checkpoint(
