@@ -285,28 +285,21 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
 
 @torch.no_grad()
 def evaluate_sft_loss(model, batches, steps, token_bytes):
-    device = token_bytes.device
-    sum_nats = torch.zeros((), dtype=torch.float64, device=device)
-    sum_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    sum_nats_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    sum_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    # summed over all ranks: nats and count of supervised tokens; nats and bytes of the byte-carrying ones (bpb)
+    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)
     for _ in range(steps):
         x, y, _ = next(batches)
         loss = model(x, y, loss_reduction="none").reshape(-1).double()
         y = y.reshape(-1)
         valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
-        sum_nats += loss[valid].sum()
-        sum_tokens += valid.sum()
-        sum_nats_bytes += (loss * (nbytes > 0)).sum()
-        sum_bytes += nbytes.sum()
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0).double()
+        sums += torch.stack([loss[valid].sum(), valid.sum().double(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
     if is_ddp_initialized():
-        packed = torch.stack([sum_nats, sum_tokens, sum_nats_bytes, sum_bytes])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = packed.unbind(0)
-    val_loss = (sum_nats / sum_tokens).item() if sum_tokens.item() > 0 else float("nan")
-    val_bpb = (sum_nats_bytes / (math.log(2) * sum_bytes)).item() if sum_bytes.item() > 0 else float("inf")
-    return val_loss, val_bpb, int(sum_tokens.item())
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = sums.tolist()
+    val_loss = sum_nats / sum_tokens if sum_tokens > 0 else float("nan")
+    val_bpb = sum_nats_bytes / (math.log(2) * sum_bytes) if sum_bytes > 0 else float("inf")
+    return val_loss, val_bpb, int(sum_tokens)
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -449,7 +442,6 @@ def main(argv=None):
     chatcore, chatcore_results, unavailable_eval = None, {}, set()
     history = {"train": [], "val": [], "chatcore": []}
     progress = 0.0
-    epoch = 1
     zero_supervised_steps = 0
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 
@@ -534,9 +526,10 @@ def main(argv=None):
         print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
                f"total time: {total_training_time / 60:.2f}m")
-        history["train"].append(dict(step=step, loss=debiased, flops=num_flops_per_token * args.total_batch_size * step))
+        flops_so_far = num_flops_per_token * args.total_batch_size * step
+        history["train"].append(dict(step=step, loss=debiased, flops=flops_so_far))
         if step % 10 == 0:
-            wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                            "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
         manage_gc(step == 1, step)
