@@ -196,17 +196,19 @@ def main(argv=None):
                                            args.max_new_tokens, 1.0, args.top_k, rank, world_size)
             last_pass_at_k = pass_at_k
             print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
-            wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}})
-            history["pass_at_k"].append(dict(step=step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}))
+            named = {f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}
+            wandb_run.log({"step": step, **named})
+            history["pass_at_k"].append(dict(step=step, **named))
         # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model
-        if ((step > 0 and step % args.save_every == 0) or last_step) and any_rank(not is_finite_state(model.state_dict()), device):
-            raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
-                             f"(lower the learning rates or --init-lr-frac)")
-        if master and ((step > 0 and step % args.save_every == 0) or last_step):
-            meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
-                             pass_at_k=last_pass_at_k, source=args.source)
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
-            print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
+        if (step > 0 and step % args.save_every == 0) or last_step:
+            if any_rank(not is_finite_state(model.state_dict()), device):
+                raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
+                                 f"(lower the learning rates or --init-lr-frac)")
+            if master:
+                meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
+                                 pass_at_k=last_pass_at_k, source=args.source)
+                save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
+                print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
         if last_step:
             break
 
