@@ -419,7 +419,6 @@ def main(argv=None):
     orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
     if args.compile == 1 or (args.compile == -1 and device_type == "cuda"):  # the compile decision
         model = torch.compile(model, dynamic=False)
-    depth = orig_model.config.n_layer
     num_flops_per_token = orig_model.estimate_flops()
     token_bytes = get_token_bytes(device=device)
 
@@ -478,10 +477,9 @@ def main(argv=None):
         # supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0
         synchronize(device_type)
         t0 = time.time()
-        micro_batches = []
-        for _ in range(grad_accum_steps):
-            x, y, position = next(train_loader)
-            micro_batches.append((x, y))
+        fetched = [next(train_loader) for _ in range(grad_accum_steps)]
+        micro_batches = [(x, y) for x, y, _ in fetched]
+        position = fetched[-1][2]  # where the loader stands after the last micro-batch
         num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
         consumed = torch.tensor(float(position["consumed"]), device=device)
         if ddp:
@@ -549,11 +547,10 @@ def main(argv=None):
         if any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
             raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
                              f"nothing was saved (lower the learning rates)")
-        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{depth}")
-        model_config = asdict(orig_model.config)
+        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
         save_checkpoint(
             checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=model_config, user_config=user_config,
+            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config), user_config=user_config,
                  max_seq_len=T, device_batch_size=B, total_batch_size=args.total_batch_size,
                  mixture=mixture_description, chatcore=chatcore),
             rank=rank, sync_ranks=ddp,
