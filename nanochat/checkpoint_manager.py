@@ -92,6 +92,7 @@ def previous_step_hint(checkpoint_dir, step):
 def _atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
+
 def _atomic_json_save(obj, path):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False), mode="w")
 
@@ -302,8 +303,6 @@ def saved_world_size(source, model_tag=None, step=None):
 
 def check_checkpoint_exists(source, model_tag=None, step=None):
     """Exit with one clear line if the requested checkpoint is not on disk (before any heavy work)."""
-    if source not in CHECKPOINT_SOURCES:
-        raise SystemExit(f"error: unknown checkpoint source {source!r}; choose from {', '.join(CHECKPOINT_SOURCES)}")
     check_model_tag(model_tag)
     checkpoints_dir = checkpoints_dir_for(source)
     hint = f"train one first with `python -m {SOURCE_PRODUCERS[source]}` (NANOCHAT_BASE_DIR={get_base_dir()})"

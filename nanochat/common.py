@@ -9,6 +9,8 @@ import os
 import re
 import time
 import fcntl
+import shutil
+import socket
 import logging
 import resource
 import urllib.error
@@ -169,6 +171,18 @@ def any_rank(flag, device):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
+def check_flag_ranges(args, positive=(), fractions=()):
+    """Exit with one `error: --flag=value ...` line for the first flag out of range: the `positive` ones must be >= 1,
+    the `fractions` in [0, 1]. A flag left at None (not given, inherited later) is not checked."""
+    def fail(name, value, wanted):
+        raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(name, getattr(args, name), "a positive integer")
+    for name in fractions:
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
+            fail(name, getattr(args, name), "in [0, 1]")
+
 # -----------------------------------------------------------------------------
 # The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
 
@@ -185,6 +199,12 @@ def set_hyperparams(optimizer, lr_multiplier, momentum=None, weight_decay=None):
                 group["momentum"] = momentum
             if weight_decay is not None:
                 group["weight_decay"] = weight_decay
+
+def scale_initial_lrs(optimizer, factor):
+    """Every group starts at factor x its LR; set_hyperparams later scales from this initial LR."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        group["initial_lr"] = group["lr"]
 
 def optimizer_step(optimizer, scaler):
     """optimizer.step(), through the GradScaler under fp16 (every rank skips an overflowing step together)."""
@@ -239,6 +259,17 @@ class DummyWandb:
     def finish(self):
         pass
 
+def init_wandb(project, run, config, master):
+    """A wandb run on rank 0 when --run names one, else a DummyWandb; a wandb that cannot start only warns."""
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb  # optional dependency
+        return wandb.init(project=project, name=run, config=config)
+    except Exception as e:
+        print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
+        return DummyWandb()
+
 # -----------------------------------------------------------------------------
 # Peak FLOPs (bf16 dense) for MFU. First substring match wins, so specific names come first.
 
@@ -276,14 +307,10 @@ def is_offline():
     truthy = ("1", "true", "yes", "on")
     return any(os.environ.get(k, "").lower() in truthy for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
 
-def _is_offline_error(exc):
-    # DNS failures and refused connections will not fix themselves in a few seconds
+def _is_unreachable(exc):
+    # a refused connection or a failed name lookup will not fix itself in a few seconds: give up quickly
     reason = getattr(exc, "reason", exc)
-    text = str(reason).lower()
-    return isinstance(reason, (ConnectionRefusedError, OSError)) and any(
-        s in text for s in ("name or service not known", "temporary failure in name resolution",
-                            "nodename nor servname", "connection refused", "network is unreachable",
-                            "no address associated", "errno -2", "errno -3", "errno 111", "errno 101"))
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or "unreachable" in str(reason).lower()
 
 def download_file(url, dest_path, retries=5, timeout=30, desc=None):
     """Download url to dest_path atomically. Returns dest_path. Raises DownloadError when it finally fails."""
@@ -291,45 +318,31 @@ def download_file(url, dest_path, retries=5, timeout=30, desc=None):
     if is_offline():
         raise DownloadError(f"not downloading {desc} from {url}: NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set; "
                             f"put the file at {dest_path} yourself or unset the variable")
-    dest_dir = os.path.dirname(os.path.abspath(dest_path))
-    os.makedirs(dest_dir, exist_ok=True)
-    tmp_path = f"{dest_path}.tmp.{os.getpid()}"
-    offline_failures = 0
-    last_error = None
+    os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
+
+    def fetch(f):
+        request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, f, 1 << 20)
+            if expected is not None and f.tell() != int(expected):
+                raise DownloadError(f"truncated body: got {f.tell()} of {expected} bytes")
+
     for attempt in range(1, retries + 1):
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
-            with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp_path, "wb") as f:
-                expected = response.headers.get("Content-Length")
-                written = 0
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    written += len(chunk)
-                if expected is not None and written != int(expected):
-                    raise DownloadError(f"truncated body: got {written} of {expected} bytes")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, dest_path)
+            atomic_write(dest_path, fetch)  # a failed attempt leaves no partial file
             return dest_path
-        except (urllib.error.URLError, OSError, DownloadError, TimeoutError) as e:
+        except (OSError, DownloadError) as e:  # URLError, HTTPError and timeouts are OSErrors
             last_error = e
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code != 429:
-                break  # not found / forbidden: retrying will not help
-            if _is_offline_error(e):
-                offline_failures += 1
-                if offline_failures >= 2:
-                    break
-            if attempt < retries:
-                wait = min(2 ** attempt, 30) if not _is_offline_error(e) else 1
-                print0(f"Download of {desc} failed (attempt {attempt}/{retries}: {e}); retrying in {wait}s")
-                time.sleep(wait)
+            unreachable = _is_unreachable(e)
+            client_error = isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code != 429
+            if client_error or attempt == retries or (unreachable and attempt >= 2):
+                break  # not found / forbidden, out of attempts, or no network: retrying will not help
+            wait = 1 if unreachable else min(2 ** attempt, 30)
+            print0(f"Download of {desc} failed (attempt {attempt}/{retries}: {e}); retrying in {wait}s")
+            time.sleep(wait)
     hint = ("the network looks unreachable; download it on a connected machine and copy it to "
-            f"{dest_path}, or use the offline options described in the README") if _is_offline_error(last_error) \
+            f"{dest_path}, or use the offline options described in the README") if _is_unreachable(last_error) \
         else "check the URL and your connection, then run the command again (finished files are kept)"
     raise DownloadError(f"could not download {desc} from {url}: {last_error}; {hint}")
 

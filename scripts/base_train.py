@@ -34,7 +34,7 @@ import torch.distributed as dist
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
+                             get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
                              peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc)
 from nanochat.core_eval import evaluate_core, SAMPLE_PROMPTS
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
@@ -103,10 +103,8 @@ def fail(message):
 
 def check_args(args):
     """Checks that need nothing but the flags."""
-    for flag in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
-        value = getattr(args, flag)
-        if value < 1:
-            fail(f"--{flag.replace('_', '-')}={value} must be a positive integer")
+    check_flag_ranges(args, positive=("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"),
+                      fractions=("warmdown_ratio", "final_lr_frac", "warmup_ratio"))
     if args.head_dim % 2:
         fail(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
     if args.device_type not in ("", "cuda", "cpu", "mps"):
@@ -119,12 +117,6 @@ def check_args(args):
         fail(f"--total-batch-size={args.total_batch_size} must be a positive number of tokens or -1 (auto)")
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         fail("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
-    for flag in ("warmdown_ratio", "final_lr_frac"):
-        value = getattr(args, flag)
-        if not 0.0 <= value <= 1.0:
-            fail(f"--{flag.replace('_', '-')}={value} must be in [0, 1]")
-    if args.warmup_ratio is not None and not 0.0 <= args.warmup_ratio <= 1.0:
-        fail(f"--warmup-ratio={args.warmup_ratio} must be in [0, 1]")
     if args.warmup_steps < 0:
         fail(f"--warmup-steps={args.warmup_steps} must be >= 0")
     if args.keep_last == 0 or args.keep_last < -1:
@@ -267,6 +259,10 @@ class LoopState:
         self.history[split] = rows + [entry]
 
 
+# the LoopState fields saved under meta["loop_state"] (step and val_bpb are top-level meta keys)
+LOOP_FIELDS = ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")
+
+
 def encode_rng_state(state):
     return base64.b64encode(state.numpy().tobytes()).decode("ascii")
 
@@ -369,7 +365,7 @@ def save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_
     rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()),
                                  "cuda": encode_rng_state(torch.cuda.get_rng_state()) if device_type == "cuda" else None},
                                 world_size)
-    loop_state = {k: getattr(state, k) for k in ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")}
+    loop_state = {k: getattr(state, k) for k in LOOP_FIELDS}
     meta = {"step": state.step, "val_bpb": state.val_bpb, **meta_base, "world_size": world_size,
             "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
             "loop_state": {**loop_state, "rng_states": rng_states}}
@@ -378,18 +374,15 @@ def save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_
 
 
 def restore_loop_state(meta, rank, device_type):
-    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states."""
-    states = meta.get("dataloader_state_dicts") or [meta.get("dataloader_state_dict")]
+    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states.
+    check_resume has made sure the checkpoint was saved by as many ranks as this run has."""
     loop = meta["loop_state"]
-    state = LoopState(step=meta["step"], val_bpb=meta.get("val_bpb"), min_val_bpb=loop["min_val_bpb"],
-                      smooth_train_loss=loop["smooth_train_loss"], total_training_time=loop["total_training_time"],
-                      history=loop.get("history", LoopState().history), core_results=loop.get("core_results"))
-    rng = loop.get("rng_states")
-    if rng and rank < len(rng):
-        torch.set_rng_state(decode_rng_state(rng[rank]["cpu"]))
-        if device_type == "cuda" and rng[rank].get("cuda"):
-            torch.cuda.set_rng_state(decode_rng_state(rng[rank]["cuda"]))
-    return state, states[rank] if rank < len(states) else states[0]
+    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], **{k: loop[k] for k in LOOP_FIELDS})
+    rng = loop["rng_states"][rank]
+    torch.set_rng_state(decode_rng_state(rng["cpu"]))
+    if device_type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]))
+    return state, meta["dataloader_state_dicts"][rank]
 
 
 def main(argv=None):
@@ -420,13 +413,7 @@ def main(argv=None):
     resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
 
     # --- wandb, tokenizer, plan ------------------------------------------------------------------------------
-    wandb_run = DummyWandb()
-    if args.run != "dummy" and master:
-        try:
-            import wandb  # optional dependency
-            wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
-        except Exception as e:
-            print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
+    wandb_run = init_wandb("nanochat", args.run, user_config, master)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
     vocab_size = tokenizer.get_vocab_size()
@@ -589,10 +576,9 @@ def main(argv=None):
         eta = ""
         if step - 10 > 0:
             eta = f" | eta: {(num_iterations - step) * state.total_training_time / (step - 10) / 60:.1f}m"
-        epoch = loader_state.get("epoch", "?") if isinstance(loader_state, dict) else "?"
-        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
+        epoch = loader_state["epoch"]
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {epoch} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if mfu is None else f'{mfu:.2f}'} | epoch: {epoch} | "
                f"total time: {state.total_training_time / 60:.2f}m{eta}")
         state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
         if step % 100 == 0:

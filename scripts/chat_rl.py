@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
-                             DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized, set_hyperparams)
+                             init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             set_hyperparams, scale_initial_lrs)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -64,10 +65,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num_samples % args.device_batch_size != 0:
         parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
-    for name in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
-                 "eval_every", "save_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_flag_ranges(args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+                                      "num_epochs", "eval_every", "save_every"))
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     return args
@@ -149,11 +148,7 @@ def main(argv=None):
         raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
                          f"processes ({world_size})")
 
-    if args.run != "dummy" and master:
-        import wandb  # optional dependency
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
 
     # data first: a missing dataset should fail before the model is loaded
     try:
@@ -182,9 +177,7 @@ def main(argv=None):
 
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_initial_lrs(optimizer, args.init_lr_frac)
 
     # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
     example_indices = itertools.cycle(range(rank, len(train_task), world_size))
@@ -203,17 +196,19 @@ def main(argv=None):
                                            args.max_new_tokens, 1.0, args.top_k, rank, world_size)
             last_pass_at_k = pass_at_k
             print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
-            wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}})
-            history["pass_at_k"].append(dict(step=step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}))
+            named = {f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}
+            wandb_run.log({"step": step, **named})
+            history["pass_at_k"].append(dict(step=step, **named))
         # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model
-        if ((step > 0 and step % args.save_every == 0) or last_step) and any_rank(not is_finite_state(model.state_dict()), device):
-            raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
-                             f"(lower the learning rates or --init-lr-frac)")
-        if master and ((step > 0 and step % args.save_every == 0) or last_step):
-            meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
-                             pass_at_k=last_pass_at_k, source=args.source)
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
-            print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
+        if (step > 0 and step % args.save_every == 0) or last_step:
+            if any_rank(not is_finite_state(model.state_dict()), device):
+                raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
+                                 f"(lower the learning rates or --init-lr-frac)")
+            if master:
+                meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
+                                 pass_at_k=last_pass_at_k, source=args.source)
+                save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
+                print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
         if last_step:
             break
 

@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
-                             get_peak_flops, DummyWandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
-                             manage_gc)
+                             manage_gc, check_flag_ranges, scale_initial_lrs)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         saved_world_size, is_finite_state)
+                                         saved_world_size, is_finite_state, CheckpointError)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -99,10 +99,8 @@ def parse_args(argv=None):
     # output
     parser.add_argument("--dry-run", type=int, default=0, help="1 = do not save a checkpoint or write the report")
     args = parser.parse_args(argv)
-    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    check_flag_ranges(args, positive=("max_seq_len", "device_batch_size", "total_batch_size"),
+                      fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"))
     if args.num_iterations == 0 or args.num_iterations < -1:
         parser.error("--num-iterations must be a positive number of steps, or -1 for one pass over the mixture")
     return args
@@ -215,17 +213,13 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
                 raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
                                  f"fix or remove that row in its source file") from e
             stats["conversations"] += 1
-            if len(ids) > capacity:
-                ids, mask = ids[:capacity], mask[:capacity]
-                if not any(mask[1:]):
-                    stats["skipped"] += 1
-                    consumed += world_size  # a skipped conversation still counts as seen for the epoch
-                    continue
-                stats["truncated"] += 1
-            elif not any(mask[1:]):
+            truncated = len(ids) > capacity
+            ids, mask = ids[:capacity], mask[:capacity]
+            if not any(mask[1:]):  # nothing the assistant says (or nothing left of it after truncation)
                 stats["skipped"] += 1
-                consumed += world_size
+                consumed += world_size  # a skipped conversation still counts as seen for the epoch
                 continue
+            stats["truncated"] += truncated
             buffer.append((ids, mask))
 
     while True:
@@ -291,28 +285,21 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
 
 @torch.no_grad()
 def evaluate_sft_loss(model, batches, steps, token_bytes):
-    device = token_bytes.device
-    sum_nats = torch.zeros((), dtype=torch.float64, device=device)
-    sum_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    sum_nats_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    sum_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    # summed over all ranks: nats and count of supervised tokens; nats and bytes of the byte-carrying ones (bpb)
+    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)
     for _ in range(steps):
         x, y, _ = next(batches)
         loss = model(x, y, loss_reduction="none").reshape(-1).double()
         y = y.reshape(-1)
         valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
-        sum_nats += loss[valid].sum()
-        sum_tokens += valid.sum()
-        sum_nats_bytes += (loss * (nbytes > 0)).sum()
-        sum_bytes += nbytes.sum()
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0).double()
+        sums += torch.stack([loss[valid].sum(), valid.sum().double(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
     if is_ddp_initialized():
-        packed = torch.stack([sum_nats, sum_tokens, sum_nats_bytes, sum_bytes])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = packed.unbind(0)
-    val_loss = (sum_nats / sum_tokens).item() if sum_tokens.item() > 0 else float("nan")
-    val_bpb = (sum_nats_bytes / (math.log(2) * sum_bytes)).item() if sum_bytes.item() > 0 else float("inf")
-    return val_loss, val_bpb, int(sum_tokens.item())
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = sums.tolist()
+    val_loss = sum_nats / sum_tokens if sum_tokens > 0 else float("nan")
+    val_bpb = sum_nats_bytes / (math.log(2) * sum_bytes) if sum_bytes > 0 else float("inf")
+    return val_loss, val_bpb, int(sum_tokens)
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -335,23 +322,22 @@ def muon_momentum(step):
 # -----------------------------------------------------------------------------
 
 def resolve_inherited(args, meta):
-    """Fill None flags from the base checkpoint, printing where each value came from."""
-    user_config = meta.get("user_config") or {}
-    pretrained = dict(max_seq_len=meta.get("max_seq_len", user_config.get("max_seq_len")),
-                      device_batch_size=meta.get("device_batch_size", user_config.get("device_batch_size")),
-                      total_batch_size=meta.get("total_batch_size", user_config.get("total_batch_size")),
-                      embedding_lr=user_config.get("embedding_lr"),
-                      unembedding_lr=user_config.get("unembedding_lr"),
-                      matrix_lr=user_config.get("matrix_lr"))
+    """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
+    printing where each value came from. Returns the base run's values (None where it has none)."""
+    base_flags = meta.get("user_config") or {}
+    pretrained = {}
     for name, fallback in FALLBACKS.items():
-        given, base_value = getattr(args, name), pretrained.get(name)
-        if isinstance(base_value, (int, float)) and base_value is not None and base_value <= 0:
+        base_value = meta.get(name, base_flags.get(name))
+        if base_value is not None and base_value <= 0:
             base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
-        if given is None:
-            value = base_value if base_value is not None else fallback
-            source = "Inherited" if base_value is not None else "Using fallback"
-            print0(f"{source} {name}={value}" + (" from pretrained checkpoint" if base_value is not None else ""))
-            setattr(args, name, value)
+        pretrained[name] = base_value
+        given = getattr(args, name)
+        if given is None and base_value is not None:
+            print0(f"Inherited {name}={base_value} from pretrained checkpoint")
+            setattr(args, name, base_value)
+        elif given is None:
+            print0(f"Using fallback {name}={fallback}")
+            setattr(args, name, fallback)
         elif base_value is not None and given != base_value:
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
@@ -376,7 +362,7 @@ def build_optimizer(model, args, device, rank, world_size):
         else:
             try:
                 base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-            except (FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+            except CheckpointError as e:
                 print0(f"WARNING: could not read the base optimizer state ({e})")
             if base_state is None:
                 print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
@@ -393,9 +379,7 @@ def build_optimizer(model, args, device, rank, world_size):
         except (ValueError, KeyError, RuntimeError) as e:
             optimizer = fresh()
             print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_initial_lrs(optimizer, args.init_lr_frac)
     return optimizer
 
 
@@ -409,11 +393,7 @@ def main(argv=None):
     master = rank == 0
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
 
-    if args.run != "dummy" and master:
-        import wandb  # optional dependency
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb("nanochat-sft", args.run, user_config, master)
 
     # --- model, inherited settings, batch geometry --------------------------------------------------------------
     model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
@@ -439,7 +419,6 @@ def main(argv=None):
     orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
     if args.compile == 1 or (args.compile == -1 and device_type == "cuda"):  # the compile decision
         model = torch.compile(model, dynamic=False)
-    depth = orig_model.config.n_layer
     num_flops_per_token = orig_model.estimate_flops()
     token_bytes = get_token_bytes(device=device)
 
@@ -462,7 +441,6 @@ def main(argv=None):
     chatcore, chatcore_results, unavailable_eval = None, {}, set()
     history = {"train": [], "val": [], "chatcore": []}
     progress = 0.0
-    epoch = 1
     zero_supervised_steps = 0
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 
@@ -499,10 +477,9 @@ def main(argv=None):
         # supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0
         synchronize(device_type)
         t0 = time.time()
-        micro_batches = []
-        for _ in range(grad_accum_steps):
-            x, y, position = next(train_loader)
-            micro_batches.append((x, y))
+        fetched = [next(train_loader) for _ in range(grad_accum_steps)]
+        micro_batches = [(x, y) for x, y, _ in fetched]
+        position = fetched[-1][2]  # where the loader stands after the last micro-batch
         num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
         consumed = torch.tensor(float(position["consumed"]), device=device)
         if ddp:
@@ -547,9 +524,10 @@ def main(argv=None):
         print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
                f"total time: {total_training_time / 60:.2f}m")
-        history["train"].append(dict(step=step, loss=debiased, flops=num_flops_per_token * args.total_batch_size * step))
+        flops_so_far = num_flops_per_token * args.total_batch_size * step
+        history["train"].append(dict(step=step, loss=debiased, flops=flops_so_far))
         if step % 10 == 0:
-            wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                            "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
         manage_gc(step == 1, step)
@@ -565,15 +543,14 @@ def main(argv=None):
     if zero_supervised_steps:
         print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
 
-    if not args.dry_run and any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
-        raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
-                         f"nothing was saved (lower the learning rates)")
     if not args.dry_run:
-        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{depth}")
-        model_config = asdict(orig_model.config)
+        if any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
+            raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
+                             f"nothing was saved (lower the learning rates)")
+        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
         save_checkpoint(
             checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=model_config, user_config=user_config,
+            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config), user_config=user_config,
                  max_seq_len=T, device_batch_size=B, total_batch_size=args.total_batch_size,
                  mixture=mixture_description, chatcore=chatcore),
             rank=rank, sync_ranks=ddp,
@@ -603,36 +580,31 @@ def main(argv=None):
 
 
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
-    """ChatCORE over the default chat tasks whose data is available (unavailable ones are reported once)."""
-    was_training = model.training
+    """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
     model.eval()
     engine = Engine(model, tokenizer)
     results = {}
-    for task_name in ALL_TASKS:
-        if task_name in unavailable:
-            continue
+    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
         categorical = BASELINES[task_name] > 0  # the MC tasks have a chance baseline
-        max_problems = (None if args.chatcore_max_cat < 0 else args.chatcore_max_cat) if categorical \
-            else args.chatcore_max_sample
+        max_problems = args.chatcore_max_sample
+        if categorical:
+            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
         try:
-            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
-                                     max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                                     max_problems=max_problems)
+            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
+                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
+                                               max_problems=max_problems)
         except TaskUnavailable as e:
-            reason = str(e) if len(str(e)) <= 200 else str(e)[:200] + " ..."
-            print0(f"  {task_name}: SKIPPED, data unavailable ({reason})")
+            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
             unavailable.add(task_name)
             continue
-        results[task_name] = accuracy
-        print0(f"  {task_name}: {100 * accuracy:.2f}%")
-    chatcore, label = chatcore_from_results(results, unavailable)
-    chatcore_cat, _ = chatcore_from_results(results, unavailable, [t for t in ALL_TASKS if BASELINES[t] > 0])
+        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
+    chatcore, label = chatcore_from_results(results)
+    chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
     chatcore = float("nan") if chatcore is None else chatcore
     chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
     partial = "" if label == "full" else f" {label}"
     print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
-    if was_training:
-        model.train()
+    model.train()
     return chatcore, results
 
 
