@@ -20,6 +20,11 @@ import pyarrow.parquet as pq
 from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
 
 
+def hub_endpoint():
+    """The hub's address; HF_ENDPOINT selects a mirror (or a local test server)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def hub_cache_dir(repo_id, subset="default", split="train"):
     return os.path.join(get_base_dir(), "task_data", repo_id.replace("/", "--"), subset, split)
 
@@ -82,8 +87,7 @@ def load_hub_dataset(repo_id, subset="default", split="train"):
     relative_dir = os.path.relpath(cache_dir, get_base_dir())
     os.makedirs(cache_dir, exist_ok=True)
     if _shard_urls(cache_dir) is None:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        download_file_with_lock(f"{endpoint}/api/datasets/{repo_id}/parquet/{subset}/{split}",
+        download_file_with_lock(f"{hub_endpoint()}/api/datasets/{repo_id}/parquet/{subset}/{split}",
                                 os.path.join(relative_dir, "shard_urls.json"))
     filenames = []
     for i, url in enumerate(_shard_urls(cache_dir)):
