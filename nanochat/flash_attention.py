@@ -11,7 +11,7 @@ nowhere else:
 
   fa3   Flash Attention 3 kernels loaded through the `kernels` package: CUDA Hopper (sm90) with bf16 compute
   flex  PyTorch FlexAttention with block-sparse masks (compiled): every other CUDA GPU. Sliding windows skip
-        whole masked tiles instead of computing a dense mask (the reference fell back to SDPA + dense mask)
+        whole masked tiles instead of computing a dense mask
   sdpa  torch scaled_dot_product_attention: CPU / MPS. Full-context layers take the fused causal path;
         sliding windows need an explicit (dense) mask
 
@@ -19,6 +19,7 @@ The choice is printed once per device type. Tests may force a backend with set_b
 """
 
 import os
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -120,21 +121,14 @@ def _check_window(causal, window_size):
         raise NotImplementedError("windowed attention is only supported with causal=True")
 
 
-_dense_masks = {}
-
+@functools.lru_cache(maxsize=64)
 def _dense_mask(Tq, Tk, left, device):
     """Boolean (Tq, Tk) mask: query row r sits at absolute position Tk - Tq + r (queries are the newest tokens)."""
-    key = (Tq, Tk, left, str(device))
-    mask = _dense_masks.get(key)
-    if mask is None:
-        q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
-        k_pos = torch.arange(Tk, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if left >= 0:
-            mask = mask & (q_pos - k_pos <= left)
-        if len(_dense_masks) > 64:
-            _dense_masks.clear()
-        _dense_masks[key] = mask
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if left >= 0:
+        mask = mask & (q_pos - k_pos <= left)
     return mask
 
 
@@ -165,7 +159,6 @@ def _sdpa(q, k, v, causal, window_size):
 # FlexAttention backend
 
 _flex_fn = {}
-_block_masks = {}
 
 def _flex_attention_fn(device_type):
     if device_type not in _flex_fn:
@@ -175,25 +168,19 @@ def _flex_attention_fn(device_type):
     return _flex_fn[device_type]
 
 
+@functools.lru_cache(maxsize=64)
 def _block_mask(Tq, Tk, left, device):
-    key = (Tq, Tk, left, str(device))
-    bm = _block_masks.get(key)
-    if bm is None:
-        from torch.nn.attention.flex_attention import create_block_mask
-        offset = Tk - Tq
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq
 
-        def causal_window(b, h, q_idx, kv_idx):
-            q_pos = q_idx + offset
-            allowed = kv_idx <= q_pos
-            if left >= 0:
-                allowed = allowed & (q_pos - kv_idx <= left)
-            return allowed
+    def causal_window(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        allowed = kv_idx <= q_pos
+        if left >= 0:
+            allowed = allowed & (q_pos - kv_idx <= left)
+        return allowed
 
-        bm = create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
-        if len(_block_masks) > 64:
-            _block_masks.clear()
-        _block_masks[key] = bm
-    return bm
+    return create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
 
 
 def _flex(q, k, v, causal, window_size):

@@ -1,5 +1,5 @@
 """
-The GPT model (HEAD recipe of the reference: the architecture behind the 1.65 h time-to-GPT-2 record).
+The GPT model (the architecture behind the 1.65 h time-to-GPT-2 record).
 
 - rotary position embeddings (base 100k, split-halves pairing), no positional table
 - QK-norm (parameter-free RMS norm per head) followed by a fixed x1.2 scale of q and k
@@ -9,6 +9,8 @@ The GPT model (HEAD recipe of the reference: the architecture behind the 1.65 h 
 - sliding-window attention by a pattern string (S = short window, L = full), last layer always full
 - logits soft-capped at 15, vocab padded to a multiple of 64
 - explicit compute dtype (nanochat.common.COMPUTE_DTYPE): fp32 master weights cast per matmul, no autocast
+- the training loss is computed in token chunks (lm_head, soft-cap, cross-entropy), recomputed in backward, so
+  the (B*T, vocab) fp32 logits never exist at once
 - built on the meta device, then `to_empty(device=...)` and `init_weights()`
 """
 
@@ -18,11 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.common import COMPUTE_DTYPE, print0
 from nanochat.flash_attention import flash_attn_func, flash_attn_with_kvcache, prepare_masks
+from nanochat.optim import MuonAdamW
 
-# Tuned constants of the HEAD recipe (see spec model_training.md section 1.9)
+# Tuned constants of the recipe
 VE_GATE_CHANNELS = 12      # the value-embedding gate reads this many leading channels of the block input
 VE_GATE_RANGE = 3.0        # gate = 3 * sigmoid(.) in (0, 3)
 SMEAR_CHANNELS = 24        # the smear gate reads this many leading channels of the embedding
@@ -30,6 +34,7 @@ QK_SCALE = 1.2             # q and k are multiplied by this after QK-norm (atten
 ROPE_BASE = 100_000
 ROPE_CACHE_MULTIPLE = 10   # rotary tables cover 10x the training context (generation can run past it)
 LOGIT_SOFTCAP = 15.0
+LOSS_CHUNK_TOKENS = 2048  # tokens per loss chunk: 2048 x 32768 fp32 logits = 256 MiB per copy
 
 
 @dataclass
@@ -289,33 +294,15 @@ class GPT(nn.Module):
         attention = sum(12 * H * D * span for span in self._attention_spans(self.config.sequence_len))
         return 6 * self.num_matmul_params() + attention
 
-    def estimate_decode_flops(self, context_len):
-        """Forward FLOPs to generate one token with `context_len` tokens already cached."""
-        H, D = self.config.n_head, self.config.n_embd // self.config.n_head
-        return 2 * self.num_matmul_params() + sum(4 * H * D * min(context_len, w) for w in self._attention_spans(10**12))
-
-    def estimate_prefill_flops(self, num_tokens):
-        """Forward FLOPs to prefill `num_tokens` tokens (causal, windowed: row i attends min(i+1, w) keys, ~)."""
-        H, D = self.config.n_head, self.config.n_embd // self.config.n_head
-        attention = 0
-        for w in self._attention_spans(10**12):
-            wp = min(w, num_tokens)
-            attention += 4 * H * D * (wp * (wp + 1) // 2 + (num_tokens - wp) * wp)
-        return 2 * self.num_matmul_params() * num_tokens + attention
-
-    def kv_bytes_per_token(self):
-        D = self.config.n_embd // self.config.n_head
-        return self.config.n_layer * 2 * self.config.n_kv_head * D * torch.finfo(COMPUTE_DTYPE).bits // 8
-
     # ------------------------------------------------------------------------------------------------
     # optimizer
 
     def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28,
-                        adam_betas=None, scalar_lr=0.5):
-        """Muon for every matrix inside the blocks (grouped by shape), AdamW for the rest (HEAD groups).
-        adam_betas=None keeps HEAD's tuned per-group betas; a (beta1, beta2) pair overrides them for the
-        lm_head, wte, value-embedding and resid-lambda groups (SEED's --adam-beta1/--adam-beta2)."""
-        from nanochat.optim import MuonAdamW
+                        adam_betas=None, scalar_lr=0.5, compile=False):
+        """Muon for every matrix inside the blocks (grouped by shape), AdamW for the rest.
+        adam_betas=None keeps the tuned per-group betas; a (beta1, beta2) pair overrides them for the
+        lm_head, wte, value-embedding and resid-lambda groups (--adam-beta1/--adam-beta2).
+        compile=True runs the optimizer math compiled (pass the same decision as for the model)."""
         C = self.config.n_embd
         dmodel_lr_scale = (C / 768) ** -0.5  # AdamW LRs were tuned at width 768
         print0(f"Scaling the LR for the AdamW parameters proportional to 1/sqrt({C}/768) = {dmodel_lr_scale:.6f}")
@@ -333,7 +320,7 @@ class GPT(nn.Module):
                   betas((0.8, 0.995)), 0.01),
             adamw("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01, betas((0.8, 0.95)), 0.05),
             adamw("x0_lambdas", [self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
-            # fixed LR, deliberately not scaled with the batch size (HEAD)
+            # fixed LR, deliberately not scaled with the batch size
             adamw("smear_backout", [self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
         ]
         by_shape = {}
@@ -347,7 +334,7 @@ class GPT(nn.Module):
         assert covered == sum(p.numel() for p in self.parameters()), "optimizer groups must cover every parameter"
         for g in groups:
             g["initial_lr"] = g["lr"]
-        optimizer = MuonAdamW(groups)
+        optimizer = MuonAdamW(groups, compile=compile)
         for g in optimizer.param_groups:  # in case the optimizer rebuilt the group dicts
             g.setdefault("initial_lr", g["lr"])
         return optimizer
@@ -391,17 +378,29 @@ class GPT(nn.Module):
                 x_mid = x
         x = x - self.backout_lambda.to(x.dtype) * x_mid  # "backout": remove part of the mid-depth stream
         x = norm(x)
-
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            return self._logits(x)
+        # per-token losses chunk by chunk; checkpointing drops each chunk's logits and recomputes them in backward
+        x, targets = x.reshape(B * T, -1), targets.reshape(-1)
+        losses = torch.cat([checkpoint(self._token_losses, xc, tc, use_reentrant=False)
+                            for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
+        if loss_reduction == "none":
+            return losses
+        if loss_reduction == "sum":
+            return losses.sum()
+        assert loss_reduction == "mean", f"loss_reduction must be mean, sum or none, got {loss_reduction!r}"
+        return losses.sum() / (targets != -1).sum()  # mean over non-ignored targets, as F.cross_entropy
+
+    def _logits(self, x):
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+    def _token_losses(self, x, targets):
+        return F.cross_entropy(self._logits(x), targets, ignore_index=-1, reduction="none")
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 generation without a KV cache (the reference for the Engine). Yields ints."""
+        """Naive batch-1 generation without a KV cache (what the Engine is tested against). Yields ints."""
         assert isinstance(tokens, list) and len(tokens) > 0
         device = self.get_device()
         rng = torch.Generator(device=device)

@@ -30,6 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import COMPUTE_DTYPE
+
 # Polar Express coefficients (a, b, c) for 5 iterations (safety factor 2e-2, cushion 2). Iteration i uses triple i.
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -48,8 +50,7 @@ SMALL_PARAM_NUMEL = 1024
 
 
 def _orthogonalize_dtype():
-    # bf16 orthogonalization only when the whole model computes in bf16 (HEAD); otherwise stay in fp32 (CPU, MPS, old GPUs)
-    from nanochat.common import COMPUTE_DTYPE
+    # bf16 orthogonalization only when the whole model computes in bf16; otherwise stay in fp32 (CPU, MPS, old GPUs)
     return torch.bfloat16 if COMPUTE_DTYPE == torch.bfloat16 else torch.float32
 
 
@@ -61,30 +62,24 @@ def _dist_world():
 
 
 # -----------------------------------------------------------------------------
-# The per-parameter math (pure functions on tensors, no communication)
+# The per-parameter math (pure functions on tensors, no communication). Every hyper-parameter that a schedule may
+# change (lr, betas, momentum, weight decay, the step count) is a 0-D fp32 tensor, so the compiled versions below
+# see new values as data and never recompile; only shapes and dtypes are baked into a compiled graph.
 
-@torch.no_grad()
 def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step on tensor p (in place). Math is done in fp32 and written back (bf16 params on GPU/MPS)."""
-    p32, g32 = p.float(), g.float()
+    p32, g32 = p.float(), g.float()  # .float() of an fp32 tensor is the tensor itself: updated in place
     m32, v32 = exp_avg.float(), exp_avg_sq.float()
     p32.mul_(1.0 - lr * weight_decay)
     m32.lerp_(g32, 1.0 - beta1)
-    v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
-    bias1 = 1.0 - beta1 ** step
-    bias2 = 1.0 - beta2 ** step
-    denom = (v32 / bias2).sqrt_().add_(eps)
-    p32.addcdiv_(m32, denom, value=-lr / bias1)
-    # write back (no-ops when the tensors already are fp32 views of themselves)
-    if p32.data_ptr() != p.data_ptr():
-        p.copy_(p32)
-    if m32.data_ptr() != exp_avg.data_ptr():
-        exp_avg.copy_(m32)
-    if v32.data_ptr() != exp_avg_sq.data_ptr():
-        exp_avg_sq.copy_(v32)
+    v32.lerp_(g32.square(), 1.0 - beta2)
+    denom = (v32 / (1.0 - beta2 ** step)).sqrt_().add_(eps)
+    p32.sub_(m32 / denom * (lr / (1.0 - beta1 ** step)))
+    for dst, src in ((p, p32), (exp_avg, m32), (exp_avg_sq, v32)):
+        if dst.dtype != torch.float32:
+            dst.copy_(src)
 
 
-@torch.no_grad()
 def polar_express(X, ns_steps):
     """Approximately orthogonalize each matrix of the stack X (K, rows, cols), in X's dtype."""
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
@@ -101,7 +96,6 @@ def polar_express(X, ns_steps):
     return X
 
 
-@torch.no_grad()
 def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, beta2, weight_decay, ns_steps):
     """
     One Muon step on a stack of same-shaped matrices. P (K, rows, cols) fp32 params (updated in place),
@@ -135,12 +129,25 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     P.sub_(eff_lr * X + (eff_lr * weight_decay) * P * mask)
 
 
+# Compiled lazily on first use: one graph per parameter shape/dtype, fused into a few kernels instead of a dozen
+# full passes over memory per tensor. Eager and compiled run the very same functions.
+adamw_update_compiled = torch.compile(adamw_update, dynamic=False, fullgraph=True)
+muon_update_compiled = torch.compile(muon_update, dynamic=False, fullgraph=True)
+
+
+def _scalars(*values):
+    return [torch.tensor(float(v), dtype=torch.float32) for v in values]
+
+
 # -----------------------------------------------------------------------------
 # The optimizer
 
 class MuonAdamW(torch.optim.Optimizer):
+    """compile=True runs the compiled update functions (worth it for long runs: each new shape costs a compilation)."""
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, compile=False):
+        self.adamw_update = adamw_update_compiled if compile else adamw_update
+        self.muon_update = muon_update_compiled if compile else muon_update
         param_groups = [dict(g) for g in param_groups]
         for group in param_groups:
             group["params"] = list(group["params"])
@@ -221,8 +228,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(target)
                 state["exp_avg_sq"] = torch.zeros_like(target)
             state["step"] += 1
-            adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                         beta1, beta2, group["eps"], group["weight_decay"])
+            self.adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"],
+                              *_scalars(state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
             if plan["mode"] == "shard":
                 gathers.append(_all_gather(p, target, async_op=True))
         return gathers
@@ -246,8 +253,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if owned > 0:
             lo = rank * chunk
             P = torch.stack([params[i].float() for i in range(lo, lo + owned)])
-            muon_update(P, grad[:owned], state["momentum_buffer"][:owned], state["second_momentum_buffer"][:owned],
-                        group["lr"], group["momentum"], group["beta2"], group["weight_decay"], group["ns_steps"])
+            self.muon_update(P, grad[:owned], state["momentum_buffer"][:owned], state["second_momentum_buffer"][:owned],
+                             *_scalars(group["lr"], group["momentum"], group["beta2"], group["weight_decay"]),
+                             group["ns_steps"])
             if world == 1:
                 for i in range(owned):
                     params[i].copy_(P[i])

@@ -1,7 +1,7 @@
 """
 FP8 training without torchao. On CPU: the clear error on unsupported hardware, the quantization math, the fp8 GEMMs
 themselves (torch._scaled_mm runs on CPU too), module conversion/filtering, the eval switch, and that FLOPs per token
-are unchanged by conversion (the reference's HEAD undercounted them).
+are unchanged by conversion.
 """
 
 import pytest
@@ -16,18 +16,25 @@ from conftest import make_tiny_model
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
+@pytest.fixture
+def no_hardware_check(monkeypatch):
+    """The fp8 math runs on CPU too (torch._scaled_mm): skip the GPU capability check to exercise it here."""
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_unsupported_hardware_is_a_clear_error():
+def test_unsupported_hardware_is_a_clear_error(monkeypatch):
     model = nn.Sequential(nn.Linear(128, 128, bias=False))
     with pytest.raises(fp8.Fp8UnsupportedError, match="compute capability >= 8.9.*Drop --fp8"):
         fp8.convert_to_float8_training(model, device="cpu")
     with pytest.raises(fp8.Fp8UnsupportedError):
         fp8.check_fp8_support("mps")
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
     with pytest.raises(ValueError, match="--fp8-recipe"):
-        fp8.convert_to_float8_training(model, recipe="blockwise", _skip_hardware_check=True)
+        fp8.convert_to_float8_training(model, recipe="blockwise")
     assert not isinstance(model[0], fp8.Float8Linear)  # nothing converted on failure
 
 
@@ -85,30 +92,30 @@ def tiny_model():
     return make_tiny_model(256, n_layer=2, n_embd=128, n_head=2, sequence_len=32, window_pattern="L")
 
 
-def test_conversion_filter_weights_shared_and_flops_unchanged():
+def test_conversion_filter_weights_shared_and_flops_unchanged(no_hardware_check):
     model = tiny_model()
     flops_before = model.estimate_flops()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     weight = model.transformer.h[0].mlp.c_fc.weight
-    report = fp8.convert_to_float8_training(model, recipe="tensorwise", _skip_hardware_check=True)
+    report = fp8.convert_to_float8_training(model, recipe="tensorwise")
     assert isinstance(model.transformer.h[0].mlp.c_fc, fp8.Float8Linear)
     assert model.transformer.h[0].mlp.c_fc.weight is weight  # shared, not copied
     assert isinstance(model.lm_head, fp8.Float8Linear)
     # too small for fp8: value-embedding gates (12 in), smear gate (24 in)
     assert "smear_gate" in report.skipped and "transformer.h.1.attn.ve_gate" in report.skipped
     assert len(report.converted) == 2 * 6 + 1
-    assert model.estimate_flops() == flops_before == fp8.flops_per_token(model)
+    assert model.estimate_flops() == flops_before
     assert model.state_dict().keys() == state_before.keys()  # checkpoints are interchangeable
 
 
-def test_converted_model_trains_and_eval_switch():
+def test_converted_model_trains_and_eval_switch(no_hardware_check):
     model = tiny_model()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     idx = torch.randint(0, 256, (2, 32))
     ref_logits = model(idx)
-    fp8.convert_to_float8_training(model, recipe="tensorwise", _skip_hardware_check=True)
+    fp8.convert_to_float8_training(model, recipe="tensorwise")
     with fp8.disable_fp8(model):
         torch.testing.assert_close(model(idx), ref_logits)  # high precision inside the context
     fp8_logits = model(idx)
@@ -120,11 +127,11 @@ def test_converted_model_trains_and_eval_switch():
     assert torch.isfinite(model.transformer.h[0].mlp.c_fc.weight.grad).all()
 
 
-def test_real_sizes_convert_everything_but_tiny_gates():
+def test_real_sizes_convert_everything_but_tiny_gates(no_hardware_check):
     with torch.device("meta"):
         model = GPT(config_from_depth(24))
     flops = model.estimate_flops()
-    report = fp8.convert_to_float8_training(model, _skip_hardware_check=True)
+    report = fp8.convert_to_float8_training(model)
     assert len(report.converted) == 24 * 6 + 1  # all block linears + lm_head
     assert len(report.skipped) == 12 + 1       # 12 ve_gates + smear_gate
     assert model.estimate_flops() == flops

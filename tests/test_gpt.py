@@ -3,12 +3,16 @@ The GPT model: parameter/FLOP tables (HEAD recipe, and the spec's SEED table der
 windows, smear/KV-cache exactness, the optimizer groups, and a tiny model that learns.
 """
 
+import copy
 import math
 import sys
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from nanochat import gpt
 
 from nanochat.gpt import GPT, GPTConfig, config_from_depth, compute_window_sizes, has_value_embedding, short_window_size
 from nanochat.engine import KVCache
@@ -183,6 +187,41 @@ def test_loss_reductions_and_ignore_index():
     assert torch.all(per_token[:5] == 0)
     mean = model(idx, targets=targets)
     torch.testing.assert_close(mean, per_token.sum() / 19)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
+    """Loss in token chunks (7 tokens: uneven last chunk) == cross-entropy of the full soft-capped logits, for the
+    loss and every gradient, with ignored targets; 'none' is backpropagated with per-token weights."""
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)
+    model = tiny(noise=0.02)
+    full = copy.deepcopy(model)
+    idx = torch.randint(0, 300, (2, 16))
+    targets = torch.randint(0, 300, (2, 16))
+    targets[0, :5] = -1
+    loss = model(idx, targets=targets, loss_reduction=reduction)
+    logits = full(idx)
+    ref = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
+    torch.testing.assert_close(loss, ref)
+    weights = torch.rand(ref.shape, generator=torch.Generator().manual_seed(0))
+    (loss * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), full.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_training_loss_never_keeps_full_logits_for_backward(monkeypatch):
+    """Nothing of (B*T) x vocab size is saved for backward: peak memory grows with the loss chunk, not B*T*vocab."""
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 8)
+    V, B, T = 4096, 2, 32
+    model = tiny(vocab=V, n_embd=32, n_head=2, n_kv_head=2, T=T, noise=0.02)
+    idx = torch.randint(0, V, (B, T))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model(idx, targets=idx)
+    assert max(saved) < B * T * V // 2  # the lm_head weight (V x 32) is the largest saved tensor
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_backward_reaches_every_parameter():

@@ -69,7 +69,7 @@ def to_params(raw):
     return out
 
 
-def build_optimizer(P):
+def build_optimizer(P, compile=False):
     groups = [
         dict(kind="adamw", params=[P["emb"], P["big"], P["odd"]], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01),
         dict(kind="adamw", params=[P["lam"]], lr=0.05, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0),
@@ -77,7 +77,7 @@ def build_optimizer(P):
         dict(kind="muon", params=P["tall"], lr=0.02, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0.2),
         dict(kind="muon", params=P["wide"], lr=0.02, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0.2),
     ]
-    return MuonAdamW(groups)
+    return MuonAdamW(groups, compile=compile)
 
 
 def all_params(P):
@@ -212,14 +212,42 @@ def test_deterministic_and_state_dict_resume(tmp_path):
         assert torch.equal(p, r)  # bit-exact
 
 
+def test_compiled_matches_eager_and_schedule_never_recompiles():
+    """The compiled update functions equal the eager ones while lr/momentum/betas/weight decay change every step,
+    and after the first step (one graph per shape) a changing schedule triggers no recompilation."""
+    torch._dynamo.reset()
+    P, Q = to_params(make_params()), to_params(make_params())
+    eager, compiled = build_optimizer(P), build_optimizer(Q, compile=True)
+    for step in range(4):
+        for opt in (eager, compiled):
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * (1.0 - 0.2 * step)
+                g["weight_decay"] = 0.1 * step
+                if g["kind"] == "muon":
+                    g["momentum"] = 0.85 + 0.03 * step
+                else:
+                    g["betas"] = (0.8 + 0.02 * step, 0.95)
+        grads = make_grads(step, 0)
+        set_grads(P, grads)
+        set_grads(Q, grads)
+        eager.step()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            compiled.step()
+        if step > 0:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        for p, q in zip(all_params(P), all_params(Q)):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # 2 gloo processes vs 1 process
 
-def _two_rank_worker(rank, world, init_file, out_dir):
+def _two_rank_worker(rank, world, init_file, out_dir, compile):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     P = to_params(make_params())
-    opt = build_optimizer(P)
+    opt = build_optimizer(P, compile)
     for step in range(3):
         set_grads(P, make_grads(step, rank)); opt.step()
     state = copy.deepcopy(opt.state_dict())
@@ -228,10 +256,10 @@ def _two_rank_worker(rank, world, init_file, out_dir):
     final = [p.detach().clone() for p in all_params(P)]
     # resume from the step-3 state on a fresh optimizer, with params restored from a fresh 3-step replay
     Q = to_params(make_params())
-    opt_q = build_optimizer(Q)
+    opt_q = build_optimizer(Q, compile)
     for step in range(3):
         set_grads(Q, make_grads(step, rank)); opt_q.step()
-    opt_r = build_optimizer(Q)
+    opt_r = build_optimizer(Q, compile)
     opt_r.load_state_dict(state)
     for step in range(3, 5):
         set_grads(Q, make_grads(step, rank)); opt_r.step()
@@ -240,10 +268,12 @@ def _two_rank_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("compile", [False, True])
+def test_two_process_gloo_matches_single_process(tmp_path, compile):
+    """Sharded (2 ranks) == single process with averaged grads; compiled ranks against the eager single process."""
     os.environ["OMP_NUM_THREADS"] = "1"
     init_file = tmp_path / "pg_init"
-    mp.spawn(_two_rank_worker, args=(2, str(init_file), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, str(init_file), str(tmp_path), compile), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     # single process sees the rank-averaged gradient
