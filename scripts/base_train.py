@@ -35,7 +35,7 @@ from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
                              get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
-                             peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc)
+                             peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc, should_compile)
 from nanochat.core_eval import evaluate_core, SAMPLE_PROMPTS
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
@@ -56,6 +56,8 @@ def build_parser():
     g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    g.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
     g.add_argument("--fp8", action="store_true", help="train Linear layers in FP8 (CUDA compute capability >= 8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="FP8 scaling recipe (tensorwise is faster)")
     g = parser.add_argument_group("model architecture")
@@ -325,7 +327,7 @@ def print_hardware(device_type, window_pattern):
     return peak_flops
 
 
-def build_model(args, plan, device, checkpoint_dir, rank):
+def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
     with torch.device("meta"):
         model = GPT(plan.model_config)
@@ -353,7 +355,7 @@ def build_model(args, plan, device, checkpoint_dir, rank):
     scale = plan.batch_lr_scale
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
                                       matrix_lr=args.matrix_lr * scale, weight_decay=plan.weight_decay_scaled,
-                                      adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale)
+                                      adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale, compile=use_compile)
     if optim_data is not None:
         optimizer.load_state_dict(optim_data)
     return model, optimizer
@@ -426,8 +428,9 @@ def main(argv=None):
     peak_flops = print_hardware(device_type, args.window_pattern)
 
     # --- model, optimizer, data -------------------------------------------------------------------------------
-    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank)  # uncompiled: checkpoints, CORE, samples
-    model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model  # the compile decision
+    use_compile = should_compile(device_type, args.compile, num_iterations)  # on the whole horizon: a resume decides alike
+    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank, use_compile)  # uncompiled: checkpoints, CORE, samples
+    model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     for key, value in plan.param_counts.items():
         print0(f"{key:24s}: {value:,}")
     print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
                              get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
-                             manage_gc, check_flag_ranges, scale_initial_lrs)
+                             manage_gc, check_flag_ranges, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          saved_world_size, is_finite_state, CheckpointError)
 from nanochat.engine import Engine
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = CUDA only")
+    parser.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
     # which base model
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
@@ -345,13 +346,13 @@ def resolve_inherited(args, meta):
     return pretrained
 
 
-def build_optimizer(model, args, device, rank, world_size):
+def build_optimizer(model, args, device, rank, world_size, use_compile):
     """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers.
     The base state is sharded per rank, so it only fits under the same number of processes; every rank warm-starts
     or none does."""
     def fresh():
         return model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
     optimizer = fresh()
     base_state = None
     if args.load_optimizer:
@@ -417,13 +418,14 @@ def main(argv=None):
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={model.config.sequence_len}")
 
     orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
-    if args.compile == 1 or (args.compile == -1 and device_type == "cuda"):  # the compile decision
-        model = torch.compile(model, dynamic=False)
+    use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
+    if use_compile:
+        model = torch.compile(model, dynamic=False, fullgraph=True)
     num_flops_per_token = orig_model.estimate_flops()
     token_bytes = get_token_bytes(device=device)
 
     # --- optimizer (fresh LRs, momentum warm-started from the base run) -----------------------------------------
-    optimizer = build_optimizer(orig_model, args, device, rank, world_size)
+    optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
     scaler = make_grad_scaler(device_type)
 
     # --- data ---------------------------------------------------------------------------------------------------

@@ -339,3 +339,23 @@ def test_bench_train_smoke(capsys):
                    "--vocab-size=256", "--device-batch-size=1", "--steps=2", "--warmup-steps=0"])
     assert result["tok_per_sec"] > 0 and result["mfu"] is None
     assert "tok/sec:" in capsys.readouterr().out
+
+
+def test_compile_on_trains_like_eager(train_dir):
+    # --compile=on compiles the model (fullgraph) and the optimizer math; the losses match eager's closely
+    common = TINY + ["--num-iterations=3", "--eval-every=-1"]
+    eager = run_train(train_dir, common + ["--compile=off", "--model-tag=eager"])
+    compiled = run_train(train_dir, common + ["--compile=on", "--model-tag=compiled"], timeout=600)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert "torch.compile: off (--compile=off)" in eager.stdout
+    assert "torch.compile: on (--compile=on)" in compiled.stdout
+    eager_losses, compiled_losses = step_losses(eager.stdout), step_losses(compiled.stdout)
+    assert sorted(eager_losses) == sorted(compiled_losses) == [0, 1, 2]
+    for step in eager_losses:
+        assert abs(float(eager_losses[step].split()[1]) - float(compiled_losses[step].split()[1])) < 1e-3
+
+
+def test_compile_auto_is_eager_for_a_short_cpu_run(train_dir):
+    proc = run_train(train_dir, TINY + ["--num-iterations=2", "--eval-every=-1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch.compile: off (auto: 2 steps < 200, the CPU warm-up break-even)" in proc.stdout
