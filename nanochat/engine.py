@@ -11,14 +11,13 @@ gets the calculator's answer forced into its stream as <|output_start|> result <
 """
 
 import ast
-import time
 import operator
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, synchronize
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
 from nanochat.checkpoint_manager import load_model
 
 
@@ -245,20 +244,11 @@ def main():
     except Exception as e:
         raise SystemExit(f"error: could not load a base model ({e}); train one first with python -m scripts.base_train")
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
-
+    naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     engine = Engine(model, tokenizer)
-    runs = {"naive": lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)),
-            "engine": lambda: engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]}
-    outputs = {}
-    for name, run in runs.items():
-        synchronize(device_type)
-        t0 = time.time()
-        outputs[name] = run()
-        synchronize(device_type)
-        seconds = time.time() - t0
-        print(f"{name:6}: {tokenizer.decode(prompt + outputs[name])!r}")
-        print(f"{name} time: {seconds:.2f}s")
-    naive, cached = outputs["naive"], outputs["engine"]
+    cached = engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
+    print(f"naive : {tokenizer.decode(prompt + naive)!r}")
+    print(f"engine: {tokenizer.decode(prompt + cached)!r}")
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
     if mismatch is not None:
