@@ -55,15 +55,9 @@ class ExecutionResult:
     isolation: str = ""
 
     def __repr__(self):
-        # only what differs from the defaults, so a failed result reads at a glance
+        # only the fields that are set (every default is empty or false), so a failed result reads at a glance
         parts = [f"success={self.success}"]
-        for f in fields(self)[1:]:
-            value = getattr(self, f.name)
-            if f.name in ("stdout", "stderr"):
-                if value:
-                    parts.append(f"{f.name}={value!r}")
-            elif value != f.default:
-                parts.append(f"{f.name}={value!r}")
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:] if getattr(self, f.name)]
         return f"ExecutionResult({', '.join(parts)})"
 
 
