@@ -72,7 +72,7 @@ def use_calculator(expr):
     Arithmetic: digits, + - * / ( ) . and spaces (no **); digit-grouping commas are dropped ("1,000" -> 1000).
     Strings: `"text".count("t")` (optionally after .lower()/.upper()/.strip()). Commas inside string literals are
     kept, so "a,b".count(",") works."""
-    if not isinstance(expr, str) or len(expr) > MAX_EXPRESSION_CHARS:
+    if len(expr) > MAX_EXPRESSION_CHARS:
         return None
     expr = expr.strip()
     try:
@@ -155,11 +155,12 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # a row's turn ends at <|assistant_end|>, or at BOS (a new document) for a base model
+        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Stream (token_column, token_masks): one token per sample per step; mask 1 = sampled, 0 = forced."""
-        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "tokens: non-empty list of ints"
         model, tok = self.model, self.tokenizer
         device = model.get_device()
         rng = torch.Generator(device=device)
@@ -167,7 +168,6 @@ class Engine:
 
         python_start, python_end = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
         output_start, output_end = tok.encode_special("<|output_start|>"), tok.encode_special("<|output_end|>")
-        stop_tokens = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
 
         cfg = model.config
         cache_args = dict(num_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device)
@@ -193,7 +193,7 @@ class Engine:
             token_masks = [0 if forced[i] else 1 for i in range(num_samples)]
             token_column = [forced[i].pop(0) if forced[i] else sampled[i] for i in range(num_samples)]
             for i, token in enumerate(token_column):
-                completed[i] = completed[i] or token in stop_tokens
+                completed[i] = completed[i] or token in self.stop_tokens
                 # tool state machine
                 if token == python_start:
                     expression[i] = []
@@ -214,13 +214,12 @@ class Engine:
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), lists of token lists including the prompt; terminal tokens
         (<|assistant_end|>, BOS) are not appended."""
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
         for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-                completed[i] = completed[i] or token in stop_tokens
+                completed[i] = completed[i] or token in self.stop_tokens
                 if not completed[i]:
                     results[i].append(token)
                     masks[i].append(mask)
