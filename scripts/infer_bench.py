@@ -36,10 +36,6 @@ PEAK_BANDWIDTH = [
 ]
 
 
-def peak_bandwidth(device_name):
-    name = device_name.lower()
-    return next((bandwidth for keys, bandwidth in PEAK_BANDWIDTH if all(k in name for k in keys)), None)
-
 def cell(value, width, digits, scale=1):
     """One right-aligned table cell; n/a for a number this device cannot give."""
     return f"{'n/a' if value is None else f'{scale * value:.{digits}f}':>{width}}"
@@ -105,7 +101,8 @@ def main(argv=None):
     gpu_name, total_memory = device_type, None
     if device_type == "cuda":
         gpu_name, total_memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(device).total_memory
-    bandwidth, peak_flops = peak_bandwidth(gpu_name), get_peak_flops(gpu_name)  # None (n/a) for a CPU
+    bandwidth = next((bw for keys, bw in PEAK_BANDWIDTH if all(k in gpu_name.lower() for k in keys)), None)
+    peak_flops = get_peak_flops(gpu_name)  # None (n/a) for a CPU, as bandwidth
     param_dtypes = Counter()
     for p in model.parameters():
         param_dtypes[str(p.dtype).removeprefix("torch.")] += p.numel()
