@@ -236,8 +236,7 @@ def main():
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     args = parser.parse_args()
-    device_type = args.device_type or autodetect_device_type()
-    device = torch.device(device_type)
+    device = torch.device(args.device_type or autodetect_device_type())
     try:
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     except Exception as e:
@@ -251,8 +250,7 @@ def main():
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
     if mismatch is not None:
-        print(f"Mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
-        raise SystemExit(1)
+        raise SystemExit(f"error: mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
     print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":
