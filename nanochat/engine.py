@@ -11,14 +11,13 @@ gets the calculator's answer forced into its stream as <|output_start|> result <
 """
 
 import ast
-import time
 import operator
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, synchronize
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
 from nanochat.checkpoint_manager import load_model
 
 
@@ -73,7 +72,7 @@ def use_calculator(expr):
     Arithmetic: digits, + - * / ( ) . and spaces (no **); digit-grouping commas are dropped ("1,000" -> 1000).
     Strings: `"text".count("t")` (optionally after .lower()/.upper()/.strip()). Commas inside string literals are
     kept, so "a,b".count(",") works."""
-    if not isinstance(expr, str) or len(expr) > MAX_EXPRESSION_CHARS:
+    if len(expr) > MAX_EXPRESSION_CHARS:
         return None
     expr = expr.strip()
     try:
@@ -156,11 +155,12 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # a row's turn ends at <|assistant_end|>, or at BOS (a new document) for a base model
+        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Stream (token_column, token_masks): one token per sample per step; mask 1 = sampled, 0 = forced."""
-        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "tokens: non-empty list of ints"
         model, tok = self.model, self.tokenizer
         device = model.get_device()
         rng = torch.Generator(device=device)
@@ -168,7 +168,6 @@ class Engine:
 
         python_start, python_end = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
         output_start, output_end = tok.encode_special("<|output_start|>"), tok.encode_special("<|output_end|>")
-        stop_tokens = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
 
         cfg = model.config
         cache_args = dict(num_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device)
@@ -194,7 +193,7 @@ class Engine:
             token_masks = [0 if forced[i] else 1 for i in range(num_samples)]
             token_column = [forced[i].pop(0) if forced[i] else sampled[i] for i in range(num_samples)]
             for i, token in enumerate(token_column):
-                completed[i] = completed[i] or token in stop_tokens
+                completed[i] = completed[i] or token in self.stop_tokens
                 # tool state machine
                 if token == python_start:
                     expression[i] = []
@@ -215,13 +214,12 @@ class Engine:
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), lists of token lists including the prompt; terminal tokens
         (<|assistant_end|>, BOS) are not appended."""
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
         for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-                completed[i] = completed[i] or token in stop_tokens
+                completed[i] = completed[i] or token in self.stop_tokens
                 if not completed[i]:
                     results[i].append(token)
                     masks[i].append(mask)
@@ -238,32 +236,21 @@ def main():
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     args = parser.parse_args()
-    device_type = args.device_type or autodetect_device_type()
-    device = torch.device(device_type)
+    device = torch.device(args.device_type or autodetect_device_type())
     try:
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     except Exception as e:
         raise SystemExit(f"error: could not load a base model ({e}); train one first with python -m scripts.base_train")
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
-
+    naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     engine = Engine(model, tokenizer)
-    runs = {"naive": lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)),
-            "engine": lambda: engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]}
-    outputs = {}
-    for name, run in runs.items():
-        synchronize(device_type)
-        t0 = time.time()
-        outputs[name] = run()
-        synchronize(device_type)
-        seconds = time.time() - t0
-        print(f"{name:6}: {tokenizer.decode(prompt + outputs[name])!r}")
-        print(f"{name} time: {seconds:.2f}s")
-    naive, cached = outputs["naive"], outputs["engine"]
+    cached = engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
+    print(f"naive : {tokenizer.decode(prompt + naive)!r}")
+    print(f"engine: {tokenizer.decode(prompt + cached)!r}")
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
     if mismatch is not None:
-        print(f"Mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
-        raise SystemExit(1)
+        raise SystemExit(f"error: mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
     print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":

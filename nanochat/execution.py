@@ -55,15 +55,9 @@ class ExecutionResult:
     isolation: str = ""
 
     def __repr__(self):
-        # only what differs from the defaults, so a failed result reads at a glance
+        # only the fields that are set (every default is empty or false), so a failed result reads at a glance
         parts = [f"success={self.success}"]
-        for f in fields(self)[1:]:
-            value = getattr(self, f.name)
-            if f.name in ("stdout", "stderr"):
-                if value:
-                    parts.append(f"{f.name}={value!r}")
-            elif value != f.default:
-                parts.append(f"{f.name}={value!r}")
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:] if getattr(self, f.name)]
         return f"ExecutionResult({', '.join(parts)})"
 
 
@@ -253,7 +247,6 @@ def _run(argv, workdir, root, code, timeout, done_w):
 
 def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEMORY_BYTES):
     """Run `code` in a sandboxed fresh interpreter. maximum_memory_bytes=None disables the memory limit."""
-    assert isinstance(code, str), "code must be a string"
     mode = isolation()
     cpu_seconds = int(timeout) + 2  # a backstop; the wall clock is the real limit
     token = secrets.token_hex(16)

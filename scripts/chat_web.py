@@ -114,20 +114,17 @@ class WorkerPool:
         self.finished = Counter()  # requests by how they ended: "stop"/"length" (served), "cancelled", "error"
 
 
-def replica_devices(device_type, num_replicas):
-    """The devices to put one model replica on each: cuda:0..n-1, or the one cpu/mps device."""
-    usable = torch.cuda.device_count() if device_type == "cuda" else 1
-    if num_replicas > usable:
-        raise SystemExit(f"error: -n/--num-gpus {num_replicas} but only {usable} {device_type} device(s) can hold a replica "
-                         "(more than one needs CUDA)")
-    return [torch.device("cuda", i) for i in range(num_replicas)] if device_type == "cuda" else [torch.device(device_type)]
-
-
 def load_workers(args):
+    """One model replica per device: cuda:0..n-1, or the one cpu/mps device."""
     device_type = args.device_type or autodetect_device_type()
+    usable = torch.cuda.device_count() if device_type == "cuda" else 1
+    if args.num_gpus > usable:
+        raise SystemExit(f"error: -n/--num-gpus {args.num_gpus} but only {usable} {device_type} device(s) can hold a replica "
+                         "(more than one needs CUDA)")
     compute_init(device_type)
     workers = []
-    for gpu_id, device in enumerate(replica_devices(device_type, args.num_gpus)):
+    for gpu_id in range(args.num_gpus):
+        device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
         model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
         engine = Engine(model, tokenizer)
@@ -385,10 +382,8 @@ def create_app(args, workers):
                            code="context_length_exceeded")
         if dropped:
             logger.info(f"conversation longer than the context: dropped the oldest {dropped} messages")
-        logger.info("=" * 20)
         for message in request.messages:
             logger.info(f"[{message['role'].upper()}]: {message['content']}")
-        logger.info("-" * 20)
         return request
 
     @app.get("/")
@@ -449,9 +444,9 @@ def create_app(args, workers):
                     "choices": choices, **extra}
 
         def choice(finish=None, **content):
-            # the reply ends with "stop" (the model finished) or "length" (max_tokens or context reached)
-            reason = None if finish is None else "stop" if finish == "stop" else "length"
-            return {"index": 0, **content, "logprobs": None, "finish_reason": reason}
+            # a reply the client sees ends with "stop" (the model finished) or "length" (max_tokens or context
+            # reached); "cancelled" only happens once the client is gone
+            return {"index": 0, **content, "logprobs": None, "finish_reason": finish}
 
         if not request.stream:
             generation = await collect_reply(pool, request, http_request)

@@ -36,10 +36,6 @@ PEAK_BANDWIDTH = [
 ]
 
 
-def peak_bandwidth(device_name):
-    name = device_name.lower()
-    return next((bandwidth for keys, bandwidth in PEAK_BANDWIDTH if all(k in name for k in keys)), None)
-
 def cell(value, width, digits, scale=1):
     """One right-aligned table cell; n/a for a number this device cannot give."""
     return f"{'n/a' if value is None else f'{scale * value:.{digits}f}':>{width}}"
@@ -105,7 +101,8 @@ def main(argv=None):
     gpu_name, total_memory = device_type, None
     if device_type == "cuda":
         gpu_name, total_memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(device).total_memory
-    bandwidth, peak_flops = peak_bandwidth(gpu_name), get_peak_flops(gpu_name)  # None (n/a) for a CPU
+    bandwidth = next((bw for keys, bw in PEAK_BANDWIDTH if all(k in gpu_name.lower() for k in keys)), None)
+    peak_flops = get_peak_flops(gpu_name)  # None (n/a) for a CPU, as bandwidth
     param_dtypes = Counter()
     for p in model.parameters():
         param_dtypes[str(p.dtype).removeprefix("torch.")] += p.numel()
@@ -122,8 +119,6 @@ def main(argv=None):
         # 2 FLOPs per matmul weight, plus QK^T and AV over the keys each layer's window lets it see
         return 2 * matmul_params + sum(4 * cfg.n_head * head_dim * min(context, w) for w in windows)
 
-    rule = "=" * 100
-    print(rule)
     print(f"Model: {args.source} {args.model_tag or '(largest tag)'} step {meta.get('step')} | depth {cfg.n_layer} | "
           f"dim {cfg.n_embd} | heads {cfg.n_head} | kv heads {cfg.n_kv_head} | context {cfg.sequence_len}")
     print(f"Device: {gpu_name} | peak bandwidth {cell(bandwidth, 0, 2, 1e-12)} TB/s | peak {cell(peak_flops, 0, 0, 1e-12)} "
@@ -131,7 +126,6 @@ def main(argv=None):
     print(f"Parameters: {', '.join(f'{n:,} {d}' for d, n in param_dtypes.items())} | weights {weight_bytes / 2**20:.1f} MiB")
     print(f"KV cache: {kv_bytes_per_token:,} bytes/token stored, {kv_read_per_step:,} bytes read/step at context {context_mid} "
           f"(window pattern {cfg.window_pattern})")
-    print(rule)
 
     # prefill: warm up, then a batch-1 run with 2 decode tokens; its TTFT is the prefill time
     bench_generate(engine, prompt, 1, 2, args.temperature, device_type)
