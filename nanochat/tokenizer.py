@@ -137,20 +137,13 @@ class RustBPETokenizer:
             messages = messages[1:]
         assert len(messages) >= 1, f"conversation has no messages: {conversation}"
 
-        ids, mask = [], []
-        def add(token_ids, mask_value):
-            if isinstance(token_ids, int):
-                token_ids = [token_ids]
+        ids, mask = [self.get_bos_token_id()], [0]
+        def add(text, mask_value, start=None, end=None):
+            """Append the tokens of text, between the special tokens start and end when given."""
+            token_ids = self.encode(text, prepend=start, append=end)
             ids.extend(token_ids)
             mask.extend([mask_value] * len(token_ids))
 
-        bos = self.get_bos_token_id()
-        user_start, user_end = self.encode_special("<|user_start|>"), self.encode_special("<|user_end|>")
-        assistant_start, assistant_end = self.encode_special("<|assistant_start|>"), self.encode_special("<|assistant_end|>")
-        python_start, python_end = self.encode_special("<|python_start|>"), self.encode_special("<|python_end|>")
-        output_start, output_end = self.encode_special("<|output_start|>"), self.encode_special("<|output_end|>")
-
-        add(bos, 0)
         for i, message in enumerate(messages):
             expected_role = "user" if i % 2 == 0 else "assistant"
             assert message["role"] == expected_role, \
@@ -158,33 +151,25 @@ class RustBPETokenizer:
             content = message["content"]
             if message["role"] == "user":
                 assert isinstance(content, str), f"user message {i} content must be a string"
-                add(user_start, 0)
-                add(self.encode(content), 0)
-                add(user_end, 0)
+                add(content, 0, "<|user_start|>", "<|user_end|>")
                 continue
-            add(assistant_start, 0)
             if isinstance(content, str):
-                add(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    kind, text = part["type"], part["text"]
-                    if kind == "text":
-                        add(self.encode(text), 1)
-                    elif kind == "python":
-                        # the model learns to emit tool calls...
-                        add(python_start, 1)
-                        add(self.encode(text), 1)
-                        add(python_end, 1)
-                    elif kind == "python_output":
-                        # ...but never the tool's output, which the tool produces at inference
-                        add(output_start, 0)
-                        add(self.encode(text), 0)
-                        add(output_end, 0)
-                    else:
-                        raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
-            else:
+                content = [{"type": "text", "text": content}]
+            elif not isinstance(content, list):
                 raise ValueError(f"assistant message {i} content must be a str or a list of parts, got {type(content).__name__}")
-            add(assistant_end, 1)
+            add("", 0, "<|assistant_start|>")
+            for part in content:
+                kind, text = part["type"], part["text"]
+                if kind == "text":
+                    add(text, 1)
+                elif kind == "python":
+                    add(text, 1, "<|python_start|>", "<|python_end|>")  # the model learns to emit tool calls...
+                elif kind == "python_output":
+                    # ...but never the tool's output, which the tool produces at inference
+                    add(text, 0, "<|output_start|>", "<|output_end|>")
+                else:
+                    raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
+            add("", 1, end="<|assistant_end|>")
 
         return ids[:max_tokens], mask[:max_tokens]
 
