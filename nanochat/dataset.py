@@ -39,11 +39,8 @@ HUB_DATASETS = {
     "climbmix": dict(dirname="base_data_climbmix", repo="karpathy/climbmix-400b-shuffle", max_shard=6542),
     "fineweb-edu": dict(dirname="base_data", repo="karpathy/fineweb-edu-100b-shuffle", max_shard=1822),
 }
-LOCAL_DATASETS = {
-    "offline": dict(dirname="base_data_offline"),
-    "local": dict(dirname="base_data_local"),
-}
-DATASETS = {**HUB_DATASETS, **LOCAL_DATASETS}
+# built here, not downloaded
+DATASETS = {**HUB_DATASETS, "offline": dict(dirname="base_data_offline"), "local": dict(dirname="base_data_local")}
 DEFAULT_DATASET = "climbmix"
 MANIFEST = "manifest.json"  # written last by local builds: names the val shard
 
@@ -87,19 +84,9 @@ def list_parquet_files(data_dir):
     return [os.path.join(data_dir, n) for n in names]
 
 
-def get_val_filename(data_dir, name):
-    """The pinned val shard's file name: from the manifest of a local build, else the hub dataset's last shard."""
-    manifest_path = os.path.join(data_dir, MANIFEST)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            return json.load(f)["val"]
-    if name in HUB_DATASETS:
-        return shard_name(HUB_DATASETS[name]["max_shard"])
-    return None  # a local build without a manifest is an unfinished build
-
-
 def get_split_files(split, name=None):
-    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing."""
+    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing.
+    The val shard is named in the manifest of a local build, else it is the hub dataset's last shard."""
     name = get_dataset_name(name)
     data_dir = get_data_dir(name)
     files = list_parquet_files(data_dir)
@@ -107,8 +94,13 @@ def get_split_files(split, name=None):
         others = [other for other in DATASETS if other != name and list_parquet_files(get_data_dir(other))]
         hint = f" (shards of {', '.join(others)} exist: set NANOCHAT_DATASET to use them)" if others else ""
         raise SystemExit(f"error: no parquet shards in {data_dir} (dataset {name!r}){hint}; {how_to_get(name)}")
-    val_name = get_val_filename(data_dir, name)
-    if val_name is None:
+    manifest_path = os.path.join(data_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            val_name = json.load(f)["val"]
+    elif name in HUB_DATASETS:
+        val_name = shard_name(HUB_DATASETS[name]["max_shard"])
+    else:
         raise SystemExit(f"error: {data_dir} has no {MANIFEST} (an unfinished build?); {how_to_get(name)}")
     val_path = os.path.join(data_dir, val_name)
     if split == "val":
