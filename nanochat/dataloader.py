@@ -80,10 +80,6 @@ class _DocumentStream:
         self.doc_idx = end
         return texts[start:end], coords
 
-    def read_docs(self, coords):
-        """Texts at the given (file name, row group, index) coordinates, in the given order."""
-        return [self.texts(self.file_index(name), rg)[i] for name, rg, i in coords]
-
     def position(self):
         self._normalize()
         return dict(epoch=self.epoch, pq_idx=self.pq_idx, rg_idx=self.rg_idx, doc_idx=self.doc_idx,
@@ -139,7 +135,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             stream.pq_idx = stream.file_index(state["file"])
             stream.epoch, stream.rg_idx, stream.doc_idx = state["epoch"], state["rg_idx"], state["doc_idx"]
             coords = _expand_coords(state["buffer"])
-            add_docs(stream.read_docs(coords), coords)
+            add_docs([stream.texts(stream.file_index(name), rg)[i] for name, rg, i in coords], coords)
         else:
             # approximate: skip the rest of the row-group block that was being read
             print0(f"WARNING: dataloader state is not this rank's exact state (rank {rank}/{world_size}); "

@@ -86,13 +86,6 @@ class RustBPETokenizer:
     def get_special_tokens(self):
         return self.enc.special_tokens_set
 
-    def id_to_token(self, id):
-        return self.enc.decode([id])
-
-    def decode_single_token_bytes(self, id):
-        """The raw bytes of one token (may be an incomplete UTF-8 sequence)."""
-        return self.enc.decode_single_token_bytes(id)
-
     @lru_cache(maxsize=32)
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
@@ -200,7 +193,7 @@ def get_tokenizer():
 def compute_token_bytes(tokenizer):
     """Bytes per token id: the raw byte length of each regular token, 0 for special tokens (excluded from bpb)."""
     special_ids = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
-    counts = [0 if i in special_ids else len(tokenizer.decode_single_token_bytes(i))
+    counts = [0 if i in special_ids else len(tokenizer.enc.decode_single_token_bytes(i))
               for i in range(tokenizer.get_vocab_size())]
     return torch.tensor(counts, dtype=torch.int32)
 
