@@ -159,22 +159,18 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     while True:
         rows = []
         for _ in range(B):
-            row, pos = [], 0
-            while pos < row_capacity:
+            row = []
+            while len(row) < row_capacity:
                 while len(buffer) < buffer_size:
                     add_docs(*stream.next_slice(tokenizer_batch_size))
-                remaining = row_capacity - pos
+                remaining = row_capacity - len(row)
                 i = bisect.bisect_right(by_len, (remaining, float("inf"))) - 1
                 if i >= 0:
                     # the largest doc that fits whole; among equal lengths the one that arrived first
-                    i = bisect.bisect_left(by_len, (by_len[i][0], -1))
-                    doc = take(i)
-                    row.extend(doc)
-                    pos += len(doc)
+                    row.extend(take(bisect.bisect_left(by_len, (by_len[i][0], -1))))
                 else:
                     # nothing fits: crop the shortest doc (first arrived among ties) to fill the row exactly
                     row.extend(take(0)[:remaining])
-                    pos = row_capacity
             rows.append(row)
         full = torch.tensor(rows, dtype=torch.long)
         state_dict = dict(stream.position(), rank=rank, world_size=world_size, split=split,
@@ -186,8 +182,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             host[slot][0].copy_(full[:, :-1])
             host[slot][1].copy_(full[:, 1:])
             gpu[slot].copy_(host[slot], non_blocking=True)
-            copied[slot] = torch.cuda.Event()
-            copied[slot].record()
+            copied[slot] = torch.cuda.current_stream().record_event()
             inputs, targets = gpu[slot][0], gpu[slot][1]
         else:
             inputs = full[:, :-1].contiguous().to(device)
