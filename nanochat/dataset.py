@@ -183,17 +183,15 @@ def download_shards(num_files, name=None, num_workers=4, retries=5):
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
     num_train = max_shard if num_files < 0 else min(num_files, max_shard)
-    indices = [max_shard] + list(range(num_train))  # the val shard first: it doubles as a connectivity check
     print(f"Dataset {name}: {num_train} train shards + val shard {shard_name(max_shard)} -> {data_dir} "
           f"({num_workers} workers)", flush=True)
+    # the val shard first: it doubles as a connectivity check
     if not download_shard(max_shard, data_dir, base_url, retries):
         raise SystemExit(f"error: could not download {shard_name(max_shard)} from {base_url} ({OFFLINE_HINT})")
-    ok = 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for success in pool.map(lambda i: download_shard(i, data_dir, base_url, retries), indices[1:]):
-            ok += int(success)
-    print(f"Done! Downloaded: {ok}/{len(indices)} shards to {data_dir}", flush=True)
-    return ok, len(indices)
+        ok = 1 + sum(pool.map(lambda i: download_shard(i, data_dir, base_url, retries), range(num_train)))
+    print(f"Done! Downloaded: {ok}/{num_train + 1} shards to {data_dir}", flush=True)
+    return ok, num_train + 1
 
 # -----------------------------------------------------------------------------
 # Building shards from local text (--from-dir), in the same format as the hub shards
