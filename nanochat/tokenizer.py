@@ -72,10 +72,17 @@ class RustBPETokenizer:
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
+        """Write the encoding and token_bytes.pt (bytes per token id, for vocab-independent bits per byte) to
+        tokenizer_dir, so a saved tokenizer is always complete. Returns the token bytes."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
         atomic_write(path, lambda f: pickle.dump(self.enc, f))
         print(f"Saved tokenizer encoding to {path}")
+        token_bytes = compute_token_bytes(self)
+        token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
+        atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
+        print(f"Saved token_bytes to {token_bytes_path}")
+        return token_bytes
 
     # -------------------------------------------------------------------------
     # vocabulary

@@ -84,6 +84,7 @@ def test_save_load_and_missing(tok, base_dir):
     loaded = get_tokenizer()
     assert loaded.encode("The quick brown fox 🌍") == tok.encode("The quick brown fox 🌍")
     assert loaded.get_bos_token_id() == tok.get_bos_token_id()
+    assert torch.equal(get_token_bytes(), compute_token_bytes(tok))  # save writes token_bytes.pt too
 
 
 def conversation():
