@@ -7,7 +7,6 @@ Also here: rendering chat conversations into token ids plus a training mask.
 """
 
 import os
-import copy
 import pickle
 from functools import lru_cache
 
@@ -129,12 +128,9 @@ class RustBPETokenizer:
         """
         messages = conversation["messages"]
         if messages and messages[0]["role"] == "system":
-            # no system role in our format: fold it into the first user message (original untouched)
-            conversation = copy.deepcopy(conversation)
-            messages = conversation["messages"]
+            # no system role in our format: fold it into (a copy of) the first user message
             assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
+            messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
         assert len(messages) >= 1, f"conversation has no messages: {conversation}"
 
         ids, mask = [self.get_bos_token_id()], [0]
@@ -180,11 +176,9 @@ class RustBPETokenizer:
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling the assistant's reply: drop the last (assistant) message, prime <|assistant_start|>."""
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         assert messages and messages[-1]["role"] == "assistant", "the last message must be the assistant's (it is removed)"
-        messages.pop()
-        ids, _ = self.render_conversation(conversation)
+        ids, _ = self.render_conversation(dict(conversation, messages=messages[:-1]))  # the caller's stays untouched
         ids.append(self.encode_special("<|assistant_start|>"))
         return ids
 

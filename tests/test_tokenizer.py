@@ -124,7 +124,8 @@ def test_render_system_message_and_errors(tok):
     folded = conversation()
     folded["messages"][0]["content"] = "sys prompt\n\n" + folded["messages"][0]["content"]
     assert tok.render_conversation(with_system) == tok.render_conversation(folded)
-    assert with_system["messages"][0]["role"] == "system", "the caller's conversation is not mutated"
+    assert with_system == {"messages": [{"role": "system", "content": "sys prompt"}] + conversation()["messages"]}, \
+        "the caller's conversation is not mutated"
     with pytest.raises(AssertionError):
         tok.render_conversation({"messages": [{"role": "assistant", "content": "hi"}]})
     with pytest.raises(ValueError):
@@ -135,7 +136,9 @@ def test_render_system_message_and_errors(tok):
 def test_render_truncation_and_completion(tok):
     ids, mask = tok.render_conversation(conversation(), max_tokens=32)
     assert len(ids) == 32 and len(mask) == 32
-    prompt = tok.render_for_completion(conversation())
+    conv = conversation()
+    prompt = tok.render_for_completion(conv)
+    assert conv == conversation()  # the caller's conversation keeps its last message
     assert prompt[-1] == tok.encode_special("<|assistant_start|>")
     assert tok.encode_special("<|python_start|>") not in prompt
     full_ids, _ = tok.render_conversation(conversation())
