@@ -16,7 +16,6 @@ a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row
 
 import os
 import bisect
-from collections import OrderedDict
 
 import torch
 
@@ -107,17 +106,17 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`."""
     _, rank, _, world_size = get_dist_info()
     stream = _DocumentStream(split, rank, world_size)
-    bos = tokenizer.get_bos_token_id()
     row_capacity = T + 1
 
-    # The buffer: seq -> (tokens, coord), in arrival order; by_len holds (len, seq) sorted for best-fit lookups.
-    buffer = OrderedDict()
+    # The buffer: seq -> (tokens, coord), in arrival order (dicts keep it); by_len holds (len, seq) sorted for
+    # best-fit lookups.
+    buffer = {}
     by_len = []
     next_seq = 0
 
     def add_docs(texts, coords):
         nonlocal next_seq
-        for tokens, coord in zip(tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads), coords):
+        for tokens, coord in zip(tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id(), num_threads=tokenizer_threads), coords):
             buffer[next_seq] = (tokens, coord)
             bisect.insort(by_len, (len(tokens), next_seq))
             next_seq += 1
