@@ -226,13 +226,11 @@ def write_shards(documents, out_dir, dataset_name, source, shard_chars=10_000_00
     everything goes to a temp dir, manifest.json last, then the temp dir replaces out_dir.
     The val shard gets val_fraction of the documents and is the last shard, named in the manifest.
     """
-    seen, docs = set(), []
-    for doc in documents:
-        doc = doc.strip()
-        key = hashlib.sha1(" ".join(doc.split()).encode("utf-8", "replace")).digest()
-        if doc and key not in seen:
-            seen.add(key)
-            docs.append(doc)
+    unique = {}  # hash of the whitespace-normalized text -> the first document with it (dicts keep order)
+    for doc in map(str.strip, documents):
+        if doc:
+            unique.setdefault(hashlib.sha1(" ".join(doc.split()).encode("utf-8", "replace")).digest(), doc)
+    docs = list(unique.values())
     if len(docs) < 2:
         raise SystemExit(f"error: found {len(docs)} distinct documents in {source}; need at least 2 (one for val)")
     random.Random(seed).shuffle(docs)
