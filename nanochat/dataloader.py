@@ -16,7 +16,6 @@ a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row
 
 import os
 import bisect
-from collections import OrderedDict
 
 import torch
 
@@ -80,10 +79,6 @@ class _DocumentStream:
         self.doc_idx = end
         return texts[start:end], coords
 
-    def read_docs(self, coords):
-        """Texts at the given (file name, row group, index) coordinates, in the given order."""
-        return [self.texts(self.file_index(name), rg)[i] for name, rg, i in coords]
-
     def position(self):
         self._normalize()
         return dict(epoch=self.epoch, pq_idx=self.pq_idx, rg_idx=self.rg_idx, doc_idx=self.doc_idx,
@@ -111,17 +106,17 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`."""
     _, rank, _, world_size = get_dist_info()
     stream = _DocumentStream(split, rank, world_size)
-    bos = tokenizer.get_bos_token_id()
     row_capacity = T + 1
 
-    # The buffer: seq -> (tokens, coord), in arrival order; by_len holds (len, seq) sorted for best-fit lookups.
-    buffer = OrderedDict()
+    # The buffer: seq -> (tokens, coord), in arrival order (dicts keep it); by_len holds (len, seq) sorted for
+    # best-fit lookups.
+    buffer = {}
     by_len = []
     next_seq = 0
 
     def add_docs(texts, coords):
         nonlocal next_seq
-        for tokens, coord in zip(tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads), coords):
+        for tokens, coord in zip(tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id(), num_threads=tokenizer_threads), coords):
             buffer[next_seq] = (tokens, coord)
             bisect.insort(by_len, (len(tokens), next_seq))
             next_seq += 1
@@ -139,7 +134,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             stream.pq_idx = stream.file_index(state["file"])
             stream.epoch, stream.rg_idx, stream.doc_idx = state["epoch"], state["rg_idx"], state["doc_idx"]
             coords = _expand_coords(state["buffer"])
-            add_docs(stream.read_docs(coords), coords)
+            add_docs([stream.texts(stream.file_index(name), rg)[i] for name, rg, i in coords], coords)
         else:
             # approximate: skip the rest of the row-group block that was being read
             print0(f"WARNING: dataloader state is not this rank's exact state (rank {rank}/{world_size}); "
@@ -163,22 +158,18 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     while True:
         rows = []
         for _ in range(B):
-            row, pos = [], 0
-            while pos < row_capacity:
+            row = []
+            while len(row) < row_capacity:
                 while len(buffer) < buffer_size:
                     add_docs(*stream.next_slice(tokenizer_batch_size))
-                remaining = row_capacity - pos
+                remaining = row_capacity - len(row)
                 i = bisect.bisect_right(by_len, (remaining, float("inf"))) - 1
                 if i >= 0:
                     # the largest doc that fits whole; among equal lengths the one that arrived first
-                    i = bisect.bisect_left(by_len, (by_len[i][0], -1))
-                    doc = take(i)
-                    row.extend(doc)
-                    pos += len(doc)
+                    row.extend(take(bisect.bisect_left(by_len, (by_len[i][0], -1))))
                 else:
                     # nothing fits: crop the shortest doc (first arrived among ties) to fill the row exactly
                     row.extend(take(0)[:remaining])
-                    pos = row_capacity
             rows.append(row)
         full = torch.tensor(rows, dtype=torch.long)
         state_dict = dict(stream.position(), rank=rank, world_size=world_size, split=split,
@@ -190,8 +181,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             host[slot][0].copy_(full[:, :-1])
             host[slot][1].copy_(full[:, 1:])
             gpu[slot].copy_(host[slot], non_blocking=True)
-            copied[slot] = torch.cuda.Event()
-            copied[slot].record()
+            copied[slot] = torch.cuda.current_stream().record_event()
             inputs, targets = gpu[slot][0], gpu[slot][1]
         else:
             inputs = full[:, :-1].contiguous().to(device)

@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, download_file, DownloadError
-from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
 # The datasets and where their shards live
@@ -40,11 +39,8 @@ HUB_DATASETS = {
     "climbmix": dict(dirname="base_data_climbmix", repo="karpathy/climbmix-400b-shuffle", max_shard=6542),
     "fineweb-edu": dict(dirname="base_data", repo="karpathy/fineweb-edu-100b-shuffle", max_shard=1822),
 }
-LOCAL_DATASETS = {
-    "offline": dict(dirname="base_data_offline"),
-    "local": dict(dirname="base_data_local"),
-}
-DATASETS = {**HUB_DATASETS, **LOCAL_DATASETS}
+# built here, not downloaded
+DATASETS = {**HUB_DATASETS, "offline": dict(dirname="base_data_offline"), "local": dict(dirname="base_data_local")}
 DEFAULT_DATASET = "climbmix"
 MANIFEST = "manifest.json"  # written last by local builds: names the val shard
 
@@ -88,19 +84,9 @@ def list_parquet_files(data_dir):
     return [os.path.join(data_dir, n) for n in names]
 
 
-def get_val_filename(data_dir, name):
-    """The pinned val shard's file name: from the manifest of a local build, else the hub dataset's last shard."""
-    manifest_path = os.path.join(data_dir, MANIFEST)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            return json.load(f)["val"]
-    if name in HUB_DATASETS:
-        return shard_name(HUB_DATASETS[name]["max_shard"])
-    return None  # a local build without a manifest is an unfinished build
-
-
 def get_split_files(split, name=None):
-    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing."""
+    """Paths of the shards of one split ('train' or 'val'). Exits with a clear message when shards are missing.
+    The val shard is named in the manifest of a local build, else it is the hub dataset's last shard."""
     name = get_dataset_name(name)
     data_dir = get_data_dir(name)
     files = list_parquet_files(data_dir)
@@ -108,8 +94,13 @@ def get_split_files(split, name=None):
         others = [other for other in DATASETS if other != name and list_parquet_files(get_data_dir(other))]
         hint = f" (shards of {', '.join(others)} exist: set NANOCHAT_DATASET to use them)" if others else ""
         raise SystemExit(f"error: no parquet shards in {data_dir} (dataset {name!r}){hint}; {how_to_get(name)}")
-    val_name = get_val_filename(data_dir, name)
-    if val_name is None:
+    manifest_path = os.path.join(data_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            val_name = json.load(f)["val"]
+    elif name in HUB_DATASETS:
+        val_name = shard_name(HUB_DATASETS[name]["max_shard"])
+    else:
         raise SystemExit(f"error: {data_dir} has no {MANIFEST} (an unfinished build?); {how_to_get(name)}")
     val_path = os.path.join(data_dir, val_name)
     if split == "val":
@@ -186,22 +177,21 @@ def download_shards(num_files, name=None, num_workers=4, retries=5):
     """The first num_files train shards (-1 = all) plus the pinned val shard. Returns (num_ok, num_requested)."""
     name = get_dataset_name(name)
     info = HUB_DATASETS[name]
-    base_url = f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"  # HF_ENDPOINT selects a mirror
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # HF_ENDPOINT selects a mirror
+    base_url = f"{endpoint}/datasets/{info['repo']}/resolve/main"
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
     num_train = max_shard if num_files < 0 else min(num_files, max_shard)
-    indices = [max_shard] + list(range(num_train))  # the val shard first: it doubles as a connectivity check
     print(f"Dataset {name}: {num_train} train shards + val shard {shard_name(max_shard)} -> {data_dir} "
           f"({num_workers} workers)", flush=True)
+    # the val shard first: it doubles as a connectivity check
     if not download_shard(max_shard, data_dir, base_url, retries):
         raise SystemExit(f"error: could not download {shard_name(max_shard)} from {base_url} ({OFFLINE_HINT})")
-    ok = 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for success in pool.map(lambda i: download_shard(i, data_dir, base_url, retries), indices[1:]):
-            ok += int(success)
-    print(f"Done! Downloaded: {ok}/{len(indices)} shards to {data_dir}", flush=True)
-    return ok, len(indices)
+        ok = 1 + sum(pool.map(lambda i: download_shard(i, data_dir, base_url, retries), range(num_train)))
+    print(f"Done! Downloaded: {ok}/{num_train + 1} shards to {data_dir}", flush=True)
+    return ok, num_train + 1
 
 # -----------------------------------------------------------------------------
 # Building shards from local text (--from-dir), in the same format as the hub shards
@@ -236,13 +226,11 @@ def write_shards(documents, out_dir, dataset_name, source, shard_chars=10_000_00
     everything goes to a temp dir, manifest.json last, then the temp dir replaces out_dir.
     The val shard gets val_fraction of the documents and is the last shard, named in the manifest.
     """
-    seen, docs = set(), []
-    for doc in documents:
-        doc = doc.strip()
-        key = hashlib.sha1(" ".join(doc.split()).encode("utf-8", "replace")).digest()
-        if doc and key not in seen:
-            seen.add(key)
-            docs.append(doc)
+    unique = {}  # hash of the whitespace-normalized text -> the first document with it (dicts keep order)
+    for doc in map(str.strip, documents):
+        if doc:
+            unique.setdefault(hashlib.sha1(" ".join(doc.split()).encode("utf-8", "replace")).digest(), doc)
+    docs = list(unique.values())
     if len(docs) < 2:
         raise SystemExit(f"error: found {len(docs)} distinct documents in {source}; need at least 2 (one for val)")
     random.Random(seed).shuffle(docs)

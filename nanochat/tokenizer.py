@@ -7,7 +7,6 @@ Also here: rendering chat conversations into token ids plus a training mask.
 """
 
 import os
-import copy
 import pickle
 from functools import lru_cache
 
@@ -72,10 +71,17 @@ class RustBPETokenizer:
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
+        """Write the encoding and token_bytes.pt (bytes per token id, for vocab-independent bits per byte) to
+        tokenizer_dir, so a saved tokenizer is always complete. Returns the token bytes."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
         atomic_write(path, lambda f: pickle.dump(self.enc, f))
         print(f"Saved tokenizer encoding to {path}")
+        token_bytes = compute_token_bytes(self)
+        token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
+        atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
+        print(f"Saved token_bytes to {token_bytes_path}")
+        return token_bytes
 
     # -------------------------------------------------------------------------
     # vocabulary
@@ -85,13 +91,6 @@ class RustBPETokenizer:
 
     def get_special_tokens(self):
         return self.enc.special_tokens_set
-
-    def id_to_token(self, id):
-        return self.enc.decode([id])
-
-    def decode_single_token_bytes(self, id):
-        """The raw bytes of one token (may be an incomplete UTF-8 sequence)."""
-        return self.enc.decode_single_token_bytes(id)
 
     @lru_cache(maxsize=32)
     def encode_special(self, text):
@@ -129,28 +128,18 @@ class RustBPETokenizer:
         """
         messages = conversation["messages"]
         if messages and messages[0]["role"] == "system":
-            # no system role in our format: fold it into the first user message (original untouched)
-            conversation = copy.deepcopy(conversation)
-            messages = conversation["messages"]
+            # no system role in our format: fold it into (a copy of) the first user message
             assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
+            messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
         assert len(messages) >= 1, f"conversation has no messages: {conversation}"
 
-        ids, mask = [], []
-        def add(token_ids, mask_value):
-            if isinstance(token_ids, int):
-                token_ids = [token_ids]
+        ids, mask = [self.get_bos_token_id()], [0]
+        def add(text, mask_value, start=None, end=None):
+            """Append the tokens of text, between the special tokens start and end when given."""
+            token_ids = self.encode(text, prepend=start, append=end)
             ids.extend(token_ids)
             mask.extend([mask_value] * len(token_ids))
 
-        bos = self.get_bos_token_id()
-        user_start, user_end = self.encode_special("<|user_start|>"), self.encode_special("<|user_end|>")
-        assistant_start, assistant_end = self.encode_special("<|assistant_start|>"), self.encode_special("<|assistant_end|>")
-        python_start, python_end = self.encode_special("<|python_start|>"), self.encode_special("<|python_end|>")
-        output_start, output_end = self.encode_special("<|output_start|>"), self.encode_special("<|output_end|>")
-
-        add(bos, 0)
         for i, message in enumerate(messages):
             expected_role = "user" if i % 2 == 0 else "assistant"
             assert message["role"] == expected_role, \
@@ -158,33 +147,25 @@ class RustBPETokenizer:
             content = message["content"]
             if message["role"] == "user":
                 assert isinstance(content, str), f"user message {i} content must be a string"
-                add(user_start, 0)
-                add(self.encode(content), 0)
-                add(user_end, 0)
+                add(content, 0, "<|user_start|>", "<|user_end|>")
                 continue
-            add(assistant_start, 0)
             if isinstance(content, str):
-                add(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    kind, text = part["type"], part["text"]
-                    if kind == "text":
-                        add(self.encode(text), 1)
-                    elif kind == "python":
-                        # the model learns to emit tool calls...
-                        add(python_start, 1)
-                        add(self.encode(text), 1)
-                        add(python_end, 1)
-                    elif kind == "python_output":
-                        # ...but never the tool's output, which the tool produces at inference
-                        add(output_start, 0)
-                        add(self.encode(text), 0)
-                        add(output_end, 0)
-                    else:
-                        raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
-            else:
+                content = [{"type": "text", "text": content}]
+            elif not isinstance(content, list):
                 raise ValueError(f"assistant message {i} content must be a str or a list of parts, got {type(content).__name__}")
-            add(assistant_end, 1)
+            add("", 0, "<|assistant_start|>")
+            for part in content:
+                kind, text = part["type"], part["text"]
+                if kind == "text":
+                    add(text, 1)
+                elif kind == "python":
+                    add(text, 1, "<|python_start|>", "<|python_end|>")  # the model learns to emit tool calls...
+                elif kind == "python_output":
+                    # ...but never the tool's output, which the tool produces at inference
+                    add(text, 0, "<|output_start|>", "<|output_end|>")
+                else:
+                    raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
+            add("", 1, end="<|assistant_end|>")
 
         return ids[:max_tokens], mask[:max_tokens]
 
@@ -195,11 +176,9 @@ class RustBPETokenizer:
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling the assistant's reply: drop the last (assistant) message, prime <|assistant_start|>."""
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         assert messages and messages[-1]["role"] == "assistant", "the last message must be the assistant's (it is removed)"
-        messages.pop()
-        ids, _ = self.render_conversation(conversation)
+        ids, _ = self.render_conversation(dict(conversation, messages=messages[:-1]))  # the caller's stays untouched
         ids.append(self.encode_special("<|assistant_start|>"))
         return ids
 
@@ -215,7 +194,7 @@ def get_tokenizer():
 def compute_token_bytes(tokenizer):
     """Bytes per token id: the raw byte length of each regular token, 0 for special tokens (excluded from bpb)."""
     special_ids = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
-    counts = [0 if i in special_ids else len(tokenizer.decode_single_token_bytes(i))
+    counts = [0 if i in special_ids else len(tokenizer.enc.decode_single_token_bytes(i))
               for i in range(tokenizer.get_vocab_size())]
     return torch.tensor(counts, dtype=torch.int32)
 

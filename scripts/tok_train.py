@@ -5,17 +5,15 @@ Train the BPE tokenizer on the pretraining shards and save it (with token_bytes.
     python -m scripts.tok_train --max-chars=50000000 --vocab-size=8192
 """
 
-import os
 import time
 import argparse
 
 import torch
 
-from nanochat.common import print0, atomic_write
+from nanochat.common import print0
 from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_data_dir, get_split_files, parquets_iter_batched
-from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, TOKEN_BYTES_FILENAME, compute_token_bytes,
-                                get_tokenizer_dir)
+from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, get_tokenizer_dir
 
 parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the pretraining shards")
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters (default 2B)")
@@ -55,16 +53,8 @@ if tokenizer.get_vocab_size() != args.vocab_size:
     print0(f"Note: the text ran out of merges: vocab size is {tokenizer.get_vocab_size()}, not {args.vocab_size} "
            f"(train on more text for the full vocabulary)")
 
-tokenizer_dir = get_tokenizer_dir()
-tokenizer.save(tokenizer_dir)
-
-# -----------------------------------------------------------------------------
-# token_bytes.pt: raw byte length of every token (0 for specials), for vocab-independent bits per byte
-
-token_bytes = compute_token_bytes(tokenizer)
-token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
-atomic_write(token_bytes_path, lambda f: torch.save(token_bytes, f))
-print0(f"Saved token_bytes to {token_bytes_path}")
+# also writes token_bytes.pt: raw byte length of every token (0 for specials), for vocab-independent bits per byte
+token_bytes = tokenizer.save(get_tokenizer_dir())
 
 regular = token_bytes[token_bytes > 0].to(torch.float32)
 stats = dict(train_time=train_time, num_special_tokens=len(tokenizer.get_special_tokens()),

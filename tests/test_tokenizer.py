@@ -63,10 +63,10 @@ def test_token_bytes_are_raw_bytes(tok):
     for s in SPECIAL_TOKENS:
         assert token_bytes[tok.encode_special(s)] == 0
     # byte 0x80 alone is not valid UTF-8: a lossy decode gives U+FFFD (3 bytes), the truth is 1 byte
-    assert tok.id_to_token(0x80) == "\ufffd" and token_bytes[0x80] == 1
+    assert tok.decode([0x80]) == "\ufffd" and token_bytes[0x80] == 1
     invalid = 0
     for i in range(tok.get_vocab_size() - 9):
-        raw = tok.decode_single_token_bytes(i)
+        raw = tok.enc.decode_single_token_bytes(i)
         assert token_bytes[i] == len(raw)
         try:
             raw.decode("utf-8")
@@ -84,6 +84,7 @@ def test_save_load_and_missing(tok, base_dir):
     loaded = get_tokenizer()
     assert loaded.encode("The quick brown fox 🌍") == tok.encode("The quick brown fox 🌍")
     assert loaded.get_bos_token_id() == tok.get_bos_token_id()
+    assert torch.equal(get_token_bytes(), compute_token_bytes(tok))  # save writes token_bytes.pt too
 
 
 def conversation():
@@ -123,7 +124,8 @@ def test_render_system_message_and_errors(tok):
     folded = conversation()
     folded["messages"][0]["content"] = "sys prompt\n\n" + folded["messages"][0]["content"]
     assert tok.render_conversation(with_system) == tok.render_conversation(folded)
-    assert with_system["messages"][0]["role"] == "system", "the caller's conversation is not mutated"
+    assert with_system == {"messages": [{"role": "system", "content": "sys prompt"}] + conversation()["messages"]}, \
+        "the caller's conversation is not mutated"
     with pytest.raises(AssertionError):
         tok.render_conversation({"messages": [{"role": "assistant", "content": "hi"}]})
     with pytest.raises(ValueError):
@@ -134,7 +136,9 @@ def test_render_system_message_and_errors(tok):
 def test_render_truncation_and_completion(tok):
     ids, mask = tok.render_conversation(conversation(), max_tokens=32)
     assert len(ids) == 32 and len(mask) == 32
-    prompt = tok.render_for_completion(conversation())
+    conv = conversation()
+    prompt = tok.render_for_completion(conv)
+    assert conv == conversation()  # the caller's conversation keeps its last message
     assert prompt[-1] == tok.encode_special("<|assistant_start|>")
     assert tok.encode_special("<|python_start|>") not in prompt
     full_ids, _ = tok.render_conversation(conversation())
