@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, download_file, DownloadError
+from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
 # The datasets and where their shards live
@@ -177,8 +178,7 @@ def download_shards(num_files, name=None, num_workers=4, retries=5):
     """The first num_files train shards (-1 = all) plus the pinned val shard. Returns (num_ok, num_requested)."""
     name = get_dataset_name(name)
     info = HUB_DATASETS[name]
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # HF_ENDPOINT selects a mirror
-    base_url = f"{endpoint}/datasets/{info['repo']}/resolve/main"
+    base_url = f"{hub_endpoint()}/datasets/{info['repo']}/resolve/main"
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     max_shard = info["max_shard"]
