@@ -36,7 +36,7 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
                              get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
                              peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc, should_compile)
-from nanochat.core_eval import evaluate_core, SAMPLE_PROMPTS
+from nanochat.core_eval import evaluate_core, format_core, SAMPLE_PROMPTS
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.flash_attention import get_backend
@@ -519,8 +519,7 @@ def main(argv=None):
                 with eval_context():
                     results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
                 state.core_results = results
-                label = "" if not results.get("partial") else f" (partial: {results.get('num_tasks')}/{results.get('total_tasks')} tasks)"
-                print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}{label}")
+                print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
                 wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
                                "centered_results": results.get("centered_results")})
             except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
