@@ -35,6 +35,9 @@ ROPE_BASE = 100_000
 ROPE_CACHE_MULTIPLE = 10   # rotary tables cover 10x the training context (generation can run past it)
 LOGIT_SOFTCAP = 15.0
 LOSS_CHUNK_TOKENS = 2048  # tokens per loss chunk: 2048 x 32768 fp32 logits = 256 MiB per copy
+# Below this many logits (256 MiB in fp32) the whole batch's loss is computed at once: chunking recomputes the
+# lm_head in backward, which costs more than it saves when the logits are small (tiny CPU models).
+LOSS_CHUNK_MIN_LOGITS = 2048 * 32768
 
 
 @dataclass
@@ -380,10 +383,14 @@ class GPT(nn.Module):
         x = norm(x)
         if targets is None:
             return self._logits(x)
-        # per-token losses chunk by chunk; checkpointing drops each chunk's logits and recomputes them in backward
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)
-        losses = torch.cat([checkpoint(self._token_losses, xc, tc, use_reentrant=False)
-                            for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
+        if B * T * self.config.vocab_size <= LOSS_CHUNK_MIN_LOGITS:
+            losses = self._token_losses(x, targets)
+        else:
+            # chunk by chunk; checkpointing drops each chunk's logits and recomputes them in backward, so peak
+            # memory grows with the chunk, not with B*T*vocab
+            losses = torch.cat([checkpoint(self._token_losses, xc, tc, use_reentrant=False)
+                                for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
         if loss_reduction == "none":
             return losses
         if loss_reduction == "sum":

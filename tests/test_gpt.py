@@ -189,11 +189,14 @@ def test_loss_reductions_and_ignore_index():
     torch.testing.assert_close(mean, per_token.sum() / 19)
 
 
+@pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
-    """Loss in token chunks (7 tokens: uneven last chunk) == cross-entropy of the full soft-capped logits, for the
-    loss and every gradient, with ignored targets; 'none' is backpropagated with per-token weights."""
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction, chunked):
+    """Loss in token chunks (7 tokens: uneven last chunk), or at once for small logits, == cross-entropy of the full
+    soft-capped logits, for the loss and every gradient, with ignored targets; 'none' is backpropagated with
+    per-token weights."""
     monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_MIN_LOGITS", 0 if chunked else 2048 * 32768)
     model = tiny(noise=0.02)
     full = copy.deepcopy(model)
     idx = torch.randint(0, 300, (2, 16))
@@ -213,6 +216,7 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
 def test_training_loss_never_keeps_full_logits_for_backward(monkeypatch):
     """Nothing of (B*T) x vocab size is saved for backward: peak memory grows with the loss chunk, not B*T*vocab."""
     monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_MIN_LOGITS", 8 * 4096)  # this batch's logits are 8x that: chunked
     V, B, T = 4096, 2, 32
     model = tiny(vocab=V, n_embd=32, n_head=2, n_kv_head=2, T=T, noise=0.02)
     idx = torch.randint(0, V, (B, T))
