@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from nanochat.common import positive_ints
+
 PROMPTS = [
     "Why is the sky blue?",
     "Write a short poem about the sea.",
@@ -32,12 +34,6 @@ PROMPTS = [
 ]
 
 
-def positive_ints(text):
-    """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
 
 
 def parse_args(argv=None):

@@ -252,6 +252,13 @@ def atomic_write(path, write_fn, mode="wb"):
     except OSError:
         pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
 
+def positive_ints(text):
+    """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(text)
+    return values
+
 class DummyWandb:
     """Stands in for a wandb run when logging is off (--run=dummy)."""
     def log(self, *args, **kwargs):

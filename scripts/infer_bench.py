@@ -19,7 +19,7 @@ import torch
 
 from nanochat.chat import load_chat_model
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
-from nanochat.common import synchronize, peak_memory_mib
+from nanochat.common import synchronize, peak_memory_mib, positive_ints
 from nanochat.engine import Engine
 
 # Natural text keeps greedy decoding from collapsing into a loop of one token.
@@ -41,12 +41,6 @@ def cell(value, width, digits, scale=1):
     return f"{'n/a' if value is None else f'{scale * value:.{digits}f}':>{width}}"
 
 
-def positive_ints(text):
-    """argparse type for "1,8,32": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark inference of a nanochat checkpoint")
