@@ -16,8 +16,6 @@ import torch
 
 pytest.importorskip("transformers", reason="optional dependency group hf not installed (pip install -e .[hf])")
 pytest.importorskip("safetensors", reason="optional dependency group hf not installed (pip install -e .[hf])")
-os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
-
 import transformers  # noqa: E402
 
 from conftest import REPO_ROOT, SHARED_DATA, make_tiny_model, tiny_corpus  # noqa: E402
@@ -28,6 +26,12 @@ from nanochat.tokenizer import compute_token_bytes  # noqa: E402
 
 REAL_BUNDLE = Path(os.environ.get("NANOCHAT_EVAL_BUNDLE") or SHARED_DATA / "eval_bundle")  # the env var as in base_eval
 SEQUENCE_LEN = 64  # short windows are 16 tokens, the full window 64: inputs of 100 tokens exercise both
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """Tests never reach the hub. Set per test (not at import, which would leak into every other test module)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def perturbed_model(vocab_size, seed=1):
