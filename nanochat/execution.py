@@ -131,6 +131,18 @@ def _reveal(path):
     return []
 
 
+def _rebind_under_tmp(paths):
+    """The private /tmp hides an interpreter or venv that lives under /tmp (a CI clone, say): bind those back
+    read-only, with the directories above them open to uid 65534."""
+    args = []
+    for path in sorted({os.path.realpath(p) for p in paths}):
+        if path.startswith("/tmp/"):
+            parts = path.split(os.sep)
+            args += [arg for i in range(3, len(parts)) for arg in ("--perms", "0755", "--dir", os.sep.join(parts[:i]))]
+            args += ["--ro-bind", path, path]
+    return args
+
+
 def _bwrap_args(workdir):
     if os.geteuid() == 0:  # no user namespace; the supervisor drops the program to uid 65534 (see the module doc)
         isolate = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -141,7 +153,8 @@ def _bwrap_args(workdir):
                    "--ro-bind", "/", "/"]
     # /tmp and the dirs bwrap makes for the working dir must be open to uid 65534 when it is not their owner
     return [BWRAP, "--die-with-parent", "--new-session", *isolate, "--proc", "/proc", "--dev", "/dev",
-            "--perms", "01777", "--tmpfs", "/tmp", "--perms", "0755", "--dir", os.path.dirname(workdir),
+            "--perms", "01777", "--tmpfs", "/tmp", *_rebind_under_tmp([sys.prefix, sys.base_prefix]),
+            "--perms", "0755", "--dir", os.path.dirname(workdir),
             "--bind", workdir, workdir, "--chdir", workdir]
 
 

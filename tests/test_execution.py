@@ -360,3 +360,11 @@ def test_result_repr_shows_only_what_matters():
     assert repr(ExecutionResult(success=True, stdout="", stderr="")) == "ExecutionResult(success=True)"
     text = repr(ExecutionResult(success=False, stdout="", stderr="", error="boom", timeout=True))
     assert "error='boom'" in text and "timeout=True" in text and "memory_exceeded" not in text
+
+
+def test_an_interpreter_under_tmp_is_bound_back_into_the_private_tmp():
+    # a clone (and its .venv) under /tmp would vanish behind bwrap's private /tmp and force the rlimits fallback
+    from nanochat import execution
+    args = execution._rebind_under_tmp(["/tmp/ci/clone/.venv", "/usr/local"])
+    assert args == ["--perms", "0755", "--dir", "/tmp/ci", "--perms", "0755", "--dir", "/tmp/ci/clone",
+                    "--ro-bind", "/tmp/ci/clone/.venv", "/tmp/ci/clone/.venv"]
