@@ -9,12 +9,14 @@ The GPT model (the architecture behind the 1.65 h time-to-GPT-2 record).
 - sliding-window attention by a pattern string (S = short window, L = full), last layer always full
 - logits soft-capped at 15, vocab padded to a multiple of 64
 - explicit compute dtype (nanochat.common.COMPUTE_DTYPE): fp32 master weights cast per matmul, no autocast
-- the training loss is computed in token chunks (lm_head, soft-cap, cross-entropy), recomputed in backward, so
-  the (B*T, vocab) fp32 logits never exist at once
+- the training loss is computed in token chunks (lm_head, soft-cap, cross-entropy), so the (B*T, vocab) fp32
+  logits never exist at once: a mean/sum loss gets its exact gradient in the forward pass (SoftcapCrossEntropy),
+  per-token losses recompute their chunk in backward
 - built on the meta device, then `to_empty(device=...)` and `init_weights()`
 """
 
 import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +37,6 @@ ROPE_BASE = 100_000
 ROPE_CACHE_MULTIPLE = 10   # rotary tables cover 10x the training context (generation can run past it)
 LOGIT_SOFTCAP = 15.0
 LOSS_CHUNK_TOKENS = 2048  # tokens per loss chunk: 2048 x 32768 fp32 logits = 256 MiB per copy
-# Below this many logits (256 MiB in fp32) the whole batch's loss is computed at once: chunking recomputes the
-# lm_head in backward, which costs more than it saves when the logits are small (tiny CPU models).
-LOSS_CHUNK_MIN_LOGITS = 2048 * 32768
 
 
 @dataclass
@@ -173,6 +172,40 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), ve, cos_sin, window_size, kv_cache)
         x = x + self.mlp(norm(x))
         return x
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Sum over non-ignored targets (-1) of the cross-entropy of the soft-capped logits x @ weight[:vocab_size].T,
+    in chunks of LOSS_CHUNK_TOKENS. The loss is a scalar, so its gradient is known in forward: each chunk's
+    gradients are computed there and its logits dropped. Peak memory is two chunks of logits, and the lm_head costs
+    three matmuls, as unchunked (checkpointing would recompute the logits: a fourth)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size):
+        w = weight[:vocab_size].to(x.dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight)
+        for start in range(0, x.size(0), LOSS_CHUNK_TOKENS):
+            rows = slice(start, start + LOSS_CHUNK_TOKENS)
+            xc, tc = x[rows], targets[rows]
+            valid = (tc != -1).unsqueeze(1)
+            tc = tc.clamp(min=0).unsqueeze(1)
+            s = (xc @ w.t()).float().div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
+            p = torch.softmax(s, dim=-1)
+            # the soft-cap bounds logits to +-15, so p >= exp(-30) / vocab: log(p) is accurate in fp32
+            loss = loss - (p.gather(1, tc).log() * valid).sum()
+            p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))  # d loss / d s = softmax - one-hot
+            p.addcmul_(p, s.square_(), value=-1 / LOGIT_SOFTCAP ** 2)      # x d s / d logits = 1 - tanh^2
+            p = p.to(x.dtype)
+            grad_x[rows] = (p @ w) * valid
+            grad_w[:vocab_size] += (p.t() @ (xc * valid)).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None
 
 
 class GPT(nn.Module):
@@ -384,19 +417,20 @@ class GPT(nn.Module):
         if targets is None:
             return self._logits(x)
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)
-        if B * T * self.config.vocab_size <= LOSS_CHUNK_MIN_LOGITS:
-            losses = self._token_losses(x, targets)
+        assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean, sum or none, got {loss_reduction!r}"
+        # fp8 replaces lm_head by a Float8Linear, whose own matmuls the fused loss would bypass
+        if loss_reduction != "none" and torch.is_grad_enabled() and type(self.lm_head) is Linear:
+            loss = SoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.vocab_size)
         else:
-            # chunk by chunk; checkpointing drops each chunk's logits and recomputes them in backward, so peak
-            # memory grows with the chunk, not with B*T*vocab
-            losses = torch.cat([checkpoint(self._token_losses, xc, tc, use_reentrant=False)
-                                for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
-        if loss_reduction == "none":
-            return losses
-        if loss_reduction == "sum":
-            return losses.sum()
-        assert loss_reduction == "mean", f"loss_reduction must be mean, sum or none, got {loss_reduction!r}"
-        return losses.sum() / (targets != -1).sum()  # mean over non-ignored targets, as F.cross_entropy
+            # chunk by chunk; with gradients, checkpointing drops each chunk's logits and recomputes them in backward
+            token_losses = self._token_losses
+            if torch.is_grad_enabled():
+                token_losses = functools.partial(checkpoint, self._token_losses, use_reentrant=False)
+            losses = torch.cat([token_losses(xc, tc) for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
+            if loss_reduction == "none":
+                return losses
+            loss = losses.sum()
+        return loss if loss_reduction == "sum" else loss / (targets != -1).sum()  # mean over non-ignored targets
 
     def _logits(self, x):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

@@ -26,6 +26,7 @@ Because state is sharded, an optimizer state_dict belongs to one rank and resumi
 """
 
 import math
+import functools
 
 import torch
 import torch.distributed as dist
@@ -85,14 +86,10 @@ def polar_express(X, ns_steps):
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = X.size(-2) > X.size(-1)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
-        if tall:
-            A = X.mT @ X
-            B = b * A + c * (A @ A)
-            X = a * X + X @ B
-        else:
-            A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+        # baddbmm fuses the scaled sums into the matmuls: b*A + c*A@A, then a*X + X@B (or B@X)
+        A = X.mT @ X if tall else X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     return X
 
 
@@ -129,10 +126,12 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     P.sub_(eff_lr * X + (eff_lr * weight_decay) * P * mask)
 
 
-# Compiled lazily on first use: one graph per parameter shape/dtype, fused into a few kernels instead of a dozen
-# full passes over memory per tensor. Eager and compiled run the very same functions.
-adamw_update_compiled = torch.compile(adamw_update, dynamic=False, fullgraph=True)
-muon_update_compiled = torch.compile(muon_update, dynamic=False, fullgraph=True)
+@functools.cache
+def compiled(update):
+    """The compiled twin of an update function: one graph per parameter shape/dtype, fused into a few kernels
+    instead of a dozen full passes over memory per tensor. Created on first request, so an eager run never
+    imports the compiler (2 s at start-up)."""
+    return torch.compile(update, dynamic=False, fullgraph=True)
 
 
 def _scalars(*values):
@@ -146,8 +145,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """compile=True runs the compiled update functions (worth it for long runs: each new shape costs a compilation)."""
 
     def __init__(self, param_groups, compile=False):
-        self.adamw_update = adamw_update_compiled if compile else adamw_update
-        self.muon_update = muon_update_compiled if compile else muon_update
+        self.adamw_update = compiled(adamw_update) if compile else adamw_update
+        self.muon_update = compiled(muon_update) if compile else muon_update
         param_groups = [dict(g) for g in param_groups]
         for group in param_groups:
             group["params"] = list(group["params"])

@@ -189,14 +189,13 @@ def test_loss_reductions_and_ignore_index():
     torch.testing.assert_close(mean, per_token.sum() / 19)
 
 
-@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("chunk_tokens", [7, 2048])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction, chunked):
-    """Loss in token chunks (7 tokens: uneven last chunk), or at once for small logits, == cross-entropy of the full
-    soft-capped logits, for the loss and every gradient, with ignored targets; 'none' is backpropagated with
-    per-token weights."""
-    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)
-    monkeypatch.setattr(gpt, "LOSS_CHUNK_MIN_LOGITS", 0 if chunked else 2048 * 32768)
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction, chunk_tokens):
+    """Loss in token chunks (7 tokens: uneven last chunk; 2048: one chunk) == cross-entropy of the full soft-capped
+    logits, for the loss and every gradient, with ignored targets; 'none' is backpropagated with per-token weights,
+    mean/sum (the fused SoftcapCrossEntropy) with a scale that is not 1."""
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", chunk_tokens)
     model = tiny(noise=0.02)
     full = copy.deepcopy(model)
     idx = torch.randint(0, 300, (2, 16))
@@ -206,7 +205,7 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction, chunked):
     logits = full(idx)
     ref = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
     torch.testing.assert_close(loss, ref)
-    weights = torch.rand(ref.shape, generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(ref.shape, generator=torch.Generator().manual_seed(0)) + 0.5
     (loss * weights).sum().backward()
     (ref * weights).sum().backward()
     for (name, p), q in zip(model.named_parameters(), full.parameters()):
@@ -216,16 +215,17 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction, chunked):
 def test_training_loss_never_keeps_full_logits_for_backward(monkeypatch):
     """Nothing of (B*T) x vocab size is saved for backward: peak memory grows with the loss chunk, not B*T*vocab."""
     monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 8)
-    monkeypatch.setattr(gpt, "LOSS_CHUNK_MIN_LOGITS", 8 * 4096)  # this batch's logits are 8x that: chunked
-    V, B, T = 4096, 2, 32
+    V, B, T = 4096, 4, 32  # the batch's logits are 16 chunks, 4x the lm_head weight
     model = tiny(vocab=V, n_embd=32, n_head=2, n_kv_head=2, T=T, noise=0.02)
     idx = torch.randint(0, V, (B, T))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss = model(idx, targets=idx)
-    assert max(saved) < B * T * V // 2  # the lm_head weight (V x 32) is the largest saved tensor
-    loss.backward()
-    assert model.lm_head.weight.grad.abs().sum() > 0
+    for reduction in ("mean", "none"):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(idx, targets=idx, loss_reduction=reduction).sum()
+        assert max(saved) <= model.lm_head.weight.numel(), reduction  # a weight-sized gradient at most
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_backward_reaches_every_parameter():
