@@ -9,8 +9,9 @@ Examples:
     python -m scripts.base_train --depth=12 --resume-from-step=1000               # resume a run (same flags)
 
 The recipe: auto batch size, batch-scaled learning rates, T_epoch weight decay, warmup + warmdown LR schedule,
-Muon momentum and weight-decay schedules. The script reads top-down in stages: flags, plan (shapes, batch, horizon;
-all on the meta device), setup (device, resume checks, model, optimizer, data), the loop, the wrap-up (summary.json
+Muon momentum and weight-decay schedules. The script reads top-down: flags and their checks, the schedules, the plan
+(shapes, batch, horizon; all on the meta device), the checkpoint helpers, then Training, whose run() is the story:
+setup (device, resume checks, plan), build (model, optimizer, loop state, data), the loop, the wrap-up (summary.json
 and the report). SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0. A non-finite loss, or
 weights / optimizer state that became non-finite, stop the run (exit 1) and nothing non-finite is ever saved.
 """
@@ -263,28 +264,6 @@ class LoopState:
 # the LoopState fields saved under meta["loop_state"] (step and val_bpb are top-level meta keys)
 LOOP_FIELDS = ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")
 
-
-@dataclasses.dataclass
-class Run:
-    """The fixed context of one training run, built by main and read by the loop's stages."""
-    args: argparse.Namespace
-    plan: Plan
-    device_type: str
-    device: torch.device
-    rank: int
-    world_size: int
-    checkpoint_dir: str
-    tokenizer: object
-    token_bytes: torch.Tensor
-    orig_model: GPT           # uncompiled: checkpoints, CORE, samples
-    model: torch.nn.Module    # what trains: orig_model, compiled or not
-    optimizer: object
-    scaler: object            # None unless fp16
-    batches: object           # the train loader, see with_resume_states
-    wandb_run: object
-    peak_flops: float         # None = MFU n/a
-    meta_base: dict           # what every checkpoint's meta carries about the run
-
 # -----------------------------------------------------------------------------
 # Setup: resume checks and the hardware
 
@@ -404,137 +383,74 @@ def with_resume_states(loader, resume_state):
         resume_state = state_after
 
 # -----------------------------------------------------------------------------
-# The loop's stages: periodic evaluation, checkpoints, one optimization step and its log line
+# The run, in stages
 
-def eval_context(run):
-    return fp8.disable_fp8(run.orig_model) if run.args.fp8 else contextlib.nullcontext()
+class Training:
+    """One pretraining run. run() is the whole story: setup, build, the loop, the wrap-up; each stage sets the
+    attributes that the later ones read."""
 
+    def __init__(self, args):
+        self.args = args
+        self.user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
+        self.signals = []  # SIGTERM/SIGINT received: the loop checkpoints at the next step boundary and leaves
 
-def evaluate(run, state, last_step):
-    """Validation bpb (all ranks), the CORE metric (all ranks) and greedy samples (rank 0), each at its cadence.
-    CORE and the samples use the uncompiled model."""
-    args, step = run.args, state.step
-    flops_so_far = run.plan.flops_per_token * run.plan.total_batch_size * step
-    if is_due(step, args.eval_every, last_step, at_step_zero=True):
-        run.model.eval()
-        eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * run.world_size))
-        val_loader = tokenizing_distributed_data_loader_bos_bestfit(
-            run.tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=run.device)
-        with eval_context(run):
-            state.val_bpb = evaluate_bpb(run.model, val_loader, eval_steps, run.token_bytes)
-        print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
-        state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-        state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
-        run.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
-                           "val/bpb": state.val_bpb})
-        run.model.train()
-    if is_due(step, args.core_metric_every, last_step):
-        run.orig_model.eval()
+    def run(self):
+        self.setup()
+        self.build()
+        previous_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            with eval_context(run):
-                results = evaluate_core(run.orig_model, run.tokenizer, run.device, max_per_task=args.core_metric_max_per_task)
-            state.core_results = results
-            print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
-            run.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
-                               "centered_results": results.get("centered_results")})
-        except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
-            print0(f"Step {step:05d} | CORE metric skipped: {e}")
-        run.orig_model.train()
-    if run.rank == 0 and is_due(step, args.sample_every, last_step):
-        run.orig_model.eval()
-        engine = Engine(run.orig_model, run.tokenizer)
-        with eval_context(run):
-            for prompt in SAMPLE_PROMPTS:
-                tokens = run.tokenizer.encode(prompt, prepend=run.tokenizer.get_bos_token_id())
-                sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-                print0(run.tokenizer.decode(sample[0]))
-        run.orig_model.train()
+            if self.loop():  # a run stopped by a signal is not finished: no summary
+                self.wrap_up()
+            self.wandb_run.finish()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+            release_gc()
+            compute_cleanup()
+        return 0
 
+    def setup(self):
+        """Device and processes, the checks that need the world size, the resume checkpoint, wandb and the plan."""
+        args = self.args
+        print_banner()
+        self.device_type = args.device_type or autodetect_device_type()
+        _, self.rank, _, self.world_size, self.device = compute_init(self.device_type)
+        print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+        if args.fp8:
+            try:
+                fp8.check_fp8_support(self.device)  # before any heavy work
+            except fp8.Fp8UnsupportedError as e:
+                fail(str(e))
+        world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * self.world_size
+        if args.total_batch_size != -1 and (args.total_batch_size < 1 or args.total_batch_size % world_tokens_per_fwdbwd):
+            fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size "
+                 f"x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
+        self.checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+        self.resuming = args.resume_from_step >= 0
+        self.resume_meta = check_resume(args, self.checkpoint_dir, self.world_size, self.user_config) if self.resuming else None
+        self.wandb_run = init_wandb("nanochat", args.run, self.user_config, self.rank == 0)
+        self.tokenizer = get_tokenizer()
+        print0(f"Vocab size: {self.tokenizer.get_vocab_size():,}")
+        self.plan = training_plan(args, self.tokenizer.get_vocab_size(), world_tokens_per_fwdbwd, print0)
+        if args.resume_from_step > self.plan.num_iterations:
+            fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({self.plan.num_iterations} steps)")
+        self.peak_flops = print_hardware(self.device_type, args.window_pattern)
 
-def stop_diverged(run, state, what):
-    """One error line naming the last good checkpoint, exit 1; main's cleanup still runs."""
-    if state.last_good_step is not None:
-        last_good = (f"the last good checkpoint is step {state.last_good_step} in {run.checkpoint_dir} (resume from it "
-                     f"with lower learning rates)")
-    else:
-        last_good = "no checkpoint of this run was saved (lower the learning rates)"
-    print0(f"error: {what}; stopping without saving it; {last_good}")
-    raise SystemExit(1)
-
-
-def save(run, state, resume_state):
-    """Checkpoint after state.step updates (never a non-finite one); resume_state is where the loader resumes."""
-    finite = ckpt.is_finite_state([run.orig_model.state_dict(), run.optimizer.state_dict()])
-    if any_rank(not finite, run.device):
-        stop_diverged(run, state, f"the weights or optimizer state became non-finite at step {state.step}")
-    loader_states = gather_objects(resume_state, run.world_size)
-    rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()),
-                                 "cuda": encode_rng_state(torch.cuda.get_rng_state()) if run.device_type == "cuda" else None},
-                                run.world_size)
-    meta = {"step": state.step, "val_bpb": state.val_bpb, **run.meta_base, "world_size": run.world_size,
-            "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
-            "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
-    ckpt.save_checkpoint(run.checkpoint_dir, state.step, run.orig_model.state_dict(), run.optimizer.state_dict(), meta,
-                         rank=run.rank, sync_ranks=True)
-    state.last_good_step = state.step
-    if run.rank == 0 and run.args.keep_last > 0:
-        ckpt.prune_checkpoints(run.checkpoint_dir, run.args.keep_last)
-
-
-def train_step(run, state, batch):
-    """One optimization step over grad_accum_steps micro-batches, starting at the prefetched batch; logs it and
-    returns the next prefetched batch. A non-finite loss stops the run (under fp16 the GradScaler skips the step)."""
-    args, plan, step, N = run.args, run.plan, state.step, run.plan.num_iterations
-    synchronize(run.device_type)
-    t0 = time.time()
-    micro_losses = []
-    for _ in range(plan.grad_accum_steps):
-        x, y, _ = batch
-        loss = run.model(x, y)
-        micro_losses.append(loss.detach())
-        loss = loss / plan.grad_accum_steps
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-        batch = next(run.batches)  # prefetch while the device works
-    lrm = get_lr_multiplier(step, N, plan.warmup_iters, args.warmdown_ratio, args.final_lr_frac)
-    finish_step(run.optimizer, run.scaler, lrm, momentum=get_muon_momentum(step, N, args.warmdown_ratio),
-                weight_decay=get_weight_decay(step, N, plan.weight_decay_scaled))
-    losses = torch.stack(micro_losses)
-    train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
-    synchronize(run.device_type)
-    dt = time.time() - t0
-    if run.scaler is None and any_rank(not bool(torch.isfinite(losses).all()), run.device):
-        stop_diverged(run, state, f"training loss became {train_loss} at step {step} (non-finite)")
-    log_step(run, state, train_loss, lrm, dt, epoch=batch[2]["epoch"])
-    return batch
-
-
-def log_step(run, state, train_loss, lrm, dt, epoch):
-    plan, step, N = run.plan, state.step, run.plan.num_iterations
-    flops_so_far = plan.flops_per_token * plan.total_batch_size * step
-    ema_beta = 0.9
-    state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
-    debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
-    tok_per_sec = int(plan.total_batch_size / dt)
-    state.mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (run.peak_flops * run.world_size) if run.peak_flops else None
-    eta = ""
-    if step > 10:
-        state.total_training_time += dt  # the first steps (compilation warm-up) do not count
-        eta = f" | eta: {(N - step) * state.total_training_time / (step - 10) / 60:.1f}m"
-    print0(f"step {step:05d}/{N:05d} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-           f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if state.mfu is None else f'{state.mfu:.2f}'} | "
-           f"epoch: {epoch} | total time: {state.total_training_time / 60:.2f}m{eta}")
-    state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
-    if step % 100 == 0:
-        run.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
-                           "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": state.mfu, "train/epoch": epoch})
-
-
-class Preemption:
-    """SIGTERM/SIGINT only set a flag; the loop saves a checkpoint at the next step boundary (all ranks together)."""
-    def __init__(self, rank):
-        self.rank, self.signals = rank, []
-        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def build(self):
+        """Model and optimizer (restored when resuming), the loop state and the train loader."""
+        args, plan = self.args, self.plan
+        use_compile = should_compile(self.device_type, args.compile, plan.num_iterations)  # the whole horizon: a resume decides alike
+        self.orig_model, self.optimizer = build_model(args, plan, self.device, self.checkpoint_dir, self.rank, use_compile)
+        self.model = torch.compile(self.orig_model, dynamic=False, fullgraph=True) if use_compile else self.orig_model
+        for key, value in plan.param_counts.items():
+            print0(f"{key:24s}: {value:,}")
+        print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
+        self.scaler = make_grad_scaler(self.device_type)
+        self.token_bytes = get_token_bytes(device=self.device)
+        self.state, loader_state = restore_loop_state(self.resume_meta, self.rank, self.device_type) if self.resuming else (LoopState(), None)
+        loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+            self.tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=self.device, resume_state_dict=loader_state)
+        self.batches = with_resume_states(loader, loader_state)
 
     def on_signal(self, signum, frame):
         if not self.signals:
@@ -542,148 +458,202 @@ class Preemption:
                   "boundary", flush=True)
         self.signals.append(signum)
 
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    def loop(self):
+        """At every step boundary: the signal check, evaluations and checkpoints; then one optimization step.
+        Returns False when a signal stopped it (after a checkpoint), True at the end of the horizon."""
+        args, state, N = self.args, self.state, self.plan.num_iterations
+        start_step = state.step
+        print0(f"Starting training at step {start_step} of {N} (checkpoints: {self.checkpoint_dir})")
+        batch = next(self.batches)
+        while True:
+            step = state.step
+            last_step = step == N
+            resumed_here = self.resuming and step == start_step  # this checkpoint is already on disk
+            if any_rank(bool(self.signals), self.device):
+                if step > 0 and not resumed_here:
+                    self.save(batch[2])
+                if step > 0:
+                    print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
+                else:
+                    print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
+                return False
+            self.evaluate(last_step)
+            if (last_step or is_due(step, args.save_every, last_step)) and not resumed_here:
+                self.save(batch[2])
+            if last_step:
+                return True
+            batch = self.train_step(batch)
+            state.step += 1
+            manage_gc(state.step == start_step + 1, state.step)
 
+    def eval_context(self):
+        return fp8.disable_fp8(self.orig_model) if self.args.fp8 else contextlib.nullcontext()
 
-def train(run, state, preemption):
-    """The loop: at every step boundary a signal check, evaluation and checkpoints, then one optimization step.
-    Returns False when a signal stopped it (after a checkpoint), True at the end of the horizon."""
-    args, N = run.args, run.plan.num_iterations
-    start_step = state.step
-    print0(f"Starting training at step {start_step} of {N} (checkpoints: {run.checkpoint_dir})")
-    batch = next(run.batches)
-    while True:
-        step = state.step
-        last_step = step == N
-        resumed_here = args.resume_from_step >= 0 and step == start_step  # this checkpoint is already on disk
-        if any_rank(bool(preemption.signals), run.device):
-            if step > 0 and not resumed_here:
-                save(run, state, batch[2])
-            if step > 0:
-                print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
-            else:
-                print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
-            return False
-        evaluate(run, state, last_step)
-        if (last_step or is_due(step, args.save_every, last_step)) and not resumed_here:
-            save(run, state, batch[2])
-        if last_step:
-            return True
-        batch = train_step(run, state, batch)
-        state.step += 1
-        manage_gc(state.step == start_step + 1, state.step)
+    def evaluate(self, last_step):
+        """Validation bpb (all ranks), the CORE metric (all ranks) and greedy samples (rank 0), each at its cadence.
+        CORE and the samples use the uncompiled model."""
+        args, state, tokenizer, step = self.args, self.state, self.tokenizer, self.state.step
+        flops_so_far = self.plan.flops_per_token * self.plan.total_batch_size * step
+        if is_due(step, args.eval_every, last_step, at_step_zero=True):
+            self.model.eval()
+            eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
+            val_loader = tokenizing_distributed_data_loader_bos_bestfit(
+                tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device)
+            with self.eval_context():
+                state.val_bpb = evaluate_bpb(self.model, val_loader, eval_steps, self.token_bytes)
+            print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
+            state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+            state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
+            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                                "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
+            self.model.train()
+        if is_due(step, args.core_metric_every, last_step):
+            self.orig_model.eval()
+            try:
+                with self.eval_context():
+                    results = evaluate_core(self.orig_model, tokenizer, self.device, max_per_task=args.core_metric_max_per_task)
+                state.core_results = results
+                print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
+                self.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                                    "centered_results": results.get("centered_results")})
+            except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
+                print0(f"Step {step:05d} | CORE metric skipped: {e}")
+            self.orig_model.train()
+        if self.rank == 0 and is_due(step, args.sample_every, last_step):
+            self.orig_model.eval()
+            engine = Engine(self.orig_model, tokenizer)
+            with self.eval_context():
+                for prompt in SAMPLE_PROMPTS:
+                    tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                    sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+                    print0(tokenizer.decode(sample[0]))
+            self.orig_model.train()
 
-# -----------------------------------------------------------------------------
-# Wrap up: summary.json and the report section
+    def stop_diverged(self, what):
+        """One error line naming the last good checkpoint, exit 1 (run() still cleans up)."""
+        if self.state.last_good_step is not None:
+            last_good = (f"the last good checkpoint is step {self.state.last_good_step} in {self.checkpoint_dir} "
+                         f"(resume from it with lower learning rates)")
+        else:
+            last_good = "no checkpoint of this run was saved (lower the learning rates)"
+        print0(f"error: {what}; stopping without saving it; {last_good}")
+        raise SystemExit(1)
 
-def write_summary(run, state, user_config):
-    """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
-    args, plan, device_type = run.args, run.plan, run.device_type
-    peak_mib = peak_memory_mib(device_type)
-    print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
-    print0(f"Total training time: {state.total_training_time / 60:.2f}m")
-    min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
-    if min_val_bpb is not None:
-        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
-    if run.rank != 0:
-        return
-    total_flops = plan.flops_per_token * plan.total_tokens
-    core = state.core_results
-    core_score = core["core_metric"] if core else None
-    ratio = plan.total_tokens / plan.num_scaling_params
-    mfu = state.mfu
-    summary = {
-        "model_tag": os.path.basename(run.checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
-        "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len, "vocab_size": run.tokenizer.get_vocab_size(),
-        "num_params": plan.param_counts["total"], "num_scaling_params": plan.num_scaling_params,
-        "param_counts": plan.param_counts, "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
-        "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
-        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
-        "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
-        "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
-        "world_size": run.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": run.checkpoint_dir,
-    }
-    os.makedirs(run.checkpoint_dir, exist_ok=True)
-    summary_path = os.path.join(run.checkpoint_dir, "summary.json")
-    atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
-    print0(f"Wrote run summary to {summary_path}")
-    report = get_report()
-    setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
-             "Number of FLOPs per token": f"{plan.flops_per_token:e}", "Calculated number of iterations": plan.num_iterations,
-             "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
-             "Total batch size": plan.total_batch_size, "DDP world size": run.world_size, "warmup_iters": plan.warmup_iters,
-             "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
-    results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
-               "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
-               "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
-    report.log(section="Base model training", data=[user_config, setup, results])
-    report.log_history("base-training", state.history)
+    def save(self, resume_state):
+        """Checkpoint after state.step updates (never a non-finite one); resume_state is where the loader resumes."""
+        state, args = self.state, self.args
+        if any_rank(not ckpt.is_finite_state([self.orig_model.state_dict(), self.optimizer.state_dict()]), self.device):
+            self.stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}")
+        loader_states = gather_objects(resume_state, self.world_size)
+        rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
+            torch.cuda.get_rng_state()) if self.device_type == "cuda" else None}, self.world_size)
+        meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(self.plan.model_config),
+                "user_config": self.user_config, "device_batch_size": args.device_batch_size,
+                "max_seq_len": args.max_seq_len, "total_batch_size": self.plan.total_batch_size, "world_size": self.world_size,
+                "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
+                "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
+        ckpt.save_checkpoint(self.checkpoint_dir, state.step, self.orig_model.state_dict(), self.optimizer.state_dict(),
+                             meta, rank=self.rank, sync_ranks=True)
+        state.last_good_step = state.step
+        if self.rank == 0 and args.keep_last > 0:
+            ckpt.prune_checkpoints(self.checkpoint_dir, args.keep_last)
 
-# -----------------------------------------------------------------------------
+    def train_step(self, batch):
+        """One optimization step over grad_accum_steps micro-batches from the prefetched batch on; logs it and returns
+        the next prefetched batch. A non-finite loss stops the run (under fp16 the GradScaler skips such steps)."""
+        args, plan, step, N = self.args, self.plan, self.state.step, self.plan.num_iterations
+        synchronize(self.device_type)
+        t0 = time.time()
+        micro_losses = []
+        for _ in range(plan.grad_accum_steps):
+            x, y, _ = batch
+            loss = self.model(x, y)
+            micro_losses.append(loss.detach())
+            loss = loss / plan.grad_accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            batch = next(self.batches)  # prefetch while the device works
+        lrm = get_lr_multiplier(step, N, plan.warmup_iters, args.warmdown_ratio, args.final_lr_frac)
+        finish_step(self.optimizer, self.scaler, lrm, momentum=get_muon_momentum(step, N, args.warmdown_ratio),
+                    weight_decay=get_weight_decay(step, N, plan.weight_decay_scaled))
+        losses = torch.stack(micro_losses)
+        train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
+        synchronize(self.device_type)
+        dt = time.time() - t0
+        if self.scaler is None and any_rank(not bool(torch.isfinite(losses).all()), self.device):
+            self.stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)")
+        self.log_step(train_loss, lrm, dt, epoch=batch[2]["epoch"])
+        return batch
+
+    def log_step(self, train_loss, lrm, dt, epoch):
+        plan, state, step, N = self.plan, self.state, self.state.step, self.plan.num_iterations
+        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
+        ema_beta = 0.9
+        state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
+        debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = int(plan.total_batch_size / dt)
+        if self.peak_flops:
+            state.mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak_flops * self.world_size)
+        eta = ""
+        if step > 10:
+            state.total_training_time += dt  # the first steps (compilation warm-up) do not count
+            eta = f" | eta: {(N - step) * state.total_training_time / (step - 10) / 60:.1f}m"
+        print0(f"step {step:05d}/{N:05d} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if state.mfu is None else f'{state.mfu:.2f}'} | "
+               f"epoch: {epoch} | total time: {state.total_training_time / 60:.2f}m{eta}")
+        state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
+        if step % 100 == 0:
+            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                                "total_training_time": state.total_training_time, "train/loss": debiased, "train/lrm": lrm,
+                                "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": state.mfu, "train/epoch": epoch})
+
+    def wrap_up(self):
+        """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
+        args, plan, state, device_type = self.args, self.plan, self.state, self.device_type
+        peak_mib = peak_memory_mib(device_type)
+        print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
+        print0(f"Total training time: {state.total_training_time / 60:.2f}m")
+        min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
+        if min_val_bpb is not None:
+            print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+        if self.rank != 0:
+            return
+        total_flops = plan.flops_per_token * plan.total_tokens
+        core, mfu = state.core_results, state.mfu
+        core_score = core["core_metric"] if core else None
+        ratio = plan.total_tokens / plan.num_scaling_params
+        summary = {
+            "model_tag": os.path.basename(self.checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
+            "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len,
+            "vocab_size": self.tokenizer.get_vocab_size(), "num_params": plan.param_counts["total"],
+            "num_scaling_params": plan.num_scaling_params, "param_counts": plan.param_counts,
+            "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
+            "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
+            "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
+            "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
+            "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
+            "world_size": self.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": self.checkpoint_dir,
+        }
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        summary_path = os.path.join(self.checkpoint_dir, "summary.json")
+        atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
+        print0(f"Wrote run summary to {summary_path}")
+        setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
+                 "Number of FLOPs per token": f"{plan.flops_per_token:e}", "Calculated number of iterations": plan.num_iterations,
+                 "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
+                 "Total batch size": plan.total_batch_size, "DDP world size": self.world_size,
+                 "warmup_iters": plan.warmup_iters, "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
+        results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
+                   "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
+                   "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
+        report = get_report()
+        report.log(section="Base model training", data=[self.user_config, setup, results])
+        report.log_history("base-training", state.history)
+
 
 def main(argv=None):
-    # --- flags: every check that needs nothing else, before any heavy work ----------------------------------
     args = build_parser().parse_args(argv)
-    user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
-    check_args(args)
-
-    # --- setup: device and processes, checks that need the world size, what a resume starts from -------------
-    print_banner()
-    device_type = args.device_type or autodetect_device_type()
-    _, rank, _, world_size, device = compute_init(device_type)
-    print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.fp8:
-        try:
-            fp8.check_fp8_support(device)  # before any heavy work
-        except fp8.Fp8UnsupportedError as e:
-            fail(str(e))
-    world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size != -1 and (args.total_batch_size < 1 or args.total_batch_size % world_tokens_per_fwdbwd):
-        fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size x "
-             f"--max-seq-len x world size = {world_tokens_per_fwdbwd}")
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
-    resuming = args.resume_from_step >= 0
-    resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
-    wandb_run = init_wandb("nanochat", args.run, user_config, rank == 0)
-    tokenizer = get_tokenizer()
-    print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
-
-    # --- plan: shapes, batch size, LR / weight-decay scaling and horizon ---------------------------------------
-    plan = training_plan(args, tokenizer.get_vocab_size(), world_tokens_per_fwdbwd, print0)
-    if args.resume_from_step > plan.num_iterations:
-        fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({plan.num_iterations} steps)")
-    peak_flops = print_hardware(device_type, args.window_pattern)
-
-    # --- build: model and optimizer (restored when resuming), loop state, train loader --------------------------
-    use_compile = should_compile(device_type, args.compile, plan.num_iterations)  # the whole horizon: a resume decides alike
-    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank, use_compile)
-    model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
-    for key, value in plan.param_counts.items():
-        print0(f"{key:24s}: {value:,}")
-    print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
-    state, loader_resume_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_resume_state)
-    meta_base = {"model_config": dataclasses.asdict(plan.model_config), "user_config": user_config,
-                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                 "total_batch_size": plan.total_batch_size}
-    run = Run(args, plan, device_type, device, rank, world_size, checkpoint_dir, tokenizer, get_token_bytes(device=device),
-              orig_model, model, optimizer, make_grad_scaler(device_type), with_resume_states(loader, loader_resume_state),
-              wandb_run, peak_flops, meta_base)
-
-    # --- the loop, then the wrap-up (a run stopped by a signal is not finished: no summary) ----------------------
-    preemption = Preemption(rank)
-    try:
-        if train(run, state, preemption):
-            write_summary(run, state, user_config)
-        wandb_run.finish()
-    finally:
-        preemption.restore()
-        release_gc()
-        compute_cleanup()
-    return 0
+    check_args(args)  # everything that needs nothing but the flags, before any heavy work
+    return Training(args).run()
 
 
 if __name__ == "__main__":

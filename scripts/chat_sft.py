@@ -173,7 +173,7 @@ def build_mixture(args):
 # Data loader: BOS-aligned best-fit packing of rendered conversations
 
 def new_packing_stats():
-    return dict(conversations=0, truncated=0, skipped=0, rows=0, tokens=0, padding=0, supervised=0)
+    return dict(conversations=0, truncated=0, skipped=0, tokens=0, padding=0)
 
 
 def rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats):
@@ -249,9 +249,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
         inputs = ids[:, :-1].contiguous()
         targets = ids[:, 1:].clone()
         targets[~mask[:, 1:]] = -1  # loss only where the assistant speaks (padding has mask 0 too)
-        stats["rows"] += B
         stats["tokens"] += B * capacity
-        stats["supervised"] += int(mask[:, 1:].sum())
         if use_pinned:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         inputs = inputs.to(device, non_blocking=use_pinned)
@@ -368,14 +366,12 @@ def muon_momentum(step):
 
 def resolve_inherited(args, meta):
     """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
-    printing where each value came from. Returns the base run's values (None where it has none)."""
+    printing where each value came from."""
     base_flags = meta.get("user_config") or {}
-    pretrained = {}
     for name, fallback in FALLBACKS.items():
         base_value = meta.get(name, base_flags.get(name))
         if base_value is not None and base_value <= 0:
             base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
-        pretrained[name] = base_value
         given = getattr(args, name)
         if given is None and base_value is not None:
             print0(f"Inherited {name}={base_value} from pretrained checkpoint")
@@ -387,7 +383,10 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-    return pretrained
+    base_batch_size = meta.get("device_batch_size", base_flags.get("device_batch_size"))
+    if base_batch_size and args.device_batch_size > base_batch_size:
+        print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_batch_size}, "
+               f"did you pass in a good --device-batch-size to this script?")
 
 
 def base_optimizer_state(args, device, rank, world_size):
@@ -444,10 +443,7 @@ def main(argv=None):
     # --- build: the base model and the settings it passes on, batch geometry, optimizer, data ---------------------
     orig_model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
                                                      step=args.model_step)  # uncompiled: saving, the Engine
-    pretrained = resolve_inherited(args, meta)
-    if pretrained.get("device_batch_size") and args.device_batch_size > pretrained["device_batch_size"]:
-        print0(f"FOOTGUN WARNING: base model training used device_batch_size {pretrained['device_batch_size']}, "
-               f"did you pass in a good --device-batch-size to this script?")
+    resolve_inherited(args, meta)
     B, T = args.device_batch_size, args.max_seq_len
     world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
