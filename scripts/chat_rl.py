@@ -82,7 +82,6 @@ def sample_group(engine, tokenizer, task, example_index, conversation, args, ste
     """Sample num_samples completions for one problem. Returns (inputs, targets, rewards, sequence_lengths)."""
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     prompt = tokenizer.render_for_completion(conversation)
-    prefix_length = len(prompt)
     sequences, masks = [], []
     for sampling_step in range(args.num_samples // args.device_batch_size):
         seqs, msks = engine.generate_batch(prompt, num_samples=args.device_batch_size,
@@ -91,19 +90,15 @@ def sample_group(engine, tokenizer, task, example_index, conversation, args, ste
                                            seed=rollout_seed(step, example_index, sampling_step))
         sequences.extend(seqs)
         masks.extend(msks)
-    rewards = [task.reward(conversation, tokenizer.decode(seq[prefix_length:])) for seq in sequences]
+    device = engine.model.get_device()
+    rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
     # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
     max_length = max(len(s) for s in sequences)
-    padded_ids = [s + [assistant_end] * (max_length - len(s)) for s in sequences]
-    padded_masks = [m + [0] * (max_length - len(m)) for m in masks]
-    device = engine.model.get_device()
-    ids = torch.tensor(padded_ids, dtype=torch.long, device=device)
-    mask = torch.tensor(padded_masks, dtype=torch.long, device=device)
-    inputs = ids[:, :-1]
+    ids = torch.tensor([s + [assistant_end] * (max_length - len(s)) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (max_length - len(m)) for m in masks], dtype=torch.long, device=device)
     targets = ids[:, 1:].clone()
     targets[mask[:, 1:] == 0] = -1  # prompt, forced tool output and padding: no gradient
-    rewards = torch.tensor(rewards, dtype=torch.float, device=device)
-    return inputs, targets, rewards, [len(s) for s in sequences]
+    return ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float, device=device), [len(s) for s in sequences]
 
 
 def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1):
@@ -117,22 +112,17 @@ def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1)
 @torch.no_grad()
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, rank, world_size):
     """pass@1..k on the first num_examples problems of task (rank r takes r, r+W, ...). Returns list of k floats."""
-    device = engine.model.get_device()
-    passed = torch.zeros(k, dtype=torch.long, device=device)
-    total = torch.zeros((), dtype=torch.long, device=device)
+    counts = torch.zeros(k + 1, dtype=torch.long, device=engine.model.get_device())  # passed@1..k, problems seen
     for i in range(rank, min(num_examples, len(task)), world_size):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k if top_k > 0 else None)
         outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
-        for j in range(k):
-            passed[j] += int(any(outcomes[:j + 1]))
-        total += 1
+        counts += torch.tensor([int(any(outcomes[:j + 1])) for j in range(k)] + [1], device=counts.device)
     if is_ddp_initialized():
-        dist.all_reduce(passed, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return [(passed[j].item() / max(total.item(), 1)) for j in range(k)]
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return [passed / max(counts[k].item(), 1) for passed in counts[:k].tolist()]
 
 
 def main(argv=None):
