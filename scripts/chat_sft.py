@@ -447,9 +447,8 @@ def main(argv=None):
     B, T = args.device_batch_size, args.max_seq_len
     world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of "
-                         f"device_batch_size x max_seq_len x world_size = {B} x {T} x {world_size} = "
-                         f"{world_tokens_per_fwdbwd}; pass --total-batch-size={world_tokens_per_fwdbwd * max(1, args.total_batch_size // world_tokens_per_fwdbwd)} or change the others")
+        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
+                         f"--max-seq-len x world size = {B} x {T} x {world_size} = {world_tokens_per_fwdbwd}")
     grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
     print0(f"Tokens / micro-batch / rank: {B} x {T} = {B * T:,}")
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
@@ -478,7 +477,8 @@ def main(argv=None):
         if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
             val_loader = sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
-            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, val_loader, max(1, args.eval_tokens // (B * T * world_size)), token_bytes)
+            eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
                    f"({val_tokens:,} supervised tokens)")
