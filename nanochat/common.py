@@ -190,43 +190,51 @@ def make_grad_scaler(device_type):
     """fp16 activations need loss scaling; bf16 and fp32 do not (None)."""
     return torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
 
-def set_hyperparams(optimizer, lr_multiplier, momentum=None, weight_decay=None):
-    """LR of every group = its initial LR x lr_multiplier; Muon groups also get momentum / weight decay when given."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lr_multiplier
-        if group.get("kind") == "muon":
-            if momentum is not None:
-                group["momentum"] = momentum
-            if weight_decay is not None:
-                group["weight_decay"] = weight_decay
-
 def scale_initial_lrs(optimizer, factor):
-    """Every group starts at factor x its LR; set_hyperparams later scales from this initial LR."""
+    """Every group starts at factor x its LR; finish_step later scales from this initial LR."""
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * factor
         group["initial_lr"] = group["lr"]
 
-def optimizer_step(optimizer, scaler):
-    """optimizer.step(), through the GradScaler under fp16 (every rank skips an overflowing step together)."""
-    if scaler is None:
+def finish_step(optimizer, scaler, lr_multiplier, momentum=None, weight_decay=None, update=True):
+    """The tail of every training step: LR of every group = its initial LR x lr_multiplier (Muon groups also get
+    momentum / weight decay when given), the update unless update=False (through the GradScaler under fp16, where
+    every rank skips an overflowing step together), then the gradients are dropped."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_multiplier
+        if group.get("kind") == "muon" and momentum is not None:
+            group["momentum"] = momentum
+        if group.get("kind") == "muon" and weight_decay is not None:
+            group["weight_decay"] = weight_decay
+    if update and scaler is None:
         optimizer.step()
-        return
-    scaler.unscale_(optimizer)
-    if is_ddp_initialized():
-        for found_inf in scaler._found_inf_per_device(optimizer).values():
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-    scaler.step(optimizer)
-    scaler.update()
+    elif update:
+        scaler.unscale_(optimizer)
+        if is_ddp_initialized():
+            for found_inf in scaler._found_inf_per_device(optimizer).values():
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 def manage_gc(first_step_of_run, step):
     """Python's cyclic GC stalls for ~0.5 s at a time walking long-lived objects: after the first step collect once,
-    freeze the survivors and disable it, then collect only every 5000 steps. gc.enable() undoes it."""
+    freeze the survivors and disable it, then collect only every 5000 steps. release_gc() undoes it."""
     if first_step_of_run:
         gc.collect()
         gc.freeze()
         gc.disable()
     elif step % 5000 == 0:
         gc.collect()
+
+def release_gc():
+    gc.enable()
+    gc.unfreeze()
+
+def is_due(step, every, last_step, at_step_zero=False):
+    """Periodic work of a training loop (evaluations, samples, checkpoints) runs every `every` steps and at the last
+    step; step 0 only when at_step_zero; every <= 0 turns it off."""
+    return every > 0 and (last_step or (step % every == 0 and (step > 0 or at_step_zero)))
 
 # -----------------------------------------------------------------------------
 # Atomic writes: a reader (or a resumed run) sees the old file or the new one, never half of one

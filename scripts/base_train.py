@@ -9,8 +9,9 @@ Examples:
     python -m scripts.base_train --depth=12 --resume-from-step=1000               # resume a run (same flags)
 
 The recipe: auto batch size, batch-scaled learning rates, T_epoch weight decay, warmup + warmdown LR schedule,
-Muon momentum and weight-decay schedules. The script reads top-down in stages: flags, plan (shapes, batch, horizon;
-all on the meta device), setup (device, resume checks, model, optimizer, data), the loop, the wrap-up (summary.json
+Muon momentum and weight-decay schedules. The script reads top-down: flags and their checks, the schedules, the plan
+(shapes, batch, horizon; all on the meta device), the checkpoint helpers, then Training, whose run() is the story:
+setup (device, resume checks, plan), build (model, optimizer, loop state, data), the loop, the wrap-up (summary.json
 and the report). SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0. A non-finite loss, or
 weights / optimizer state that became non-finite, stop the run (exit 1) and nothing non-finite is ever saved.
 """
@@ -18,7 +19,6 @@ weights / optimizer state that became non-finite, stop the run (exit 1) and noth
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch allocates anything
 
-import gc
 import json
 import math
 import time
@@ -34,8 +34,9 @@ import torch.distributed as dist
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                             get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write, synchronize,
-                             peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step, manage_gc, should_compile)
+                             get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
+                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
+                             is_due, should_compile)
 from nanochat.core_eval import evaluate_core, format_core, SAMPLE_PROMPTS
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
@@ -109,14 +110,10 @@ def check_args(args):
                       fractions=("warmdown_ratio", "final_lr_frac", "warmup_ratio"))
     if args.head_dim % 2:
         fail(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
-    if args.device_type not in ("", "cuda", "cpu", "mps"):
-        fail(f"--device-type={args.device_type} is not one of cuda, cpu, mps (or empty to autodetect)")
     if args.max_seq_len < 2:
         fail(f"--max-seq-len={args.max_seq_len} must be at least 2")
     if not args.window_pattern or any(c not in "SL" for c in args.window_pattern.upper()):
         fail(f"--window-pattern={args.window_pattern!r} must be a non-empty string of S and L characters")
-    if args.total_batch_size != -1 and args.total_batch_size < 1:
-        fail(f"--total-batch-size={args.total_batch_size} must be a positive number of tokens or -1 (auto)")
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         fail("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
     if args.warmup_steps < 0:
@@ -171,6 +168,7 @@ class Plan:
     batch_lr_scale: float
     weight_decay_scaled: float
     num_iterations: int
+    warmup_iters: int
     total_tokens: int
 
 
@@ -240,11 +238,11 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
     print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
     return Plan(model_config, param_counts, num_scaling_params, flops_per_token, total_batch_size, grad_accum_steps,
-                batch_lr_scale, weight_decay_scaled, num_iterations, total_tokens)
+                batch_lr_scale, weight_decay_scaled, num_iterations, warmup_iters_for(args, num_iterations), total_tokens)
 
 # -----------------------------------------------------------------------------
-# Loop state: everything the loop carries from step to step. It goes into the checkpoint meta, with the RNG and
-# dataloader states, so that a resumed run continues bit-exactly.
+# Loop state: everything the loop carries from step to step. The LOOP_FIELDS go into the checkpoint meta, with the
+# RNG and dataloader states, so that a resumed run continues bit-exactly.
 
 @dataclasses.dataclass
 class LoopState:
@@ -255,6 +253,8 @@ class LoopState:
     total_training_time: float = 0.0
     history: dict = dataclasses.field(default_factory=lambda: {"train": [], "val": []})
     core_results: dict = None
+    mfu: float = None             # of the last step (not saved)
+    last_good_step: int = None    # the newest checkpoint known to be finite (not saved)
 
     def record(self, split, entry):
         rows = [r for r in self.history[split] if r["step"] != entry["step"]]  # a resumed step replaces its old entry
@@ -264,22 +264,8 @@ class LoopState:
 # the LoopState fields saved under meta["loop_state"] (step and val_bpb are top-level meta keys)
 LOOP_FIELDS = ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")
 
-
-def encode_rng_state(state):
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def decode_rng_state(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def gather_objects(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
+# -----------------------------------------------------------------------------
+# Setup: resume checks and the hardware
 
 def check_resume(args, checkpoint_dir, world_size, user_config):
     """The resume checkpoint's meta after checking it is complete, readable and from a compatible run."""
@@ -326,6 +312,8 @@ def print_hardware(device_type, window_pattern):
         print0("!" * 80)
     return peak_flops
 
+# -----------------------------------------------------------------------------
+# Build: model and optimizer (restored when resuming), the loop state and the train loader
 
 def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
@@ -343,11 +331,8 @@ def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
             fail(f"--resume-from-step={args.resume_from_step}: {e}")
         del model_data
         print0(f"Resumed model weights from {checkpoint_dir} at step {args.resume_from_step}")
-    if args.fp8:
-        try:
-            fp8.convert_to_float8_training(model, recipe=args.fp8_recipe, device=device)
-        except (fp8.Fp8UnsupportedError, ValueError) as e:
-            fail(str(e))
+    if args.fp8:  # main checked the device; argparse the recipe
+        fp8.convert_to_float8_training(model, recipe=args.fp8_recipe, device=device)
     adam_betas = None
     if args.adam_beta1 is not None or args.adam_beta2 is not None:
         adam_betas = (args.adam_beta1 if args.adam_beta1 is not None else 0.8,
@@ -361,25 +346,28 @@ def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
     return model, optimizer
 
 
-def save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_state, device_type, rank, world_size):
-    """Checkpoint after state.step updates; the batch for state.step is not consumed yet (resume_loader_state)."""
-    loader_states = gather_objects(resume_loader_state, world_size)
-    rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()),
-                                 "cuda": encode_rng_state(torch.cuda.get_rng_state()) if device_type == "cuda" else None},
-                                world_size)
-    loop_state = {k: getattr(state, k) for k in LOOP_FIELDS}
-    meta = {"step": state.step, "val_bpb": state.val_bpb, **meta_base, "world_size": world_size,
-            "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
-            "loop_state": {**loop_state, "rng_states": rng_states}}
-    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.state_dict(), meta,
-                         rank=rank, sync_ranks=True)
+def encode_rng_state(state):
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def decode_rng_state(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def gather_objects(obj, world_size):
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def restore_loop_state(meta, rank, device_type):
     """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states.
     check_resume has made sure the checkpoint was saved by as many ranks as this run has."""
     loop = meta["loop_state"]
-    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], **{k: loop[k] for k in LOOP_FIELDS})
+    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], last_good_step=meta["step"],
+                      **{k: loop[k] for k in LOOP_FIELDS})
     rng = loop["rng_states"][rank]
     torch.set_rng_state(decode_rng_state(rng["cpu"]))
     if device_type == "cuda" and rng["cuda"]:
@@ -387,280 +375,285 @@ def restore_loop_state(meta, rank, device_type):
     return state, meta["dataloader_state_dicts"][rank]
 
 
-def main(argv=None):
-    # --- flags and cheap checks ---------------------------------------------------------------------------
-    args = build_parser().parse_args(argv)
-    user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
-    check_args(args)
-    print_banner()
-    device_type = args.device_type or autodetect_device_type()
-    if args.fp8 and device_type != "cuda":
-        fail(f"--fp8 needs a CUDA GPU with compute capability >= 8.9; this run is on {device_type}. Drop --fp8.")
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
-    print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.fp8:
+def with_resume_states(loader, resume_state):
+    """Yields (x, y, the loader state that resumes at this very batch). The loader's own state resumes *after* its
+    batch, so a checkpoint, which is taken before the prefetched batch is consumed, stores the previous one's."""
+    for x, y, state_after in loader:
+        yield x, y, resume_state
+        resume_state = state_after
+
+# -----------------------------------------------------------------------------
+# The run, in stages
+
+class Training:
+    """One pretraining run. run() is the whole story: setup, build, the loop, the wrap-up; each stage sets the
+    attributes that the later ones read."""
+
+    def __init__(self, args):
+        self.args = args
+        self.user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
+        self.signals = []  # SIGTERM/SIGINT received: the loop checkpoints at the next step boundary and leaves
+
+    def run(self):
+        self.setup()
+        self.build()
+        previous_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            fp8.check_fp8_support(device)  # before any heavy work
-        except fp8.Fp8UnsupportedError as e:
-            fail(str(e))
-    world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size > 0 and args.total_batch_size % world_tokens_per_fwdbwd != 0:
-        fail(f"--total-batch-size={args.total_batch_size} is not divisible by --device-batch-size x --max-seq-len x "
-             f"world size = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens_per_fwdbwd}; "
-             f"use a multiple of {world_tokens_per_fwdbwd} (or -1 for auto)")
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    resuming = args.resume_from_step >= 0
-    resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
+            if self.loop():  # a run stopped by a signal is not finished: no summary
+                self.wrap_up()
+            self.wandb_run.finish()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+            release_gc()
+            compute_cleanup()
+        return 0
 
-    # --- wandb, tokenizer, plan ------------------------------------------------------------------------------
-    wandb_run = init_wandb("nanochat", args.run, user_config, master)
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
-    vocab_size = tokenizer.get_vocab_size()
-    print0(f"Vocab size: {vocab_size:,}")
-    plan = training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0)
-    num_iterations = plan.num_iterations
-    if resuming and args.resume_from_step > num_iterations:
-        fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_iterations} steps)")
-    warmup_iters = warmup_iters_for(args, num_iterations)
-    peak_flops = print_hardware(device_type, args.window_pattern)
+    def setup(self):
+        """Device and processes, the checks that need the world size, the resume checkpoint, wandb and the plan."""
+        args = self.args
+        print_banner()
+        self.device_type = args.device_type or autodetect_device_type()
+        _, self.rank, _, self.world_size, self.device = compute_init(self.device_type)
+        print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+        if args.fp8:
+            try:
+                fp8.check_fp8_support(self.device)  # before any heavy work
+            except fp8.Fp8UnsupportedError as e:
+                fail(str(e))
+        world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * self.world_size
+        if args.total_batch_size != -1 and (args.total_batch_size < 1 or args.total_batch_size % world_tokens_per_fwdbwd):
+            fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size "
+                 f"x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
+        self.checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+        self.resuming = args.resume_from_step >= 0
+        self.resume_meta = check_resume(args, self.checkpoint_dir, self.world_size, self.user_config) if self.resuming else None
+        self.wandb_run = init_wandb("nanochat", args.run, self.user_config, self.rank == 0)
+        self.tokenizer = get_tokenizer()
+        print0(f"Vocab size: {self.tokenizer.get_vocab_size():,}")
+        self.plan = training_plan(args, self.tokenizer.get_vocab_size(), world_tokens_per_fwdbwd, print0)
+        if args.resume_from_step > self.plan.num_iterations:
+            fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({self.plan.num_iterations} steps)")
+        self.peak_flops = print_hardware(self.device_type, args.window_pattern)
 
-    # --- model, optimizer, data -------------------------------------------------------------------------------
-    use_compile = should_compile(device_type, args.compile, num_iterations)  # on the whole horizon: a resume decides alike
-    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank, use_compile)  # uncompiled: checkpoints, CORE, samples
-    model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
-    for key, value in plan.param_counts.items():
-        print0(f"{key:24s}: {value:,}")
-    print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
-    eval_context = (lambda: fp8.disable_fp8(orig_model)) if args.fp8 else contextlib.nullcontext
-    scaler = make_grad_scaler(device_type)
-    meta_base = {"model_config": dataclasses.asdict(plan.model_config), "user_config": user_config,
-                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                 "total_batch_size": plan.total_batch_size}
+    def build(self):
+        """Model and optimizer (restored when resuming), the loop state and the train loader."""
+        args, plan = self.args, self.plan
+        use_compile = should_compile(self.device_type, args.compile, plan.num_iterations)  # the whole horizon: a resume decides alike
+        self.orig_model, self.optimizer = build_model(args, plan, self.device, self.checkpoint_dir, self.rank, use_compile)
+        self.model = torch.compile(self.orig_model, dynamic=False, fullgraph=True) if use_compile else self.orig_model
+        for key, value in plan.param_counts.items():
+            print0(f"{key:24s}: {value:,}")
+        print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
+        self.scaler = make_grad_scaler(self.device_type)
+        self.token_bytes = get_token_bytes(device=self.device)
+        self.state, loader_state = restore_loop_state(self.resume_meta, self.rank, self.device_type) if self.resuming else (LoopState(), None)
+        loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+            self.tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=self.device, resume_state_dict=loader_state)
+        self.batches = with_resume_states(loader, loader_state)
 
-    state, loader_resume_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
-    train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_resume_state)
-    x, y, loader_state = next(train_loader)  # prefetch the first batch
-    # loader_state resumes *after* (x, y); to resume at (x, y) itself a checkpoint stores the state of the batch before
-    resume_loader_state = loader_resume_state
-    last_good_step = args.resume_from_step if resuming else None  # the newest checkpoint known to be finite
+    def on_signal(self, signum, frame):
+        if not self.signals:
+            print(f"[rank {self.rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step "
+                  "boundary", flush=True)
+        self.signals.append(signum)
 
-    # --- preemption: remember the signal, act on it at the next step boundary ----------------------------------
-    stop_signal = []
-    def on_signal(signum, frame):
-        if not stop_signal:
-            print(f"[rank {rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", flush=True)
-        stop_signal.append(signum)
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def loop(self):
+        """At every step boundary: the signal check, evaluations and checkpoints; then one optimization step.
+        Returns False when a signal stopped it (after a checkpoint), True at the end of the horizon."""
+        args, state, N = self.args, self.state, self.plan.num_iterations
+        start_step = state.step
+        print0(f"Starting training at step {start_step} of {N} (checkpoints: {self.checkpoint_dir})")
+        batch = next(self.batches)
+        while True:
+            step = state.step
+            last_step = step == N
+            resumed_here = self.resuming and step == start_step  # this checkpoint is already on disk
+            if any_rank(bool(self.signals), self.device):
+                if step > 0 and not resumed_here:
+                    self.save(batch[2])
+                if step > 0:
+                    print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
+                else:
+                    print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
+                return False
+            self.evaluate(last_step)
+            if (last_step or is_due(step, args.save_every, last_step)) and not resumed_here:
+                self.save(batch[2])
+            if last_step:
+                return True
+            batch = self.train_step(batch)
+            state.step += 1
+            manage_gc(state.step == start_step + 1, state.step)
 
-    def stop_diverged(what):
-        last_good = (f"the last good checkpoint is step {last_good_step} in {checkpoint_dir} (resume from it with lower "
-                     f"learning rates)") if last_good_step is not None else "no checkpoint of this run was saved (lower the learning rates)"
-        print0(f"error: {what}; stopping without saving it; {last_good}")
-        for s, h in previous_handlers.items():
-            signal.signal(s, h)
-        compute_cleanup()
-        raise SystemExit(1)
+    def eval_context(self):
+        return fp8.disable_fp8(self.orig_model) if self.args.fp8 else contextlib.nullcontext()
 
-    def save_now():
-        nonlocal last_good_step
-        finite = ckpt.is_finite_state(orig_model.state_dict()) and ckpt.is_finite_state(optimizer.state_dict())
-        if any_rank(not finite, device):
-            stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}")
-        save(checkpoint_dir, state, orig_model, optimizer, meta_base, resume_loader_state, device_type, rank, world_size)
-        last_good_step = state.step
-        if master and args.keep_last > 0:
-            ckpt.prune_checkpoints(checkpoint_dir, args.keep_last)
-
-    # --- training loop --------------------------------------------------------------------------------------
-    print0(f"Starting training at step {state.step} of {num_iterations} (checkpoints: {checkpoint_dir})")
-    first_step_of_run = True
-    mfu = None
-    stopped_by_signal = False
-    while True:
-        step = state.step
-        last_step = step == num_iterations
-        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
-        resumed_here = resuming and step == args.resume_from_step  # already on disk
-
-        # preemption: checkpoint here and leave
-        if any_rank(bool(stop_signal), device):
-            if step > 0 and not resumed_here:
-                save_now()
-            if step > 0:
-                print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
-            else:
-                print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
-            stopped_by_signal = True
-            break
-
-        # validation bits per byte (all ranks)
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
-            eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+    def evaluate(self, last_step):
+        """Validation bpb (all ranks), the CORE metric (all ranks) and greedy samples (rank 0), each at its cadence.
+        CORE and the samples use the uncompiled model."""
+        args, state, tokenizer, step = self.args, self.state, self.tokenizer, self.state.step
+        flops_so_far = self.plan.flops_per_token * self.plan.total_batch_size * step
+        if is_due(step, args.eval_every, last_step, at_step_zero=True):
+            self.model.eval()
+            eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
             val_loader = tokenizing_distributed_data_loader_bos_bestfit(
-                tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-            with eval_context():
-                state.val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+                tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device)
+            with self.eval_context():
+                state.val_bpb = evaluate_bpb(self.model, val_loader, eval_steps, self.token_bytes)
             print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
             state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
-                           "val/bpb": state.val_bpb})
-            model.train()
-
-        # CORE metric (all ranks, uncompiled model), never at step 0
-        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            orig_model.eval()
+            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                                "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
+            self.model.train()
+        if is_due(step, args.core_metric_every, last_step):
+            self.orig_model.eval()
             try:
-                with eval_context():
-                    results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+                with self.eval_context():
+                    results = evaluate_core(self.orig_model, tokenizer, self.device, max_per_task=args.core_metric_max_per_task)
                 state.core_results = results
                 print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
-                               "centered_results": results.get("centered_results")})
+                self.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                                    "centered_results": results.get("centered_results")})
             except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
                 print0(f"Step {step:05d} | CORE metric skipped: {e}")
-            orig_model.train()
-
-        # samples (rank 0, uncompiled model, greedy)
-        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            orig_model.eval()
-            engine = Engine(orig_model, tokenizer)
-            with eval_context():
+            self.orig_model.train()
+        if self.rank == 0 and is_due(step, args.sample_every, last_step):
+            self.orig_model.eval()
+            engine = Engine(self.orig_model, tokenizer)
+            with self.eval_context():
                 for prompt in SAMPLE_PROMPTS:
                     tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
                     sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
                     print0(tokenizer.decode(sample[0]))
-            orig_model.train()
+            self.orig_model.train()
 
-        # checkpoint
-        periodic = step > 0 and args.save_every > 0 and step % args.save_every == 0
-        if (last_step or periodic) and not resumed_here:
-            save_now()
-        if last_step:
-            break
+    def stop_diverged(self, what):
+        """One error line naming the last good checkpoint, exit 1 (run() still cleans up)."""
+        if self.state.last_good_step is not None:
+            last_good = (f"the last good checkpoint is step {self.state.last_good_step} in {self.checkpoint_dir} "
+                         f"(resume from it with lower learning rates)")
+        else:
+            last_good = "no checkpoint of this run was saved (lower the learning rates)"
+        print0(f"error: {what}; stopping without saving it; {last_good}")
+        raise SystemExit(1)
 
-        # --- one optimization step ---
-        synchronize(device_type)
+    def save(self, resume_state):
+        """Checkpoint after state.step updates (never a non-finite one); resume_state is where the loader resumes."""
+        state, args = self.state, self.args
+        if any_rank(not ckpt.is_finite_state([self.orig_model.state_dict(), self.optimizer.state_dict()]), self.device):
+            self.stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}")
+        loader_states = gather_objects(resume_state, self.world_size)
+        rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
+            torch.cuda.get_rng_state()) if self.device_type == "cuda" else None}, self.world_size)
+        meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(self.plan.model_config),
+                "user_config": self.user_config, "device_batch_size": args.device_batch_size,
+                "max_seq_len": args.max_seq_len, "total_batch_size": self.plan.total_batch_size, "world_size": self.world_size,
+                "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
+                "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
+        ckpt.save_checkpoint(self.checkpoint_dir, state.step, self.orig_model.state_dict(), self.optimizer.state_dict(),
+                             meta, rank=self.rank, sync_ranks=True)
+        state.last_good_step = state.step
+        if self.rank == 0 and args.keep_last > 0:
+            ckpt.prune_checkpoints(self.checkpoint_dir, args.keep_last)
+
+    def train_step(self, batch):
+        """One optimization step over grad_accum_steps micro-batches from the prefetched batch on; logs it and returns
+        the next prefetched batch. A non-finite loss stops the run (under fp16 the GradScaler skips such steps)."""
+        args, plan, step, N = self.args, self.plan, self.state.step, self.plan.num_iterations
+        synchronize(self.device_type)
         t0 = time.time()
         micro_losses = []
-        for micro_step in range(plan.grad_accum_steps):
-            loss = model(x, y)
+        for _ in range(plan.grad_accum_steps):
+            x, y, _ = batch
+            loss = self.model(x, y)
             micro_losses.append(loss.detach())
             loss = loss / plan.grad_accum_steps
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            resume_loader_state = loader_state  # the batch after this one is what a resume must start with
-            x, y, loader_state = next(train_loader)  # prefetch while the device works
-        lrm = get_lr_multiplier(step, num_iterations, warmup_iters, args.warmdown_ratio, args.final_lr_frac)
-        set_hyperparams(optimizer, lrm, momentum=get_muon_momentum(step, num_iterations, args.warmdown_ratio),
-                        weight_decay=get_weight_decay(step, num_iterations, plan.weight_decay_scaled))
-        optimizer_step(optimizer, scaler)
-        optimizer.zero_grad(set_to_none=True)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            batch = next(self.batches)  # prefetch while the device works
+        lrm = get_lr_multiplier(step, N, plan.warmup_iters, args.warmdown_ratio, args.final_lr_frac)
+        finish_step(self.optimizer, self.scaler, lrm, momentum=get_muon_momentum(step, N, args.warmdown_ratio),
+                    weight_decay=get_weight_decay(step, N, plan.weight_decay_scaled))
         losses = torch.stack(micro_losses)
         train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
-        synchronize(device_type)
+        synchronize(self.device_type)
         dt = time.time() - t0
-        if scaler is None and any_rank(not bool(torch.isfinite(losses).all()), device):
-            stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)")
+        if self.scaler is None and any_rank(not bool(torch.isfinite(losses).all()), self.device):
+            self.stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)")
+        self.log_step(train_loss, lrm, dt, epoch=batch[2]["epoch"])
+        return batch
 
-        # --- logging ---
+    def log_step(self, train_loss, lrm, dt, epoch):
+        plan, state, step, N = self.plan, self.state, self.state.step, self.plan.num_iterations
+        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
         ema_beta = 0.9
         state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
         debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = int(plan.total_batch_size / dt)
-        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (peak_flops * world_size) if peak_flops else None
+        if self.peak_flops:
+            state.mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak_flops * self.world_size)
+        eta = ""
         if step > 10:
             state.total_training_time += dt  # the first steps (compilation warm-up) do not count
-        eta = ""
-        if step - 10 > 0:
-            eta = f" | eta: {(num_iterations - step) * state.total_training_time / (step - 10) / 60:.1f}m"
-        epoch = loader_state["epoch"]
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if mfu is None else f'{mfu:.2f}'} | epoch: {epoch} | "
-               f"total time: {state.total_training_time / 60:.2f}m{eta}")
+            eta = f" | eta: {(N - step) * state.total_training_time / (step - 10) / 60:.1f}m"
+        print0(f"step {step:05d}/{N:05d} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if state.mfu is None else f'{state.mfu:.2f}'} | "
+               f"epoch: {epoch} | total time: {state.total_training_time / 60:.2f}m{eta}")
         state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
         if step % 100 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": state.total_training_time,
-                           "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu, "train/epoch": epoch})
-        state.step += 1
-        manage_gc(first_step_of_run, state.step)
-        first_step_of_run = False
+            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                                "total_training_time": state.total_training_time, "train/loss": debiased, "train/lrm": lrm,
+                                "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": state.mfu, "train/epoch": epoch})
 
-    # --- wrap up ---------------------------------------------------------------------------------------------
-    gc.enable()
-    gc.unfreeze()
-    for s, h in previous_handlers.items():
-        signal.signal(s, h)
-    if not stopped_by_signal:
-        write_summary(args, plan, state, user_config, model_tag, vocab_size, warmup_iters, mfu, world_size,
-                      device_type, checkpoint_dir, master)
-    wandb_run.finish()
-    compute_cleanup()
-    return 0
+    def wrap_up(self):
+        """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
+        args, plan, state, device_type = self.args, self.plan, self.state, self.device_type
+        peak_mib = peak_memory_mib(device_type)
+        print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
+        print0(f"Total training time: {state.total_training_time / 60:.2f}m")
+        min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
+        if min_val_bpb is not None:
+            print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+        if self.rank != 0:
+            return
+        total_flops = plan.flops_per_token * plan.total_tokens
+        core, mfu = state.core_results, state.mfu
+        core_score = core["core_metric"] if core else None
+        ratio = plan.total_tokens / plan.num_scaling_params
+        summary = {
+            "model_tag": os.path.basename(self.checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
+            "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len,
+            "vocab_size": self.tokenizer.get_vocab_size(), "num_params": plan.param_counts["total"],
+            "num_scaling_params": plan.num_scaling_params, "param_counts": plan.param_counts,
+            "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
+            "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
+            "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
+            "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
+            "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
+            "world_size": self.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": self.checkpoint_dir,
+        }
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        summary_path = os.path.join(self.checkpoint_dir, "summary.json")
+        atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
+        print0(f"Wrote run summary to {summary_path}")
+        setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
+                 "Number of FLOPs per token": f"{plan.flops_per_token:e}", "Calculated number of iterations": plan.num_iterations,
+                 "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
+                 "Total batch size": plan.total_batch_size, "DDP world size": self.world_size,
+                 "warmup_iters": plan.warmup_iters, "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
+        results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
+                   "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
+                   "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
+        report = get_report()
+        report.log(section="Base model training", data=[self.user_config, setup, results])
+        report.log_history("base-training", state.history)
 
 
-def write_summary(args, plan, state, user_config, model_tag, vocab_size, warmup_iters, mfu, world_size, device_type,
-                  checkpoint_dir, master):
-    """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
-    peak_mib = peak_memory_mib(device_type)
-    print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
-    print0(f"Total training time: {state.total_training_time / 60:.2f}m")
-    min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
-    if min_val_bpb is not None:
-        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
-    if not master:
-        return
-    total_flops = plan.flops_per_token * plan.total_tokens
-    core = state.core_results
-    core_score = core["core_metric"] if core else None
-    ratio = plan.total_tokens / plan.num_scaling_params
-    summary = {
-        "model_tag": model_tag, "depth": args.depth, "model_dim": plan.model_config.n_embd,
-        "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len, "vocab_size": vocab_size,
-        "num_params": plan.param_counts["total"], "num_scaling_params": plan.num_scaling_params,
-        "param_counts": plan.param_counts, "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
-        "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
-        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
-        "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
-        "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
-        "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
-    }
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    summary_path = os.path.join(checkpoint_dir, "summary.json")
-    atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
-    print0(f"Wrote run summary to {summary_path}")
-    report = get_report()
-    report.log(section="Base model training", data=[
-        user_config,
-        {
-            "Number of parameters": plan.param_counts["total"],
-            "Number of scaling parameters": plan.num_scaling_params,
-            "Number of FLOPs per token": f"{plan.flops_per_token:e}",
-            "Calculated number of iterations": plan.num_iterations,
-            "Number of training tokens": plan.total_tokens,
-            "Tokens : Scaling params ratio": ratio,
-            "Total batch size": plan.total_batch_size,
-            "DDP world size": world_size,
-            "warmup_iters": warmup_iters,
-            "warmdown_ratio": args.warmdown_ratio,
-            "final_lr_frac": args.final_lr_frac,
-        },
-        {
-            "Minimum validation bpb": min_val_bpb,
-            "Final validation bpb": state.val_bpb,
-            "CORE metric estimate": core_score,
-            "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a",
-            "Total training flops": f"{total_flops:e}",
-            "Total training time": f"{state.total_training_time / 60:.2f}m",
-            "Peak memory usage": f"{peak_mib:.2f}MiB",
-        },
-    ])
-    report.log_history("base-training", state.history)
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)  # everything that needs nothing but the flags, before any heavy work
+    return Training(args).run()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
                              init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
-                             set_hyperparams, scale_initial_lrs)
+                             make_grad_scaler, finish_step, scale_initial_lrs, is_due)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -82,7 +82,6 @@ def sample_group(engine, tokenizer, task, example_index, conversation, args, ste
     """Sample num_samples completions for one problem. Returns (inputs, targets, rewards, sequence_lengths)."""
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     prompt = tokenizer.render_for_completion(conversation)
-    prefix_length = len(prompt)
     sequences, masks = [], []
     for sampling_step in range(args.num_samples // args.device_batch_size):
         seqs, msks = engine.generate_batch(prompt, num_samples=args.device_batch_size,
@@ -91,19 +90,15 @@ def sample_group(engine, tokenizer, task, example_index, conversation, args, ste
                                            seed=rollout_seed(step, example_index, sampling_step))
         sequences.extend(seqs)
         masks.extend(msks)
-    rewards = [task.reward(conversation, tokenizer.decode(seq[prefix_length:])) for seq in sequences]
+    device = engine.model.get_device()
+    rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
     # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
     max_length = max(len(s) for s in sequences)
-    padded_ids = [s + [assistant_end] * (max_length - len(s)) for s in sequences]
-    padded_masks = [m + [0] * (max_length - len(m)) for m in masks]
-    device = engine.model.get_device()
-    ids = torch.tensor(padded_ids, dtype=torch.long, device=device)
-    mask = torch.tensor(padded_masks, dtype=torch.long, device=device)
-    inputs = ids[:, :-1]
+    ids = torch.tensor([s + [assistant_end] * (max_length - len(s)) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (max_length - len(m)) for m in masks], dtype=torch.long, device=device)
     targets = ids[:, 1:].clone()
     targets[mask[:, 1:] == 0] = -1  # prompt, forced tool output and padding: no gradient
-    rewards = torch.tensor(rewards, dtype=torch.float, device=device)
-    return inputs, targets, rewards, [len(s) for s in sequences]
+    return ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float, device=device), [len(s) for s in sequences]
 
 
 def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1):
@@ -117,22 +112,17 @@ def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1)
 @torch.no_grad()
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, rank, world_size):
     """pass@1..k on the first num_examples problems of task (rank r takes r, r+W, ...). Returns list of k floats."""
-    device = engine.model.get_device()
-    passed = torch.zeros(k, dtype=torch.long, device=device)
-    total = torch.zeros((), dtype=torch.long, device=device)
+    counts = torch.zeros(k + 1, dtype=torch.long, device=engine.model.get_device())  # passed@1..k, problems seen
     for i in range(rank, min(num_examples, len(task)), world_size):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k if top_k > 0 else None)
         outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
-        for j in range(k):
-            passed[j] += int(any(outcomes[:j + 1]))
-        total += 1
+        counts += torch.tensor([int(any(outcomes[:j + 1])) for j in range(k)] + [1], device=counts.device)
     if is_ddp_initialized():
-        dist.all_reduce(passed, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return [(passed[j].item() / max(total.item(), 1)) for j in range(k)]
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return [passed / max(counts[k].item(), 1) for passed in counts[:k].tolist()]
 
 
 def main(argv=None):
@@ -140,15 +130,14 @@ def main(argv=None):
     user_config = dict(vars(args))
     check_checkpoint_exists(args.source, args.model_tag, args.model_step)
 
-    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, _, world_size, device = compute_init(device_type)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if args.examples_per_step % world_size != 0:
         raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
                          f"processes ({world_size})")
 
-    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, rank == 0)
 
     # data first: a missing dataset should fail before the model is loaded
     try:
@@ -163,9 +152,7 @@ def main(argv=None):
                                                 step=args.model_step)
     engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
 
-    num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
-    if args.num_steps > 0:
-        num_steps = args.num_steps
+    num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
         raise SystemExit(f"error: GSM8K train has {len(train_task)} problems, fewer than --examples-per-step="
                          f"{args.examples_per_step}; lower it or pass --num-steps")
@@ -178,35 +165,35 @@ def main(argv=None):
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     scale_initial_lrs(optimizer, args.init_lr_frac)
+    scaler = make_grad_scaler(device_type)
 
     # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
     example_indices = itertools.cycle(range(rank, len(train_task), world_size))
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", args.model_tag or f"d{model.config.n_layer}")
     history = {"train": [], "val": [], "pass_at_k": []}
-    last_pass_at_k = None
+    pass_at_k = None
     mean_reward = mean_length = float("nan")
     t_start = time.time()
 
     for step in range(num_steps + 1):
         last_step = step == num_steps
         # pass@k on GSM8K test (step 0, every eval_every, and at the end)
-        if step % args.eval_every == 0 or last_step:
+        if is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
             pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size,
                                            args.max_new_tokens, 1.0, args.top_k, rank, world_size)
-            last_pass_at_k = pass_at_k
             print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
             named = {f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}
             wandb_run.log({"step": step, **named})
             history["pass_at_k"].append(dict(step=step, **named))
         # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model
-        if (step > 0 and step % args.save_every == 0) or last_step:
+        if is_due(step, args.save_every, last_step):
             if any_rank(not is_finite_state(model.state_dict()), device):
                 raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
                                  f"(lower the learning rates or --init-lr-frac)")
-            if master:
+            if rank == 0:
                 meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
-                                 pass_at_k=last_pass_at_k, source=args.source)
+                                 pass_at_k=pass_at_k, source=args.source)
                 save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
                 print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
         if last_step:
@@ -225,10 +212,9 @@ def main(argv=None):
             advantages = rewards - rewards.mean()  # group-mean baseline, no std scaling
             model.train()
             for p in range(num_passes):
-                b0, b1 = p * args.device_batch_size, (p + 1) * args.device_batch_size
-                x, y, adv = inputs[b0:b1], targets[b0:b1], advantages[b0:b1]
-                loss = policy_gradient_loss(model, x, y, adv, num_passes * examples_per_rank)
-                loss.backward()
+                rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
+                loss = policy_gradient_loss(model, inputs[rows], targets[rows], advantages[rows], num_passes * examples_per_rank)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 print0(f"Step {step}/{num_steps} | Example step {example_step} | Pass {p} | loss: {loss.item():.6f} "
                        f"| Average reward: {rewards.mean().item()}")
 
@@ -243,9 +229,7 @@ def main(argv=None):
 
         # linear LR decay to zero over the run; the optimizer averages gradients across ranks
         lrm = 1.0 - step / num_steps
-        set_hyperparams(optimizer, lrm)
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
+        finish_step(optimizer, scaler, lrm)
         wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm})
         history["train"].append(dict(step=step + 1, reward=mean_reward, sequence_length=mean_length))
 
@@ -253,12 +237,12 @@ def main(argv=None):
     print0(f"Total RL time: {elapsed / 60:.2f}m")
     stats = {"Number of steps": num_steps, "DDP world size": world_size, "Final average reward": mean_reward,
              "Total RL time (m)": elapsed / 60}
-    if last_pass_at_k is not None:
-        stats.update({f"GSM8K pass@{k + 1}": v for k, v in enumerate(last_pass_at_k)})
+    if pass_at_k is not None:
+        stats.update({f"GSM8K pass@{k + 1}": v for k, v in enumerate(pass_at_k)})
     get_report().log(section="Chat RL", data=[user_config, stats])
     wandb_run.finish()
     compute_cleanup()
-    return dict(num_steps=num_steps, mean_reward=mean_reward, pass_at_k=last_pass_at_k, history=history)
+    return dict(num_steps=num_steps, mean_reward=mean_reward, pass_at_k=pass_at_k, history=history)
 
 
 if __name__ == "__main__":

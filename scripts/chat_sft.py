@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
                              get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
-                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, set_hyperparams, optimizer_step,
-                             manage_gc, check_flag_ranges, scale_initial_lrs, should_compile)
+                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
+                             is_due, check_flag_ranges, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          saved_world_size, is_finite_state, CheckpointError)
 from nanochat.engine import Engine
@@ -173,74 +173,72 @@ def build_mixture(args):
 # Data loader: BOS-aligned best-fit packing of rendered conversations
 
 def new_packing_stats():
-    return dict(conversations=0, truncated=0, skipped=0, rows=0, tokens=0, padding=0, supervised=0)
+    return dict(conversations=0, truncated=0, skipped=0, tokens=0, padding=0)
+
+
+def rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats):
+    """Yields (ids, mask) of this rank's conversations (rank, rank + W, ... wrapping around) forever, each truncated to
+    one row of `capacity` tokens, with the epoch it was fetched in; (None, epoch) for a conversation of which nothing
+    the assistant says survives: it is skipped (a conversation that never fits would clog the packing buffer)."""
+    cursor, epoch, skipped_in_a_row = rank, 1, 0
+    while True:
+        index = cursor
+        cursor += world_size
+        if cursor >= len(dataset):
+            cursor -= len(dataset)
+            epoch += 1
+        try:
+            ids, mask = tokenizer.render_conversation(dataset[index])
+        except (AssertionError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
+                             f"fix or remove that row in its source file") from e
+        stats["conversations"] += 1
+        if not any(mask[1:capacity]):
+            stats["skipped"] += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row > len(dataset):
+                raise SystemExit("error: no conversation in the mixture has any assistant token to train on "
+                                 f"(with --max-seq-len={capacity - 1}); check the data or use a longer --max-seq-len")
+            yield None, epoch
+            continue
+        skipped_in_a_row = 0
+        stats["truncated"] += len(ids) > capacity
+        yield (ids[:capacity], mask[:capacity]), epoch
 
 
 def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=None, buffer_size=100):
     """
     Yields (inputs, targets, progress) forever; inputs/targets are (B, T) int64 on device, targets = -1 where no loss.
-    progress = dict(consumed, epoch) counts conversations fetched by all ranks (this rank's view).
+    progress = dict(consumed, epoch) counts conversations used (packed or skipped) by all ranks (this rank's view).
 
     Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
-    fits), then BOS padding. A conversation longer than a row is truncated to the row (so it can always be placed;
-    a conversation that never fits would clog the buffer), or skipped if the truncation leaves no assistant token.
+    fits, the first among equals), then BOS padding.
     """
     stats = stats if stats is not None else new_packing_stats()
-    capacity = T + 1
-    bos = tokenizer.get_bos_token_id()
-    dataset_size = len(dataset)
-    assert dataset_size > 0, "empty dataset"
-    cursor, epoch, consumed = rank, 1, rank
-    buffer = []
+    capacity, bos = T + 1, tokenizer.get_bos_token_id()
+    conversations = rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats)
+    consumed, buffer = rank, []
     use_pinned = torch.device(device).type == "cuda"
-
-    def refill():
-        nonlocal cursor, epoch, consumed
-        attempts = 0
-        while len(buffer) < buffer_size:
-            attempts += 1
-            if attempts > 10 * buffer_size + dataset_size:
-                raise SystemExit("error: no conversation in the mixture has any assistant token to train on "
-                                 f"(with --max-seq-len={T}); check the data or use a longer --max-seq-len")
-            index = cursor
-            conversation = dataset[index]
-            cursor += world_size
-            if cursor >= dataset_size:
-                cursor -= dataset_size
-                epoch += 1
-            try:
-                ids, mask = tokenizer.render_conversation(conversation)
-            except (AssertionError, ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
-                                 f"fix or remove that row in its source file") from e
-            stats["conversations"] += 1
-            truncated = len(ids) > capacity
-            ids, mask = ids[:capacity], mask[:capacity]
-            if not any(mask[1:]):  # nothing the assistant says (or nothing left of it after truncation)
-                stats["skipped"] += 1
-                consumed += world_size  # a skipped conversation still counts as seen for the epoch
-                continue
-            stats["truncated"] += truncated
-            buffer.append((ids, mask))
-
     while True:
         rows_ids, rows_mask = [], []
         for _ in range(B):
             row_ids, row_mask = [], []
             while len(row_ids) < capacity:
-                refill()
+                while len(buffer) < buffer_size:
+                    conversation, epoch = next(conversations)
+                    if conversation is None:
+                        consumed += world_size  # a skipped conversation still counts as seen for the epoch
+                    else:
+                        buffer.append(conversation)
                 remaining = capacity - len(row_ids)
-                best_index, best_length = -1, 0
-                for j, (ids, _) in enumerate(buffer):
-                    if best_length < len(ids) <= remaining:
-                        best_index, best_length = j, len(ids)
-                if best_index < 0:
+                fitting = [j for j, (ids, _) in enumerate(buffer) if len(ids) <= remaining]
+                if not fitting:
                     # nothing fits the tail of this row: pad it (never happens on an empty row, everything fits one)
                     stats["padding"] += remaining
                     row_ids += [bos] * remaining
                     row_mask += [0] * remaining
                     break
-                ids, mask = buffer.pop(best_index)
+                ids, mask = buffer.pop(max(fitting, key=lambda j: len(buffer[j][0])))
                 row_ids += ids
                 row_mask += mask
                 consumed += world_size
@@ -251,9 +249,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
         inputs = ids[:, :-1].contiguous()
         targets = ids[:, 1:].clone()
         targets[~mask[:, 1:]] = -1  # loss only where the assistant speaks (padding has mask 0 too)
-        stats["rows"] += B
         stats["tokens"] += B * capacity
-        stats["supervised"] += int(mask[:, 1:].sum())
         if use_pinned:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         inputs = inputs.to(device, non_blocking=use_pinned)
@@ -261,7 +257,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
         yield inputs, targets, dict(consumed=consumed, epoch=epoch)
 
 # -----------------------------------------------------------------------------
-# The loss of one optimizer step
+# The loss of one optimizer step, and validation
 
 def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scaler=None):
     """Backward of the mean loss over every supervised token of the step (all micro-batches, all ranks).
@@ -281,8 +277,25 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
         (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss_sum_total
 
-# -----------------------------------------------------------------------------
-# Validation: token-mean loss on supervised tokens and bits per byte, in one pass
+
+def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
+    """The forward/backward of one optimizer step. All micro-batches are fetched first, so that the loss can be
+    normalized by the step's supervised-token count (all ranks), which keeps zero-token micro-batches from producing
+    0/0. Returns (loss sum, supervised tokens, conversations consumed by the furthest rank), all ranks, and the epoch."""
+    fetched = [next(batches) for _ in range(grad_accum_steps)]
+    micro_batches = [(x, y) for x, y, _ in fetched]
+    position = fetched[-1][2]  # where the loader stands after the last micro-batch
+    num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
+    consumed = torch.tensor(float(position["consumed"]), device=device)
+    if is_ddp_initialized():
+        dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
+        dist.all_reduce(consumed, op=dist.ReduceOp.MAX)
+    loss_sum = torch.tensor(backward_token_mean(model, micro_batches, num_supervised.item(), world_size, scaler),
+                            device=device)
+    if is_ddp_initialized():
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    return loss_sum.item(), num_supervised.item(), consumed.item(), position["epoch"]
+
 
 @torch.no_grad()
 def evaluate_sft_loss(model, batches, steps, token_bytes):
@@ -301,6 +314,34 @@ def evaluate_sft_loss(model, batches, steps, token_bytes):
     val_loss = sum_nats / sum_tokens if sum_tokens > 0 else float("nan")
     val_bpb = sum_nats_bytes / (math.log(2) * sum_bytes) if sum_bytes > 0 else float("inf")
     return val_loss, val_bpb, int(sum_tokens)
+
+
+def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
+    """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
+    model.eval()
+    engine = Engine(model, tokenizer)
+    results = {}
+    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
+        max_problems = args.chatcore_max_sample
+        if BASELINES[task_name] > 0:  # the categorical (MC) tasks have a chance baseline
+            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
+        try:
+            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
+                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
+                                               max_problems=max_problems)
+        except TaskUnavailable as e:
+            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
+            unavailable.add(task_name)
+            continue
+        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
+    chatcore, label = chatcore_from_results(results)
+    chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
+    chatcore = float("nan") if chatcore is None else chatcore
+    chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
+    partial = "" if label == "full" else f" {label}"
+    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
+    model.train()
+    return chatcore, results
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -321,17 +362,16 @@ def muon_momentum(step):
     return (1 - f) * 0.85 + f * 0.95
 
 # -----------------------------------------------------------------------------
+# Build: settings inherited from the base run, the optimizer warm-started from it
 
 def resolve_inherited(args, meta):
     """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
-    printing where each value came from. Returns the base run's values (None where it has none)."""
+    printing where each value came from."""
     base_flags = meta.get("user_config") or {}
-    pretrained = {}
     for name, fallback in FALLBACKS.items():
         base_value = meta.get(name, base_flags.get(name))
         if base_value is not None and base_value <= 0:
             base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
-        pretrained[name] = base_value
         given = getattr(args, name)
         if given is None and base_value is not None:
             print0(f"Inherited {name}={base_value} from pretrained checkpoint")
@@ -343,198 +383,149 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-    return pretrained
+    base_batch_size = meta.get("device_batch_size", base_flags.get("device_batch_size"))
+    if base_batch_size and args.device_batch_size > base_batch_size:
+        print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_batch_size}, "
+               f"did you pass in a good --device-batch-size to this script?")
+
+
+def base_optimizer_state(args, device, rank, world_size):
+    """This rank's shard of the base run's optimizer state, or None (with a warning) when it is not usable here: the
+    state is sharded per rank, so it only fits under the same number of processes."""
+    base_world_size = saved_world_size("base", args.model_tag, args.model_step)
+    if base_world_size not in (None, world_size):
+        print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
+               f"{world_size}; starting with a fresh optimizer")
+        return None
+    try:
+        state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
+    except CheckpointError as e:
+        print0(f"WARNING: could not read the base optimizer state ({e})")
+        state = None
+    if state is None:
+        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    return state
 
 
 def build_optimizer(model, args, device, rank, world_size, use_compile):
-    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers.
-    The base state is sharded per rank, so it only fits under the same number of processes; every rank warm-starts
-    or none does."""
-    def fresh():
-        return model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
-    optimizer = fresh()
-    base_state = None
-    if args.load_optimizer:
-        base_world_size = saved_world_size("base", args.model_tag, args.model_step)
-        if base_world_size not in (None, world_size):
-            print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
-                   f"{world_size}; starting with a fresh optimizer")
-        else:
-            try:
-                base_state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-            except CheckpointError as e:
-                print0(f"WARNING: could not read the base optimizer state ({e})")
-            if base_state is None:
-                print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
-    if any_rank(base_state is None, device):
-        base_state = None
-    if base_state is not None:
+    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
+    (every rank warm-starts or none does)."""
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
+    base_state = base_optimizer_state(args, device, rank, world_size) if args.load_optimizer else None
+    if not any_rank(base_state is None, device):
         # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
         hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
-            optimizer.load_state_dict(base_state)
+            optimizer.load_state_dict(base_state)  # validates before it changes anything
             for group, hyper in zip(optimizer.param_groups, hyperparams):
                 group.update(hyper)
             print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
         except (ValueError, KeyError, RuntimeError) as e:
-            optimizer = fresh()
             print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
     scale_initial_lrs(optimizer, args.init_lr_frac)
     return optimizer
 
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
+    # --- flags; the base checkpoint must exist before any heavy work ------------------------------------------
     args = parse_args(argv)
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
     check_checkpoint_exists("base", args.model_tag, args.model_step)
 
-    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
+    # --- setup: device, processes, wandb ------------------------------------------------------------------------
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, _, world_size, device = compute_init(device_type)
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    wandb_run = init_wandb("nanochat-sft", args.run, user_config, rank == 0)
 
-    wandb_run = init_wandb("nanochat-sft", args.run, user_config, master)
-
-    # --- model, inherited settings, batch geometry --------------------------------------------------------------
-    model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
-                                                step=args.model_step)
-    pretrained = resolve_inherited(args, meta)
-    if pretrained.get("device_batch_size") and args.device_batch_size > pretrained["device_batch_size"]:
-        print0(f"FOOTGUN WARNING: base model training used device_batch_size {pretrained['device_batch_size']}, "
-               f"did you pass in a good --device-batch-size to this script?")
+    # --- build: the base model and the settings it passes on, batch geometry, optimizer, data ---------------------
+    orig_model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
+                                                     step=args.model_step)  # uncompiled: saving, the Engine
+    resolve_inherited(args, meta)
     B, T = args.device_batch_size, args.max_seq_len
-    tokens_per_fwdbwd = B * T
-    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+    world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of "
-                         f"device_batch_size x max_seq_len x world_size = {B} x {T} x {world_size} = "
-                         f"{world_tokens_per_fwdbwd}; pass --total-batch-size={world_tokens_per_fwdbwd * max(1, args.total_batch_size // world_tokens_per_fwdbwd)} or change the others")
+        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
+                         f"--max-seq-len x world size = {B} x {T} x {world_size} = {world_tokens_per_fwdbwd}")
     grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
-    print0(f"Tokens / micro-batch / rank: {B} x {T} = {tokens_per_fwdbwd:,}")
+    print0(f"Tokens / micro-batch / rank: {B} x {T} = {B * T:,}")
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
     print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
-    if T > model.config.sequence_len:
-        print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={model.config.sequence_len}")
-
-    orig_model = model  # uncompiled: for saving and for the Engine (variable shapes)
+    if T > orig_model.config.sequence_len:
+        print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
     use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
-    if use_compile:
-        model = torch.compile(model, dynamic=False, fullgraph=True)
-    num_flops_per_token = orig_model.estimate_flops()
-    token_bytes = get_token_bytes(device=device)
-
-    # --- optimizer (fresh LRs, momentum warm-started from the base run) -----------------------------------------
+    model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
     scaler = make_grad_scaler(device_type)
-
-    # --- data ---------------------------------------------------------------------------------------------------
     train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
     train_stats = new_packing_stats()
     train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
-    build_val_loader = lambda: sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
-    train_size = len(train_dataset)
-
-    # --- training loop -----------------------------------------------------------------------------------------
-    step = 0
-    smooth_train_loss, ema_beta = 0.0, 0.9
-    total_training_time = 0.0
-    min_val_bpb, val_bpb, val_loss = float("inf"), None, None
-    chatcore, chatcore_results, unavailable_eval = None, {}, set()
-    history = {"train": [], "val": [], "chatcore": []}
-    progress = 0.0
-    zero_supervised_steps = 0
+    token_bytes = get_token_bytes(device=device)
+    flops_per_step = orig_model.estimate_flops() * args.total_batch_size
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 
+    # --- the loop: evaluations at step boundaries, then one optimizer step ---------------------------------------
+    step, progress, smooth_train_loss, ema_beta, total_training_time = 0, 0.0, 0.0, 0.9, 0.0
+    min_val_bpb, val_bpb, val_loss = float("inf"), None, None
+    chatcore, unavailable_eval = None, set()
+    history = {"train": [], "val": [], "chatcore": []}
+    zero_supervised_steps = 0
     while True:
-        flops_so_far = num_flops_per_token * args.total_batch_size * step
-        if args.num_iterations > 0:
-            last_step = step >= args.num_iterations
-        else:
-            last_step = progress >= 1.0
-
-        # validation loss / bpb
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        last_step = step >= args.num_iterations if args.num_iterations > 0 else progress >= 1.0
+        if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
+            val_loader = sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
             eval_steps = max(1, args.eval_tokens // (B * T * world_size))
-            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, build_val_loader(), eval_steps, token_bytes)
+            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
                    f"({val_tokens:,} supervised tokens)")
-            history["val"].append(dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_so_far))
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb, "val/loss": val_loss})
+            history["val"].append(dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_per_step * step))
+            wandb_run.log({"step": step, "total_training_flops": flops_per_step * step, "val/bpb": val_bpb, "val/loss": val_loss})
             model.train()
-
-        # ChatCORE: categorical (MC) accuracy and generative tasks, on the uncompiled model
-        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+        if is_due(step, args.chatcore_every, last_step):  # categorical (MC) and generative tasks, uncompiled model
             chatcore, chatcore_results = evaluate_chatcore(orig_model, tokenizer, args, B, step, unavailable_eval)
             history["chatcore"].append(dict(step=step, chatcore=chatcore, **chatcore_results))
-            wandb_run.log({"step": step, "chatcore_metric": chatcore,
-                           **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
-
+            wandb_run.log({"step": step, "chatcore_metric": chatcore, **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
         if last_step:
             break
 
-        # one optimizer step: fetch all micro-batches first so the loss can be normalized by the step's
-        # supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0
         synchronize(device_type)
         t0 = time.time()
-        fetched = [next(train_loader) for _ in range(grad_accum_steps)]
-        micro_batches = [(x, y) for x, y, _ in fetched]
-        position = fetched[-1][2]  # where the loader stands after the last micro-batch
-        num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
-        consumed = torch.tensor(float(position["consumed"]), device=device)
-        if ddp:
-            dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
-            dist.all_reduce(consumed, op=dist.ReduceOp.MAX)
-        epoch = position["epoch"]
-        num_supervised = num_supervised.item()
-        step_loss_sum = backward_token_mean(model, micro_batches, num_supervised, world_size, scaler)
+        loss_sum, num_supervised, consumed, epoch = train_step(model, train_loader, grad_accum_steps, scaler, device, world_size)
         if num_supervised == 0:
             zero_supervised_steps += 1
             print0(f"WARNING: step {step} has no supervised (assistant) tokens in any micro-batch; skipping its update")
-
         # LR and momentum from the progress made before this step (so the first step runs at the initial LR and
         # the last one does not waste its batch at LR 0); then record the progress including this step
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_hyperparams(optimizer, lrm, momentum=muon_momentum(step))
-        if num_supervised > 0:
-            optimizer_step(optimizer, scaler)
-        model.zero_grad(set_to_none=True)
+        finish_step(optimizer, scaler, lrm, momentum=muon_momentum(step), update=num_supervised > 0)
         synchronize(device_type)
         dt = time.time() - t0
         step += 1
-        if args.num_iterations > 0:
-            progress = step / args.num_iterations
-        else:
-            progress = consumed.item() / train_size
+        progress = step / args.num_iterations if args.num_iterations > 0 else consumed / len(train_dataset)
 
-        # logging
-        if ddp:
-            loss_tensor = torch.tensor(step_loss_sum, device=device)
-            dist.all_reduce(loss_tensor, op=dist.ReduceOp.SUM)
-            step_loss_sum = loss_tensor.item()
-        train_loss = step_loss_sum / num_supervised if num_supervised > 0 else float("nan")
         if num_supervised > 0:
-            smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+            smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * loss_sum / num_supervised
         debiased = smooth_train_loss / (1 - ema_beta ** step)
         if step > 10:
             total_training_time += dt
         tok_per_sec = int(args.total_batch_size / dt)
-        mfu = (f"{100 * num_flops_per_token * args.total_batch_size / dt / (peak_flops * world_size):.2f}"
-               if peak_flops else "n/a")
+        mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
         print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
                f"total time: {total_training_time / 60:.2f}m")
-        flops_so_far = num_flops_per_token * args.total_batch_size * step
-        history["train"].append(dict(step=step, loss=debiased, flops=flops_so_far))
+        history["train"].append(dict(step=step, loss=debiased, flops=flops_per_step * step))
         if step % 10 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+            wandb_run.log({"step": step, "total_training_flops": flops_per_step * step,
                            "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
         manage_gc(step == 1, step)
+    release_gc()
 
-    # --- wrap up -----------------------------------------------------------------------------------------------
+    # --- wrap up: summary lines, the checkpoint (never a non-finite one) and the report --------------------------
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
@@ -544,70 +535,32 @@ def main(argv=None):
            f"padding {100 * padding_fraction:.2f}% of row tokens")
     if zero_supervised_steps:
         print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
-
     if not args.dry_run:
-        if any_rank(not (is_finite_state(orig_model.state_dict()) and is_finite_state(optimizer.state_dict())), device):
+        if any_rank(not is_finite_state([orig_model.state_dict(), optimizer.state_dict()]), device):
             raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
                              f"nothing was saved (lower the learning rates)")
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
-        save_checkpoint(
-            checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config), user_config=user_config,
-                 max_seq_len=T, device_batch_size=B, total_batch_size=args.total_batch_size,
-                 mixture=mixture_description, chatcore=chatcore),
-            rank=rank, sync_ranks=ddp,
-        )
-        report = get_report()
-        stats = {
-            "Training mixture": mixture_description,
-            "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
-            "Training rows": train_size,
-            "Number of iterations": step,
-            "DDP world size": world_size,
-            "Minimum validation bpb": min_val_bpb,
-            "Final validation loss": val_loss,
-            "Conversations truncated to fit": train_stats["truncated"],
-            "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
-            "Padding fraction": padding_fraction,
-            "Total training time (m)": total_training_time / 60,
-        }
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                        dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
+                             user_config=user_config, max_seq_len=T, device_batch_size=B,
+                             total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
+                        rank=rank, sync_ranks=ddp)
+        stats = {"Training mixture": mixture_description,
+                 "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
+                 "Training rows": len(train_dataset), "Number of iterations": step, "DDP world size": world_size,
+                 "Minimum validation bpb": min_val_bpb, "Final validation loss": val_loss,
+                 "Conversations truncated to fit": train_stats["truncated"],
+                 "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
+                 "Padding fraction": padding_fraction, "Total training time (m)": total_training_time / 60}
         if chatcore is not None:
             stats["ChatCORE during SFT"] = chatcore
+        report = get_report()
         report.log(section="Chat SFT", data=[user_config, stats])
         report.log_history("chat-sft", history)
     wandb_run.finish()
     compute_cleanup()
     return dict(step=step, val_bpb=val_bpb, val_loss=val_loss, min_val_bpb=min_val_bpb, chatcore=chatcore,
                 stats=train_stats, history=history)
-
-
-def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
-    """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
-    model.eval()
-    engine = Engine(model, tokenizer)
-    results = {}
-    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
-        categorical = BASELINES[task_name] > 0  # the MC tasks have a chance baseline
-        max_problems = args.chatcore_max_sample
-        if categorical:
-            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        try:
-            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
-                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                                               max_problems=max_problems)
-        except TaskUnavailable as e:
-            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
-            unavailable.add(task_name)
-            continue
-        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
-    chatcore, label = chatcore_from_results(results)
-    chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
-    chatcore = float("nan") if chatcore is None else chatcore
-    chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
-    partial = "" if label == "full" else f" {label}"
-    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
-    model.train()
-    return chatcore, results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""
+The training-loop helpers in nanochat.common that base_train, chat_sft and chat_rl share: the cadence of periodic
+work (is_due) and the tail of an optimizer step (finish_step).
+"""
+
+import torch
+
+from nanochat.common import is_due, finish_step
+
+
+def test_is_due_cadence():
+    def due(every, **kwargs):
+        return [s for s in range(11) if is_due(s, every, last_step=s == 10, **kwargs)]
+    assert due(4) == [4, 8, 10]  # every 4 steps and at the last one, never at step 0
+    assert due(4, at_step_zero=True) == [0, 4, 8, 10]
+    assert due(-1) == [] and due(0, at_step_zero=True) == []  # off, even at the last step
+
+
+def make_optimizer():
+    muon_param, adam_param = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([{"params": [muon_param], "kind": "muon", "momentum": 0.0},
+                                 {"params": [adam_param], "kind": "adamw", "momentum": 0.0}], lr=0.1)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer, muon_param, adam_param
+
+
+def test_finish_step_sets_the_step_hyperparameters_updates_and_drops_grads():
+    optimizer, muon_param, adam_param = make_optimizer()
+    (muon_param.sum() + adam_param.sum()).backward()
+    finish_step(optimizer, None, 0.5, momentum=0.9, weight_decay=0.01, update=False)
+    muon_group, adam_group = optimizer.param_groups
+    assert muon_group["lr"] == adam_group["lr"] == 0.05  # initial LR x multiplier, every group
+    assert (muon_group["momentum"], muon_group["weight_decay"]) == (0.9, 0.01)
+    assert (adam_group["momentum"], adam_group["weight_decay"]) == (0.0, 0.0)  # only Muon groups are scheduled
+    assert muon_param.grad is None and torch.equal(muon_param.detach(), torch.ones(2, 2))  # no update, grads dropped
+
+    adam_param.sum().backward()
+    finish_step(optimizer, None, 1.0)
+    assert torch.allclose(adam_param.detach(), torch.full((2,), 0.9)) and adam_param.grad is None
+    assert optimizer.param_groups[0]["lr"] == 0.1  # back to the initial LR, not compounded
