@@ -10,7 +10,8 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 import argparse
 from functools import partial
 
-from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
+from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
+from nanochat.checkpoint_manager import load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine
 
@@ -62,7 +63,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
+    model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)
     context = model.config.sequence_len

@@ -39,7 +39,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nanochat.chat import message_chunks, fit_prompt, stream_reply, load_chat_model, warm_up
+from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
+from nanochat.checkpoint_manager import load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine
 
@@ -126,7 +127,7 @@ def load_workers(args):
     for gpu_id in range(args.num_gpus):
         device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
-        model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
+        model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         workers.append(Worker(gpu_id, str(device), engine, tokenizer, model.config.sequence_len))
