@@ -217,7 +217,7 @@ def validate_history(history):
 
 def plot_history(name, history, out_dir):
     """Write <name>-vs-step.png and <name>-vs-flops.png (train loss and val bpb side by side). -> file names."""
-    import matplotlib
+    import matplotlib  # here, not at the top: it is slow to import and only `generate` plots
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
@@ -323,14 +323,11 @@ class Report:
 
         # plots of the training histories, written next to report.md
         plot_files = []
-        try:
-            for name in sorted(os.listdir(self.report_dir)):
-                if name.startswith("history-") and name.endswith(".json"):
-                    with open(os.path.join(self.report_dir, name)) as f:
-                        record = json.load(f)
-                    plot_files += plot_history(record["name"], record["history"], self.report_dir)
-        except ImportError:
-            print("Warning: matplotlib is not installed; the report has no plots")
+        for name in sorted(os.listdir(self.report_dir)):
+            if name.startswith("history-") and name.endswith(".json"):
+                with open(os.path.join(self.report_dir, name)) as f:
+                    record = json.load(f)
+                plot_files += plot_history(record["name"], record["history"], self.report_dir)
         if plot_files:
             parts.append("## Training curves\n\n")
             parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
