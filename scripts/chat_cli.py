@@ -12,7 +12,7 @@ from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import load_model_or_exit
-from nanochat.common import compute_init, autodetect_device_type
+from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
@@ -37,11 +37,11 @@ def parse_args(argv=None):
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
-    for flag, value, low, high in [("-t/--temperature", args.temperature, 0, 2), ("-k/--top-k", args.top_k, 0, float("inf")),
-                                   ("-m/--max-tokens", args.max_tokens, 1, float("inf"))]:
-        if not low <= value <= high:
-            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
-            raise SystemExit(f"error: {flag} {value} must be {bounds}")
+    check_flag_ranges(args, positive=("max_tokens",))
+    if not 0 <= args.temperature <= 2:  # NaN fails too
+        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
+    if args.top_k < 0:
+        raise SystemExit(f"error: -k/--top-k {args.top_k} must be >= 0")
     return args
 
 
