@@ -23,6 +23,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nanochat.common import COMPUTE_DTYPE, print0
 
@@ -60,14 +61,6 @@ def _load_fa3():
     return _fa3_module, _fa3_reason
 
 
-def _flex_available():
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
 def get_backend(device_type=None):
     """(backend, reason) used for tensors on `device_type` (default: cuda if available else cpu)."""
     if device_type is None:
@@ -82,12 +75,8 @@ def get_backend(device_type=None):
             module, fa3_reason = _load_fa3()
             if module is not None:
                 choice = ("fa3", fa3_reason)
-            elif _flex_available():
+            else:  # every torch we support has FlexAttention
                 choice = ("flex", f"FA3 unavailable ({fa3_reason}); FlexAttention with block-sparse window masks")
-            else:
-                choice = ("sdpa", f"FA3 unavailable ({fa3_reason}) and no FlexAttention in this torch; "
-                                  "sliding windows use a dense mask, GPU utilization will be terrible "
-                                  "(consider --window-pattern=L)")
         else:
             choice = ("sdpa", f"{device_type} device: PyTorch SDPA (fused causal path for full-context layers, "
                               "dense mask for sliding windows)")
@@ -162,7 +151,6 @@ _flex_fn = {}
 
 def _flex_attention_fn(device_type):
     if device_type not in _flex_fn:
-        from torch.nn.attention.flex_attention import flex_attention
         # fused kernels need compilation; on CPU (tests only) the eager path is exact and needs no compiler
         _flex_fn[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
     return _flex_fn[device_type]
@@ -170,7 +158,6 @@ def _flex_attention_fn(device_type):
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(Tq, Tk, left, device):
-    from torch.nn.attention.flex_attention import create_block_mask
     offset = Tk - Tq
 
     def causal_window(b, h, q_idx, kv_idx):
