@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import load_model_or_exit
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -103,11 +103,6 @@ class KVCache:
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.pos = 0                  # python mirror of cache_seqlens (no device sync to read it)
         self.prev_embedding = None    # (B, 1, C), set by the model
-
-    def reset(self):
-        self.cache_seqlens.zero_()
-        self.pos = 0
-        self.prev_embedding = None
 
     def get_pos(self):
         return self.pos
@@ -237,10 +232,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
-    try:
-        model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except Exception as e:
-        raise SystemExit(f"error: could not load a base model ({e}); train one first with python -m scripts.base_train")
+    model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     engine = Engine(model, tokenizer)

@@ -189,8 +189,7 @@ def prepare_masks(seq_len, window_sizes, device):
     if device.type != "cuda" or get_backend("cuda")[0] != "flex":
         return
     for left, _ in window_sizes:
-        window = (left, 0)
-        _block_mask(seq_len, seq_len, left if not _window_covers_all(window, seq_len) else -1, device)
+        _block_mask(seq_len, seq_len, left if not _window_covers_all((left, 0), seq_len) else -1, device)
 
 
 # -----------------------------------------------------------------------------------------------------
