@@ -59,7 +59,6 @@ class MMLU(MultipleChoiceTask):
         super().__init__(**kwargs)
         assert subset == "all", "MMLU subset must be 'all'"
         assert split in LOCAL_DIRS, f"MMLU split must be one of {list(LOCAL_DIRS)}"
-        self.subset, self.split = subset, split
         self.ds = load_task_dataset(f"MMLU {split}", "cais/mmlu", subset, split, lambda: load_local_mmlu(split),
                                     local_hint=f"mmlu/{LOCAL_DIRS[split][0]}/*.csv")
 
