@@ -36,9 +36,7 @@ def load_local_mmlu(split):
     """All subjects of a split from the local CSVs, in subject order (as the hub's 'all' config), or None."""
     for dirname in LOCAL_DIRS[split]:
         folder = local_path("mmlu", dirname)
-        if folder is None:
-            continue
-        files = sorted(folder.glob("*.csv"))
+        files = sorted(folder.glob("*.csv")) if folder is not None else []
         if not files:
             continue
         rows = []
