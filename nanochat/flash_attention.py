@@ -31,34 +31,28 @@ BACKENDS = ("fa3", "flex", "sdpa")
 
 _backend_override = None   # None = automatic; else one of BACKENDS (tests)
 _resolved = {}             # device type -> (backend, reason)
-_fa3_module = None
-_fa3_reason = None
 
 
 # -----------------------------------------------------------------------------------------------------
 # backend resolution
 
+@functools.cache
 def _load_fa3():
     """Try once to load the FA3 kernels. Returns (module or None, reason). Failures are reported, not hidden."""
-    global _fa3_module, _fa3_reason
-    if _fa3_reason is not None:
-        return _fa3_module, _fa3_reason
     if not torch.cuda.is_available():
-        _fa3_reason = "no CUDA device"
-    elif COMPUTE_DTYPE != torch.bfloat16:
-        _fa3_reason = f"compute dtype is {COMPUTE_DTYPE} and FA3 kernels need bf16"
-    elif torch.cuda.get_device_capability()[0] != 9:
-        major, minor = torch.cuda.get_device_capability()
-        _fa3_reason = f"GPU is sm{major}{minor}; the FA3 kernels target Hopper (sm90)"
-    else:
-        try:
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            from kernels import get_kernel
-            _fa3_module = get_kernel("varunneal/flash-attention-3").flash_attn_interface
-            _fa3_reason = "Hopper GPU with bf16: loaded varunneal/flash-attention-3 via `kernels`"
-        except Exception as e:  # missing package, offline hub, incompatible build...
-            _fa3_reason = f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
-    return _fa3_module, _fa3_reason
+        return None, "no CUDA device"
+    if COMPUTE_DTYPE != torch.bfloat16:
+        return None, f"compute dtype is {COMPUTE_DTYPE} and FA3 kernels need bf16"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return None, f"GPU is sm{major}{minor}; the FA3 kernels target Hopper (sm90)"
+    try:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from kernels import get_kernel  # optional: only Hopper GPUs use it
+        module = get_kernel("varunneal/flash-attention-3").flash_attn_interface
+    except Exception as e:  # missing package, offline hub, incompatible build...
+        return None, f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
+    return module, "Hopper GPU with bf16: loaded varunneal/flash-attention-3 via `kernels`"
 
 
 def get_backend(device_type=None):
@@ -204,7 +198,7 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     _check_window(causal, window_size)
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
-        return _fa3_output(_fa3_module.flash_attn_func(q, k, v, causal=causal, window_size=window_size))
+        return _fa3_output(_load_fa3()[0].flash_attn_func(q, k, v, causal=causal, window_size=window_size))
     if backend == "flex":
         return _flex(q, k, v, causal, window_size)
     return _sdpa(q, k, v, causal, window_size)
@@ -218,8 +212,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     _check_window(causal, window_size)
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
-        return _fa3_output(_fa3_module.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                                               causal=causal, window_size=window_size))
+        return _fa3_output(_load_fa3()[0].flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                                  causal=causal, window_size=window_size))
     pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
     T_new = q.size(1)
     if k is not None:
