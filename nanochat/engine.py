@@ -78,12 +78,11 @@ def use_calculator(expr):
     try:
         if '"' not in expr and "'" not in expr:
             expr = expr.replace(",", "")
-            if not expr or any(c not in "0123456789*+-/.() " for c in expr) or "**" in expr:
+            # the character whitelist also keeps out literals such as 1e9 or 0x10; ** is not an allowed operator
+            if not expr or any(c not in "0123456789*+-/.() " for c in expr):
                 return None
             return _eval_arithmetic(ast.parse(expr, mode="eval").body)
-        if ".count(" not in expr:
-            return None
-        return _eval_count(ast.parse(expr, mode="eval").body)
+        return _eval_count(ast.parse(expr, mode="eval").body)  # anything but <string>.count(...) is refused
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError, RecursionError, MemoryError):
         return None
 
