@@ -1,11 +1,9 @@
 """
 Chat helpers shared by the terminal chat (scripts/chat_cli.py) and the web server (scripts/chat_web.py):
-prompt assembly from messages, readable streaming decode of replies, loading a chat model.
+prompt assembly from messages, readable streaming decode of replies.
 """
 
 from contextlib import closing
-
-from nanochat.checkpoint_manager import load_model
 
 ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
 
@@ -110,18 +108,6 @@ class ReplyDecoder:
         """Whatever is still held back (a trailing partial character, an unclosed tool call)."""
         self.after_python_end = False
         return self._flush_segment() + self._close()
-
-
-TRAINED_BY = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
-
-
-def load_chat_model(source, device, model_tag, step):
-    """load_model with a one-line error (what is missing, what to run) instead of a traceback."""
-    try:
-        return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: could not load the -i {source} model ({e}); train one with "
-                         f"python -m {TRAINED_BY[source]}, or choose another with -i/-g/-s")
 
 
 def warm_up(engine, tokenizer):

@@ -89,10 +89,6 @@ def previous_step_hint(checkpoint_dir, step):
 # -----------------------------------------------------------------------------
 # Save
 
-def _atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def _atomic_json_save(obj, path):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False), mode="w")
 
@@ -141,12 +137,12 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     if sync_ranks and world_size > 1:
         torch.distributed.barrier()  # nobody writes a shard before the old marker is gone
     if rank == 0:
-        _atomic_torch_save(model_data, model_path(checkpoint_dir, step))
+        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
         log0(f"Saved model parameters to: {model_path(checkpoint_dir, step)}")
         _atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
         log0(f"Saved metadata to: {meta_path(checkpoint_dir, step)}")
     if optimizer_data is not None:
-        _atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
+        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
         logger.info(f"Saved optimizer state to: {optim_path(checkpoint_dir, step, rank)}")
     if sync_ranks and world_size > 1:
         torch.distributed.barrier()  # every shard is on disk
@@ -230,7 +226,6 @@ def find_largest_model(checkpoints_dir):
 
 def build_model(checkpoint_dir, step, device, phase):
     """Rebuild a GPT from a checkpoint. phase is 'train' or 'eval'. Returns (model, tokenizer, meta)."""
-    assert phase in ("train", "eval"), f"invalid phase {phase!r}"
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
     if device.type in ("cpu", "mps"):

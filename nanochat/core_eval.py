@@ -408,17 +408,10 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     labels = list(results)
     partial = not set(CORE_TASK_LABELS) <= set(labels)
-    return {
-        "results": results,
-        "centered_results": centered_results,
-        "core_metric": core_metric(centered_results),
-        "num_tasks": len(labels),
-        "total_tasks": len(CORE_TASK_LABELS),
-        "skipped": [label for label, _ in skipped],
-        "partial": partial,
-        "core_label": core_label(labels),
-        "gpt2_targets": gpt2_targets(bundle_dir, labels) if partial else {},
-    }
+    return dict(results=results, centered_results=centered_results, core_metric=core_metric(centered_results),
+                num_tasks=len(labels), total_tasks=len(CORE_TASK_LABELS), skipped=[label for label, _ in skipped],
+                partial=partial, core_label=core_label(labels),
+                gpt2_targets=gpt2_targets(bundle_dir, labels) if partial else {})
 
 
 def format_core(out):

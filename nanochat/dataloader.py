@@ -96,10 +96,6 @@ def _compress_coords(coords):
     return runs
 
 
-def _expand_coords(runs):
-    return [(name, rg, first + k) for name, rg, first, count in runs for k in range(count)]
-
-
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
         device="cuda", resume_state_dict=None, buffer_size=1000):
@@ -133,7 +129,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         if exact:
             stream.pq_idx = stream.file_index(state["file"])
             stream.epoch, stream.rg_idx, stream.doc_idx = state["epoch"], state["rg_idx"], state["doc_idx"]
-            coords = _expand_coords(state["buffer"])
+            coords = [(name, rg, first + k) for name, rg, first, count in state["buffer"] for k in range(count)]
             add_docs([stream.texts(stream.file_index(name), rg)[i] for name, rg, i in coords], coords)
         else:
             # approximate: skip the rest of the row-group block that was being read

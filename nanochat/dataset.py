@@ -20,6 +20,7 @@ CLI:
 
 import os
 import re
+import glob
 import json
 import random
 import shutil
@@ -81,8 +82,7 @@ def how_to_get(name):
 
 def list_parquet_files(data_dir):
     """All finished shards in the data dir, sorted, as full paths (temp files are never listed)."""
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet")) if os.path.isdir(data_dir) else []
-    return [os.path.join(data_dir, n) for n in names]
+    return sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.parquet")))
 
 
 def get_split_files(split, name=None):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import load_model_or_exit
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -78,12 +78,11 @@ def use_calculator(expr):
     try:
         if '"' not in expr and "'" not in expr:
             expr = expr.replace(",", "")
-            if not expr or any(c not in "0123456789*+-/.() " for c in expr) or "**" in expr:
+            # the character whitelist also keeps out literals such as 1e9 or 0x10; ** is not an allowed operator
+            if not expr or any(c not in "0123456789*+-/.() " for c in expr):
                 return None
             return _eval_arithmetic(ast.parse(expr, mode="eval").body)
-        if ".count(" not in expr:
-            return None
-        return _eval_count(ast.parse(expr, mode="eval").body)
+        return _eval_count(ast.parse(expr, mode="eval").body)  # anything but <string>.count(...) is refused
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError, RecursionError, MemoryError):
         return None
 
@@ -103,11 +102,6 @@ class KVCache:
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.pos = 0                  # python mirror of cache_seqlens (no device sync to read it)
         self.prev_embedding = None    # (B, 1, C), set by the model
-
-    def reset(self):
-        self.cache_seqlens.zero_()
-        self.pos = 0
-        self.prev_embedding = None
 
     def get_pos(self):
         return self.pos
@@ -237,10 +231,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
-    try:
-        model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except Exception as e:
-        raise SystemExit(f"error: could not load a base model ({e}); train one first with python -m scripts.base_train")
+    model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     engine = Engine(model, tokenizer)

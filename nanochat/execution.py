@@ -215,15 +215,6 @@ def _child_env(workdir):
             "OMP_NUM_THREADS": "1"}
 
 
-def _limits(maximum_memory_bytes, cpu_seconds):
-    limits = {"RLIMIT_FSIZE": MAX_FILE_BYTES, "RLIMIT_CPU": cpu_seconds, "RLIMIT_CORE": 0,
-              "RLIMIT_NPROC": MAX_CHILD_PROCESSES}
-    if maximum_memory_bytes is not None and platform.system() != "Darwin":  # macOS refuses these limits
-        limits.update(RLIMIT_AS=maximum_memory_bytes, RLIMIT_DATA=maximum_memory_bytes,
-                      RLIMIT_STACK=maximum_memory_bytes)
-    return limits
-
-
 def _read_capped(path):
     with open(path, "rb") as f:
         data = f.read(MAX_CAPTURE_CHARS + 1)
@@ -261,7 +252,12 @@ def _run(argv, workdir, root, code, timeout, done_w):
 def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEMORY_BYTES):
     """Run `code` in a sandboxed fresh interpreter. maximum_memory_bytes=None disables the memory limit."""
     mode = isolation()
-    cpu_seconds = int(timeout) + 2  # a backstop; the wall clock is the real limit
+    # CPU seconds are a backstop: the wall clock is the real limit
+    limits = {"RLIMIT_FSIZE": MAX_FILE_BYTES, "RLIMIT_CPU": int(timeout) + 2, "RLIMIT_CORE": 0,
+              "RLIMIT_NPROC": MAX_CHILD_PROCESSES}
+    if maximum_memory_bytes is not None and platform.system() != "Darwin":  # macOS refuses these limits
+        limits.update(RLIMIT_AS=maximum_memory_bytes, RLIMIT_DATA=maximum_memory_bytes,
+                      RLIMIT_STACK=maximum_memory_bytes)
     token = secrets.token_hex(16)
     done_r, done_w = os.pipe()
     root = tempfile.mkdtemp(prefix="nanochat_exec_")
@@ -272,8 +268,7 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEM
         if drop_uid is not None:
             os.chmod(root, 0o711)  # nobody may pass through to its working dir, but not list our files
             os.chown(workdir, NOBODY_UID, NOBODY_UID)
-        params = [_limits(maximum_memory_bytes, cpu_seconds), drop_uid, done_w]
-        argv = [sys.executable, "-I", "-X", "utf8", "-c", _SUPERVISOR, json.dumps(params)]
+        argv = [sys.executable, "-I", "-X", "utf8", "-c", _SUPERVISOR, json.dumps([limits, drop_uid, done_w])]
         if mode == "bwrap":
             argv = _bwrap_args(workdir) + argv
         returncode, timed_out, stdout, stderr = _run(argv, workdir, root, f"{token}\n{code}".encode(), timeout,

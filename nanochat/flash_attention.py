@@ -23,6 +23,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nanochat.common import COMPUTE_DTYPE, print0
 
@@ -30,42 +31,28 @@ BACKENDS = ("fa3", "flex", "sdpa")
 
 _backend_override = None   # None = automatic; else one of BACKENDS (tests)
 _resolved = {}             # device type -> (backend, reason)
-_fa3_module = None
-_fa3_reason = None
 
 
 # -----------------------------------------------------------------------------------------------------
 # backend resolution
 
+@functools.cache
 def _load_fa3():
     """Try once to load the FA3 kernels. Returns (module or None, reason). Failures are reported, not hidden."""
-    global _fa3_module, _fa3_reason
-    if _fa3_reason is not None:
-        return _fa3_module, _fa3_reason
     if not torch.cuda.is_available():
-        _fa3_reason = "no CUDA device"
-    elif COMPUTE_DTYPE != torch.bfloat16:
-        _fa3_reason = f"compute dtype is {COMPUTE_DTYPE} and FA3 kernels need bf16"
-    elif torch.cuda.get_device_capability()[0] != 9:
-        major, minor = torch.cuda.get_device_capability()
-        _fa3_reason = f"GPU is sm{major}{minor}; the FA3 kernels target Hopper (sm90)"
-    else:
-        try:
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            from kernels import get_kernel
-            _fa3_module = get_kernel("varunneal/flash-attention-3").flash_attn_interface
-            _fa3_reason = "Hopper GPU with bf16: loaded varunneal/flash-attention-3 via `kernels`"
-        except Exception as e:  # missing package, offline hub, incompatible build...
-            _fa3_reason = f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
-    return _fa3_module, _fa3_reason
-
-
-def _flex_available():
+        return None, "no CUDA device"
+    if COMPUTE_DTYPE != torch.bfloat16:
+        return None, f"compute dtype is {COMPUTE_DTYPE} and FA3 kernels need bf16"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return None, f"GPU is sm{major}{minor}; the FA3 kernels target Hopper (sm90)"
     try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-        return True
-    except Exception:
-        return False
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from kernels import get_kernel  # optional: only Hopper GPUs use it
+        module = get_kernel("varunneal/flash-attention-3").flash_attn_interface
+    except Exception as e:  # missing package, offline hub, incompatible build...
+        return None, f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
+    return module, "Hopper GPU with bf16: loaded varunneal/flash-attention-3 via `kernels`"
 
 
 def get_backend(device_type=None):
@@ -82,12 +69,8 @@ def get_backend(device_type=None):
             module, fa3_reason = _load_fa3()
             if module is not None:
                 choice = ("fa3", fa3_reason)
-            elif _flex_available():
+            else:  # every torch we support has FlexAttention
                 choice = ("flex", f"FA3 unavailable ({fa3_reason}); FlexAttention with block-sparse window masks")
-            else:
-                choice = ("sdpa", f"FA3 unavailable ({fa3_reason}) and no FlexAttention in this torch; "
-                                  "sliding windows use a dense mask, GPU utilization will be terrible "
-                                  "(consider --window-pattern=L)")
         else:
             choice = ("sdpa", f"{device_type} device: PyTorch SDPA (fused causal path for full-context layers, "
                               "dense mask for sliding windows)")
@@ -162,7 +145,6 @@ _flex_fn = {}
 
 def _flex_attention_fn(device_type):
     if device_type not in _flex_fn:
-        from torch.nn.attention.flex_attention import flex_attention
         # fused kernels need compilation; on CPU (tests only) the eager path is exact and needs no compiler
         _flex_fn[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
     return _flex_fn[device_type]
@@ -170,7 +152,6 @@ def _flex_attention_fn(device_type):
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(Tq, Tk, left, device):
-    from torch.nn.attention.flex_attention import create_block_mask
     offset = Tk - Tq
 
     def causal_window(b, h, q_idx, kv_idx):
@@ -202,8 +183,7 @@ def prepare_masks(seq_len, window_sizes, device):
     if device.type != "cuda" or get_backend("cuda")[0] != "flex":
         return
     for left, _ in window_sizes:
-        window = (left, 0)
-        _block_mask(seq_len, seq_len, left if not _window_covers_all(window, seq_len) else -1, device)
+        _block_mask(seq_len, seq_len, left if not _window_covers_all((left, 0), seq_len) else -1, device)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -218,7 +198,7 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     _check_window(causal, window_size)
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
-        return _fa3_output(_fa3_module.flash_attn_func(q, k, v, causal=causal, window_size=window_size))
+        return _fa3_output(_load_fa3()[0].flash_attn_func(q, k, v, causal=causal, window_size=window_size))
     if backend == "flex":
         return _flex(q, k, v, causal, window_size)
     return _sdpa(q, k, v, causal, window_size)
@@ -232,8 +212,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     _check_window(causal, window_size)
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
-        return _fa3_output(_fa3_module.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                                               causal=causal, window_size=window_size))
+        return _fa3_output(_load_fa3()[0].flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                                  causal=causal, window_size=window_size))
     pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
     T_new = q.size(1)
     if k is not None:

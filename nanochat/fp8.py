@@ -25,7 +25,7 @@ compute in high precision with the same weights (no copies, no memory spike).
 """
 
 import contextlib
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -162,36 +162,25 @@ class Float8Linear(nn.Linear):
         return fp8_linear(x.to(COMPUTE_DTYPE), self.weight, self.recipe)
 
 
-def is_convertible(module):
-    return (isinstance(module, nn.Linear) and not isinstance(module, Float8Linear) and module.bias is None
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0
-            and min(module.in_features, module.out_features) >= MIN_FEATURES)
-
-
-@dataclass
-class Fp8Report:
-    recipe: str
-    converted: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-
-
 def convert_to_float8_training(model, recipe="tensorwise", device=None):
     """Swap eligible Linear layers of `model` for Float8Linear in place. Call after init/checkpoint load and before
-    torch.compile. Raises Fp8UnsupportedError on hardware without fp8 and ValueError for an unknown recipe."""
+    torch.compile. Raises Fp8UnsupportedError on hardware without fp8 and ValueError for an unknown recipe.
+    Returns the names of the converted and the skipped Linear layers (.converted, .skipped)."""
     if recipe not in RECIPES:
         raise ValueError(f"--fp8-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     check_fp8_support(device if device is not None else next(model.parameters()).device)
-    report = Fp8Report(recipe=recipe)
+    report = SimpleNamespace(recipe=recipe, converted=[], skipped=[])
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or isinstance(child, Float8Linear):
+                continue
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and not isinstance(child, Float8Linear):
-                if is_convertible(child):
-                    setattr(parent, child_name, Float8Linear.from_linear(child, recipe))
-                    report.converted.append(full_name)
-                else:
-                    report.skipped.append(full_name)
-    model.fp8_report = report
+            if (child.bias is None and child.in_features % 16 == 0 and child.out_features % 16 == 0
+                    and min(child.in_features, child.out_features) >= MIN_FEATURES):
+                setattr(parent, child_name, Float8Linear.from_linear(child, recipe))
+                report.converted.append(full_name)
+            else:
+                report.skipped.append(full_name)
     print0(f"FP8 ({recipe}): converted {len(report.converted)} Linear layers, skipped {len(report.skipped)} "
            f"(features not multiples of 16 or < {MIN_FEATURES})")
     return report

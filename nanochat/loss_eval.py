@@ -23,9 +23,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float32, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    batch_iter = iter(batches)
-    for _ in range(steps):
-        batch = next(batch_iter)
+    for _, batch in zip(range(steps), batches):  # range first: no batch is read beyond `steps`
         x, y = batch[0], batch[1]
         loss = model(x, y, loss_reduction="none").reshape(-1).float()
         y = y.reshape(-1)

@@ -202,22 +202,9 @@ def summary_table(metrics):
 # Training-curve plots
 
 
-def validate_history(history):
-    """The train/val lists of a history as plain numbers; ValueError names an entry without step or value."""
-    clean = {}
-    for split, value_key in (("train", "loss"), ("val", "val_bpb")):
-        clean[split] = []
-        for row in history.get(split, []):
-            if not isinstance(row, dict) or "step" not in row or value_key not in row:
-                raise ValueError(f"each history[{split!r}] entry needs 'step' and {value_key!r} (got {row!r})")
-            clean[split].append({"step": int(row["step"]), value_key: float(row[value_key]),
-                                 "flops": None if row.get("flops") is None else float(row["flops"])})
-    return clean
-
-
 def plot_history(name, history, out_dir):
     """Write <name>-vs-step.png and <name>-vs-flops.png (train loss and val bpb side by side). -> file names."""
-    import matplotlib
+    import matplotlib  # here, not at the top: it is slow to import and only `generate` plots
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
@@ -271,8 +258,16 @@ class Report:
         return path
 
     def log_history(self, name, history):
-        """Store a training history (train loss / val bpb vs step and FLOPs) for the plots made by generate()."""
-        clean = validate_history(history)
+        """Store a training history (train loss / val bpb vs step and FLOPs) for the plots made by generate().
+        Entries are stored as plain numbers; ValueError names an entry without step or value."""
+        clean = {}
+        for split, value_key in (("train", "loss"), ("val", "val_bpb")):
+            clean[split] = []
+            for row in history.get(split, []):
+                if not isinstance(row, dict) or "step" not in row or value_key not in row:
+                    raise ValueError(f"each history[{split!r}] entry needs 'step' and {value_key!r} (got {row!r})")
+                clean[split].append({"step": int(row["step"]), value_key: float(row[value_key]),
+                                     "flops": None if row.get("flops") is None else float(row["flops"])})
         path = os.path.join(self.report_dir, f"history-{slugify(name)}.json")
         write_text(path, json.dumps({"name": name, "history": clean}))
         return path
@@ -323,14 +318,11 @@ class Report:
 
         # plots of the training histories, written next to report.md
         plot_files = []
-        try:
-            for name in sorted(os.listdir(self.report_dir)):
-                if name.startswith("history-") and name.endswith(".json"):
-                    with open(os.path.join(self.report_dir, name)) as f:
-                        record = json.load(f)
-                    plot_files += plot_history(record["name"], record["history"], self.report_dir)
-        except ImportError:
-            print("Warning: matplotlib is not installed; the report has no plots")
+        for name in sorted(os.listdir(self.report_dir)):
+            if name.startswith("history-") and name.endswith(".json"):
+                with open(os.path.join(self.report_dir, name)) as f:
+                    record = json.load(f)
+                plot_files += plot_history(record["name"], record["history"], self.report_dir)
         if plot_files:
             parts.append("## Training curves\n\n")
             parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]

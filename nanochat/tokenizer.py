@@ -57,15 +57,6 @@ class RustBPETokenizer:
         return cls(enc, "<|bos|>")
 
     @classmethod
-    def from_directory(cls, tokenizer_dir):
-        path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
-        if not os.path.exists(path):
-            raise SystemExit(f"error: no tokenizer at {path}; train one first with: python -m scripts.tok_train")
-        with open(path, "rb") as f:
-            enc = pickle.load(f)
-        return cls(enc, "<|bos|>")
-
-    @classmethod
     def from_pretrained(cls, tiktoken_name):
         """A pretrained tiktoken encoding (e.g. gpt2, cl100k_base); <|endoftext|> plays the role of BOS."""
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
@@ -188,7 +179,12 @@ def get_tokenizer_dir():
 
 
 def get_tokenizer():
-    return RustBPETokenizer.from_directory(get_tokenizer_dir())
+    """The tokenizer saved by scripts.tok_train."""
+    path = os.path.join(get_tokenizer_dir(), TOKENIZER_FILENAME)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no tokenizer at {path}; train one first with: python -m scripts.tok_train")
+    with open(path, "rb") as f:
+        return RustBPETokenizer(pickle.load(f), "<|bos|>")
 
 
 def compute_token_bytes(tokenizer):

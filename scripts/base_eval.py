@@ -17,7 +17,7 @@ import argparse
 import os
 
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autodetect_device_type, check_flag_ranges, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import (SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir,
                                 write_core_csv)
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
@@ -96,8 +96,7 @@ def main(argv=None):
 
     # cheap checks first: bad flags, no checkpoint, no bundle
     modes = parse_eval_modes(args.eval)
-    if args.device_batch_size <= 0:
-        raise SystemExit(f"error: --device-batch-size={args.device_batch_size} must be positive")
+    check_flag_ranges(args, positive=("device_batch_size",))
     if not args.hf_path:
         check_checkpoint_exists("base", args.model_tag, args.step)
     bundle_dir = None

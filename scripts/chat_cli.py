@@ -10,8 +10,9 @@ Commands while chatting: 'quit' / 'exit' end the session, 'clear' starts a new c
 import argparse
 from functools import partial
 
-from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, load_chat_model, stream_reply, warm_up
-from nanochat.common import compute_init, autodetect_device_type
+from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
+from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
@@ -36,11 +37,11 @@ def parse_args(argv=None):
     # where to run
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
-    for flag, value, low, high in [("-t/--temperature", args.temperature, 0, 2), ("-k/--top-k", args.top_k, 0, float("inf")),
-                                   ("-m/--max-tokens", args.max_tokens, 1, float("inf"))]:
-        if not low <= value <= high:
-            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
-            raise SystemExit(f"error: {flag} {value} must be {bounds}")
+    check_flag_ranges(args, positive=("max_tokens",))
+    if not 0 <= args.temperature <= 2:  # NaN fails too
+        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
+    if args.top_k < 0:
+        raise SystemExit(f"error: -k/--top-k {args.top_k} must be >= 0")
     return args
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
+    model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)
     context = model.config.sequence_len

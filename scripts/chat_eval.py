@@ -19,8 +19,8 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 import argparse
 
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, compute_cleanup, compute_init,
-                             print0)
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, check_flag_ranges,
+                             compute_cleanup, compute_init, print0)
 from nanochat.engine import Engine
 from nanochat.execution import isolation
 from nanochat.report import get_report
@@ -48,10 +48,7 @@ def main(argv=None):
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1:
-        parser.error("--num-samples and --batch-size must be >= 1")
-    if args.max_problems is not None and args.max_problems < 1:
-        parser.error("--max-problems must be >= 1")
+    check_flag_ranges(args, positive=("num_samples", "batch_size", "max_problems"))
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
 

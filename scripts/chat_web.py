@@ -39,8 +39,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nanochat.chat import message_chunks, fit_prompt, stream_reply, load_chat_model, warm_up
-from nanochat.common import compute_init, autodetect_device_type
+from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
+from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
 logger = logging.getLogger("nanochat.web")
@@ -78,17 +79,16 @@ def build_parser():
 
 def check_args(args):
     """Bad flags fail here, before any model is loaded."""
+    check_flag_ranges(args, positive=("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars"))
     ranges = [  # (flag, value, lowest, highest)
         ("-t/--temperature", args.temperature, 0, args.max_temperature),
         ("-k/--top-k", args.top_k, 0, args.max_top_k),
         ("-m/--max-tokens", args.max_tokens, 1, args.max_max_tokens),
         ("-p/--port", args.port, 1, 65535),
-    ] + [(f"--{name.replace('_', '-')}", getattr(args, name), 1, float("inf"))
-         for name in ("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars")]
+    ]
     for flag, value, low, high in ranges:
-        if not low <= value <= high:
-            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
-            raise SystemExit(f"error: {flag} {value} must be {bounds}")
+        if not low <= value <= high:  # NaN fails too
+            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, borrowed by one request at a time
@@ -126,7 +126,7 @@ def load_workers(args):
     for gpu_id in range(args.num_gpus):
         device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
-        model, tokenizer, _ = load_chat_model(args.source, device, args.model_tag, args.step)
+        model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         workers.append(Worker(gpu_id, str(device), engine, tokenizer, model.config.sequence_len))
@@ -186,10 +186,6 @@ def parse_chat_request(raw_body, args, openai_style):
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
-        role = message.get("role")
-        if role not in ("user", "assistant", "system") or (role == "system" and i != 0):
-            raise ApiError(400, f"messages[{i}].role {json.dumps(role)[:40]} is not allowed: roles are 'user' and 'assistant' "
-                                "(plus one optional leading 'system' message)", param=f"messages[{i}].role", code="invalid_role")
         text = message.get("content")
         if openai_style and isinstance(text, list) and all(  # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
                 isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in text):
@@ -202,15 +198,17 @@ def parse_chat_request(raw_body, args, openai_style):
         if len(text) > args.max_message_chars:
             raise ApiError(400, f"messages[{i}].content is too long: {len(text)} characters > {args.max_message_chars}",
                            param=f"messages[{i}].content", code="message_too_long")
-        clean.append({"role": role, "content": text})
+        clean.append({"role": message.get("role"), "content": text})
     total_chars = sum(len(m["content"]) for m in clean)
     if total_chars > args.max_conversation_chars:
         raise ApiError(400, f"conversation is too long: {total_chars} characters > {args.max_conversation_chars}",
                        param="messages", code="conversation_too_long")
+    # the roles: one optional leading "system", then user, assistant, user, ... ending with the user (any other role
+    # or order fails here)
     turns = clean[1:] if clean[0]["role"] == "system" else clean
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
     if [m["role"] for m in turns] != expected or not turns or turns[-1]["role"] != "user":
-        raise ApiError(400, "messages must alternate user, assistant, user, ... and end with a user message "
+        raise ApiError(400, "messages must alternate roles user, assistant, user, ... and end with a user message "
                             "(after one optional leading system message)", param="messages", code="invalid_role")
 
     temperature = _number(payload, "temperature", args.temperature, float, 0.0, args.max_temperature)

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from nanochat.common import print0
+from nanochat.common import print0, check_flag_ranges
 from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_data_dir, get_split_files, parquets_iter_batched
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, get_tokenizer_dir
@@ -23,8 +23,7 @@ args = parser.parse_args()
 min_vocab = 256 + len(SPECIAL_TOKENS)
 if args.vocab_size < min_vocab:
     raise SystemExit(f"error: --vocab-size must be at least {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-if args.max_chars <= 0 or args.doc_cap <= 0:
-    raise SystemExit("error: --max-chars and --doc-cap must be positive")
+check_flag_ranges(args, positive=("max_chars", "doc_cap"))
 
 dataset = get_dataset_name()
 train_files = get_split_files("train")  # exits with a clear line if there are no shards

@@ -10,7 +10,8 @@ test split, the CORE eval bundle's converted test sets (eval_data/world_knowledg
 import os
 from pathlib import Path
 
-from tasks.common import MultipleChoiceTask, load_task_dataset, local_path, multiple_choice_example, read_jsonl
+from tasks.common import (MultipleChoiceTask, load_task_dataset, local_path, multiple_choice_example, read_jsonl,
+                          read_local_jsonl)
 
 BUNDLE_FILES = {"ARC-Easy": "arc_easy.jsonl", "ARC-Challenge": "arc_challenge.jsonl"}
 
@@ -28,11 +29,9 @@ def rows_from_eval_bundle(path):
 
 def load_local_arc(subset, split):
     """Rows of the first local copy of ARC subset/split, or None."""
-    path = local_path("arc", subset, f"{split}.jsonl")
-    if path is not None:
-        return read_jsonl(path, ("question", "choices", "answerKey"))
-    if split != "test":
-        return None
+    rows = read_local_jsonl(("arc", subset, f"{split}.jsonl"), ("question", "choices", "answerKey"))
+    if rows is not None or split != "test":
+        return rows
     bundle_file = ("eval_data", "world_knowledge", BUNDLE_FILES[subset])
     path = local_path("eval_bundle", *bundle_file)
     env_bundle = os.environ.get("NANOCHAT_EVAL_BUNDLE")

@@ -54,6 +54,10 @@ class Task:
     def evaluate(self, conversation, completion):
         raise NotImplementedError
 
+    def reward(self, conversation, completion):
+        """The RL reward of a completion: 1.0 when evaluate() passes it, else 0.0."""
+        return float(self.evaluate(conversation, completion))
+
     def __len__(self):
         # stop is clamped to the data size: asking for stop=5200 of a smaller local copy gives what exists
         # instead of a view whose tail crashes when indexed
@@ -172,25 +176,23 @@ def read_jsonl(path, required_keys=None):
     return rows
 
 
-def local_data_dir():
-    """The NANOCHAT_LOCAL_DATA directory, or None when unset."""
+def local_path(*parts):
+    """<NANOCHAT_LOCAL_DATA>/<parts...> if the env var is set and that file or folder exists, else None."""
     value = os.environ.get("NANOCHAT_LOCAL_DATA", "").strip()
     if not value:
         return None
-    path = Path(value).expanduser()
-    if not path.is_dir():
+    root = Path(value).expanduser()
+    if not root.is_dir():
         raise TaskDataError(f"NANOCHAT_LOCAL_DATA={value} is not a directory; point it at a folder with the local "
                             "task data (gsm8k/, mmlu/, humaneval/, nanochat_identity/, english_words/) or unset it")
-    return path
-
-
-def local_path(*parts):
-    """<NANOCHAT_LOCAL_DATA>/<parts...> if the env var is set and that file or folder exists, else None."""
-    root = local_data_dir()
-    if root is None:
-        return None
     path = root.joinpath(*parts)
     return path if path.exists() else None
+
+
+def read_local_jsonl(parts, required_keys):
+    """The rows of the local JSONL file <NANOCHAT_LOCAL_DATA>/<parts...>, or None when there is none."""
+    path = local_path(*parts)
+    return read_jsonl(path, required_keys) if path is not None else None
 
 
 def load_task_dataset(what, repo_id, subset, split, load_local, local_hint):

@@ -27,17 +27,6 @@ def identity_conversations_path():
     return str(BUNDLED_DATA_DIR / "identity_conversations.jsonl"), "bundled"  # ships with the repository
 
 
-def read_conversations(filepath):
-    """All conversations of a CustomJSON file, validated; TaskDataError names the first bad line."""
-    conversations = []
-    for lineno, messages in iter_jsonl(filepath):
-        if isinstance(messages, dict) and "messages" in messages:
-            messages = messages["messages"]
-        validate_messages(messages, f"{filepath}:{lineno}")
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return conversations
-
-
 class CustomJSON(Task):
 
     def __init__(self, filepath, **kwargs):
@@ -48,7 +37,13 @@ class CustomJSON(Task):
                 f"CustomJSON file {self.filepath} does not exist. For the identity conversations either download "
                 f"them (curl -L -o {os.path.join(get_base_dir(), 'identity_conversations.jsonl')} {IDENTITY_URL}), "
                 "or use tasks.customjson.identity_conversations_path(), which falls back to our bundled set")
-        self.conversations = read_conversations(self.filepath)
+        # every line is validated now: TaskDataError names the first bad one
+        self.conversations = []
+        for lineno, messages in iter_jsonl(self.filepath):
+            if isinstance(messages, dict) and "messages" in messages:
+                messages = messages["messages"]
+            validate_messages(messages, f"{self.filepath}:{lineno}")
+            self.conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
 
     def num_examples(self):
         return len(self.conversations)

@@ -33,15 +33,6 @@ CHATCORE_VARIANTS = {"ChatCORE metric": ALL_TASKS, "ChatCORE-5 metric": [t for t
 class TaskUnavailable(RuntimeError):
     """The task's data could not be loaded (offline and not cached, or no local copy)."""
 
-
-def load_task(task_name):
-    """Construct a task, turning "cannot get the data" into TaskUnavailable (with the loader's own message)."""
-    try:
-        return TASK_BUILDERS[task_name]()
-    except (OSError, RuntimeError, SystemExit) as e:
-        # Task loaders raise on unreachable hub / missing local copy; SystemExit is the project's "clear error" style.
-        raise TaskUnavailable(str(e).strip() or type(e).__name__) from e
-
 # -----------------------------------------------------------------------------
 # Evaluation loops
 
@@ -103,7 +94,12 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None):
     """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
-    task_object = load_task(task_name)
+    try:
+        task_object = TASK_BUILDERS[task_name]()
+    except (OSError, RuntimeError, SystemExit) as e:
+        # task loaders raise on an unreachable hub or a missing local copy; SystemExit is the project's clear-error
+        # style. The loader's own message says what is missing.
+        raise TaskUnavailable(str(e).strip() or type(e).__name__) from e
     if task_object.eval_type == "generative":
         return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
                                    temperature, top_k, max_problems=max_problems)

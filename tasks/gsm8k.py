@@ -8,7 +8,7 @@ Local copy: <NANOCHAT_LOCAL_DATA>/gsm8k/{train,test}.jsonl (main) or {split}_soc
 
 import re
 
-from tasks.common import Task, load_task_dataset, local_path, read_jsonl
+from tasks.common import Task, load_task_dataset, read_local_jsonl
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 ANNOTATION_RE = re.compile(r"(<<[^>]+>>)")
@@ -55,12 +55,8 @@ class GSM8K(Task):
         assert subset in ("main", "socratic"), "GSM8K subset must be main|socratic"
         assert split in ("train", "test"), "GSM8K split must be train|test"
         filename = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
-
-        def load_local():
-            path = local_path("gsm8k", filename)
-            return read_jsonl(path, ("question", "answer")) if path else None
-
-        self.ds = load_task_dataset(f"GSM8K {subset}/{split}", "openai/gsm8k", subset, split, load_local,
+        self.ds = load_task_dataset(f"GSM8K {subset}/{split}", "openai/gsm8k", subset, split,
+                                    lambda: read_local_jsonl(("gsm8k", filename), ("question", "answer")),
                                     local_hint=f"gsm8k/{filename}")
 
     def get_example(self, index):
@@ -73,6 +69,3 @@ class GSM8K(Task):
 
     def evaluate(self, conversation, completion):
         return final_answer_matches(conversation, completion)
-
-    def reward(self, conversation, completion):
-        return float(self.evaluate(conversation, completion))

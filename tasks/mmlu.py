@@ -36,9 +36,7 @@ def load_local_mmlu(split):
     """All subjects of a split from the local CSVs, in subject order (as the hub's 'all' config), or None."""
     for dirname in LOCAL_DIRS[split]:
         folder = local_path("mmlu", dirname)
-        if folder is None:
-            continue
-        files = sorted(folder.glob("*.csv"))
+        files = sorted(folder.glob("*.csv")) if folder is not None else []
         if not files:
             continue
         rows = []
@@ -59,7 +57,6 @@ class MMLU(MultipleChoiceTask):
         super().__init__(**kwargs)
         assert subset == "all", "MMLU subset must be 'all'"
         assert split in LOCAL_DIRS, f"MMLU split must be one of {list(LOCAL_DIRS)}"
-        self.subset, self.split = subset, split
         self.ds = load_task_dataset(f"MMLU {split}", "cais/mmlu", subset, split, lambda: load_local_mmlu(split),
                                     local_hint=f"mmlu/{LOCAL_DIRS[split][0]}/*.csv")
 

@@ -5,7 +5,7 @@ tokenizer's renderer); each row's shape is checked when it is read.
 Local copy: <NANOCHAT_LOCAL_DATA>/smoltalk/{train,test}.jsonl, rows {"messages": [...]}.
 """
 
-from tasks.common import Task, load_task_dataset, local_path, read_jsonl, validate_messages
+from tasks.common import Task, load_task_dataset, read_local_jsonl, validate_messages
 
 
 class SmolTalk(Task):
@@ -14,13 +14,9 @@ class SmolTalk(Task):
         super().__init__(**kwargs)
         assert split in ("train", "test"), "SmolTalk split must be train|test"
         self.split = split
-
-        def load_local():
-            path = local_path("smoltalk", f"{split}.jsonl")
-            return read_jsonl(path, ("messages",)) if path else None
-
         self.ds = load_task_dataset(f"SmolTalk {split}", "HuggingFaceTB/smol-smoltalk", "default", split,
-                                    load_local, local_hint=f"smoltalk/{split}.jsonl")
+                                    lambda: read_local_jsonl(("smoltalk", f"{split}.jsonl"), ("messages",)),
+                                    local_hint=f"smoltalk/{split}.jsonl")
 
     def get_example(self, index):
         messages = self.ds[index]["messages"]

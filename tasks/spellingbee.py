@@ -159,9 +159,6 @@ class SpellingBee(WordTask):
     def evaluate(self, conversation, completion):
         return final_answer_matches(conversation, completion)
 
-    def reward(self, conversation, completion):
-        return float(self.evaluate(conversation, completion))
-
 
 class SimpleSpelling(WordTask):
 

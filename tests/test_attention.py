@@ -10,9 +10,7 @@ from nanochat import flash_attention as fa
 
 
 def _backends_here():
-    backends = ["sdpa"]
-    if fa._flex_available():
-        backends.append("flex")
+    backends = ["sdpa", "flex"]
     if torch.cuda.is_available() and fa.has_fa3():
         backends.append("fa3")
     return backends

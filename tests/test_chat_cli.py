@@ -91,7 +91,7 @@ def test_long_conversation_keeps_fitting_the_context(base_dir, tiny_tokenizer, m
 
 def test_missing_checkpoint_is_one_clear_line(base_dir):
     with pytest.raises(SystemExit) as excinfo:
-        chat_cli.load_chat_model("sft", "cpu", None, None)
+        chat_cli.main(["--device-type", "cpu"])
     message = str(excinfo.value)
     assert message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
 

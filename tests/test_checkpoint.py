@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 
+from nanochat.common import atomic_write
 from nanochat import checkpoint_manager as ckpt
 from nanochat.loss_eval import evaluate_bpb
 
@@ -68,13 +69,13 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = str(tmp_path / "model_000001.pt")
-    ckpt._atomic_torch_save({"a": torch.ones(1)}, path)
+    atomic_write(path, lambda f: torch.save({"a": torch.ones(1)}, f))
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        ckpt._atomic_torch_save({"a": Boom()}, path)
+        atomic_write(path, lambda f: torch.save({"a": Boom()}, f))
     assert torch.equal(torch.load(path)["a"], torch.ones(1))
     assert os.listdir(tmp_path) == ["model_000001.pt"]
 
