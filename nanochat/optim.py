@@ -63,22 +63,17 @@ def _dist_world():
 
 
 # -----------------------------------------------------------------------------
-# The per-parameter math (pure functions on tensors, no communication). Every hyper-parameter that a schedule may
-# change (lr, betas, momentum, weight decay, the step count) is a 0-D fp32 tensor, so the compiled versions below
-# see new values as data and never recompile; only shapes and dtypes are baked into a compiled graph.
+# The per-parameter math (pure functions on tensors, no communication). Muon's hyper-parameters that a schedule
+# may change (lr, momentum, weight decay) arrive as 0-D fp32 tensors, so its compiled version sees new values as
+# data and never recompiles; only shapes and dtypes are baked into a compiled graph.
 
 def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step on tensor p (in place). Math is done in fp32 and written back (bf16 params on GPU/MPS)."""
-    p32, g32 = p.float(), g.float()  # .float() of an fp32 tensor is the tensor itself: updated in place
-    m32, v32 = exp_avg.float(), exp_avg_sq.float()
-    p32.mul_(1.0 - lr * weight_decay)
-    m32.lerp_(g32, 1.0 - beta1)
-    v32.lerp_(g32.square(), 1.0 - beta2)
-    denom = (v32 / (1.0 - beta2 ** step)).sqrt_().add_(eps)
-    p32.sub_(m32 / denom * (lr / (1.0 - beta1 ** step)))
-    for dst, src in ((p, p32), (exp_avg, m32), (exp_avg_sq, v32)):
-        if dst.dtype != torch.float32:
-            dst.copy_(src)
+    """One AdamW step on tensor p (in place), as torch.optim.AdamW: decoupled weight decay, bias-corrected moments,
+    eps added after the square root. Torch's fused kernel makes one pass over p, g and the moments (fp32 math, also
+    for bf16 tensors) where a composition of ops makes a dozen, so there is nothing left for a compiler to fuse."""
+    step = torch.full((), float(step), dtype=torch.float32, device=p.device)
+    torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 
 def polar_express(X, ns_steps):
@@ -128,7 +123,7 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
 
 @functools.cache
 def compiled(update):
-    """The compiled twin of an update function: one graph per parameter shape/dtype, fused into a few kernels
+    """The compiled twin of the Muon update: one graph per parameter shape/dtype, fused into a few kernels
     instead of a dozen full passes over memory per tensor. Created on first request, so an eager run never
     imports the compiler (2 s at start-up)."""
     return torch.compile(update, dynamic=False, fullgraph=True)
@@ -142,10 +137,9 @@ def _scalars(*values):
 # The optimizer
 
 class MuonAdamW(torch.optim.Optimizer):
-    """compile=True runs the compiled update functions (worth it for long runs: each new shape costs a compilation)."""
+    """compile=True runs the compiled Muon update (worth it for long runs: each new shape costs a compilation)."""
 
     def __init__(self, param_groups, compile=False):
-        self.adamw_update = compiled(adamw_update) if compile else adamw_update
         self.muon_update = compiled(muon_update) if compile else muon_update
         param_groups = [dict(g) for g in param_groups]
         for group in param_groups:
@@ -227,8 +221,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(target)
                 state["exp_avg_sq"] = torch.zeros_like(target)
             state["step"] += 1
-            self.adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"],
-                              *_scalars(state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
+            adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
+                         group["eps"], group["weight_decay"])
             if plan["mode"] == "shard":
                 gathers.append(_all_gather(p, target, async_op=True))
         return gathers
