@@ -318,16 +318,12 @@ class GPT(nn.Module):
         they subclass nn.Linear), so the count is the same before and after fp8 conversion."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
-    def _attention_spans(self, context_len):
-        T = self.config.sequence_len
-        return [min(w if w >= 0 else T, context_len) for w, _ in self.window_sizes]
-
     def estimate_flops(self):
         """Training FLOPs per token (forward + backward): 6 x matmul params + attention (PaLM convention,
         causality not halved; each layer attends over min(window, T) keys). Embedding lookups are free."""
         C, H = self.config.n_embd, self.config.n_head
         D = C // H
-        attention = sum(12 * H * D * span for span in self._attention_spans(self.config.sequence_len))
+        attention = sum(12 * H * D * min(window, self.config.sequence_len) for window, _ in self.window_sizes)
         return 6 * self.num_matmul_params() + attention
 
     # ------------------------------------------------------------------------------------------------
@@ -368,12 +364,7 @@ class GPT(nn.Module):
         groups = [g for g in groups if g["params"]]
         covered = sum(p.numel() for g in groups for p in g["params"])
         assert covered == sum(p.numel() for p in self.parameters()), "optimizer groups must cover every parameter"
-        for g in groups:
-            g["initial_lr"] = g["lr"]
-        optimizer = MuonAdamW(groups, compile=compile)
-        for g in optimizer.param_groups:  # in case the optimizer rebuilt the group dicts
-            g.setdefault("initial_lr", g["lr"])
-        return optimizer
+        return MuonAdamW(groups, compile=compile)  # each group's initial_lr = its lr
 
     # ------------------------------------------------------------------------------------------------
     # forward
