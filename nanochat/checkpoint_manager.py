@@ -296,6 +296,17 @@ def saved_world_size(source, model_tag=None, step=None):
 # -----------------------------------------------------------------------------
 # Loading a checkpoint with one clear line when it is missing or unusable (every script that loads a model)
 
+def add_model_flags(parser, default_source):
+    """The flags of the scripts that load one model to use it: which checkpoint (-i/--source, -g/--model-tag,
+    -s/--step) and on which device. default_source=None makes -i/--source required."""
+    parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
+                        choices=list(CHECKPOINT_SOURCES), help="checkpoint family to load: base|sft|rl")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+
+
 def check_checkpoint_exists(source, model_tag=None, step=None):
     """Exit with one clear line if the requested checkpoint is not on disk (before any heavy work)."""
     check_model_tag(model_tag)

@@ -39,11 +39,12 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          saved_world_size, is_finite_state, CheckpointError)
 from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, chatcore_from_results
+from tasks.evaluate import ALL_TASKS, BASELINES, run_chat_evals, chatcore_from_results
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
@@ -271,7 +272,7 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
     for x, y in micro_batches:
         # (a micro-batch without supervised tokens still runs: its gradient is exactly zero, and under torchrun every
         # rank must hand the optimizer gradients for its collectives to line up)
-        loss_sum = model(x, y, loss_reduction="none").sum()
+        loss_sum = model(x, y, loss_reduction="sum")
         loss_sum_total += loss_sum.detach().item()
         loss = loss_sum / normalizer
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -297,43 +298,18 @@ def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
     return loss_sum.item(), num_supervised.item(), consumed.item(), position["epoch"]
 
 
-@torch.no_grad()
-def evaluate_sft_loss(model, batches, steps, token_bytes):
-    # summed over all ranks: nats and count of supervised tokens; nats and bytes of the byte-carrying ones (bpb)
-    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y, _ = next(batches)
-        loss = model(x, y, loss_reduction="none").reshape(-1).double()
-        y = y.reshape(-1)
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0).double()
-        sums += torch.stack([loss[valid].sum(), valid.sum().double(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
-    if is_ddp_initialized():
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = sums.tolist()
-    val_loss = sum_nats / sum_tokens if sum_tokens > 0 else float("nan")
-    val_bpb = sum_nats_bytes / (math.log(2) * sum_bytes) if sum_bytes > 0 else float("inf")
-    return val_loss, val_bpb, int(sum_tokens)
-
-
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
     """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
     model.eval()
-    engine = Engine(model, tokenizer)
-    results = {}
-    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
-        max_problems = args.chatcore_max_sample
-        if BASELINES[task_name] > 0:  # the categorical (MC) tasks have a chance baseline
-            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        try:
-            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
-                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                                               max_problems=max_problems)
-        except TaskUnavailable as e:
-            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
-            unavailable.add(task_name)
-            continue
-        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
+    max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
+    # the categorical (MC) tasks are the ones with a chance baseline
+    caps = {t: max_cat if BASELINES[t] > 0 else args.chatcore_max_sample for t in ALL_TASKS}
+    results, skipped = run_chat_evals([t for t in ALL_TASKS if t not in unavailable], model, tokenizer,
+                                      Engine(model, tokenizer), max_problems=caps, batch_size=batch_size,
+                                      max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0)
+    unavailable.update(skipped)
+    for task_name, accuracy in results.items():
+        print0(f"  {task_name}: {100 * accuracy:.2f}%")
     chatcore, label = chatcore_from_results(results)
     chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
     chatcore = float("nan") if chatcore is None else chatcore
@@ -478,7 +454,7 @@ def main(argv=None):
             model.eval()
             val_loader = sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
             eval_steps = max(1, args.eval_tokens // (B * T * world_size))
-            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, val_loader, eval_steps, token_bytes)
+            val_bpb, val_loss, val_tokens = evaluate_loss(model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
                    f"({val_tokens:,} supervised tokens)")

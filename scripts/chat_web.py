@@ -40,7 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.requests import ClientDisconnect
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
@@ -53,11 +53,8 @@ UI_HTML = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page + OpenAI-compatible API")
     # model
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="checkpoint family to load")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, default_source="sft")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only for > 1)")
-    parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     # sampling defaults (a request may override them within the limits below)
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no top-k filtering)")

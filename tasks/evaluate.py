@@ -106,6 +106,23 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
     return run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
 
 
+def run_chat_evals(task_names, model, tokenizer, engine, max_problems=None, **kwargs):
+    """({task: accuracy}, [tasks skipped because their data is unavailable]) over task_names, with a line per task.
+    max_problems: one cap for every task, or {task: cap}; kwargs go to run_chat_eval."""
+    results, skipped = {}, []
+    for task_name in task_names:
+        print0(f"Evaluating {task_name} ...")
+        cap = max_problems.get(task_name) if isinstance(max_problems, dict) else max_problems
+        try:
+            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, max_problems=cap, **kwargs)
+        except TaskUnavailable as e:
+            print0(f"SKIPPED {task_name}: its data is not available ({e})")
+            skipped.append(task_name)
+            continue
+        print0(f"{task_name} accuracy: {100 * results[task_name]:.2f}%")
+    return results, skipped
+
+
 def chatcore_from_results(results, task_names=ALL_TASKS):
     """(value, label): the mean centered accuracy over those of task_names that ran, labelled "full" or
     "partial (k/n tasks)"; (None, "no task evaluated") when none of them ran."""
