@@ -27,6 +27,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import math
 import time
 import argparse
+from collections import Counter
 from dataclasses import asdict
 
 import torch
@@ -162,9 +163,9 @@ def build_mixture(args):
             raise SystemExit(f"error: the SFT {split} mixture is empty (no part could be loaded); see the lines above")
     train_task = TaskMixture([t for _, t in parts["train"]])
     val_task = TaskMixture([t for _, t in parts["val"]])
-    counts = {}
+    counts = Counter()
     for name, task in parts["train"]:
-        counts[name] = counts.get(name, 0) + len(task)  # oversampled parts are summed
+        counts[name] += len(task)  # oversampled parts are summed
     description = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     print0(f"Training mixture: {len(train_task):,} rows ({description})")
     print0(f"Validation mixture: {len(val_task):,} rows ({', '.join(n for n, _ in parts['val'])})")
@@ -359,28 +360,22 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-    base_batch_size = meta.get("device_batch_size", base_flags.get("device_batch_size"))
-    if base_batch_size and args.device_batch_size > base_batch_size:
-        print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_batch_size}, "
-               f"did you pass in a good --device-batch-size to this script?")
+        if name == "device_batch_size" and base_value and args.device_batch_size > base_value:
+            print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
+                   f"did you pass in a good --device-batch-size to this script?")
 
 
 def base_optimizer_state(args, device, rank, world_size):
-    """This rank's shard of the base run's optimizer state, or None (with a warning) when it is not usable here: the
-    state is sharded per rank, so it only fits under the same number of processes."""
+    """This rank's shard of the base run's optimizer state, or None when it is not usable here: the state is sharded
+    per rank, so it only fits under the same number of processes."""
     base_world_size = saved_world_size("base", args.model_tag, args.model_step)
     if base_world_size not in (None, world_size):
-        print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
-               f"{world_size}; starting with a fresh optimizer")
+        print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has {world_size}")
         return None
     try:
-        state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
+        return load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
     except CheckpointError as e:
         print0(f"WARNING: could not read the base optimizer state ({e})")
-        state = None
-    if state is None:
-        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
-    return state
 
 
 def build_optimizer(model, args, device, rank, world_size, use_compile):
@@ -389,7 +384,9 @@ def build_optimizer(model, args, device, rank, world_size, use_compile):
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
     base_state = base_optimizer_state(args, device, rank, world_size) if args.load_optimizer else None
-    if not any_rank(base_state is None, device):
+    if args.load_optimizer and any_rank(base_state is None, device):
+        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    elif args.load_optimizer:
         # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
         hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
