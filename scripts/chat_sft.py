@@ -38,7 +38,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
                              is_due, check_flag_ranges, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         saved_world_size, is_finite_state, CheckpointError)
+                                         is_finite_state, CheckpointError)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
@@ -365,25 +365,17 @@ def resolve_inherited(args, meta):
                    f"did you pass in a good --device-batch-size to this script?")
 
 
-def base_optimizer_state(args, device, rank, world_size):
-    """This rank's shard of the base run's optimizer state, or None when it is not usable here: the state is sharded
-    per rank, so it only fits under the same number of processes."""
-    base_world_size = saved_world_size("base", args.model_tag, args.model_step)
-    if base_world_size not in (None, world_size):
-        print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has {world_size}")
-        return None
-    try:
-        return load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-    except CheckpointError as e:
-        print0(f"WARNING: could not read the base optimizer state ({e})")
-
-
 def build_optimizer(model, args, device, rank, world_size, use_compile):
     """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
     (every rank warm-starts or none does)."""
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
-    base_state = base_optimizer_state(args, device, rank, world_size) if args.load_optimizer else None
+    base_state = None
+    if args.load_optimizer:
+        try:
+            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
+        except CheckpointError as e:
+            print0(f"WARNING: could not read the base optimizer state ({e})")
     if args.load_optimizer and any_rank(base_state is None, device):
         print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
     elif args.load_optimizer:

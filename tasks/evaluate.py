@@ -6,7 +6,7 @@ Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, print0
+from nanochat.common import get_dist_info, is_ddp_initialized, print0
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -38,7 +38,7 @@ class TaskUnavailable(RuntimeError):
 
 def final_accuracy(num_passed, total, device):
     """Sum the counts over ranks (when distributed), print the final line, return the accuracy."""
-    if dist.is_available() and dist.is_initialized():
+    if is_ddp_initialized():
         counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         num_passed, total = counts.tolist()
