@@ -247,15 +247,11 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
             rows_ids.append(row_ids)
             rows_mask.append(row_mask)
         ids = torch.tensor(rows_ids, dtype=torch.long)
-        mask = torch.tensor(rows_mask, dtype=torch.bool)
-        inputs = ids[:, :-1].contiguous()
-        targets = ids[:, 1:].clone()
-        targets[~mask[:, 1:]] = -1  # loss only where the assistant speaks (padding has mask 0 too)
+        # loss only where the assistant speaks (padding has mask 0 too)
+        targets = torch.where(torch.tensor(rows_mask, dtype=torch.bool), ids, -1)
+        batch = torch.stack([ids[:, :-1], targets[:, 1:]])  # inputs and targets in one host-to-device copy
         stats["tokens"] += B * capacity
-        if use_pinned:
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        inputs = inputs.to(device, non_blocking=use_pinned)
-        targets = targets.to(device, non_blocking=use_pinned)
+        inputs, targets = (batch.pin_memory() if use_pinned else batch).to(device, non_blocking=use_pinned)
         yield inputs, targets, dict(consumed=consumed, epoch=epoch)
 
 # -----------------------------------------------------------------------------
