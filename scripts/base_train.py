@@ -634,8 +634,7 @@ class Training:
             "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
             "world_size": self.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": self.checkpoint_dir,
         }
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        summary_path = os.path.join(self.checkpoint_dir, "summary.json")
+        summary_path = os.path.join(self.checkpoint_dir, "summary.json")  # beside the last step's checkpoint
         atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
         print0(f"Wrote run summary to {summary_path}")
         setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
