@@ -274,27 +274,35 @@ def load_model(source, device, phase, model_tag=None, step=None):
     return build_model(checkpoint_dir, step, device, phase)
 
 
-def load_optimizer_state(source, device, rank, model_tag=None, step=None):
-    """The optimizer state dict of `rank` for a checkpoint, or None when that checkpoint has no optimizer shard."""
+def load_optimizer_state(source, device, rank, world_size=1, model_tag=None, step=None):
+    """This rank's optimizer state dict of a checkpoint, or None when it has none that a run of world_size processes
+    can use: the state is sharded per rank, so it only fits under as many processes as saved it."""
     checkpoint_dir, step = _resolve(checkpoints_dir_for(source), model_tag, step)
+    saved_world_size = _read(marker_path(checkpoint_dir, step), checkpoint_dir, step, _json_load).get("world_size")
     path = optim_path(checkpoint_dir, step, rank)
+    if saved_world_size not in (None, world_size):
+        log0(f"WARNING: the optimizer state in {checkpoint_dir} was saved by {saved_world_size} process(es) and this "
+             f"run has {world_size}: not using it")
+        return None
     if not os.path.exists(path):
         log0(f"No optimizer state at {path}")
         return None
     log0(f"Loading optimizer state from {path}")
     return _read(path, checkpoint_dir, step, _torch_load(device))
 
-
-def saved_world_size(source, model_tag=None, step=None):
-    """How many processes saved a checkpoint's optimizer shards (from its completion marker), or None."""
-    checkpoint_dir, step = _resolve(checkpoints_dir_for(source), model_tag, step)
-    try:
-        return _json_load(marker_path(checkpoint_dir, step)).get("world_size")
-    except (OSError, ValueError):
-        return None
-
 # -----------------------------------------------------------------------------
 # Loading a checkpoint with one clear line when it is missing or unusable (every script that loads a model)
+
+def add_model_flags(parser, default_source):
+    """The flags of the scripts that load one model to use it: which checkpoint (-i/--source, -g/--model-tag,
+    -s/--step) and on which device. default_source=None makes -i/--source required."""
+    parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
+                        choices=list(CHECKPOINT_SOURCES), help="checkpoint family to load: base|sft|rl")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+
 
 def check_checkpoint_exists(source, model_tag=None, step=None):
     """Exit with one clear line if the requested checkpoint is not on disk (before any heavy work)."""

@@ -11,31 +11,37 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_ddp_initialized
+
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_loss(model, batches, steps, token_bytes):
     """
     model: returns per-token losses with forward(x, y, loss_reduction='none').
     batches: iterator of (inputs, targets) (extra items, e.g. a loader state, are ignored).
     steps: number of batches to consume. token_bytes: int tensor (V,) of bytes per token id.
-    Returns bits per byte summed over all ranks (all-reduce when a multi-rank process group is up); inf if no bytes.
+    Returns (bits per byte, mean loss per target token, number of target tokens), summed over all ranks; the bpb is
+    inf when there are no bytes, the mean loss nan when there are no targets. Ignored targets (-1) count nowhere;
+    special tokens count in the mean loss but not in the bpb.
     """
-    device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float32, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    nats = torch.zeros(2, dtype=torch.float32, device=token_bytes.device)  # of byte-carrying targets, of all targets
+    counts = torch.zeros(2, dtype=torch.int64, device=token_bytes.device)  # bytes, targets
     for _, batch in zip(range(steps), batches):  # range first: no batch is read beyond `steps`
         x, y = batch[0], batch[1]
         loss = model(x, y, loss_reduction="none").reshape(-1).float()
         y = y.reshape(-1)
-        ignored = y.int() < 0  # int32 compare works on every backend (MPS has no int64 compare for some ops)
-        num_bytes = token_bytes[torch.where(ignored, torch.zeros_like(y), y)]
-        num_bytes = torch.where(ignored, torch.zeros_like(num_bytes), num_bytes)
-        total_nats += (loss * (num_bytes > 0)).sum()
-        total_bytes += num_bytes.sum().to(torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_nats, total_bytes = total_nats.item(), total_bytes.item()
-    if total_bytes == 0:
-        return float("inf")
-    return total_nats / (math.log(2) * total_bytes)
+        valid = y.int() >= 0  # int32 compare works on every backend (MPS has no int64 compare for some ops)
+        num_bytes = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))], 0)
+        nats += torch.stack([torch.where(num_bytes > 0, loss, 0.0).sum(), torch.where(valid, loss, 0.0).sum()])
+        counts += torch.stack([num_bytes.sum(), valid.sum()]).to(torch.int64)
+    if is_ddp_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    (byte_nats, all_nats), (num_bytes, num_tokens) = nats.tolist(), counts.tolist()
+    bpb = byte_nats / (math.log(2) * num_bytes) if num_bytes > 0 else float("inf")
+    return bpb, all_nats / num_tokens if num_tokens > 0 else float("nan"), num_tokens
+
+
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Bits per byte over `steps` batches (see evaluate_loss)."""
+    return evaluate_loss(model, batches, steps, token_bytes)[0]

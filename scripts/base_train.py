@@ -486,8 +486,15 @@ class Training:
             state.step += 1
             manage_gc(state.step == start_step + 1, state.step)
 
-    def eval_context(self):
-        return fp8.disable_fp8(self.orig_model) if self.args.fp8 else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The block runs in eval mode and, with --fp8, in bf16; training mode after it."""
+        self.orig_model.eval()  # the compiled model wraps this module: one switch for both
+        try:
+            with fp8.disable_fp8(self.orig_model) if self.args.fp8 else contextlib.nullcontext():
+                yield
+        finally:
+            self.orig_model.train()
 
     def evaluate(self, last_step):
         """Validation bpb (all ranks), the CORE metric (all ranks) and greedy samples (rank 0), each at its cadence.
@@ -495,22 +502,19 @@ class Training:
         args, state, tokenizer, step = self.args, self.state, self.tokenizer, self.state.step
         flops_so_far = self.plan.flops_per_token * self.plan.total_batch_size * step
         if is_due(step, args.eval_every, last_step, at_step_zero=True):
-            self.model.eval()
             eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
             val_loader = tokenizing_distributed_data_loader_bos_bestfit(
                 tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device)
-            with self.eval_context():
+            with self.evaluating():
                 state.val_bpb = evaluate_bpb(self.model, val_loader, eval_steps, self.token_bytes)
             print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
             state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
             self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                                 "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
-            self.model.train()
         if is_due(step, args.core_metric_every, last_step):
-            self.orig_model.eval()
             try:
-                with self.eval_context():
+                with self.evaluating():
                     results = evaluate_core(self.orig_model, tokenizer, self.device, max_per_task=args.core_metric_max_per_task)
                 state.core_results = results
                 print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
@@ -518,16 +522,13 @@ class Training:
                                     "centered_results": results.get("centered_results")})
             except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
                 print0(f"Step {step:05d} | CORE metric skipped: {e}")
-            self.orig_model.train()
         if self.rank == 0 and is_due(step, args.sample_every, last_step):
-            self.orig_model.eval()
             engine = Engine(self.orig_model, tokenizer)
-            with self.eval_context():
+            with self.evaluating():
                 for prompt in SAMPLE_PROMPTS:
                     tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
                     sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
                     print0(tokenizer.decode(sample[0]))
-            self.orig_model.train()
 
     def stop_diverged(self, what):
         """One error line naming the last good checkpoint, exit 1 (run() still cleans up)."""
@@ -633,8 +634,7 @@ class Training:
             "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
             "world_size": self.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": self.checkpoint_dir,
         }
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        summary_path = os.path.join(self.checkpoint_dir, "summary.json")
+        summary_path = os.path.join(self.checkpoint_dir, "summary.json")  # beside the last step's checkpoint
         atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
         print0(f"Wrote run summary to {summary_path}")
         setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,

@@ -11,7 +11,7 @@ import argparse
 from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
@@ -24,18 +24,13 @@ BANNER = "\nNanoChat Interactive Mode\n" + "-" * 50 + "\nType 'quit' or 'exit' t
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-    # which model
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="checkpoint family to load")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, default_source="sft")
     # what to say and how to sample
     parser.add_argument("-p", "--prompt", type=str, default="", help="one-shot prompt: answer it and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = no top-k filtering)")
     parser.add_argument("-m", "--max-tokens", type=int, default=256, help="longest reply in tokens")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (fixed, so a conversation replays the same)")
-    # where to run
-    parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
     check_flag_ranges(args, positive=("max_tokens",))
     if not 0 <= args.temperature <= 2:  # NaN fails too

@@ -18,35 +18,29 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 
 import argparse
 
-from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
+from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, check_flag_ranges,
                              compute_cleanup, compute_init, print0)
 from nanochat.engine import Engine
 from nanochat.execution import isolation
 from nanochat.report import get_report
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, chatcore_lines, run_chat_eval
+from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, run_chat_evals
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
-    # which model
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "sft", "rl"], help="checkpoint family: sft|rl|base")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to load (default: largest d<N>)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step to load (default: last)")
+    add_model_flags(parser, default_source=None)
     # what to evaluate
     parser.add_argument("-a", "--task-name", type=str, default=None,
                         help=f"task(s) joined with '|' (default: all of {'|'.join(ALL_TASKS)})")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="cap on problems per task")
+    parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of the categorical evaluation")
     # sampling (generative tasks)
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="max tokens generated per sample")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem (pass@n)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 disables)")
-    # batching and runtime
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of the categorical evaluation")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
-                        help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args(argv)
     check_flag_ranges(args, positive=("num_samples", "batch_size", "max_problems"))
     if args.temperature < 0:
@@ -67,20 +61,9 @@ def main(argv=None):
                                                 step=args.step)
     engine = Engine(model, tokenizer)
 
-    results, skipped = {}, []
-    for task_name in task_names:
-        print0(f"Evaluating {task_name} ...")
-        try:
-            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=args.batch_size,
-                                     num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k,
-                                     max_problems=args.max_problems)
-        except TaskUnavailable as e:
-            print0(f"SKIPPED {task_name}: its data is not available ({e})")
-            skipped.append(task_name)
-            continue
-        results[task_name] = accuracy
-        print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
+    results, skipped = run_chat_evals(task_names, model, tokenizer, engine, max_problems=args.max_problems,
+                                      batch_size=args.batch_size, num_samples=args.num_samples,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     # ChatCORE only over full task lists (a skipped task makes it partial, and the line says so)
     chatcore = chatcore_lines(results, task_names)

@@ -63,10 +63,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems for pass@k")
     parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end)")
     args = parser.parse_args(argv)
-    if args.num_samples % args.device_batch_size != 0:
-        parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
     check_flag_ranges(args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
                                       "num_epochs", "eval_every", "save_every"))
+    if args.num_samples % args.device_batch_size != 0:  # after the range check: --device-batch-size=0 is an error line
+        parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     return args

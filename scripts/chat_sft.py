@@ -27,6 +27,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import math
 import time
 import argparse
+from collections import Counter
 from dataclasses import asdict
 
 import torch
@@ -37,13 +38,14 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
                              is_due, check_flag_ranges, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         saved_world_size, is_finite_state, CheckpointError)
+                                         is_finite_state, CheckpointError)
 from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks.evaluate import ALL_TASKS, BASELINES, TaskUnavailable, run_chat_eval, chatcore_from_results
+from tasks.evaluate import ALL_TASKS, BASELINES, run_chat_evals, chatcore_from_results
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
@@ -161,9 +163,9 @@ def build_mixture(args):
             raise SystemExit(f"error: the SFT {split} mixture is empty (no part could be loaded); see the lines above")
     train_task = TaskMixture([t for _, t in parts["train"]])
     val_task = TaskMixture([t for _, t in parts["val"]])
-    counts = {}
+    counts = Counter()
     for name, task in parts["train"]:
-        counts[name] = counts.get(name, 0) + len(task)  # oversampled parts are summed
+        counts[name] += len(task)  # oversampled parts are summed
     description = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     print0(f"Training mixture: {len(train_task):,} rows ({description})")
     print0(f"Validation mixture: {len(val_task):,} rows ({', '.join(n for n, _ in parts['val'])})")
@@ -245,15 +247,11 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
             rows_ids.append(row_ids)
             rows_mask.append(row_mask)
         ids = torch.tensor(rows_ids, dtype=torch.long)
-        mask = torch.tensor(rows_mask, dtype=torch.bool)
-        inputs = ids[:, :-1].contiguous()
-        targets = ids[:, 1:].clone()
-        targets[~mask[:, 1:]] = -1  # loss only where the assistant speaks (padding has mask 0 too)
+        # loss only where the assistant speaks (padding has mask 0 too)
+        targets = torch.where(torch.tensor(rows_mask, dtype=torch.bool), ids, -1)
+        batch = torch.stack([ids[:, :-1], targets[:, 1:]])  # inputs and targets in one host-to-device copy
         stats["tokens"] += B * capacity
-        if use_pinned:
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        inputs = inputs.to(device, non_blocking=use_pinned)
-        targets = targets.to(device, non_blocking=use_pinned)
+        inputs, targets = (batch.pin_memory() if use_pinned else batch).to(device, non_blocking=use_pinned)
         yield inputs, targets, dict(consumed=consumed, epoch=epoch)
 
 # -----------------------------------------------------------------------------
@@ -271,7 +269,7 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
     for x, y in micro_batches:
         # (a micro-batch without supervised tokens still runs: its gradient is exactly zero, and under torchrun every
         # rank must hand the optimizer gradients for its collectives to line up)
-        loss_sum = model(x, y, loss_reduction="none").sum()
+        loss_sum = model(x, y, loss_reduction="sum")
         loss_sum_total += loss_sum.detach().item()
         loss = loss_sum / normalizer
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -297,43 +295,18 @@ def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
     return loss_sum.item(), num_supervised.item(), consumed.item(), position["epoch"]
 
 
-@torch.no_grad()
-def evaluate_sft_loss(model, batches, steps, token_bytes):
-    # summed over all ranks: nats and count of supervised tokens; nats and bytes of the byte-carrying ones (bpb)
-    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y, _ = next(batches)
-        loss = model(x, y, loss_reduction="none").reshape(-1).double()
-        y = y.reshape(-1)
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0).double()
-        sums += torch.stack([loss[valid].sum(), valid.sum().double(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
-    if is_ddp_initialized():
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    sum_nats, sum_tokens, sum_nats_bytes, sum_bytes = sums.tolist()
-    val_loss = sum_nats / sum_tokens if sum_tokens > 0 else float("nan")
-    val_bpb = sum_nats_bytes / (math.log(2) * sum_bytes) if sum_bytes > 0 else float("inf")
-    return val_loss, val_bpb, int(sum_tokens)
-
-
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
     """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
     model.eval()
-    engine = Engine(model, tokenizer)
-    results = {}
-    for task_name in [t for t in ALL_TASKS if t not in unavailable]:
-        max_problems = args.chatcore_max_sample
-        if BASELINES[task_name] > 0:  # the categorical (MC) tasks have a chance baseline
-            max_problems = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        try:
-            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=batch_size,
-                                               max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                                               max_problems=max_problems)
-        except TaskUnavailable as e:
-            print0(f"  {task_name}: SKIPPED, data unavailable ({str(e)[:200]})")
-            unavailable.add(task_name)
-            continue
-        print0(f"  {task_name}: {100 * results[task_name]:.2f}%")
+    max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
+    # the categorical (MC) tasks are the ones with a chance baseline
+    caps = {t: max_cat if BASELINES[t] > 0 else args.chatcore_max_sample for t in ALL_TASKS}
+    results, skipped = run_chat_evals([t for t in ALL_TASKS if t not in unavailable], model, tokenizer,
+                                      Engine(model, tokenizer), max_problems=caps, batch_size=batch_size,
+                                      max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0)
+    unavailable.update(skipped)
+    for task_name, accuracy in results.items():
+        print0(f"  {task_name}: {100 * accuracy:.2f}%")
     chatcore, label = chatcore_from_results(results)
     chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
     chatcore = float("nan") if chatcore is None else chatcore
@@ -383,28 +356,9 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-    base_batch_size = meta.get("device_batch_size", base_flags.get("device_batch_size"))
-    if base_batch_size and args.device_batch_size > base_batch_size:
-        print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_batch_size}, "
-               f"did you pass in a good --device-batch-size to this script?")
-
-
-def base_optimizer_state(args, device, rank, world_size):
-    """This rank's shard of the base run's optimizer state, or None (with a warning) when it is not usable here: the
-    state is sharded per rank, so it only fits under the same number of processes."""
-    base_world_size = saved_world_size("base", args.model_tag, args.model_step)
-    if base_world_size not in (None, world_size):
-        print0(f"WARNING: the base optimizer state was saved by {base_world_size} process(es) and this run has "
-               f"{world_size}; starting with a fresh optimizer")
-        return None
-    try:
-        state = load_optimizer_state("base", device, rank, model_tag=args.model_tag, step=args.model_step)
-    except CheckpointError as e:
-        print0(f"WARNING: could not read the base optimizer state ({e})")
-        state = None
-    if state is None:
-        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
-    return state
+        if name == "device_batch_size" and base_value and args.device_batch_size > base_value:
+            print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
+                   f"did you pass in a good --device-batch-size to this script?")
 
 
 def build_optimizer(model, args, device, rank, world_size, use_compile):
@@ -412,8 +366,15 @@ def build_optimizer(model, args, device, rank, world_size, use_compile):
     (every rank warm-starts or none does)."""
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
-    base_state = base_optimizer_state(args, device, rank, world_size) if args.load_optimizer else None
-    if not any_rank(base_state is None, device):
+    base_state = None
+    if args.load_optimizer:
+        try:
+            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
+        except CheckpointError as e:
+            print0(f"WARNING: could not read the base optimizer state ({e})")
+    if args.load_optimizer and any_rank(base_state is None, device):
+        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    elif args.load_optimizer:
         # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
         hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
@@ -478,7 +439,7 @@ def main(argv=None):
             model.eval()
             val_loader = sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
             eval_steps = max(1, args.eval_tokens // (B * T * world_size))
-            val_loss, val_bpb, val_tokens = evaluate_sft_loss(model, val_loader, eval_steps, token_bytes)
+            val_bpb, val_loss, val_tokens = evaluate_loss(model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
                    f"({val_tokens:,} supervised tokens)")

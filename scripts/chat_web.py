@@ -40,7 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.requests import ClientDisconnect
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
 from nanochat.engine import Engine
 
@@ -53,11 +53,8 @@ UI_HTML = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page + OpenAI-compatible API")
     # model
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="checkpoint family to load")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, default_source="sft")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only for > 1)")
-    parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     # sampling defaults (a request may override them within the limits below)
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no top-k filtering)")
@@ -140,6 +137,11 @@ class ApiError(Exception):
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self):
+        """OpenAI-style {"error": {...}} (what the openai client reads)."""
+        error_type = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -349,10 +351,8 @@ def create_app(args, workers):
 
     @app.exception_handler(ApiError)
     async def api_error_handler(request, exc):
-        # OpenAI-style {"error": {...}} (what the openai client reads) plus FastAPI-style "detail" for simple clients
-        error_type = "invalid_request_error" if exc.status < 500 else "server_error"
-        body = {"error": {"message": exc.message, "type": error_type, "param": exc.param, "code": exc.code}, "detail": exc.message}
-        return JSONResponse(body, status_code=exc.status)
+        # plus FastAPI-style "detail" for simple clients
+        return JSONResponse({**exc.body(), "detail": exc.message}, status_code=exc.status)
 
     @app.exception_handler(ClientDisconnect)
     async def client_disconnect_handler(request, exc):
@@ -437,9 +437,8 @@ def create_app(args, workers):
             n = generation.completion_tokens
             return {"prompt_tokens": len(request.prompt), "completion_tokens": n, "total_tokens": len(request.prompt) + n}
 
-        def chunk(choices, **extra):
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                    "choices": choices, **extra}
+        def completion(choices, kind="chat.completion.chunk", **extra):
+            return {"id": completion_id, "object": kind, "created": created, "model": model_id, "choices": choices, **extra}
 
         def choice(finish=None, **content):
             # a reply the client sees ends with "stop" (the model finished) or "length" (max_tokens or context
@@ -451,22 +450,21 @@ def create_app(args, workers):
             if generation is None:
                 return Response(status_code=499)  # the client went away; nobody reads this
             message = {"role": "assistant", "content": generation.text}
-            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-                    "choices": [choice(generation.finish, message=message)], "usage": usage(generation)}
+            return completion([choice(generation.finish, message=message)], "chat.completion", usage=usage(generation))
 
         async def stream():
             generation = None
-            yield sse(chunk([choice(delta={"role": "assistant", "content": ""})]))
+            yield sse(completion([choice(delta={"role": "assistant", "content": ""})]))
             async with aclosing(run_generation(pool, request)) as events:
                 async for (kind, value), generation in events:
                     if kind == "text":
-                        yield sse(chunk([choice(delta={"content": value})]))
+                        yield sse(completion([choice(delta={"content": value})]))
                     elif kind == "done":
-                        yield sse(chunk([choice(value, delta={})]))
+                        yield sse(completion([choice(value, delta={})]))
                     else:
-                        yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": "generation_failed"}})
+                        yield sse(ApiError(500, value, code="generation_failed").body())
             if request.include_usage:
-                yield sse(chunk([], usage=usage(generation)))
+                yield sse(completion([], usage=usage(generation)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
 from nanochat.common import synchronize, peak_memory_mib, positive_ints
 from nanochat.engine import Engine
@@ -59,14 +59,11 @@ def bench_generate(engine, prompt, batch_size, decode_tokens, temperature, devic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark inference of a nanochat checkpoint")
-    parser.add_argument("-i", "--source", type=str, default="base", choices=["base", "sft", "rl"], help="checkpoint family")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, default_source="base")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (clamped to sequence_len - decode tokens)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="tokens generated per timed run")
     parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32,128", help="comma-separated decode batch sizes")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps", ""], help="device (default: autodetect)")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1 or args.decode_tokens < 2:
         raise SystemExit("error: --prompt-tokens must be >= 1 and --decode-tokens >= 2")

@@ -6,7 +6,7 @@ Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, print0
+from nanochat.common import get_dist_info, is_ddp_initialized, print0
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -38,7 +38,7 @@ class TaskUnavailable(RuntimeError):
 
 def final_accuracy(num_passed, total, device):
     """Sum the counts over ranks (when distributed), print the final line, return the accuracy."""
-    if dist.is_available() and dist.is_initialized():
+    if is_ddp_initialized():
         counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         num_passed, total = counts.tolist()
@@ -104,6 +104,23 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
         return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
                                    temperature, top_k, max_problems=max_problems)
     return run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
+
+
+def run_chat_evals(task_names, model, tokenizer, engine, max_problems=None, **kwargs):
+    """({task: accuracy}, [tasks skipped because their data is unavailable]) over task_names, with a line per task.
+    max_problems: one cap for every task, or {task: cap}; kwargs go to run_chat_eval."""
+    results, skipped = {}, []
+    for task_name in task_names:
+        print0(f"Evaluating {task_name} ...")
+        cap = max_problems.get(task_name) if isinstance(max_problems, dict) else max_problems
+        try:
+            results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, max_problems=cap, **kwargs)
+        except TaskUnavailable as e:
+            print0(f"SKIPPED {task_name}: its data is not available ({e})")
+            skipped.append(task_name)
+            continue
+        print0(f"{task_name} accuracy: {100 * results[task_name]:.2f}%")
+    return results, skipped
 
 
 def chatcore_from_results(results, task_names=ALL_TASKS):

@@ -105,6 +105,9 @@ def test_bad_flags_and_missing_checkpoint(base_dir):
     from scripts import chat_rl
     with pytest.raises(SystemExit):
         chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # argparse error, exit code 2
+    with pytest.raises(SystemExit) as excinfo:  # one error line, not a ZeroDivisionError
+        chat_rl.main(["--device-batch-size=0"])
+    assert str(excinfo.value).startswith("error: --device-batch-size=0")
     with pytest.raises(SystemExit) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)

@@ -14,7 +14,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat import checkpoint_manager as ckpt
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 
 
 def save_tokenizer(tokenizer, base_dir):
@@ -134,6 +134,11 @@ def test_evaluate_bpb_matches_hand_computation():
                 nbytes += int(token_bytes[t])
     bpb = evaluate_bpb(Fixed(), iter(batches), 2, token_bytes)
     assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-6)
+    # the mean loss is over every non-ignored target, special tokens included
+    targets = [t for _, y in batches for t in y.reshape(-1).tolist() if t >= 0]
+    bpb2, mean_loss, num_tokens = evaluate_loss(Fixed(), iter(batches), 2, token_bytes)
+    assert bpb2 == bpb and num_tokens == len(targets)
+    assert math.isclose(mean_loss, sum((t + 1) * 0.5 for t in targets) / len(targets), rel_tol=1e-6)
     assert evaluate_bpb(Fixed(), iter([(y1, torch.full_like(y1, -1))]), 1, token_bytes) == float("inf")
 
 
