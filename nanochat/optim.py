@@ -129,10 +129,6 @@ def compiled(update):
     return torch.compile(update, dynamic=False, fullgraph=True)
 
 
-def _scalars(*values):
-    return [torch.tensor(float(v), dtype=torch.float32) for v in values]
-
-
 # -----------------------------------------------------------------------------
 # The optimizer
 
@@ -247,7 +243,7 @@ class MuonAdamW(torch.optim.Optimizer):
             lo = rank * chunk
             P = torch.stack([params[i].float() for i in range(lo, lo + owned)])
             self.muon_update(P, grad[:owned], state["momentum_buffer"][:owned], state["second_momentum_buffer"][:owned],
-                             *_scalars(group["lr"], group["momentum"], group["beta2"], group["weight_decay"]),
+                             *[torch.tensor(float(group[k])) for k in ("lr", "momentum", "beta2", "weight_decay")],
                              group["ns_steps"])
             if world == 1:
                 for i in range(owned):
