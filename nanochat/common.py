@@ -6,6 +6,8 @@ Device, dtype and process-group decisions are made here and nowhere else.
 
 import gc
 import os
+import gzip
+import json
 import re
 import time
 import fcntl
@@ -259,6 +261,20 @@ def atomic_write(path, write_fn, mode="wb"):
             os.close(fd)
     except OSError:
         pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+
+def iter_jsonl(path, error=ValueError, hint=""):
+    """(line number, row) for each non-blank line of a JSONL file (.gz ok). A line that is not JSON raises
+    error("<path>:<line>: not valid JSON (...)<hint>"): a bad row is reported, never silently dropped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+            yield lineno, row
 
 def positive_ints(text):
     """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""

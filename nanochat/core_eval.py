@@ -16,7 +16,6 @@ get_bos_token_id().
 """
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import DownloadError, atomic_write, download_file_with_lock, get_base_dir, print0
+from nanochat.common import DownloadError, atomic_write, download_file_with_lock, get_base_dir, iter_jsonl, print0
 
 # The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
 CORE_TASK_LABELS = (
@@ -313,23 +312,15 @@ REQUIRED_FIELDS = {
 def load_jsonl(path, task_type):
     """Read one task's examples, checking every line; a bad line is an error naming file and line."""
     data = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BundleError(f"{path}:{lineno}: corrupt JSON line ({e.msg}); repair the file or re-download "
-                                  f"the eval bundle") from None
-            missing = [k for k in REQUIRED_FIELDS[task_type] if not isinstance(item, dict) or k not in item]
-            if missing:
-                raise BundleError(f"{path}:{lineno}: {task_type} item lacks field(s) {', '.join(missing)}; "
-                                  f"repair the file or re-download the eval bundle")
-            options = item.get("choices", item.get("context_options"))
-            if "gold" in item and not (isinstance(item["gold"], int) and 0 <= item["gold"] < len(options)):
-                raise BundleError(f"{path}:{lineno}: gold={item['gold']!r} is not a valid option index")
-            data.append(item)
+    for lineno, item in iter_jsonl(path, BundleError, hint="; repair the file or re-download the eval bundle"):
+        missing = [k for k in REQUIRED_FIELDS[task_type] if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise BundleError(f"{path}:{lineno}: {task_type} item lacks field(s) {', '.join(missing)}; "
+                              f"repair the file or re-download the eval bundle")
+        options = item.get("choices", item.get("context_options"))
+        if "gold" in item and not (isinstance(item["gold"], int) and 0 <= item["gold"] < len(options)):
+            raise BundleError(f"{path}:{lineno}: gold={item['gold']!r} is not a valid option index")
+        data.append(item)
     if not data:
         raise BundleError(f"{path}: no examples in file; re-download the eval bundle")
     return data

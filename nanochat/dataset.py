@@ -31,7 +31,7 @@ import concurrent.futures
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_file, DownloadError
+from nanochat.common import get_base_dir, download_file, iter_jsonl, DownloadError
 from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
@@ -291,13 +291,8 @@ def read_user_file(path):
     if not path.endswith(".jsonl"):
         return [text]
     docs = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{line_no} is not valid JSON ({e}); fix or remove that line")
+    not_json = lambda message: SystemExit(f"error: {message}")
+    for line_no, row in iter_jsonl(path, not_json, hint="; fix or remove that line"):
         doc = row if isinstance(row, str) else (row.get("text") if isinstance(row, dict) else None)
         if not isinstance(doc, str):
             raise SystemExit(f"error: {path}:{line_no} has no string 'text' field; each line must be "

@@ -15,12 +15,10 @@ does not depend on whether the network happens to be up.
 """
 
 import os
-import gzip
-import json
 import random
 from pathlib import Path
 
-from nanochat.common import DownloadError
+from nanochat.common import DownloadError, iter_jsonl
 from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,25 +149,10 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
 # -----------------------------------------------------------------------------
 # Where data comes from
 
-def iter_jsonl(path):
-    """(line number, row) for each non-blank line of a JSONL file (.gz ok). A broken line raises TaskDataError
-    naming file:line: a bad row is reported, never silently dropped."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield lineno, row
-
-
 def read_jsonl(path, required_keys=None):
     """Rows of a JSONL file; an object missing one of required_keys raises TaskDataError naming file:line."""
     rows = []
-    for lineno, row in iter_jsonl(path):
+    for lineno, row in iter_jsonl(path, TaskDataError):
         if required_keys is not None and (not isinstance(row, dict) or any(k not in row for k in required_keys)):
             raise TaskDataError(f"{path}:{lineno}: expected a JSON object with keys {list(required_keys)}")
         rows.append(row)
