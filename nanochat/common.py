@@ -39,12 +39,9 @@ class ColoredFormatter(logging.Formatter):
         record.levelname = levelname
         return message
 
-def setup_default_logging():
-    handler = logging.StreamHandler()
-    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-setup_default_logging()
+_handler = logging.StreamHandler()
+_handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+logging.basicConfig(level=logging.INFO, handlers=[_handler])
 logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
@@ -77,15 +74,12 @@ def print_banner():
 """
     print0(banner)
 
-def is_ddp_requested():
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
 def is_ddp_initialized():
     return dist.is_available() and dist.is_initialized()
 
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from torchrun's environment, else a single process."""
-    if is_ddp_requested():
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
@@ -176,14 +170,11 @@ def any_rank(flag, device):
 def check_flag_ranges(args, positive=(), fractions=()):
     """Exit with one `error: --flag=value ...` line for the first flag out of range: the `positive` ones must be >= 1,
     the `fractions` in [0, 1]. A flag left at None (not given, inherited later) is not checked."""
-    def fail(name, value, wanted):
-        raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(name, getattr(args, name), "a positive integer")
-    for name in fractions:
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            fail(name, getattr(args, name), "in [0, 1]")
+    for name in (*positive, *fractions):
+        value = getattr(args, name)
+        wanted = "a positive integer" if name in positive else "in [0, 1]"
+        if value is not None and not (value >= 1 if name in positive else 0.0 <= value <= 1.0):
+            raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
 
 # -----------------------------------------------------------------------------
 # The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
