@@ -5,20 +5,18 @@ prompt assembly from messages, readable streaming decode of replies.
 
 from contextlib import closing
 
+from nanochat.tokenizer import fold_system_message
+
 ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
 
 
 def message_chunks(tokenizer, messages):
     """One token list per message: <|user_start|> text <|user_end|> / <|assistant_start|> text <|assistant_end|>.
     A leading system message is folded into the first user message, as render_conversation does."""
-    messages = list(messages)
-    if messages[0]["role"] == "system":  # callers validate that a user message follows it
-        system, first = messages.pop(0), messages[0]
-        messages[0] = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
     chunks = []
-    for message in messages:
+    for message in fold_system_message(list(messages)):  # callers validate that a user message follows a system one
         start, end = ROLE_TOKENS[message["role"]]
-        chunks.append([tokenizer.encode_special(start)] + tokenizer.encode(message["content"]) + [tokenizer.encode_special(end)])
+        chunks.append(tokenizer.encode(message["content"], prepend=start, append=end))
     return chunks
 
 

@@ -117,11 +117,7 @@ class RustBPETokenizer:
         Tokenize one chat conversation {"messages": [{"role", "content"}, ...]}.
         Returns (ids, mask): mask[i] = 1 where the token is one the assistant must learn to produce.
         """
-        messages = conversation["messages"]
-        if messages and messages[0]["role"] == "system":
-            # no system role in our format: fold it into (a copy of) the first user message
-            assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
-            messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+        messages = fold_system_message(conversation["messages"])
         assert len(messages) >= 1, f"conversation has no messages: {conversation}"
 
         ids, mask = [self.get_bos_token_id()], [0]
@@ -174,16 +170,29 @@ class RustBPETokenizer:
         return ids
 
 
+def fold_system_message(messages):
+    """Our format has no system role: a leading system message is folded into (a copy of) the first user message."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
+    return [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+
+
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
 
+def open_saved(filename, what):
+    """A file scripts.tok_train saved into the tokenizer dir, opened for reading; one clear line when missing."""
+    path = os.path.join(get_tokenizer_dir(), filename)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no {what} at {path}; train a tokenizer first with: python -m scripts.tok_train")
+    return open(path, "rb")
+
+
 def get_tokenizer():
     """The tokenizer saved by scripts.tok_train."""
-    path = os.path.join(get_tokenizer_dir(), TOKENIZER_FILENAME)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no tokenizer at {path}; train one first with: python -m scripts.tok_train")
-    with open(path, "rb") as f:
+    with open_saved(TOKENIZER_FILENAME, "tokenizer") as f:
         return RustBPETokenizer(pickle.load(f), "<|bos|>")
 
 
@@ -196,8 +205,5 @@ def compute_token_bytes(tokenizer):
 
 
 def get_token_bytes(device="cpu"):
-    path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILENAME)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no token bytes at {path}; it is written by: python -m scripts.tok_train")
-    with open(path, "rb") as f:
+    with open_saved(TOKEN_BYTES_FILENAME, "token bytes") as f:
         return torch.load(f, map_location=device)
