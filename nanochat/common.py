@@ -274,23 +274,22 @@ def positive_ints(text):
         raise ValueError(text)
     return values
 
-class DummyWandb:
-    """Stands in for a wandb run when logging is off (--run=dummy)."""
-    def log(self, *args, **kwargs):
-        pass
-    def finish(self):
-        pass
+class NoOp:
+    """Every method call does nothing: stands in for a wandb run when logging is off (--run=dummy), and for the
+    report on non-zero ranks."""
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 def init_wandb(project, run, config, master):
-    """A wandb run on rank 0 when --run names one, else a DummyWandb; a wandb that cannot start only warns."""
+    """A wandb run on rank 0 when --run names one, else a NoOp; a wandb that cannot start only warns."""
     if run == "dummy" or not master:
-        return DummyWandb()
+        return NoOp()
     try:
         import wandb  # optional dependency
         return wandb.init(project=project, name=run, config=config)
     except Exception as e:
         print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
-        return DummyWandb()
+        return NoOp()
 
 # -----------------------------------------------------------------------------
 # Peak FLOPs (bf16 dense) for MFU. First substring match wins, so specific names come first.

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import DownloadError, atomic_write, download_file_with_lock, get_base_dir, iter_jsonl, print0
+from nanochat.common import (DownloadError, atomic_write, download_file_with_lock, get_base_dir, is_ddp_initialized,
+                             iter_jsonl, print0)
 
 # The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
 CORE_TASK_LABELS = (
@@ -198,7 +199,7 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
 def evaluate_task(model, tokenizer, data, device, task_meta):
     """Accuracy over data (already shuffled/truncated). Under torch.distributed rank r scores items r, r+W, ... and
     the 0/1 results are summed across ranks, so every rank returns the same accuracy."""
-    ddp = dist.is_available() and dist.is_initialized()
+    ddp = is_ddp_initialized()
     rank = dist.get_rank() if ddp else 0
     world_size = dist.get_world_size() if ddp else 1
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)

@@ -119,28 +119,29 @@ _isolation_lock = threading.Lock()
 _isolation = None
 
 
+def _bind_back(path, above):
+    """bwrap args that recreate the directories between `above` and `path` open to uid 65534, then bind `path` back
+    read-only (after `above` was hidden: a tmpfs over it)."""
+    parts = path.split(os.sep)
+    opened = [os.sep.join(parts[:i]) for i in range(above.count(os.sep) + 2, len(parts))]
+    return [arg for d in opened for arg in ("--perms", "0755", "--dir", d)] + ["--ro-bind", path, path]
+
+
 def _reveal(path):
     """bwrap args that let uid 65534 reach `path` when an ancestor is closed to others: an empty tmpfs over the
-    topmost such ancestor, the directories down to `path` recreated open, and `path` bound back read-only."""
-    parts = os.path.realpath(path).split(os.sep)
-    ancestors = [os.sep.join(parts[:i]) for i in range(2, len(parts))]
-    for i, ancestor in enumerate(ancestors):
+    topmost such ancestor, and `path` bound back."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for ancestor in (os.sep.join(parts[:i]) for i in range(2, len(parts))):
         if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-            opened = [arg for d in ancestors[i + 1:] for arg in ("--perms", "0755", "--dir", d)]
-            return ["--tmpfs", ancestor, *opened, "--ro-bind", os.sep.join(parts), os.sep.join(parts)]
+            return ["--tmpfs", ancestor, *_bind_back(path, ancestor)]
     return []
 
 
 def _rebind_under_tmp(paths):
-    """The private /tmp hides an interpreter or venv that lives under /tmp (a CI clone, say): bind those back
-    read-only, with the directories above them open to uid 65534."""
-    args = []
-    for path in sorted({os.path.realpath(p) for p in paths}):
-        if path.startswith("/tmp/"):
-            parts = path.split(os.sep)
-            args += [arg for i in range(3, len(parts)) for arg in ("--perms", "0755", "--dir", os.sep.join(parts[:i]))]
-            args += ["--ro-bind", path, path]
-    return args
+    """The private /tmp hides an interpreter or venv that lives under /tmp (a CI clone, say): bind those back."""
+    paths = sorted({os.path.realpath(p) for p in paths})
+    return [arg for path in paths if path.startswith("/tmp/") for arg in _bind_back(path, "/tmp")]
 
 
 def _bwrap_args(workdir):

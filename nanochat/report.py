@@ -27,7 +27,7 @@ import subprocess
 import psutil
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, get_dist_info
+from nanochat.common import NoOp, atomic_write, get_base_dir, get_dist_info
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -359,11 +359,8 @@ class Report:
         return report_file
 
 
-class DummyReport:
+class DummyReport(NoOp):
     """What non-zero ranks get: every method is a no-op."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def get_report():
