@@ -128,18 +128,14 @@ def compute_init(device_type="cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
     ddp, rank, local_rank, world_size = get_dist_info()
+    device = torch.device("cuda", local_rank) if ddp and device_type == "cuda" else torch.device(device_type)
     if ddp and device_type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)
-        dist.barrier()
-    elif ddp:
-        # gloo lets multi-process runs work on CPU too (tests, laptops, CPU clusters)
-        device = torch.device(device_type)
+    elif ddp:  # gloo lets multi-process runs work on CPU too (tests, laptops, CPU clusters)
         dist.init_process_group(backend="gloo")
+    if ddp:
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0 and ddp:
         logger.info(f"Distributed world size: {world_size}")
     return ddp, rank, local_rank, world_size, device

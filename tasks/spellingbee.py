@@ -138,14 +138,9 @@ class SpellingBee(WordTask):
         # ('3:a' with no space keeps the letter's token the same as in the spelled-out word)
         manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first.\n\n"
                   f"First spell the word out:\n{spelled_out(word)}\n\nThen count the occurrences of '{letter}':\n")
-        running = 0
         for i, char in enumerate(word, 1):
-            if char == letter:
-                running += 1
-                manual += f"{i}:{char} hit! count={running}\n"
-            else:
-                manual += f"{i}:{char}\n"
-        manual += f"\nThis gives us {running}."
+            manual += f"{i}:{char} hit! count={word[:i].count(letter)}\n" if char == letter else f"{i}:{char}\n"
+        manual += f"\nThis gives us {count}."
         parts = [
             {"type": "text", "text": manual},
             {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
