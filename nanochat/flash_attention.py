@@ -213,15 +213,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         return _fa3_output(_load_fa3()[0].flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                                   causal=causal, window_size=window_size))
     pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
-    T_new = q.size(1)
+    end = pos
     if k is not None:
-        if pos + T_new > k_cache.size(1):
-            raise ValueError(f"KV cache overflow: {pos} cached + {T_new} new tokens > cache length {k_cache.size(1)}")
-        k_cache[:, pos:pos + T_new] = k.to(k_cache.dtype)
-        v_cache[:, pos:pos + T_new] = v.to(v_cache.dtype)
-        end = pos + T_new
-    else:
-        end = pos
+        end = pos + q.size(1)
+        if end > k_cache.size(1):
+            raise ValueError(f"KV cache overflow: {pos} cached + {q.size(1)} new tokens > cache length {k_cache.size(1)}")
+        k_cache[:, pos:end] = k.to(k_cache.dtype)
+        v_cache[:, pos:end] = v.to(v_cache.dtype)
     k_all, v_all = k_cache[:, :end], v_cache[:, :end]
     if backend == "flex":
         return _flex(q, k_all, v_all, causal, window_size)

@@ -115,8 +115,6 @@ def generate_header():
     status = run_command("git status --porcelain")
     dirty = "unknown" if status is None else ("dirty" if status else "clean")
     message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
-    physical_cores = psutil.cpu_count(logical=False) or os.cpu_count()
-    logical_cores = psutil.cpu_count(logical=True) or os.cpu_count()
     lines = ["# nanochat training report", "", f"Generated: {now()}", "", "## Environment", "",
              "### Git Information",
              f"- Branch: {run_command('git rev-parse --abbrev-ref HEAD') or 'unknown'}",
@@ -124,7 +122,8 @@ def generate_header():
              f"- Message: {message}", "",
              "### Hardware",
              f"- Platform: {platform.system()}",
-             f"- CPUs: {physical_cores} cores ({logical_cores} logical)",
+             f"- CPUs: {psutil.cpu_count(logical=False) or os.cpu_count()} cores "
+             f"({psutil.cpu_count(logical=True) or os.cpu_count()} logical)",
              f"- Memory: {psutil.virtual_memory().total / 1024**3:.1f} GB"]
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
