@@ -125,11 +125,11 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
     every content a string (non-empty for user/assistant when require_nonempty)."""
     if not isinstance(messages, list):
         raise TaskDataError(f"{where}: a conversation must be a JSON list of messages, got {type(messages).__name__}")
-    body = messages
-    if allow_system and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-        body = messages[1:]
-    if len(body) < 2:
-        raise TaskDataError(f"{where}: a conversation needs at least a user and an assistant message, got {len(body)}")
+    has_system = allow_system and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    offset = 1 if has_system else 0
+    if len(messages) - offset < 2:
+        raise TaskDataError(f"{where}: a conversation needs at least a user and an assistant message, "
+                            f"got {len(messages) - offset}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise TaskDataError(f"{where}: message {i} must be an object with 'role' and 'content'")
@@ -138,11 +138,9 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
             raise TaskDataError(f"{where}: message {i} ({message['role']}) content must be a string")
         if require_nonempty and message["role"] != "system" and not content.strip():
             raise TaskDataError(f"{where}: message {i} ({message['role']}) has empty content")
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
+        expected = "system" if i < offset else ("user", "assistant")[(i - offset) % 2]
         if message["role"] != expected:
-            offset = len(messages) - len(body)
-            raise TaskDataError(f"{where}: message {i + offset} has role {message['role']!r}, expected {expected!r} "
+            raise TaskDataError(f"{where}: message {i} has role {message['role']!r}, expected {expected!r} "
                                 "(roles must alternate user/assistant, starting with user)")
 
 
