@@ -259,11 +259,8 @@ def _extract_bundle(zip_path, target):
     """Unpack the zip as target, atomically (extract to a temp dir, then rename)."""
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle_tmp_", dir=os.path.dirname(zip_path))
     try:
-        try:
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp_dir)
-        except zipfile.BadZipFile:
-            raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_dir)
         source = os.path.join(tmp_dir, "eval_bundle")
         if not _bundle_ready(source):
             raise BundleError(f"{zip_path} has no eval_bundle/core.yaml inside; delete it and run again to re-download")
@@ -272,6 +269,8 @@ def _extract_bundle(zip_path, target):
         except OSError:
             if not _bundle_ready(target):  # another rank's finished copy is fine; anything else is a real error
                 raise
+    except zipfile.BadZipFile:
+        raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print0(f"Placed eval bundle at {target}")

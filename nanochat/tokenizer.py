@@ -8,7 +8,6 @@ Also here: rendering chat conversations into token ids plus a training mask.
 
 import os
 import pickle
-from functools import lru_cache
 
 import torch
 import rustbpe
@@ -83,7 +82,6 @@ class RustBPETokenizer:
     def get_special_tokens(self):
         return self.enc.special_tokens_set
 
-    @lru_cache(maxsize=32)
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
 
