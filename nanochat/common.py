@@ -191,10 +191,9 @@ def finish_step(optimizer, scaler, lr_multiplier, momentum=None, weight_decay=No
     every rank skips an overflowing step together), then the gradients are dropped."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier
-        if group.get("kind") == "muon" and momentum is not None:
-            group["momentum"] = momentum
-        if group.get("kind") == "muon" and weight_decay is not None:
-            group["weight_decay"] = weight_decay
+        for key, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if group.get("kind") == "muon" and value is not None:
+                group[key] = value
     if update and scaler is None:
         optimizer.step()
     elif update:

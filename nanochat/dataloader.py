@@ -17,6 +17,7 @@ a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row
 import os
 import bisect
 import functools
+import itertools
 
 import torch
 
@@ -146,9 +147,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         host = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(2)]
         gpu = [torch.empty((2, B, T), dtype=torch.long, device=device) for _ in range(2)]
         copied = [None, None]
-    step = 0
 
-    while True:
+    for step in itertools.count():
         rows = []
         for _ in range(B):
             row = []
@@ -179,7 +179,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         else:
             inputs = full[:, :-1].contiguous().to(device)
             targets = full[:, 1:].contiguous().to(device)
-        step += 1
         yield inputs, targets, state_dict
 
 
