@@ -31,6 +31,11 @@ SPECIAL_TOKENS = [
 # measured slightly better bpb for small vocabularies.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
+# assistant content part type -> (mask, start token, end token): the model learns to emit its text and tool calls,
+# but never the tool's output, which the tool produces at inference
+ASSISTANT_PARTS = {"text": (1, None, None), "python": (1, "<|python_start|>", "<|python_end|>"),
+                   "python_output": (0, "<|output_start|>", "<|output_end|>")}
+
 TOKENIZER_FILENAME = "tokenizer.pkl"
 TOKEN_BYTES_FILENAME = "token_bytes.pt"
 
@@ -140,16 +145,9 @@ class RustBPETokenizer:
                 raise ValueError(f"assistant message {i} content must be a str or a list of parts, got {type(content).__name__}")
             add("", 0, "<|assistant_start|>")
             for part in content:
-                kind, text = part["type"], part["text"]
-                if kind == "text":
-                    add(text, 1)
-                elif kind == "python":
-                    add(text, 1, "<|python_start|>", "<|python_end|>")  # the model learns to emit tool calls...
-                elif kind == "python_output":
-                    # ...but never the tool's output, which the tool produces at inference
-                    add(text, 0, "<|output_start|>", "<|output_end|>")
-                else:
-                    raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
+                if part["type"] not in ASSISTANT_PARTS:
+                    raise ValueError(f"unknown assistant content part type {part['type']!r} in message {i}")
+                add(part["text"], *ASSISTANT_PARTS[part["type"]])
             add("", 1, end="<|assistant_end|>")
 
         return ids[:max_tokens], mask[:max_tokens]
