@@ -87,12 +87,7 @@ def get_dist_info():
 # Device and compute dtype
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        device_type = "cuda"
-    elif torch.backends.mps.is_available():
-        device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     print0(f"Autodetected device type: {device_type}")
     return device_type
 

@@ -210,13 +210,11 @@ def plot_history(name, history, out_dir):
     panels = [("train", "loss", "train loss"), ("val", "val_bpb", "val bpb")]
     for x_key, x_label, suffix in (("step", "step", "vs-step"), ("flops", "training FLOPs", "vs-flops")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        has_data = False
         for ax, (split, y_key, title) in zip(axes, panels):
             # NaN/inf are dropped, and on the log FLOPs axis so is step 0 (it has spent 0 FLOPs)
             points = [(r[x_key], r[y_key]) for r in history.get(split, [])
                       if r.get(x_key) is not None and math.isfinite(r[y_key]) and (x_key == "step" or r[x_key] > 0)]
             if points:
-                has_data = True
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
                 if x_key == "flops":
@@ -226,7 +224,7 @@ def plot_history(name, history, out_dir):
             ax.set(xlabel=x_label, ylabel=title, title=f"{name}: {title} vs {x_label}")
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        if has_data:
+        if any(ax.lines for ax in axes):  # no file for a history without any points
             file_name = f"{slugify(name)}-{suffix}.png"
             atomic_write(os.path.join(out_dir, file_name), lambda f: fig.savefig(f, dpi=100, format="png"))
             written.append(file_name)

@@ -35,10 +35,9 @@ def answer_to_parts(answer):
     parts = []
     for piece in ANNOTATION_RE.split(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
-            inner = piece[2:-2]
-            expression, _, result = inner.rpartition("=")
-            if not _:  # no '=': the whole annotation is the expression
-                expression, result = inner, ""
+            expression, equals, result = piece[2:-2].rpartition("=")
+            if not equals:  # no '=': the whole annotation is the expression
+                expression, result = result, ""
             parts.append({"type": "python", "text": expression})
             parts.append({"type": "python_output", "text": result})
         else:
