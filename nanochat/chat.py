@@ -110,8 +110,7 @@ class ReplyDecoder:
 
 def warm_up(engine, tokenizer):
     """One tiny generation, so one-time set-up (and its log lines) happens before the chat starts."""
-    for _ in engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0):
-        pass
+    list(engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0))
 
 
 def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write, should_stop=lambda: False):

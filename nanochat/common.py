@@ -6,6 +6,7 @@ Device, dtype and process-group decisions are made here and nowhere else.
 
 import gc
 import os
+import contextlib
 import gzip
 import json
 import re
@@ -234,14 +235,12 @@ def atomic_write(path, write_fn, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; the rename itself is still atomic
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
 
 def iter_jsonl(path, error=ValueError, hint=""):
     """(line number, row) for each non-blank line of a JSONL file (.gz ok). A line that is not JSON raises
@@ -311,7 +310,7 @@ def get_peak_flops(device_name):
 # Downloads: retries with backoff, temp file + rename, clear failure when offline
 
 class DownloadError(RuntimeError):
-    pass
+    """A download failed for good; the message says what to do instead."""
 
 def is_offline():
     """True when the user asked every stage to stay off the network (NANOCHAT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""

@@ -162,17 +162,17 @@ def sample_fewshot(data, idx, num_fewshot):
     return [data[i] for i in rng.sample(candidates, num_fewshot)]
 
 
-# task type -> (prompt renderer, scored-token selection)
+# task type -> (prompt renderer, scored-token selection, the fields every item of its data files must have)
 TASK_TYPES = {
-    "multiple_choice": (render_prompts_mc, batch_sequences_mc),
-    "schema": (render_prompts_schema, batch_sequences_schema),
-    "language_modeling": (render_prompts_lm, batch_sequences_lm),
+    "multiple_choice": (render_prompts_mc, batch_sequences_mc, ("query", "choices", "gold")),
+    "schema": (render_prompts_schema, batch_sequences_schema, ("context_options", "continuation", "gold")),
+    "language_modeling": (render_prompts_lm, batch_sequences_lm, ("context", "continuation")),
 }
 
 
 def prepare_example(idx, model, tokenizer, data, task_meta):
     """Render and tokenize item idx -> (tokens, start_idxs, end_idxs), cropped to the model's window."""
-    render, batch_sequences = TASK_TYPES[task_meta["task_type"]]
+    render, batch_sequences, _ = TASK_TYPES[task_meta["task_type"]]
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
     prompts = render(data[idx], task_meta.get("continuation_delimiter", " "), fewshot)
     tokens, starts, ends = batch_sequences(tokenizer, prompts)
@@ -302,18 +302,11 @@ def resolve_bundle_dir(bundle_dir=None):
 # -----------------------------------------------------------------------------
 # Reading the bundle
 
-REQUIRED_FIELDS = {
-    "multiple_choice": ("query", "choices", "gold"),
-    "schema": ("context_options", "continuation", "gold"),
-    "language_modeling": ("context", "continuation"),
-}
-
-
 def load_jsonl(path, task_type):
     """Read one task's examples, checking every line; a bad line is an error naming file and line."""
     data = []
     for lineno, item in iter_jsonl(path, BundleError, hint="; repair the file or re-download the eval bundle"):
-        missing = [k for k in REQUIRED_FIELDS[task_type] if not isinstance(item, dict) or k not in item]
+        missing = [k for k in TASK_TYPES[task_type][2] if not isinstance(item, dict) or k not in item]
         if missing:
             raise BundleError(f"{path}:{lineno}: {task_type} item lacks field(s) {', '.join(missing)}; "
                               f"repair the file or re-download the eval bundle")

@@ -25,6 +25,7 @@ success means the program ran to its last line: a sys.exit() or os._exit(), even
 import os
 import sys
 import json
+import contextlib
 import shutil
 import stat
 import signal
@@ -68,7 +69,7 @@ class ExecutionResult:
 # os._exit, a signal); it does not stop code that deliberately digs the token out of the supervisor's globals.
 
 _SUPERVISOR = r'''
-import os, sys, json, ctypes, signal, resource
+import os, sys, json, ctypes, signal, resource, contextlib
 limits, drop_uid, done_fd = json.loads(sys.argv[1])
 token = sys.stdin.readline().strip().encode()
 code = sys.stdin.read()
@@ -91,10 +92,8 @@ if pid == 0:
     os._exit(0)
 os.close(done_fd)
 def kill(pid):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 signal.signal(signal.SIGTERM, lambda *_: kill(pid))  # the caller's timeout
 status = os.waitpid(pid, 0)[1]
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its pid is free now and may be reused by another process
@@ -238,14 +237,10 @@ def _run(argv, workdir, root, code, timeout, done_w):
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.terminate()  # the supervisor kills the program and everything it started
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # a backstop, should the supervisor itself have been killed
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
     return proc.returncode, timed_out, _read_capped(stdout_path), _read_capped(stderr_path)
 
