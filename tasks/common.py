@@ -2,6 +2,7 @@
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
 - TaskMixture: a deterministic seed-42 shuffle of several tasks;
+- single_turn: the example of a one-question task (user asks, assistant answers);
 - MultipleChoiceTask, multiple_choice_example, render_mc: the exact multiple-choice prompt and its grading;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
 - validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
@@ -101,12 +102,13 @@ class MultipleChoiceTask(Task):
         return completion == conversation["messages"][-1]["content"]
 
 
+def single_turn(user, assistant, **fields):
+    """The example of a one-question task: {"messages": [the user's turn, the assistant's], **fields}."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **fields}
+
+
 def multiple_choice_example(question, letters, choices, answer):
-    messages = [
-        {"role": "user", "content": render_mc(question, letters, choices)},
-        {"role": "assistant", "content": answer},
-    ]
-    return {"messages": messages, "letters": letters}
+    return single_turn(render_mc(question, letters, choices), answer, letters=letters)
 
 
 def render_mc(question, letters, choices):

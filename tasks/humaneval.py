@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from nanochat.execution import execute_code
-from tasks.common import Task, load_task_dataset, read_jsonl, read_local_jsonl
+from tasks.common import Task, load_task_dataset, read_jsonl, read_local_jsonl, single_turn
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -63,11 +63,8 @@ class HumanEval(Task):
 
     def get_example(self, index):
         row = self.ds[index]
-        messages = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-        ]
-        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
+        return single_turn(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],
+                           entry_point=row["entry_point"], test=row["test"])
 
     def evaluate(self, conversation, completion):
         """True if the completion's program passes the problem's tests in the sandbox."""

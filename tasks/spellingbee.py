@@ -18,7 +18,7 @@ import random
 import functools
 
 from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
-from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path
+from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path, single_turn
 from tasks.gsm8k import final_answer_matches
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -148,8 +148,7 @@ class SpellingBee(WordTask):
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
         ]
-        messages = [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]
-        return {"messages": messages}
+        return single_turn(user_msg, parts)
 
     def evaluate(self, conversation, completion):
         return final_answer_matches(conversation, completion)
@@ -165,8 +164,4 @@ class SimpleSpelling(WordTask):
     def get_example(self, index):
         rng = self.example_rng(index)
         word = rng.choice(self.words)
-        messages = [
-            {"role": "user", "content": f"Spell the word: {word}"},
-            {"role": "assistant", "content": spelled_out(word)},
-        ]
-        return {"messages": messages}
+        return single_turn(f"Spell the word: {word}", spelled_out(word))
