@@ -234,8 +234,7 @@ def main():
     model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
-    engine = Engine(model, tokenizer)
-    cached = engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
+    cached = Engine(model, tokenizer).generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
     print(f"naive : {tokenizer.decode(prompt + naive)!r}")
     print(f"engine: {tokenizer.decode(prompt + cached)!r}")
     # the engine stops at <|assistant_end|>/BOS; compare over the common length

@@ -179,21 +179,18 @@ def _probe_isolation():
         if as_root:
             os.chown(root, NOBODY_UID, NOBODY_UID)
             os.chmod(root, 0o711)  # bwrap's root, without CAP_DAC_OVERRIDE, must still enter it
-        bwrap_problem = "is not installed"
-        if BWRAP:
-            bwrap_problem = _probe(_bwrap_args(root), root, NOBODY_UID if as_root else None)
-            if not bwrap_problem:
-                return "bwrap", None
-            bwrap_problem = f"does not work here ({bwrap_problem})"
-        if not as_root:
-            drop_problem = "we are not root, so cannot drop to an unprivileged user"
-        else:
-            drop_problem = _probe([], root, NOBODY_UID)
-            if not drop_problem:
-                return "nobody", None
-            drop_problem = f"user nobody cannot run {sys.executable} ({drop_problem})"
+        # each probe answers "" when the mode works, else why not; None = not even tried
+        bwrap = _probe(_bwrap_args(root), root, NOBODY_UID if as_root else None) if BWRAP else None
+        if bwrap == "":
+            return "bwrap", None
+        nobody = _probe([], root, NOBODY_UID) if as_root else None
+        if nobody == "":
+            return "nobody", None
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    bwrap_problem = "is not installed" if bwrap is None else f"does not work here ({bwrap})"
+    drop_problem = ("we are not root, so cannot drop to an unprivileged user" if nobody is None
+                    else f"user nobody cannot run {sys.executable} ({nobody})")
     return "rlimits", (f"warning: model-written code runs unsandboxed, as this user with only resource limits: "
                        f"bubblewrap {bwrap_problem} and {drop_problem}; apt-get install bubblewrap to isolate it")
 
