@@ -168,8 +168,8 @@ class Engine:
         # prefill the prompt once, batch 1
         prefill_cache = KVCache(batch_size=1, seq_len=len(tokens), **cache_args)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model.forward(ids, kv_cache=prefill_cache)[:, -1, :]
-        logits = logits.expand(num_samples, -1)  # each row samples on its own from the same distribution
+        # each row samples on its own from the same distribution
+        logits = model.forward(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)
         # decode cache: one row per sample
         cache_len = len(tokens) + max_tokens if max_tokens is not None else max(cfg.sequence_len, len(tokens) + 1)
         decode_cache = KVCache(batch_size=num_samples, seq_len=cache_len, **cache_args)

@@ -326,9 +326,8 @@ class Report:
 
         # summary: bloat, metrics table, timeline, wall clock, cost
         bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
-        parts.append("## Summary\n\n")
-        parts.append((bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n")
-        parts.append(summary_table(metrics) + "\n")
+        parts += ["## Summary\n\n", (bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n",
+                  summary_table(metrics) + "\n"]
         if timeline and start_time is not None:
             parts.append("| Stage | Finished | Since previous |\n|---|---|---|\n")
             previous = start_time

@@ -54,8 +54,7 @@ class RustBPETokenizer:
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         # a small corpus can run out of pairs to merge: specials then follow the last real rank
-        offset = len(mergeable_ranks)
-        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(),
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         return cls(enc, "<|bos|>")
