@@ -307,11 +307,9 @@ class Report:
             if stamp is not None:
                 timeline.append((content.splitlines()[0].lstrip("# ").strip(), stamp))
             if file_name in METRICS_OF_FILE:
-                stage = metrics[METRICS_OF_FILE[file_name][0]]
-                for row, value in extract_metrics(file_name, content).items():
-                    # a base-eval val bpb beats the training-time one; otherwise first come first served
-                    if row not in stage or file_name == "base-model-evaluation.md":
-                        stage[row] = value
+                # files come in run order, the only row two files of a stage share is val bpb, and base-model
+                # evaluation's (later) beats the training-time one
+                metrics[METRICS_OF_FILE[file_name][0]].update(extract_metrics(file_name, content))
 
         # plots of the training histories, written next to report.md
         plot_files = []
@@ -321,8 +319,7 @@ class Report:
                     record = json.load(f)
                 plot_files += plot_history(record["name"], record["history"], self.report_dir)
         if plot_files:
-            parts.append("## Training curves\n\n")
-            parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
+            parts += ["## Training curves\n\n"] + [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
 
         # summary: bloat, metrics table, timeline, wall clock, cost
         bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
