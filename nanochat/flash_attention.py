@@ -197,9 +197,7 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
         return _fa3_output(_load_fa3()[0].flash_attn_func(q, k, v, causal=causal, window_size=window_size))
-    if backend == "flex":
-        return _flex(q, k, v, causal, window_size)
-    return _sdpa(q, k, v, causal, window_size)
+    return (_flex if backend == "flex" else _sdpa)(q, k, v, causal, window_size)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
@@ -220,7 +218,4 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"KV cache overflow: {pos} cached + {q.size(1)} new tokens > cache length {k_cache.size(1)}")
         k_cache[:, pos:end] = k.to(k_cache.dtype)
         v_cache[:, pos:end] = v.to(v_cache.dtype)
-    k_all, v_all = k_cache[:, :end], v_cache[:, :end]
-    if backend == "flex":
-        return _flex(q, k_all, v_all, causal, window_size)
-    return _sdpa(q, k_all, v_all, causal, window_size)
+    return (_flex if backend == "flex" else _sdpa)(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
