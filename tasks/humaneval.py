@@ -76,4 +76,4 @@ def run_tests(prompt, completion, test, entry_point):
     """Run the completion's program against the problem's tests in the sandbox. It passes only if the program runs to
     its end, i.e. past check(...): a solution that exits early (sys.exit(0), os._exit(0)) fails."""
     program = extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n" + test + f"\ncheck({entry_point})"
-    return execute_code(program, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
+    return execute_code(program)  # under the sandbox's default time and memory limits
