@@ -200,22 +200,18 @@ def split_long_document(text, max_chars):
     """Cut a long text at paragraph (then line, then hard) boundaries into pieces of at most max_chars."""
     if len(text) <= max_chars:
         return [text]
-    pieces, current = [], ""
+    pieces, current = [], ""  # empty pieces are dropped at the end
     for para in re.split(r"\n\s*\n", text):
         while len(para) > max_chars:  # a single huge paragraph: cut at a line break or hard
             cut = para.rfind("\n", 0, max_chars)
             cut = cut if cut > max_chars // 2 else max_chars
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.append(para[:cut])
-            para = para[cut:].lstrip("\n")
-        if current and len(current) + 2 + len(para) > max_chars:
+            pieces += [current, para[:cut]]
+            current, para = "", para[cut:].lstrip("\n")
+        if len(current) + 2 + len(para) > max_chars:
             pieces.append(current)
             current = ""
         current = f"{current}\n\n{para}" if current else para
-    if current:
-        pieces.append(current)
+    pieces.append(current)
     return [p.strip() for p in pieces if p.strip()]
 
 
