@@ -5,20 +5,18 @@ prompt assembly from messages, readable streaming decode of replies.
 
 from contextlib import closing
 
+from nanochat.tokenizer import fold_system_message
+
 ROLE_TOKENS = {"user": ("<|user_start|>", "<|user_end|>"), "assistant": ("<|assistant_start|>", "<|assistant_end|>")}
 
 
 def message_chunks(tokenizer, messages):
     """One token list per message: <|user_start|> text <|user_end|> / <|assistant_start|> text <|assistant_end|>.
     A leading system message is folded into the first user message, as render_conversation does."""
-    messages = list(messages)
-    if messages[0]["role"] == "system":  # callers validate that a user message follows it
-        system, first = messages.pop(0), messages[0]
-        messages[0] = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
     chunks = []
-    for message in messages:
+    for message in fold_system_message(list(messages)):  # callers validate that a user message follows a system one
         start, end = ROLE_TOKENS[message["role"]]
-        chunks.append([tokenizer.encode_special(start)] + tokenizer.encode(message["content"]) + [tokenizer.encode_special(end)])
+        chunks.append(tokenizer.encode(message["content"], prepend=start, append=end))
     return chunks
 
 
@@ -112,8 +110,7 @@ class ReplyDecoder:
 
 def warm_up(engine, tokenizer):
     """One tiny generation, so one-time set-up (and its log lines) happens before the chat starts."""
-    for _ in engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0):
-        pass
+    list(engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0))
 
 
 def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write, should_stop=lambda: False):

@@ -6,6 +6,9 @@ Device, dtype and process-group decisions are made here and nowhere else.
 
 import gc
 import os
+import contextlib
+import gzip
+import json
 import re
 import time
 import fcntl
@@ -37,12 +40,9 @@ class ColoredFormatter(logging.Formatter):
         record.levelname = levelname
         return message
 
-def setup_default_logging():
-    handler = logging.StreamHandler()
-    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-setup_default_logging()
+_handler = logging.StreamHandler()
+_handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+logging.basicConfig(level=logging.INFO, handlers=[_handler])
 logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
@@ -75,15 +75,12 @@ def print_banner():
 """
     print0(banner)
 
-def is_ddp_requested():
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
 def is_ddp_initialized():
     return dist.is_available() and dist.is_initialized()
 
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from torchrun's environment, else a single process."""
-    if is_ddp_requested():
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
@@ -91,12 +88,7 @@ def get_dist_info():
 # Device and compute dtype
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        device_type = "cuda"
-    elif torch.backends.mps.is_available():
-        device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     print0(f"Autodetected device type: {device_type}")
     return device_type
 
@@ -132,18 +124,14 @@ def compute_init(device_type="cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
     ddp, rank, local_rank, world_size = get_dist_info()
+    device = torch.device("cuda", local_rank) if ddp and device_type == "cuda" else torch.device(device_type)
     if ddp and device_type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)
-        dist.barrier()
-    elif ddp:
-        # gloo lets multi-process runs work on CPU too (tests, laptops, CPU clusters)
-        device = torch.device(device_type)
+    elif ddp:  # gloo lets multi-process runs work on CPU too (tests, laptops, CPU clusters)
         dist.init_process_group(backend="gloo")
+    if ddp:
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0 and ddp:
         logger.info(f"Distributed world size: {world_size}")
     return ddp, rank, local_rank, world_size, device
@@ -174,14 +162,11 @@ def any_rank(flag, device):
 def check_flag_ranges(args, positive=(), fractions=()):
     """Exit with one `error: --flag=value ...` line for the first flag out of range: the `positive` ones must be >= 1,
     the `fractions` in [0, 1]. A flag left at None (not given, inherited later) is not checked."""
-    def fail(name, value, wanted):
-        raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(name, getattr(args, name), "a positive integer")
-    for name in fractions:
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            fail(name, getattr(args, name), "in [0, 1]")
+    for name in (*positive, *fractions):
+        value = getattr(args, name)
+        wanted = "a positive integer" if name in positive else "in [0, 1]"
+        if value is not None and not (value >= 1 if name in positive else 0.0 <= value <= 1.0):
+            raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
 
 # -----------------------------------------------------------------------------
 # The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
@@ -202,10 +187,9 @@ def finish_step(optimizer, scaler, lr_multiplier, momentum=None, weight_decay=No
     every rank skips an overflowing step together), then the gradients are dropped."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier
-        if group.get("kind") == "muon" and momentum is not None:
-            group["momentum"] = momentum
-        if group.get("kind") == "muon" and weight_decay is not None:
-            group["weight_decay"] = weight_decay
+        for key, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if group.get("kind") == "muon" and value is not None:
+                group[key] = value
     if update and scaler is None:
         optimizer.step()
     elif update:
@@ -251,14 +235,26 @@ def atomic_write(path, write_fn, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; the rename itself is still atomic
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+
+def iter_jsonl(path, error=ValueError, hint=""):
+    """(line number, row) for each non-blank line of a JSONL file (.gz ok). A line that is not JSON raises
+    error("<path>:<line>: not valid JSON (...)<hint>"): a bad row is reported, never silently dropped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+            yield lineno, row
 
 def positive_ints(text):
     """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
@@ -267,23 +263,22 @@ def positive_ints(text):
         raise ValueError(text)
     return values
 
-class DummyWandb:
-    """Stands in for a wandb run when logging is off (--run=dummy)."""
-    def log(self, *args, **kwargs):
-        pass
-    def finish(self):
-        pass
+class NoOp:
+    """Every method call does nothing: stands in for a wandb run when logging is off (--run=dummy), and for the
+    report on non-zero ranks."""
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 def init_wandb(project, run, config, master):
-    """A wandb run on rank 0 when --run names one, else a DummyWandb; a wandb that cannot start only warns."""
+    """A wandb run on rank 0 when --run names one, else a NoOp; a wandb that cannot start only warns."""
     if run == "dummy" or not master:
-        return DummyWandb()
+        return NoOp()
     try:
         import wandb  # optional dependency
         return wandb.init(project=project, name=run, config=config)
     except Exception as e:
         print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
-        return DummyWandb()
+        return NoOp()
 
 # -----------------------------------------------------------------------------
 # Peak FLOPs (bf16 dense) for MFU. First substring match wins, so specific names come first.
@@ -315,7 +310,7 @@ def get_peak_flops(device_name):
 # Downloads: retries with backoff, temp file + rename, clear failure when offline
 
 class DownloadError(RuntimeError):
-    pass
+    """A download failed for good; the message says what to do instead."""
 
 def is_offline():
     """True when the user asked every stage to stay off the network (NANOCHAT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""

@@ -16,7 +16,6 @@ get_bos_token_id().
 """
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import DownloadError, atomic_write, download_file_with_lock, get_base_dir, print0
+from nanochat.common import (DownloadError, atomic_write, download_file_with_lock, get_base_dir, is_ddp_initialized,
+                             iter_jsonl, print0)
 
 # The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
 CORE_TASK_LABELS = (
@@ -162,17 +162,17 @@ def sample_fewshot(data, idx, num_fewshot):
     return [data[i] for i in rng.sample(candidates, num_fewshot)]
 
 
-# task type -> (prompt renderer, scored-token selection)
+# task type -> (prompt renderer, scored-token selection, the fields every item of its data files must have)
 TASK_TYPES = {
-    "multiple_choice": (render_prompts_mc, batch_sequences_mc),
-    "schema": (render_prompts_schema, batch_sequences_schema),
-    "language_modeling": (render_prompts_lm, batch_sequences_lm),
+    "multiple_choice": (render_prompts_mc, batch_sequences_mc, ("query", "choices", "gold")),
+    "schema": (render_prompts_schema, batch_sequences_schema, ("context_options", "continuation", "gold")),
+    "language_modeling": (render_prompts_lm, batch_sequences_lm, ("context", "continuation")),
 }
 
 
 def prepare_example(idx, model, tokenizer, data, task_meta):
     """Render and tokenize item idx -> (tokens, start_idxs, end_idxs), cropped to the model's window."""
-    render, batch_sequences = TASK_TYPES[task_meta["task_type"]]
+    render, batch_sequences, _ = TASK_TYPES[task_meta["task_type"]]
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
     prompts = render(data[idx], task_meta.get("continuation_delimiter", " "), fewshot)
     tokens, starts, ends = batch_sequences(tokenizer, prompts)
@@ -199,7 +199,7 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
 def evaluate_task(model, tokenizer, data, device, task_meta):
     """Accuracy over data (already shuffled/truncated). Under torch.distributed rank r scores items r, r+W, ... and
     the 0/1 results are summed across ranks, so every rank returns the same accuracy."""
-    ddp = dist.is_available() and dist.is_initialized()
+    ddp = is_ddp_initialized()
     rank = dist.get_rank() if ddp else 0
     world_size = dist.get_world_size() if ddp else 1
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
@@ -259,11 +259,8 @@ def _extract_bundle(zip_path, target):
     """Unpack the zip as target, atomically (extract to a temp dir, then rename)."""
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle_tmp_", dir=os.path.dirname(zip_path))
     try:
-        try:
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp_dir)
-        except zipfile.BadZipFile:
-            raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_dir)
         source = os.path.join(tmp_dir, "eval_bundle")
         if not _bundle_ready(source):
             raise BundleError(f"{zip_path} has no eval_bundle/core.yaml inside; delete it and run again to re-download")
@@ -272,6 +269,8 @@ def _extract_bundle(zip_path, target):
         except OSError:
             if not _bundle_ready(target):  # another rank's finished copy is fine; anything else is a real error
                 raise
+    except zipfile.BadZipFile:
+        raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print0(f"Placed eval bundle at {target}")
@@ -303,33 +302,18 @@ def resolve_bundle_dir(bundle_dir=None):
 # -----------------------------------------------------------------------------
 # Reading the bundle
 
-REQUIRED_FIELDS = {
-    "multiple_choice": ("query", "choices", "gold"),
-    "schema": ("context_options", "continuation", "gold"),
-    "language_modeling": ("context", "continuation"),
-}
-
-
 def load_jsonl(path, task_type):
     """Read one task's examples, checking every line; a bad line is an error naming file and line."""
     data = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BundleError(f"{path}:{lineno}: corrupt JSON line ({e.msg}); repair the file or re-download "
-                                  f"the eval bundle") from None
-            missing = [k for k in REQUIRED_FIELDS[task_type] if not isinstance(item, dict) or k not in item]
-            if missing:
-                raise BundleError(f"{path}:{lineno}: {task_type} item lacks field(s) {', '.join(missing)}; "
-                                  f"repair the file or re-download the eval bundle")
-            options = item.get("choices", item.get("context_options"))
-            if "gold" in item and not (isinstance(item["gold"], int) and 0 <= item["gold"] < len(options)):
-                raise BundleError(f"{path}:{lineno}: gold={item['gold']!r} is not a valid option index")
-            data.append(item)
+    for lineno, item in iter_jsonl(path, BundleError, hint="; repair the file or re-download the eval bundle"):
+        missing = [k for k in TASK_TYPES[task_type][2] if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise BundleError(f"{path}:{lineno}: {task_type} item lacks field(s) {', '.join(missing)}; "
+                              f"repair the file or re-download the eval bundle")
+        options = item.get("choices", item.get("context_options"))
+        if "gold" in item and not (isinstance(item["gold"], int) and 0 <= item["gold"] < len(options)):
+            raise BundleError(f"{path}:{lineno}: gold={item['gold']!r} is not a valid option index")
+        data.append(item)
     if not data:
         raise BundleError(f"{path}: no examples in file; re-download the eval bundle")
     return data

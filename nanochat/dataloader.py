@@ -16,6 +16,8 @@ a (pq_idx, rg_idx, epoch) position, resumes approximately (skips to the next row
 
 import os
 import bisect
+import functools
+import itertools
 
 import torch
 
@@ -33,14 +35,10 @@ class _DocumentStream:
         # open every footer now: a corrupt shard fails here with one clear line, before any heavy work
         self.files = [open_parquet(p) for p in self.paths]
         self.epoch, self.pq_idx, self.rg_idx, self.doc_idx = 1, 0, rank, 0
-        self._cached_key, self._cached_texts = None, None
 
+    @functools.lru_cache(maxsize=4)  # the row group being read is asked for again and again: decode it once
     def texts(self, pq_idx, rg_idx):
-        key = (pq_idx, rg_idx)
-        if key != self._cached_key:
-            self._cached_texts = read_row_group_texts(self.files[pq_idx], rg_idx, self.paths[pq_idx])
-            self._cached_key = key
-        return self._cached_texts
+        return read_row_group_texts(self.files[pq_idx], rg_idx, self.paths[pq_idx])
 
     def file_index(self, name):
         if name not in self.names:
@@ -149,9 +147,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         host = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(2)]
         gpu = [torch.empty((2, B, T), dtype=torch.long, device=device) for _ in range(2)]
         copied = [None, None]
-    step = 0
 
-    while True:
+    for step in itertools.count():
         rows = []
         for _ in range(B):
             row = []
@@ -182,7 +179,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         else:
             inputs = full[:, :-1].contiguous().to(device)
             targets = full[:, 1:].contiguous().to(device)
-        step += 1
         yield inputs, targets, state_dict
 
 

@@ -31,7 +31,7 @@ import concurrent.futures
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_file, DownloadError
+from nanochat.common import get_base_dir, download_file, iter_jsonl, DownloadError
 from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
@@ -200,22 +200,18 @@ def split_long_document(text, max_chars):
     """Cut a long text at paragraph (then line, then hard) boundaries into pieces of at most max_chars."""
     if len(text) <= max_chars:
         return [text]
-    pieces, current = [], ""
+    pieces, current = [], ""  # empty pieces are dropped at the end
     for para in re.split(r"\n\s*\n", text):
         while len(para) > max_chars:  # a single huge paragraph: cut at a line break or hard
             cut = para.rfind("\n", 0, max_chars)
             cut = cut if cut > max_chars // 2 else max_chars
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.append(para[:cut])
-            para = para[cut:].lstrip("\n")
-        if current and len(current) + 2 + len(para) > max_chars:
+            pieces += [current, para[:cut]]
+            current, para = "", para[cut:].lstrip("\n")
+        if len(current) + 2 + len(para) > max_chars:
             pieces.append(current)
             current = ""
         current = f"{current}\n\n{para}" if current else para
-    if current:
-        pieces.append(current)
+    pieces.append(current)
     return [p.strip() for p in pieces if p.strip()]
 
 
@@ -291,13 +287,8 @@ def read_user_file(path):
     if not path.endswith(".jsonl"):
         return [text]
     docs = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{line_no} is not valid JSON ({e}); fix or remove that line")
+    not_json = lambda message: SystemExit(f"error: {message}")
+    for line_no, row in iter_jsonl(path, not_json, hint="; fix or remove that line"):
         doc = row if isinstance(row, str) else (row.get("text") if isinstance(row, dict) else None)
         if not isinstance(doc, str):
             raise SystemExit(f"error: {path}:{line_no} has no string 'text' field; each line must be "

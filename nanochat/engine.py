@@ -168,8 +168,8 @@ class Engine:
         # prefill the prompt once, batch 1
         prefill_cache = KVCache(batch_size=1, seq_len=len(tokens), **cache_args)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model.forward(ids, kv_cache=prefill_cache)[:, -1, :]
-        logits = logits.expand(num_samples, -1)  # each row samples on its own from the same distribution
+        # each row samples on its own from the same distribution
+        logits = model.forward(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)
         # decode cache: one row per sample
         cache_len = len(tokens) + max_tokens if max_tokens is not None else max(cfg.sequence_len, len(tokens) + 1)
         decode_cache = KVCache(batch_size=num_samples, seq_len=cache_len, **cache_args)
@@ -234,8 +234,7 @@ def main():
     model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
-    engine = Engine(model, tokenizer)
-    cached = engine.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
+    cached = Engine(model, tokenizer).generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
     print(f"naive : {tokenizer.decode(prompt + naive)!r}")
     print(f"engine: {tokenizer.decode(prompt + cached)!r}")
     # the engine stops at <|assistant_end|>/BOS; compare over the common length

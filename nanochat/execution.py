@@ -25,6 +25,7 @@ success means the program ran to its last line: a sys.exit() or os._exit(), even
 import os
 import sys
 import json
+import contextlib
 import shutil
 import stat
 import signal
@@ -68,7 +69,7 @@ class ExecutionResult:
 # os._exit, a signal); it does not stop code that deliberately digs the token out of the supervisor's globals.
 
 _SUPERVISOR = r'''
-import os, sys, json, ctypes, signal, resource
+import os, sys, json, ctypes, signal, resource, contextlib
 limits, drop_uid, done_fd = json.loads(sys.argv[1])
 token = sys.stdin.readline().strip().encode()
 code = sys.stdin.read()
@@ -91,10 +92,8 @@ if pid == 0:
     os._exit(0)
 os.close(done_fd)
 def kill(pid):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 signal.signal(signal.SIGTERM, lambda *_: kill(pid))  # the caller's timeout
 status = os.waitpid(pid, 0)[1]
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its pid is free now and may be reused by another process
@@ -119,28 +118,29 @@ _isolation_lock = threading.Lock()
 _isolation = None
 
 
+def _bind_back(path, above):
+    """bwrap args that recreate the directories between `above` and `path` open to uid 65534, then bind `path` back
+    read-only (after `above` was hidden: a tmpfs over it)."""
+    parts = path.split(os.sep)
+    opened = [os.sep.join(parts[:i]) for i in range(above.count(os.sep) + 2, len(parts))]
+    return [arg for d in opened for arg in ("--perms", "0755", "--dir", d)] + ["--ro-bind", path, path]
+
+
 def _reveal(path):
     """bwrap args that let uid 65534 reach `path` when an ancestor is closed to others: an empty tmpfs over the
-    topmost such ancestor, the directories down to `path` recreated open, and `path` bound back read-only."""
-    parts = os.path.realpath(path).split(os.sep)
-    ancestors = [os.sep.join(parts[:i]) for i in range(2, len(parts))]
-    for i, ancestor in enumerate(ancestors):
+    topmost such ancestor, and `path` bound back."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for ancestor in (os.sep.join(parts[:i]) for i in range(2, len(parts))):
         if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-            opened = [arg for d in ancestors[i + 1:] for arg in ("--perms", "0755", "--dir", d)]
-            return ["--tmpfs", ancestor, *opened, "--ro-bind", os.sep.join(parts), os.sep.join(parts)]
+            return ["--tmpfs", ancestor, *_bind_back(path, ancestor)]
     return []
 
 
 def _rebind_under_tmp(paths):
-    """The private /tmp hides an interpreter or venv that lives under /tmp (a CI clone, say): bind those back
-    read-only, with the directories above them open to uid 65534."""
-    args = []
-    for path in sorted({os.path.realpath(p) for p in paths}):
-        if path.startswith("/tmp/"):
-            parts = path.split(os.sep)
-            args += [arg for i in range(3, len(parts)) for arg in ("--perms", "0755", "--dir", os.sep.join(parts[:i]))]
-            args += ["--ro-bind", path, path]
-    return args
+    """The private /tmp hides an interpreter or venv that lives under /tmp (a CI clone, say): bind those back."""
+    paths = sorted({os.path.realpath(p) for p in paths})
+    return [arg for path in paths if path.startswith("/tmp/") for arg in _bind_back(path, "/tmp")]
 
 
 def _bwrap_args(workdir):
@@ -179,21 +179,18 @@ def _probe_isolation():
         if as_root:
             os.chown(root, NOBODY_UID, NOBODY_UID)
             os.chmod(root, 0o711)  # bwrap's root, without CAP_DAC_OVERRIDE, must still enter it
-        bwrap_problem = "is not installed"
-        if BWRAP:
-            bwrap_problem = _probe(_bwrap_args(root), root, NOBODY_UID if as_root else None)
-            if not bwrap_problem:
-                return "bwrap", None
-            bwrap_problem = f"does not work here ({bwrap_problem})"
-        if not as_root:
-            drop_problem = "we are not root, so cannot drop to an unprivileged user"
-        else:
-            drop_problem = _probe([], root, NOBODY_UID)
-            if not drop_problem:
-                return "nobody", None
-            drop_problem = f"user nobody cannot run {sys.executable} ({drop_problem})"
+        # each probe answers "" when the mode works, else why not; None = not even tried
+        bwrap = _probe(_bwrap_args(root), root, NOBODY_UID if as_root else None) if BWRAP else None
+        if bwrap == "":
+            return "bwrap", None
+        nobody = _probe([], root, NOBODY_UID) if as_root else None
+        if nobody == "":
+            return "nobody", None
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    bwrap_problem = "is not installed" if bwrap is None else f"does not work here ({bwrap})"
+    drop_problem = ("we are not root, so cannot drop to an unprivileged user" if nobody is None
+                    else f"user nobody cannot run {sys.executable} ({nobody})")
     return "rlimits", (f"warning: model-written code runs unsandboxed, as this user with only resource limits: "
                        f"bubblewrap {bwrap_problem} and {drop_problem}; apt-get install bubblewrap to isolate it")
 
@@ -237,14 +234,10 @@ def _run(argv, workdir, root, code, timeout, done_w):
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.terminate()  # the supervisor kills the program and everything it started
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # a backstop, should the supervisor itself have been killed
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
     return proc.returncode, timed_out, _read_capped(stdout_path), _read_capped(stderr_path)
 

@@ -93,9 +93,10 @@ def has_fa3():
 # -----------------------------------------------------------------------------------------------------
 # masks shared by the non-FA3 backends
 
-def _window_covers_all(window_size, Tk):
+def _effective_left(window_size, Tk):
+    """The window's left extent over Tk keys, or -1 when the window covers every key (no mask needed)."""
     left = window_size[0]
-    return left < 0 or left >= Tk - 1
+    return -1 if left < 0 or left >= Tk - 1 else left
 
 
 def _check_window(causal, window_size):
@@ -123,14 +124,14 @@ def _sdpa(q, k, v, causal, window_size):
     Tq, Tk = q.size(1), k.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
-    left = window_size[0]
+    left = _effective_left(window_size, Tk)
     if not causal:
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    elif Tq == Tk and _window_covers_all(window_size, Tk):
+    elif Tq == Tk and left < 0:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # fused causal kernel
     elif Tq == 1:
         # decoding one token: it may see the last left+1 keys, which are all in the past
-        if not _window_covers_all(window_size, Tk):
+        if left >= 0:
             k, v = k[:, :, Tk - (left + 1):], v[:, :, Tk - (left + 1):]
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:
@@ -141,13 +142,10 @@ def _sdpa(q, k, v, causal, window_size):
 # -----------------------------------------------------------------------------------------------------
 # FlexAttention backend
 
-_flex_fn = {}
-
+@functools.cache
 def _flex_attention_fn(device_type):
-    if device_type not in _flex_fn:
-        # fused kernels need compilation; on CPU (tests only) the eager path is exact and needs no compiler
-        _flex_fn[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
-    return _flex_fn[device_type]
+    # fused kernels need compilation; on CPU (tests only) the eager path is exact and needs no compiler
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,7 +166,7 @@ def _flex(q, k, v, causal, window_size):
     Tq, Tk = q.size(1), k.size(1)
     if not causal or Tq == 1:
         return _sdpa(q, k, v, causal, window_size)  # unmasked / single-query decode: SDPA is already optimal
-    left = window_size[0] if not _window_covers_all(window_size, Tk) else -1
+    left = _effective_left(window_size, Tk)
     gqa = q.size(2) != k.size(2)
     flex = _flex_attention_fn(q.device.type)
     y = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -183,7 +181,7 @@ def prepare_masks(seq_len, window_sizes, device):
     if device.type != "cuda" or get_backend("cuda")[0] != "flex":
         return
     for left, _ in window_sizes:
-        _block_mask(seq_len, seq_len, left if not _window_covers_all((left, 0), seq_len) else -1, device)
+        _block_mask(seq_len, seq_len, _effective_left((left, 0), seq_len), device)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -199,9 +197,7 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
         return _fa3_output(_load_fa3()[0].flash_attn_func(q, k, v, causal=causal, window_size=window_size))
-    if backend == "flex":
-        return _flex(q, k, v, causal, window_size)
-    return _sdpa(q, k, v, causal, window_size)
+    return (_flex if backend == "flex" else _sdpa)(q, k, v, causal, window_size)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
@@ -215,16 +211,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         return _fa3_output(_load_fa3()[0].flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                                   causal=causal, window_size=window_size))
     pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
-    T_new = q.size(1)
+    end = pos
     if k is not None:
-        if pos + T_new > k_cache.size(1):
-            raise ValueError(f"KV cache overflow: {pos} cached + {T_new} new tokens > cache length {k_cache.size(1)}")
-        k_cache[:, pos:pos + T_new] = k.to(k_cache.dtype)
-        v_cache[:, pos:pos + T_new] = v.to(v_cache.dtype)
-        end = pos + T_new
-    else:
-        end = pos
-    k_all, v_all = k_cache[:, :end], v_cache[:, :end]
-    if backend == "flex":
-        return _flex(q, k_all, v_all, causal, window_size)
-    return _sdpa(q, k_all, v_all, causal, window_size)
+        end = pos + q.size(1)
+        if end > k_cache.size(1):
+            raise ValueError(f"KV cache overflow: {pos} cached + {q.size(1)} new tokens > cache length {k_cache.size(1)}")
+        k_cache[:, pos:end] = k.to(k_cache.dtype)
+        v_cache[:, pos:end] = v.to(v_cache.dtype)
+    return (_flex if backend == "flex" else _sdpa)(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)

@@ -40,7 +40,7 @@ MIN_FEATURES = 128
 
 
 class Fp8UnsupportedError(RuntimeError):
-    pass
+    """This device cannot run fp8 GEMMs; the message says why and to drop --fp8."""
 
 
 def check_fp8_support(device):

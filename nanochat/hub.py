@@ -66,8 +66,7 @@ class HubDataset:
 
     def shuffle(self, seed):
         # default_rng(seed).permutation(n) is the row order datasets.Dataset.shuffle(seed) produces
-        permutation = np.random.default_rng(seed).permutation(self.table.num_rows)
-        return HubDataset(self.table, permutation)
+        return HubDataset(self.table, np.random.default_rng(seed).permutation(self.table.num_rows))
 
     def __getitem__(self, index):
         n = self.table.num_rows
@@ -94,5 +93,4 @@ def load_hub_dataset(repo_id, subset="default", split="train"):
         filenames.append(f"{i:05d}.parquet")
         download_file_with_lock(url, os.path.join(relative_dir, filenames[-1]))
     tables = [pq.read_table(os.path.join(cache_dir, name)) for name in filenames]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return HubDataset(table)
+    return HubDataset(pa.concat_tables(tables, promote_options="default"))

@@ -27,7 +27,7 @@ import subprocess
 import psutil
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, get_dist_info
+from nanochat.common import NoOp, atomic_write, get_base_dir, get_dist_info
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -115,8 +115,6 @@ def generate_header():
     status = run_command("git status --porcelain")
     dirty = "unknown" if status is None else ("dirty" if status else "clean")
     message = (run_command("git log -1 --pretty=%B") or "").split("\n")[0][:80]
-    physical_cores = psutil.cpu_count(logical=False) or os.cpu_count()
-    logical_cores = psutil.cpu_count(logical=True) or os.cpu_count()
     lines = ["# nanochat training report", "", f"Generated: {now()}", "", "## Environment", "",
              "### Git Information",
              f"- Branch: {run_command('git rev-parse --abbrev-ref HEAD') or 'unknown'}",
@@ -124,7 +122,8 @@ def generate_header():
              f"- Message: {message}", "",
              "### Hardware",
              f"- Platform: {platform.system()}",
-             f"- CPUs: {physical_cores} cores ({logical_cores} logical)",
+             f"- CPUs: {psutil.cpu_count(logical=False) or os.cpu_count()} cores "
+             f"({psutil.cpu_count(logical=True) or os.cpu_count()} logical)",
              f"- Memory: {psutil.virtual_memory().total / 1024**3:.1f} GB"]
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
@@ -211,13 +210,11 @@ def plot_history(name, history, out_dir):
     panels = [("train", "loss", "train loss"), ("val", "val_bpb", "val bpb")]
     for x_key, x_label, suffix in (("step", "step", "vs-step"), ("flops", "training FLOPs", "vs-flops")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        has_data = False
         for ax, (split, y_key, title) in zip(axes, panels):
             # NaN/inf are dropped, and on the log FLOPs axis so is step 0 (it has spent 0 FLOPs)
             points = [(r[x_key], r[y_key]) for r in history.get(split, [])
                       if r.get(x_key) is not None and math.isfinite(r[y_key]) and (x_key == "step" or r[x_key] > 0)]
             if points:
-                has_data = True
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
                 if x_key == "flops":
@@ -227,7 +224,7 @@ def plot_history(name, history, out_dir):
             ax.set(xlabel=x_label, ylabel=title, title=f"{name}: {title} vs {x_label}")
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        if has_data:
+        if any(ax.lines for ax in axes):  # no file for a history without any points
             file_name = f"{slugify(name)}-{suffix}.png"
             atomic_write(os.path.join(out_dir, file_name), lambda f: fig.savefig(f, dpi=100, format="png"))
             written.append(file_name)
@@ -310,11 +307,9 @@ class Report:
             if stamp is not None:
                 timeline.append((content.splitlines()[0].lstrip("# ").strip(), stamp))
             if file_name in METRICS_OF_FILE:
-                stage = metrics[METRICS_OF_FILE[file_name][0]]
-                for row, value in extract_metrics(file_name, content).items():
-                    # a base-eval val bpb beats the training-time one; otherwise first come first served
-                    if row not in stage or file_name == "base-model-evaluation.md":
-                        stage[row] = value
+                # files come in run order, the only row two files of a stage share is val bpb, and base-model
+                # evaluation's (later) beats the training-time one
+                metrics[METRICS_OF_FILE[file_name][0]].update(extract_metrics(file_name, content))
 
         # plots of the training histories, written next to report.md
         plot_files = []
@@ -324,14 +319,12 @@ class Report:
                     record = json.load(f)
                 plot_files += plot_history(record["name"], record["history"], self.report_dir)
         if plot_files:
-            parts.append("## Training curves\n\n")
-            parts += [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
+            parts += ["## Training curves\n\n"] + [f"![{f[:-4]}]({f})\n\n" for f in plot_files]
 
         # summary: bloat, metrics table, timeline, wall clock, cost
         bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
-        parts.append("## Summary\n\n")
-        parts.append((bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n")
-        parts.append(summary_table(metrics) + "\n")
+        parts += ["## Summary\n\n", (bloat.group(1) + "\n" if bloat else "[bloat data missing]\n") + "\n",
+                  summary_table(metrics) + "\n"]
         if timeline and start_time is not None:
             parts.append("| Stage | Finished | Since previous |\n|---|---|---|\n")
             previous = start_time
@@ -359,11 +352,8 @@ class Report:
         return report_file
 
 
-class DummyReport:
+class DummyReport(NoOp):
     """What non-zero ranks get: every method is a no-op."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def get_report():

@@ -8,7 +8,6 @@ Also here: rendering chat conversations into token ids plus a training mask.
 
 import os
 import pickle
-from functools import lru_cache
 
 import torch
 import rustbpe
@@ -32,6 +31,11 @@ SPECIAL_TOKENS = [
 # measured slightly better bpb for small vocabularies.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
+# assistant content part type -> (mask, start token, end token): the model learns to emit its text and tool calls,
+# but never the tool's output, which the tool produces at inference
+ASSISTANT_PARTS = {"text": (1, None, None), "python": (1, "<|python_start|>", "<|python_end|>"),
+                   "python_output": (0, "<|output_start|>", "<|output_end|>")}
+
 TOKENIZER_FILENAME = "tokenizer.pkl"
 TOKEN_BYTES_FILENAME = "token_bytes.pt"
 
@@ -50,8 +54,7 @@ class RustBPETokenizer:
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         # a small corpus can run out of pairs to merge: specials then follow the last real rank
-        offset = len(mergeable_ranks)
-        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(),
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         return cls(enc, "<|bos|>")
@@ -83,7 +86,6 @@ class RustBPETokenizer:
     def get_special_tokens(self):
         return self.enc.special_tokens_set
 
-    @lru_cache(maxsize=32)
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
 
@@ -117,11 +119,7 @@ class RustBPETokenizer:
         Tokenize one chat conversation {"messages": [{"role", "content"}, ...]}.
         Returns (ids, mask): mask[i] = 1 where the token is one the assistant must learn to produce.
         """
-        messages = conversation["messages"]
-        if messages and messages[0]["role"] == "system":
-            # no system role in our format: fold it into (a copy of) the first user message
-            assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
-            messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+        messages = fold_system_message(conversation["messages"])
         assert len(messages) >= 1, f"conversation has no messages: {conversation}"
 
         ids, mask = [self.get_bos_token_id()], [0]
@@ -146,16 +144,9 @@ class RustBPETokenizer:
                 raise ValueError(f"assistant message {i} content must be a str or a list of parts, got {type(content).__name__}")
             add("", 0, "<|assistant_start|>")
             for part in content:
-                kind, text = part["type"], part["text"]
-                if kind == "text":
-                    add(text, 1)
-                elif kind == "python":
-                    add(text, 1, "<|python_start|>", "<|python_end|>")  # the model learns to emit tool calls...
-                elif kind == "python_output":
-                    # ...but never the tool's output, which the tool produces at inference
-                    add(text, 0, "<|output_start|>", "<|output_end|>")
-                else:
-                    raise ValueError(f"unknown assistant content part type {kind!r} in message {i}")
+                if part["type"] not in ASSISTANT_PARTS:
+                    raise ValueError(f"unknown assistant content part type {part['type']!r} in message {i}")
+                add(part["text"], *ASSISTANT_PARTS[part["type"]])
             add("", 1, end="<|assistant_end|>")
 
         return ids[:max_tokens], mask[:max_tokens]
@@ -174,16 +165,29 @@ class RustBPETokenizer:
         return ids
 
 
+def fold_system_message(messages):
+    """Our format has no system role: a leading system message is folded into (a copy of) the first user message."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    assert len(messages) >= 2 and messages[1]["role"] == "user", "a system message must be followed by a user message"
+    return [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+
+
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
 
+def open_saved(filename, what):
+    """A file scripts.tok_train saved into the tokenizer dir, opened for reading; one clear line when missing."""
+    path = os.path.join(get_tokenizer_dir(), filename)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no {what} at {path}; train a tokenizer first with: python -m scripts.tok_train")
+    return open(path, "rb")
+
+
 def get_tokenizer():
     """The tokenizer saved by scripts.tok_train."""
-    path = os.path.join(get_tokenizer_dir(), TOKENIZER_FILENAME)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no tokenizer at {path}; train one first with: python -m scripts.tok_train")
-    with open(path, "rb") as f:
+    with open_saved(TOKENIZER_FILENAME, "tokenizer") as f:
         return RustBPETokenizer(pickle.load(f), "<|bos|>")
 
 
@@ -196,8 +200,5 @@ def compute_token_bytes(tokenizer):
 
 
 def get_token_bytes(device="cpu"):
-    path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILENAME)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no token bytes at {path}; it is written by: python -m scripts.tok_train")
-    with open(path, "rb") as f:
+    with open_saved(TOKEN_BYTES_FILENAME, "token bytes") as f:
         return torch.load(f, map_location=device)

@@ -32,12 +32,11 @@ def load_local_arc(subset, split):
     rows = read_local_jsonl(("arc", subset, f"{split}.jsonl"), ("question", "choices", "answerKey"))
     if rows is not None or split != "test":
         return rows
-    bundle_file = ("eval_data", "world_knowledge", BUNDLE_FILES[subset])
-    path = local_path("eval_bundle", *bundle_file)
-    env_bundle = os.environ.get("NANOCHAT_EVAL_BUNDLE")
-    if path is None and env_bundle and Path(env_bundle, *bundle_file).exists():
-        path = Path(env_bundle, *bundle_file)
-    return rows_from_eval_bundle(path) if path is not None else None
+    bundle_file = Path("eval_data", "world_knowledge", BUNDLE_FILES[subset])
+    for bundle in (local_path("eval_bundle"), os.environ.get("NANOCHAT_EVAL_BUNDLE")):
+        if bundle and Path(bundle, bundle_file).exists():
+            return rows_from_eval_bundle(Path(bundle, bundle_file))
+    return None
 
 
 class ARC(MultipleChoiceTask):

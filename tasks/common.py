@@ -2,6 +2,7 @@
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
 - TaskMixture: a deterministic seed-42 shuffle of several tasks;
+- single_turn: the example of a one-question task (user asks, assistant answers);
 - MultipleChoiceTask, multiple_choice_example, render_mc: the exact multiple-choice prompt and its grading;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
 - validate_messages: the one place that checks a conversation's shape, so a bad row is named, not dropped.
@@ -15,12 +16,10 @@ does not depend on whether the network happens to be up.
 """
 
 import os
-import gzip
-import json
 import random
 from pathlib import Path
 
-from nanochat.common import DownloadError
+from nanochat.common import DownloadError, iter_jsonl
 from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,12 +102,13 @@ class MultipleChoiceTask(Task):
         return completion == conversation["messages"][-1]["content"]
 
 
+def single_turn(user, assistant, **fields):
+    """The example of a one-question task: {"messages": [the user's turn, the assistant's], **fields}."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **fields}
+
+
 def multiple_choice_example(question, letters, choices, answer):
-    messages = [
-        {"role": "user", "content": render_mc(question, letters, choices)},
-        {"role": "assistant", "content": answer},
-    ]
-    return {"messages": messages, "letters": letters}
+    return single_turn(render_mc(question, letters, choices), answer, letters=letters)
 
 
 def render_mc(question, letters, choices):
@@ -127,11 +127,11 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
     every content a string (non-empty for user/assistant when require_nonempty)."""
     if not isinstance(messages, list):
         raise TaskDataError(f"{where}: a conversation must be a JSON list of messages, got {type(messages).__name__}")
-    body = messages
-    if allow_system and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-        body = messages[1:]
-    if len(body) < 2:
-        raise TaskDataError(f"{where}: a conversation needs at least a user and an assistant message, got {len(body)}")
+    has_system = allow_system and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    offset = 1 if has_system else 0
+    if len(messages) - offset < 2:
+        raise TaskDataError(f"{where}: a conversation needs at least a user and an assistant message, "
+                            f"got {len(messages) - offset}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise TaskDataError(f"{where}: message {i} must be an object with 'role' and 'content'")
@@ -140,36 +140,19 @@ def validate_messages(messages, where, allow_system=False, require_nonempty=True
             raise TaskDataError(f"{where}: message {i} ({message['role']}) content must be a string")
         if require_nonempty and message["role"] != "system" and not content.strip():
             raise TaskDataError(f"{where}: message {i} ({message['role']}) has empty content")
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
+        expected = "system" if i < offset else ("user", "assistant")[(i - offset) % 2]
         if message["role"] != expected:
-            offset = len(messages) - len(body)
-            raise TaskDataError(f"{where}: message {i + offset} has role {message['role']!r}, expected {expected!r} "
+            raise TaskDataError(f"{where}: message {i} has role {message['role']!r}, expected {expected!r} "
                                 "(roles must alternate user/assistant, starting with user)")
 
 
 # -----------------------------------------------------------------------------
 # Where data comes from
 
-def iter_jsonl(path):
-    """(line number, row) for each non-blank line of a JSONL file (.gz ok). A broken line raises TaskDataError
-    naming file:line: a bad row is reported, never silently dropped."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield lineno, row
-
-
 def read_jsonl(path, required_keys=None):
     """Rows of a JSONL file; an object missing one of required_keys raises TaskDataError naming file:line."""
     rows = []
-    for lineno, row in iter_jsonl(path):
+    for lineno, row in iter_jsonl(path, TaskDataError):
         if required_keys is not None and (not isinstance(row, dict) or any(k not in row for k in required_keys)):
             raise TaskDataError(f"{path}:{lineno}: expected a JSON object with keys {list(required_keys)}")
         rows.append(row)

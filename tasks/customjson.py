@@ -8,8 +8,8 @@ Used for the identity conversations that teach the model who it is.
 
 import os
 
-from nanochat.common import get_base_dir
-from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, iter_jsonl, local_path, validate_messages
+from nanochat.common import get_base_dir, iter_jsonl
+from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path, validate_messages
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
@@ -39,7 +39,7 @@ class CustomJSON(Task):
                 "or use tasks.customjson.identity_conversations_path(), which falls back to our bundled set")
         # every line is validated now: TaskDataError names the first bad one
         self.conversations = []
-        for lineno, messages in iter_jsonl(self.filepath):
+        for lineno, messages in iter_jsonl(self.filepath, TaskDataError):
             if isinstance(messages, dict) and "messages" in messages:
                 messages = messages["messages"]
             validate_messages(messages, f"{self.filepath}:{lineno}")

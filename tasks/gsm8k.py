@@ -8,7 +8,7 @@ Local copy: <NANOCHAT_LOCAL_DATA>/gsm8k/{train,test}.jsonl (main) or {split}_soc
 
 import re
 
-from tasks.common import Task, load_task_dataset, read_local_jsonl
+from tasks.common import Task, load_task_dataset, read_local_jsonl, single_turn
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 ANNOTATION_RE = re.compile(r"(<<[^>]+>>)")
@@ -35,10 +35,9 @@ def answer_to_parts(answer):
     parts = []
     for piece in ANNOTATION_RE.split(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
-            inner = piece[2:-2]
-            expression, _, result = inner.rpartition("=")
-            if not _:  # no '=': the whole annotation is the expression
-                expression, result = inner, ""
+            expression, equals, result = piece[2:-2].rpartition("=")
+            if not equals:  # no '=': the whole annotation is the expression
+                expression, result = result, ""
             parts.append({"type": "python", "text": expression})
             parts.append({"type": "python_output", "text": result})
         else:
@@ -61,11 +60,7 @@ class GSM8K(Task):
 
     def get_example(self, index):
         row = self.ds[index]
-        messages = [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": answer_to_parts(row["answer"])},
-        ]
-        return {"messages": messages}
+        return single_turn(row["question"], answer_to_parts(row["answer"]))
 
     def evaluate(self, conversation, completion):
         return final_answer_matches(conversation, completion)

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from nanochat.execution import execute_code
-from tasks.common import Task, load_task_dataset, read_jsonl, read_local_jsonl
+from tasks.common import Task, load_task_dataset, read_jsonl, read_local_jsonl, single_turn
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -63,11 +63,8 @@ class HumanEval(Task):
 
     def get_example(self, index):
         row = self.ds[index]
-        messages = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-        ]
-        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
+        return single_turn(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],
+                           entry_point=row["entry_point"], test=row["test"])
 
     def evaluate(self, conversation, completion):
         """True if the completion's program passes the problem's tests in the sandbox."""
@@ -79,4 +76,4 @@ def run_tests(prompt, completion, test, entry_point):
     """Run the completion's program against the problem's tests in the sandbox. It passes only if the program runs to
     its end, i.e. past check(...): a solution that exits early (sys.exit(0), os._exit(0)) fails."""
     program = extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n" + test + f"\ncheck({entry_point})"
-    return execute_code(program, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
+    return execute_code(program)  # under the sandbox's default time and memory limits

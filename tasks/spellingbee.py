@@ -18,7 +18,7 @@ import random
 import functools
 
 from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, is_offline
-from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path
+from tasks.common import Task, TaskDataError, BUNDLED_DATA_DIR, local_path, single_turn
 from tasks.gsm8k import final_answer_matches
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -138,14 +138,9 @@ class SpellingBee(WordTask):
         # ('3:a' with no space keeps the letter's token the same as in the spelled-out word)
         manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first.\n\n"
                   f"First spell the word out:\n{spelled_out(word)}\n\nThen count the occurrences of '{letter}':\n")
-        running = 0
         for i, char in enumerate(word, 1):
-            if char == letter:
-                running += 1
-                manual += f"{i}:{char} hit! count={running}\n"
-            else:
-                manual += f"{i}:{char}\n"
-        manual += f"\nThis gives us {running}."
+            manual += f"{i}:{char} hit! count={word[:i].count(letter)}\n" if char == letter else f"{i}:{char}\n"
+        manual += f"\nThis gives us {count}."
         parts = [
             {"type": "text", "text": manual},
             {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
@@ -153,8 +148,7 @@ class SpellingBee(WordTask):
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
         ]
-        messages = [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]
-        return {"messages": messages}
+        return single_turn(user_msg, parts)
 
     def evaluate(self, conversation, completion):
         return final_answer_matches(conversation, completion)
@@ -170,8 +164,4 @@ class SimpleSpelling(WordTask):
     def get_example(self, index):
         rng = self.example_rng(index)
         word = rng.choice(self.words)
-        messages = [
-            {"role": "user", "content": f"Spell the word: {word}"},
-            {"role": "assistant", "content": spelled_out(word)},
-        ]
-        return {"messages": messages}
+        return single_turn(f"Spell the word: {word}", spelled_out(word))

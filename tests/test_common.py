@@ -1,11 +1,15 @@
 """
 The training-loop helpers in nanochat.common that base_train, chat_sft and chat_rl share: the cadence of periodic
-work (is_due) and the tail of an optimizer step (finish_step).
+work (is_due) and the tail of an optimizer step (finish_step); and the one JSONL reader (iter_jsonl) of the tasks,
+the CORE bundle and --from-dir builds.
 """
 
+import gzip
+
+import pytest
 import torch
 
-from nanochat.common import is_due, finish_step
+from nanochat.common import is_due, finish_step, iter_jsonl
 
 
 def test_is_due_cadence():
@@ -39,3 +43,19 @@ def test_finish_step_sets_the_step_hyperparameters_updates_and_drops_grads():
     finish_step(optimizer, None, 1.0)
     assert torch.allclose(adam_param.detach(), torch.full((2,), 0.9)) and adam_param.grad is None
     assert optimizer.param_groups[0]["lr"] == 0.1  # back to the initial LR, not compounded
+
+
+def test_iter_jsonl_skips_blank_lines_reads_gz_and_names_a_bad_line(tmp_path):
+    plain = tmp_path / "rows.jsonl"
+    plain.write_text('{"a": 1}\n\n  \n"text"\n', encoding="utf-8")
+    assert list(iter_jsonl(plain)) == [(1, {"a": 1}), (4, "text")]  # line numbers count the blank lines
+    packed = tmp_path / "rows.jsonl.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write('{"a": 1}\n[2]\n')
+    assert list(iter_jsonl(packed)) == [(1, {"a": 1}), (2, [2])]
+
+    class RowError(RuntimeError):
+        pass
+    plain.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(RowError, match=r"rows\.jsonl:2: not valid JSON \(.* at column \d+\); fix it$"):
+        list(iter_jsonl(plain, RowError, hint="; fix it"))

@@ -330,7 +330,7 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
     from nanochat.core_eval import BundleError, evaluate_core
     bundle = make_bundle(tmp_path / "b", small_tasks()[:3], bad_line=("schema_task", '{"context_options": ['))
-    with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: corrupt JSON line"):
+    with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: not valid JSON"):
         evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
 
 

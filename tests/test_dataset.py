@@ -215,7 +215,7 @@ def test_from_dir_bad_input(base_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    with pytest.raises(SystemExit, match="x.jsonl:2 is not valid JSON"):
+    with pytest.raises(SystemExit, match="x.jsonl:2: not valid JSON .*; fix or remove that line"):
         dataset.main(["--from-dir", str(bad)])
     (bad / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(SystemExit, match="x.jsonl:2 has no string 'text' field"):
