@@ -285,8 +285,6 @@ class GPT(nn.Module):
                 ve.to(dtype=COMPUTE_DTYPE)
 
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=ROPE_BASE, device=None):
-        if device is None:
-            device = self.transformer.wte.weight.device
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
@@ -389,7 +387,6 @@ class GPT(nn.Module):
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} tokens exceeds the rotary cache ({self.cos.size(1)})"
-        assert idx.device == self.cos.device, f"idx on {idx.device} but model on {self.cos.device}"
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))

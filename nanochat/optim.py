@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import COMPUTE_DTYPE, is_ddp_initialized
 
 # Polar Express coefficients (a, b, c) for 5 iterations (safety factor 2e-2, cushion 2). Iteration i uses triple i.
 POLAR_EXPRESS_COEFFS = [
@@ -50,17 +50,8 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 SMALL_PARAM_NUMEL = 1024
 
 
-def _orthogonalize_dtype():
-    # bf16 orthogonalization only when the whole model computes in bf16; otherwise stay in fp32 (CPU, MPS, old GPUs)
-    return torch.bfloat16 if COMPUTE_DTYPE == torch.bfloat16 else torch.float32
-
-
-def _dist_world():
-    """(rank, world_size) of the initialized process group, or (0, 1) when there is none (comms are then skipped)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# bf16 orthogonalization only when the whole model computes in bf16; otherwise stay in fp32 (CPU, MPS, old GPUs)
+ORTHOGONALIZE_DTYPE = torch.bfloat16 if COMPUTE_DTYPE == torch.bfloat16 else torch.float32
 
 # -----------------------------------------------------------------------------
 # The per-parameter math (pure functions on tensors, no communication). Muon's hyper-parameters that a schedule
@@ -103,7 +94,7 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     target = U.norm(dim=(-2, -1), keepdim=True) / math.sqrt(rows)
     U = U * (target / U.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     # 3) Polar Express orthogonalization, then Muon+: every matrix gets Frobenius norm sqrt(min(rows, cols))
-    X = polar_express(U.to(_orthogonalize_dtype()), ns_steps).float()
+    X = polar_express(U.to(ORTHOGONALIZE_DTYPE), ns_steps).float()
     X = X * (math.sqrt(min(rows, cols)) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
     # 4) NorMuon variance normalization along the longer dim (per row if rows >= cols, else per column),
     #    renormalized so the total Frobenius norm is unchanged
@@ -140,20 +131,12 @@ class MuonAdamW(torch.optim.Optimizer):
         param_groups = [dict(g) for g in param_groups]
         for group in param_groups:
             group["params"] = list(group["params"])
-            kind = group.get("kind")
-            if kind == "adamw":
-                group.setdefault("betas", (0.8, 0.95))
-                group.setdefault("eps", 1e-10)
-                group.setdefault("weight_decay", 0.0)
-            elif kind == "muon":
-                group.setdefault("momentum", 0.95)
-                group.setdefault("ns_steps", 5)
-                group.setdefault("beta2", 0.95)
-                group.setdefault("weight_decay", 0.0)
+            kind = group.get("kind")  # every key of the group's kind is required (see the module docstring)
+            if kind == "muon":
                 shapes = {tuple(p.shape) for p in group["params"]}
                 assert len(shapes) == 1, f"a muon group must hold same-shaped matrices, got shapes {sorted(shapes)}"
                 assert all(p.ndim == 2 for p in group["params"]), "muon groups take 2-D matrices only"
-            else:
+            elif kind != "adamw":
                 raise ValueError(f"param group kind must be 'adamw' or 'muon', got {kind!r}")
             group.setdefault("initial_lr", group["lr"])
         super().__init__(param_groups, defaults={})
@@ -260,7 +243,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = _dist_world()
+        # without a process group (one process) the same code runs and the communication is skipped
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
         # phase 1: launch every reduction, in group order
         plans = [self._launch_reduce(group, rank, world) for group in self.param_groups]
         # phase 2: per group, wait for its reduction, compute, launch the gather
