@@ -175,10 +175,11 @@ def _flex(q, k, v, causal, window_size):
 
 
 def prepare_masks(seq_len, window_sizes, device):
-    """Build the FlexAttention block masks for full-length training sequences ahead of time (called by
-    GPT.init_weights), so a torch.compile'd model only looks them up and never traces mask construction."""
+    """Resolve the attention backend and build the FlexAttention block masks for full-length training sequences
+    ahead of time (called by GPT.init_weights), so a torch.compile'd model only looks them up and never traces the
+    backend choice (it prints) or mask construction."""
     device = torch.device(device)
-    if device.type != "cuda" or get_backend("cuda")[0] != "flex":
+    if get_backend(device.type)[0] != "flex" or device.type != "cuda":
         return
     for left, _ in window_sizes:
         _block_mask(seq_len, seq_len, _effective_left((left, 0), seq_len), device)

@@ -65,3 +65,14 @@ def test_model_compiles_fullgraph_equal_to_eager_without_recompiles():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     finally:
         flash_attention.set_backend_override(None)
+
+
+def test_a_fresh_process_compiles_without_resolving_the_backend_inside_the_graph(monkeypatch):
+    """In a new process the attention backend is not chosen yet, and choosing it prints a line: GPT.init_weights
+    must make that choice, or the first compiled forward would trace the print and break the full graph."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(flash_attention, "_resolved", {})
+    model = make_tiny_model(128, n_layer=1, n_embd=32, n_head=2, sequence_len=16, window_pattern="L")
+    assert "cpu" in flash_attention._resolved
+    x = torch.randint(0, 128, (2, 16))
+    torch.compile(model, dynamic=False, fullgraph=True)(x, x).backward()
