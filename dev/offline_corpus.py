@@ -80,15 +80,20 @@ def extract_python_file(path, min_string_chars=300):
     return [b for b in (clean_block(b) for b in blocks + comments) if is_prose(b)]
 
 
-def extract_c_header(path, max_bytes=2_000_000):
-    """Prose comments of a C/C++ header shipped in a package (/* ... */ blocks and runs of 3+ // lines)."""
+def read_small_text(path, max_bytes=2_000_000):
+    """The file as text (undecodable bytes replaced), or "" when it is unreadable or larger than max_bytes."""
     try:
         if os.path.getsize(path) > max_bytes:
-            return []
+            return ""
         with open(path, "rb") as f:
-            source = f.read().decode("utf-8", errors="replace")
+            return f.read().decode("utf-8", errors="replace")
     except OSError:
-        return []
+        return ""
+
+
+def extract_c_header(path):
+    """Prose comments of a C/C++ header shipped in a package (/* ... */ blocks and runs of 3+ // lines)."""
+    source = read_small_text(path)
     blocks = []
     for match in re.finditer(r"/\*(.*?)\*/", source, re.S):
         lines = [line.strip().lstrip("*").strip() for line in match.group(1).splitlines()]
@@ -106,15 +111,9 @@ def extract_c_header(path, max_bytes=2_000_000):
     return [b for b in blocks if len(b) >= 100 and is_prose(b)]
 
 
-def extract_doc_file(path, max_bytes=2_000_000):
+def extract_doc_file(path):
     """Prose of a bundled documentation file (.rst/.md/.txt, or the long description in a METADATA file)."""
-    try:
-        if os.path.getsize(path) > max_bytes:
-            return []
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
+    text = read_small_text(path)
     if os.path.basename(path) == "METADATA":
         text = text.split("\n\n", 1)[1] if "\n\n" in text else ""  # skip the email-style headers
     paragraphs = [clean_block(p) for p in re.split(r"\n\s*\n", text)]
