@@ -34,7 +34,7 @@ python -m nanochat.report reset
 
 step "data: pretraining shards"
 if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4; then
-    echo "No downloaded shards: building the OFFLINE corpus from the installed Python docs (~25M chars) instead;"
+    echo "No downloaded shards: building the OFFLINE corpus from the installed Python docs (~36M chars) instead;"
     echo "every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
     export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
     python -m dev.offline_corpus
