@@ -141,6 +141,13 @@ class MuonAdamW(torch.optim.Optimizer):
             group.setdefault("initial_lr", group["lr"])
         super().__init__(param_groups, defaults={})
 
+    # torch guards these four against tracing, and the guard's first call imports the compiler (~2 s of an eager
+    # run's start-up); this optimizer's bookkeeping is never traced, so it calls them unguarded
+    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
+    zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
+    state_dict = torch.optim.Optimizer.state_dict.__wrapped__
+    load_state_dict = torch.optim.Optimizer.load_state_dict.__wrapped__
+
     # --- phase 1: launch gradient averaging -----------------------------------------------------------
 
     def _launch_reduce(self, group, rank, world):
