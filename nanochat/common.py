@@ -147,13 +147,10 @@ def keep_freed_memory():
     """glibc maps every block over 32 MB afresh and unmaps it when freed, so the large buffers of each CPU step
     (the tokens x vocab logits) page-fault in again, a third of a small model's step. Serve every block from the
     heap and keep freed memory there for reuse: RSS stays near its peak instead of shrinking. Not glibc: no-op."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        mallopt(-4, 0)  # M_MMAP_MAX (glibc's malloc.h): no block gets its own mapping
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: freed memory is never handed back
 
 def compute_cleanup():
     if is_ddp_initialized():

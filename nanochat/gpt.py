@@ -294,6 +294,10 @@ class GPT(nn.Module):
             for ve in self.value_embeds.values():
                 ve.to(dtype=COMPUTE_DTYPE)
 
+    def to_empty(self, *, device, recurse=True):
+        """As nn.Module.to_empty, without torch.empty_like of meta tensors: its first call imports sympy (~0.7 s)."""
+        return self._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), recurse=recurse)
+
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=ROPE_BASE, device=None):
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))

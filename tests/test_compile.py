@@ -1,10 +1,13 @@
 """
 torch.compile of the training step on CPU, on tiny models: the model compiles full-graph (no graph break), loss and
 every gradient equal eager, and neither further steps nor a train/eval switch recompile. Plus the one compile
-decision (`--compile auto|on|off`) in nanochat.common.
+decision (`--compile auto|on|off`) in nanochat.common, and an eager run that never imports the compiler.
 """
 
+import os
+import sys
 import copy
+import subprocess
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch._dynamo
 
 from nanochat import flash_attention
 from nanochat.common import should_compile, CPU_COMPILE_MIN_STEPS
-from conftest import make_tiny_model
+from conftest import make_tiny_model, REPO_ROOT
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
@@ -76,3 +79,30 @@ def test_a_fresh_process_compiles_without_resolving_the_backend_inside_the_graph
     assert "cpu" in flash_attention._resolved
     x = torch.randint(0, 128, (2, 16))
     torch.compile(model, dynamic=False, fullgraph=True)(x, x).backward()
+
+
+EAGER_TRAINING = """
+import sys, torch
+from nanochat.gpt import GPT, config_from_depth
+with torch.device("meta"):
+    model = GPT(config_from_depth(2, max_seq_len=32, vocab_size=256))
+model.to_empty(device="cpu")
+model.init_weights()
+optimizer = model.setup_optimizer()
+idx = torch.randint(0, 256, (2, 32))
+model(idx, idx).backward()
+optimizer.step()
+optimizer.zero_grad(set_to_none=True)
+optimizer.load_state_dict(optimizer.state_dict())
+print("compiler imported:", "torch._dynamo" in sys.modules, "| sympy imported:", "sympy" in sys.modules)
+"""
+
+
+def test_an_eager_training_step_never_imports_the_compiler():
+    """Importing torch._dynamo is ~2 s of an eager run's start-up, sympy ~0.7 s. Torch's default init on the meta
+    device and the tracing guard on Optimizer.zero_grad / state_dict / load_state_dict / add_param_group imported
+    the compiler; torch's to_empty (empty_like of meta tensors) imported sympy."""
+    out = subprocess.run([sys.executable, "-c", EAGER_TRAINING], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "compiler imported: False | sympy imported: False" in out.stdout
