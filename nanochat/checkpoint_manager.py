@@ -96,7 +96,9 @@ def _atomic_json_save(obj, path):
 def is_finite_state(obj):
     """True when every floating-point tensor in a (nested) state dict is finite: a diverged run must never be saved."""
     if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        if not obj.is_floating_point() or obj.numel() == 0:
+            return True
+        return bool(torch.stack(torch.aminmax(obj)).isfinite().all())  # one pass: a nan or inf shows in min or max
     if isinstance(obj, dict):
         return all(is_finite_state(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):

@@ -187,6 +187,11 @@ def test_non_finite_state_is_never_saved(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         ckpt.save_checkpoint(d, 1, {"w": torch.ones(1)}, {"state": {0: {"m": torch.tensor([float("inf")])}}}, {}, rank=0)
     assert not os.path.exists(d) or os.listdir(d) == []
+    grid = torch.zeros(3, 4, dtype=torch.bfloat16)
+    assert ckpt.is_finite_state({"a": grid, "b": [torch.empty(0)], "step": torch.tensor(7), "lr": 0.1})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grid[2, 1] = bad
+        assert not ckpt.is_finite_state({"a": grid})
 
 
 def test_stale_temp_files_are_removed_on_save(tmp_path):
