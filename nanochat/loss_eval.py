@@ -18,7 +18,7 @@ from nanochat.common import is_ddp_initialized
 def evaluate_loss(model, batches, steps, token_bytes):
     """
     model: returns per-token losses with forward(x, y, loss_reduction='none').
-    batches: iterator of (inputs, targets) (extra items, e.g. a loader state, are ignored).
+    batches: iterable of (inputs, targets) (extra items, e.g. a loader state, are ignored).
     steps: number of batches to consume. token_bytes: int tensor (V,) of bytes per token id.
     Returns (bits per byte, mean loss per target token, number of target tokens), summed over all ranks; the bpb is
     inf when there are no bytes, the mean loss nan when there are no targets. Ignored targets (-1) count nowhere;
@@ -27,7 +27,7 @@ def evaluate_loss(model, batches, steps, token_bytes):
     nats = torch.zeros(2, dtype=torch.float32, device=token_bytes.device)  # of byte-carrying targets, of all targets
     counts = torch.zeros(2, dtype=torch.int64, device=token_bytes.device)  # bytes, targets
     for _, batch in zip(range(steps), batches):  # range first: no batch is read beyond `steps`
-        x, y = batch[0], batch[1]
+        x, y = batch[0].long(), batch[1].long()  # kept batches are int32 (see keep_batches)
         loss = model(x, y, loss_reduction="none").reshape(-1).float()
         y = y.reshape(-1)
         valid = y.int() >= 0  # int32 compare works on every backend (MPS has no int64 compare for some ops)
@@ -45,3 +45,10 @@ def evaluate_loss(model, batches, steps, token_bytes):
 def evaluate_bpb(model, batches, steps, token_bytes):
     """Bits per byte over `steps` batches (see evaluate_loss)."""
     return evaluate_loss(model, batches, steps, token_bytes)[0]
+
+
+def keep_batches(batches, steps):
+    """The first `steps` (inputs, targets) of a loader, copied (loaders reuse their buffers) as int32 (half the memory),
+    in a list every evaluation can replay: a validation split does not change, and tokenizing it again costs seconds."""
+    return [(batch[0].to(torch.int32, copy=True), batch[1].to(torch.int32, copy=True))
+            for _, batch in zip(range(steps), batches)]

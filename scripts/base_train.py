@@ -42,7 +42,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bo
 from nanochat.engine import Engine
 from nanochat.flash_attention import get_backend
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, keep_batches
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 
@@ -447,6 +447,7 @@ class Training:
         print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
         self.scaler = make_grad_scaler(self.device_type)
         self.token_bytes = get_token_bytes(device=self.device)
+        self.val_batches = None
         self.state, loader_state = restore_loop_state(self.resume_meta, self.rank, self.device_type) if self.resuming else (LoopState(), None)
         loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
             self.tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=self.device, resume_state_dict=loader_state)
@@ -502,11 +503,12 @@ class Training:
         args, state, tokenizer, step = self.args, self.state, self.tokenizer, self.state.step
         flops_so_far = self.plan.flops_per_token * self.plan.total_batch_size * step
         if is_due(step, args.eval_every, last_step, at_step_zero=True):
-            eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
-            val_loader = tokenizing_distributed_data_loader_bos_bestfit(
-                tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device)
+            if self.val_batches is None:  # tokenized once, replayed at every evaluation
+                eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
+                self.val_batches = keep_batches(tokenizing_distributed_data_loader_bos_bestfit(
+                    tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device), eval_steps)
             with self.evaluating():
-                state.val_bpb = evaluate_bpb(self.model, val_loader, eval_steps, self.token_bytes)
+                state.val_bpb = evaluate_bpb(self.model, self.val_batches, len(self.val_batches), self.token_bytes)
             print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
             state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})

@@ -40,7 +40,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          is_finite_state, CheckpointError)
 from nanochat.engine import Engine
-from nanochat.loss_eval import evaluate_loss
+from nanochat.loss_eval import evaluate_loss, keep_batches
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
@@ -431,15 +431,17 @@ def main(argv=None):
     step, progress, smooth_train_loss, ema_beta, total_training_time = 0, 0.0, 0.0, 0.9, 0.0
     min_val_bpb, val_bpb, val_loss = float("inf"), None, None
     chatcore, unavailable_eval = None, set()
+    val_batches = None
     history = {"train": [], "val": [], "chatcore": []}
     zero_supervised_steps = 0
     while True:
         last_step = step >= args.num_iterations if args.num_iterations > 0 else progress >= 1.0
         if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
-            val_loader = sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size)
-            eval_steps = max(1, args.eval_tokens // (B * T * world_size))
-            val_bpb, val_loss, val_tokens = evaluate_loss(model, val_loader, eval_steps, token_bytes)
+            if val_batches is None:  # rendered once, replayed at every evaluation
+                eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+                val_batches = keep_batches(sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size), eval_steps)
+            val_bpb, val_loss, val_tokens = evaluate_loss(model, val_batches, len(val_batches), token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
                    f"({val_tokens:,} supervised tokens)")

@@ -14,7 +14,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat import checkpoint_manager as ckpt
-from nanochat.loss_eval import evaluate_bpb, evaluate_loss
+from nanochat.loss_eval import evaluate_bpb, evaluate_loss, keep_batches
 
 
 def save_tokenizer(tokenizer, base_dir):
@@ -140,6 +140,28 @@ def test_evaluate_bpb_matches_hand_computation():
     assert bpb2 == bpb and num_tokens == len(targets)
     assert math.isclose(mean_loss, sum((t + 1) * 0.5 for t in targets) / len(targets), rel_tol=1e-6)
     assert evaluate_bpb(Fixed(), iter([(y1, torch.full_like(y1, -1))]), 1, token_bytes) == float("inf")
+
+
+def test_kept_batches_are_copies_that_every_evaluation_replays():
+    token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 2, 4], dtype=torch.int32)
+
+    class Targets(torch.nn.Module):
+        def forward(self, x, y, loss_reduction="mean"):
+            assert x.dtype == y.dtype == torch.int64  # the model sees the loader's dtype, not the kept int32
+            return (y.float().abs() + 1).reshape(-1) * 0.5
+
+    def reusing_loader():  # like the CUDA loaders: every batch is written into the same buffers
+        x, y = torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64)
+        for k in range(100):
+            x.fill_(k % 8), y.copy_(torch.arange(8).reshape(2, 4).roll(k) % 8)
+            yield x, y, {"k": k}
+
+    fresh = evaluate_bpb(Targets(), reusing_loader(), 3, token_bytes)
+    kept = keep_batches(reusing_loader(), 3)
+    assert len(kept) == 3 and all(x.dtype == y.dtype == torch.int32 for x, y in kept)
+    assert [int(x[0, 0]) for x, _ in kept] == [0, 1, 2]  # not three views of the last batch
+    assert evaluate_bpb(Targets(), kept, len(kept), token_bytes) == fresh
+    assert evaluate_bpb(Targets(), kept, len(kept), token_bytes) == fresh  # a list replays
 
 
 # -----------------------------------------------------------------------------
