@@ -129,6 +129,14 @@ class KVCache:
 # -----------------------------------------------------------------------------------------------------
 # sampling
 
+def tempered_probs(logits, temperature):
+    """softmax(logits / temperature) for any temperature > 0. The best logit is moved to 0 first, else a temperature
+    near 0 (below ~1e-38 for fp32 logits) makes logits / temperature overflow to inf and the probabilities NaN; it
+    stays 0 where the temperature itself rounds to 0 in the logits' dtype (0 / 0 would be NaN)."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return F.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
+
+
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """logits (B, V) -> next ids (B, 1). temperature 0 = argmax; top_k restricts sampling to the k best."""
@@ -137,9 +145,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), num_samples=1, generator=rng)
+        choice = torch.multinomial(tempered_probs(values, temperature), num_samples=1, generator=rng)
         return indices.gather(1, choice)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
+    return torch.multinomial(tempered_probs(logits, temperature), num_samples=1, generator=rng)
 
 
 # -----------------------------------------------------------------------------------------------------

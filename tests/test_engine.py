@@ -131,6 +131,17 @@ def test_sample_next_token():
         sample_next_token(logits, rng, temperature=-1.0)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-39, 1e-45, 1e-46, 1e-300, 5e-324])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_sample_next_token_near_zero_temperature(temperature, top_k):
+    """Every temperature > 0 samples: near 0 it picks the best token (one of the tied best), never a NaN error."""
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [3.0, 0.0, 0.0, 0.0], [-2.0, -1.0, -1.5, -3.0]])
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        ids = sample_next_token(logits, rng, temperature=temperature, top_k=top_k)[:, 0].tolist()
+        assert ids[0] in (1, 3) and ids[1:] == [0, 1]
+
+
 def test_samples_are_independent_after_prefill():
     engine = Engine(UniformModel(), ByteTokenizer())
     first_column, _ = next(engine.generate([261, 72, 105], num_samples=16, max_tokens=4, temperature=1.0))
