@@ -15,7 +15,8 @@ Endpoints:
 Every request borrows one worker (a model replica) from a pool and gives it back when its reply ends, fails, or the
 client goes away. Generation runs in a thread per request, so the event loop stays responsive and replicas on
 different GPUs really run in parallel. Every request is answered 2xx or 4xx (a failing model gives 500); the request
-body is capped while it is read, and with --api-key the chat and /v1 endpoints need "Authorization: Bearer <key>".
+body is capped while it is read, a connection whose headers are not in after --header-timeout is closed, and with
+--api-key the chat and /v1 endpoints need "Authorization: Bearer <key>".
 """
 
 import json
@@ -26,6 +27,7 @@ import asyncio
 import logging
 import secrets
 import argparse
+import functools
 import threading
 from collections import Counter
 from contextlib import aclosing
@@ -38,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
@@ -64,6 +67,7 @@ def build_parser():
     parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0 = reachable from other machines)")
     parser.add_argument("--api-key", type=str, default=None, help="require 'Authorization: Bearer KEY' on the chat and /v1 endpoints")
+    parser.add_argument("--header-timeout", type=float, default=30.0, help="seconds a client has to send a request's headers before its connection is closed")
     # request limits: anything outside gets HTTP 400 with a JSON error body
     parser.add_argument("--max-messages", type=int, default=500, help="most messages in one request")
     parser.add_argument("--max-message-chars", type=int, default=8000, help="longest single message in characters")
@@ -82,10 +86,15 @@ def check_args(args):
         ("-k/--top-k", args.top_k, 0, args.max_top_k),
         ("-m/--max-tokens", args.max_tokens, 1, args.max_max_tokens),
         ("-p/--port", args.port, 1, 65535),
+        ("--header-timeout", args.header_timeout, 0.01, 86400),
     ]
     for flag, value, low, high in ranges:
         if not low <= value <= high:  # NaN fails too
             raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
+    # the key travels in an HTTP header, which loses surrounding spaces and is not UTF-8: such a key could never match
+    key = args.api_key
+    if key is not None and not (key and key == key.strip() and key.isascii() and key.isprintable()):
+        raise SystemExit(f"error: --api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, borrowed by one request at a time
@@ -326,6 +335,41 @@ async def collect_reply(pool, request, http_request):
     return reply.result()
 
 # -----------------------------------------------------------------------------
+# HTTP: uvicorn's h11 protocol with a deadline for each request's headers, which uvicorn lacks (a client that sent
+# part of its headers, or nothing, and waits would hold its connection forever)
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """The deadline runs from the connection, or from the previous response, until the request's headers are in;
+    then the connection is closed. A body that arrives slowly is the app's business."""
+
+    def __init__(self, *args, header_timeout, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout, self.header_deadline = header_timeout, None
+
+    def set_header_deadline(self, start):
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+        self.header_deadline = self.loop.call_later(self.header_timeout, self.transport.close) if start else None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.set_header_deadline(True)
+
+    def handle_events(self):
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers arrived and its cycle began
+            self.set_header_deadline(False)
+
+    def on_response_complete(self):
+        self.set_header_deadline(True)  # first: the call below may already begin a pipelined request
+        super().on_response_complete()
+
+    def connection_lost(self, exc):
+        self.set_header_deadline(False)
+        super().connection_lost(exc)
+
+# -----------------------------------------------------------------------------
 # The app
 
 LOGO_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><rect width="64" height="64" rx="14" fill="#111"/>
@@ -341,7 +385,10 @@ def create_app(args, workers):
     """The FastAPI app serving the given workers (from load_workers, or models built in-process by tests)."""
     pool = WorkerPool(workers)
     tokenizer, context = workers[0].tokenizer, min(w.sequence_len for w in workers)
-    max_body_bytes = 4 * args.max_conversation_chars + 64 * args.max_messages + 65536  # JSON escaping headroom
+    # the biggest body within the limits: every character JSON-escaped as a surrogate pair ("\ud83d\udc4b", 12 bytes,
+    # json.dumps' default), plus pretty-printed keys and roles per message, plus room for the other fields
+    max_chars = min(args.max_conversation_chars, args.max_messages * args.max_message_chars)
+    max_body_bytes = 12 * max_chars + 256 * args.max_messages + 65536
     model_id = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     started = int(time.time())
 
@@ -481,7 +528,8 @@ def main(argv=None):
     # models load before the port opens, so a missing checkpoint fails with one clear line
     workers = load_workers(args)
     print(f"Server ready at http://{args.host}:{args.port}" + (" (API key required)" if args.api_key else ""))
-    uvicorn.run(create_app(args, workers), host=args.host, port=args.port)
+    uvicorn.run(create_app(args, workers), host=args.host, port=args.port,
+                http=functools.partial(HeaderTimeoutProtocol, header_timeout=args.header_timeout))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 import logging
 import socket
 import threading
+import functools
 import subprocess
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
@@ -56,15 +57,16 @@ def make_args(**overrides):
 
 
 class LiveServer:
-    """uvicorn in a background thread on a free 127.0.0.1 port."""
+    """uvicorn in a background thread on a free 127.0.0.1 port, with the HTTP protocol chat_web.main serves."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout=30.0):
         import uvicorn
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        protocol = functools.partial(chat_web.HeaderTimeoutProtocol, header_timeout=header_timeout)
+        self.server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="warning", timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -124,12 +126,25 @@ def wait_all_idle(server, timeout=10):
     return wait_for_stats(server, lambda s: s["available_workers"] == s["total_workers"] and s["requests_active"] == 0, timeout)
 
 
-def raw_connection(server, head):
+def raw_connection(server, head, end_headers=True):
     """A plain socket to the server that has sent `head` (request line + headers) and nothing else yet."""
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+    sock.sendall(head.replace("\n", "\r\n").encode() + (b"\r\n" if end_headers else b""))
     return sock
+
+
+def closed_by_server(sock, timeout=60):
+    """Wait (at most `timeout` s) for the server to close the connection; True if it did without answering."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        sock.close()
 
 # -----------------------------------------------------------------------------
 # plain endpoints
@@ -275,6 +290,65 @@ def test_body_too_large_and_limits_are_flags(server):
     assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
 
 
+def test_body_cap_holds_every_conversation_within_the_limits(tiny_tokenizer):
+    """A conversation at the character limits, sent as JSON with every character escaped as a surrogate pair
+    (json.dumps' default for emoji: "\\ud83d\\udc4b", 12 bytes) and pretty-printed, is not refused as too large."""
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
+    args = make_args()  # the default limits: 500 messages of up to 8000 characters, 32000 in all
+    app = chat_web.create_app(args, workers=[make_worker(0, model, tiny_tokenizer)])
+    contents = ["\U0001F44B" * args.max_message_chars] * 3 + ["\U0001F44B" * (args.max_message_chars - 2), "hi"]
+    assert sum(map(len, contents)) == args.max_conversation_chars
+    messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(contents)]
+    with LiveServer(app) as live:
+        for indent in (None, 4):
+            body = json.dumps({"messages": messages, "max_tokens": 2}, indent=indent)
+            assert len(body) > 12 * args.max_conversation_chars
+            r = requests.post(live.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"},
+                              timeout=60)
+            assert r.status_code == 200, r.text[:300]  # the oldest turns are dropped to fit the context
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324])
+def test_temperature_near_zero_is_served(server, temperature):
+    # logits / temperature used to overflow to inf (NaN probabilities) below ~1e-38: a 500
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        r = chat(server, [USER], path=path, temperature=temperature, max_tokens=3)
+        assert r.status_code == 200, r.text
+        if path == "/chat/completions":
+            events = sse_events(r)
+            assert events[-1] == {"done": True} and not any("error" in e for e in events), events
+
+
+def test_slow_headers_are_cut_off(tiny_tokenizer):
+    """A connection whose request headers are not all in within --header-timeout is closed: one that sends nothing,
+    one that stops halfway through its headers, and a kept-alive one that does so for its second request. One whose
+    headers came in time may take longer for its body."""
+    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])
+    body = json.dumps({"messages": [USER], "max_tokens": 2}).encode()
+    with LiveServer(app, header_timeout=0.5) as live:
+        # first, so its deadline (were it still armed) would come before any of the others'
+        slow_body = raw_connection(live, f"POST /v1/chat/completions HTTP/1.1\nHost: test\nContent-Type: application/json\n"
+                                         f"Content-Length: {len(body)}\n")
+        slow_body.sendall(body[:10])
+        silent = raw_connection(live, "", end_headers=False)
+        half = raw_connection(live, "POST /v1/chat/completions HTTP/1.1\nHost: test\nContent-Le", end_headers=False)
+        kept = raw_connection(live, "GET /health HTTP/1.1\nHost: test\n")
+        response = b""
+        while not response.endswith(b"}"):  # the JSON body of /health
+            response += kept.recv(65536)
+        assert response.startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /health HTTP/1.1\r\nHo")
+        for name, sock in [("silent", silent), ("half", half), ("kept", kept)]:
+            assert closed_by_server(sock), f"the {name} connection was not closed"
+        slow_body.sendall(body[10:])
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += slow_body.recv(65536)
+        slow_body.close()
+        assert response.startswith(b"HTTP/1.1 200"), response[:200]
+
+
 def test_system_message_first_is_accepted(server):
     r = chat(server, [{"role": "system", "content": "Be brief."}, USER], path="/v1/chat/completions", max_tokens=3)
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
@@ -311,7 +385,7 @@ HUGE = "9" * 400  # a valid JSON integer far beyond any float
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
 def test_huge_numbers_and_deep_nesting_are_400(tiny_tokenizer, path):
     model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])  # default body cap (225 KB)
+    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])  # default body cap (578 KB)
     messages = '"messages": [{"role": "user", "content": "hi"}]'
     bodies = {f"400-digit {field}": "{%s, \"%s\": %s}" % (messages, field, HUGE) for field in ("temperature", "top_k", "max_tokens", "seed")}
     bodies["400-digit negative seed"] = "{%s, \"seed\": -%s}" % (messages, HUGE)
@@ -325,7 +399,7 @@ def test_huge_numbers_and_deep_nesting_are_400(tiny_tokenizer, path):
 
 
 def test_chunked_body_is_capped_while_reading(server):
-    # a chunked body that never ends: the server must answer 413 once the cap (69 KB here) is passed, not wait for it all
+    # a chunked body that never ends: the server must answer 413 once the cap (77 KB here) is passed, not wait for it all
     sock = raw_connection(server, "POST /chat/completions HTTP/1.1\nHost: test\nContent-Type: application/json\n"
                                   "Transfer-Encoding: chunked\n")
     piece = b"x" * 32768
@@ -616,7 +690,11 @@ def save_tiny_checkpoint(base_dir, tokenizer, source_dir="chatsft_checkpoints", 
 
 def test_bad_flags_fail_fast():
     for argv, needle in [(["-t", "5"], "--temperature"), (["-k", "500"], "--top-k"), (["--max-tokens", "0"], "--max-tokens"),
-                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port")]:
+                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port"),
+                         (["--header-timeout", "0"], "--header-timeout"), (["--header-timeout", "nan"], "--header-timeout"),
+                         # a key that no request can send: empty, surrounding spaces (dropped from headers), not ASCII
+                         (["--api-key", ""], "--api-key"), (["--api-key", "key "], "--api-key"),
+                         (["--api-key", "cl\u00e9"], "--api-key"), (["--api-key", "a\tb"], "--api-key")]:
         with pytest.raises(SystemExit) as excinfo:
             chat_web.check_args(chat_web.build_parser().parse_args(argv))
         assert needle in str(excinfo.value)
@@ -629,7 +707,7 @@ def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
         port = s.getsockname()[1]
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
-                             "--device-type", "cpu", "-i", "sft", "-m", "8"], cwd=REPO_ROOT, env=env,
+                             "--device-type", "cpu", "-i", "sft", "-m", "8", "--header-timeout", "5"], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -646,6 +724,7 @@ def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
         events = sse_events(requests.post(url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30))
         assert events[-1] == {"done": True}
         assert requests.get(url + "/v1/models", timeout=5).json()["data"][0]["id"] == "nanochat-sft"
+        assert closed_by_server(socket.create_connection(("127.0.0.1", port), timeout=30)), "--header-timeout not applied"
     finally:
         proc.terminate()
         output = proc.communicate(timeout=20)[0]
