@@ -79,8 +79,14 @@ def export_tokenizer(tokenizer, out_dir):
     ])
     tok.decoder = tokenizers.decoders.ByteLevel()
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|assistant_end|>",
-                                                chat_template=CHAT_TEMPLATE)
+    # every document our models saw began with <|bos|>: tokenizer(text) and pipelines add it (add_special_tokens=False
+    # leaves it out); the chat template writes its own and is tokenized without it, so it is never doubled
+    bos = "<|bos|>"
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.get_bos_token_id())])
+    # padding goes on the left, where a batch being generated needs it (the model reads attention_mask)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|assistant_end|>",
+                                                chat_template=CHAT_TEMPLATE, padding_side="left")
     fast.save_pretrained(out_dir)
 
 

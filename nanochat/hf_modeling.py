@@ -5,7 +5,9 @@ nanochat/gpt.py: tests/test_hf.py pins the two together (logits within 1e-4, gre
 
 Parameter names are those of gpt.py, so an export is the state dict as is. Generation goes through transformers'
 cache (DynamicCache); the smear needs the previous token's embedding, which rides along on the cache object.
-Padding (attention_mask with zeros) is not supported: every row is one unpadded sequence.
+Padding: a token's position is its count of unmasked tokens before it (attention_mask), keys at masked positions are
+not attended to, and a masked token does not smear into the next, so a left-padded row gives the logits of the same
+row unpadded (at its real tokens) and batched generate() gives each row what it gets alone.
 """
 
 import torch
@@ -64,7 +66,7 @@ class Attention(nn.Module):
         has_ve = layer_idx in config.value_embed_layers
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, positions, cache):
+    def forward(self, x, ve, cos, sin, masks, cache):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -76,11 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        # causal and windowed: query at position p sees keys at positions p - window .. p
-        key_positions = torch.arange(k.size(2), device=x.device)
-        offset = positions[:, None] - key_positions[None, :]
-        mask = (offset >= 0) & (offset <= self.window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.window], enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -100,8 +98,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, positions, cache):
-        x = x + self.attn(norm(x), ve, cos, sin, positions, cache)
+    def forward(self, x, ve, cos, sin, masks, cache):
+        x = x + self.attn(norm(x), ve, cos, sin, masks, cache)
         return x + self.mlp(norm(x))
 
 
@@ -127,36 +125,50 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(Vp, kv_dim) for i in config.value_embed_layers})
         self.post_init()
 
-    def smear(self, x, cache):
-        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}, over pre-smear embeddings."""
+    def smear(self, x, real, cache):
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}, over pre-smear embeddings. A padding token
+        (real 0) passes nothing on, like the start of a sequence."""
+        x_real = x * real[..., None].to(x.dtype)
         prev = getattr(cache, "nanochat_prev_embedding", None) if cache is not None else None
+        prev = torch.zeros_like(x_real[:, :1]) if prev is None else prev
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        if prev is not None:
-            out = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
-        else:
-            out = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         if cache is not None:
-            cache.nanochat_prev_embedding = x[:, -1:]
-        return out
+            cache.nanochat_prev_embedding = x_real[:, -1:]
+        return x + gate * torch.cat([prev, x_real[:, :-1]], dim=1)
 
-    def forward(self, input_ids, cache=None, use_cache=None, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, labels=None, **kwargs):
         B, T = input_ids.shape
         if cache is None and use_cache:
             cache = DynamicCache()
-        start = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        past = cache.get_seq_length() if cache is not None else 0
+        S = past + T  # keys: the cached tokens, then these
+        if attention_mask is None:
+            attention_mask = torch.ones(1, S, dtype=torch.long, device=input_ids.device)  # no padding in any row
+        elif attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}: "
+                             f"(batch, cached + new tokens)")
+        real = attention_mask.bool()
+        # a token's position counts the real tokens before it, so left padding moves no real token
+        key_positions = real.int().cumsum(-1) - 1
+        positions = key_positions[:, past:]
         D = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, D, 2, dtype=torch.float32, device=input_ids.device) / D))
-        freqs = torch.outer(positions.float(), inv_freq)
+        freqs = positions[..., None].float() * inv_freq
         dtype = self.lm_head.weight.dtype
-        cos, sin = freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+        cos, sin = freqs.cos().to(dtype)[:, :, None, :], freqs.sin().to(dtype)[:, :, None, :]
+        # causal and windowed by position: a query at position p sees the real keys at positions p - window .. p. A
+        # padding query sees itself only: with no key its output would be NaN, and 0 x NaN poisons the rows that mask it
+        offset = positions[:, :, None] - key_positions[:, None, :]
+        itself = torch.arange(S, device=input_ids.device) == torch.arange(past, S, device=input_ids.device)[:, None]
+        visible = (real[:, None, :] & (offset >= 0)) | itself
+        masks = {w: (visible & (offset <= w))[:, None] for w in set(self.config.window_sizes)}
 
-        x = self.smear(norm(self.transformer.wte(input_ids)), cache)
+        x = self.smear(norm(self.transformer.wte(input_ids)), real[:, past:], cache)
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, positions, cache)
+            x = block(x, ve, cos, sin, masks, cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         x = norm(x - self.backout_lambda * x_mid)

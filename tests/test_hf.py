@@ -85,6 +85,64 @@ def test_greedy_generate_matches_engine(exported):
     assert out[0, len(prompt):].tolist() == ours
 
 
+def left_padded(rows, pad):
+    """(ids, attention_mask) of the rows padded on the left to the longest."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+def test_left_padded_batch_equals_each_row_alone(exported):
+    """attention_mask: a left-padded row gives its unpadded logits at its real tokens, and batched greedy generate()
+    gives every row the tokens it gets alone. Rows from 3 tokens to past the full window, so padding spans windows."""
+    model, tokenizer, hf_model, *_ = exported
+    bos = tokenizer.get_bos_token_id()
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    rows = [tokenizer.encode(text, prepend=bos)[:n] for n in (3, 20, SEQUENCE_LEN + 10)]
+    ids, mask = left_padded(rows, pad=bos)
+    with torch.no_grad():
+        batched = hf_model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            alone = hf_model(torch.tensor([row])).logits[0]
+            assert (batched[i, ids.size(1) - len(row):] - alone).abs().max().item() < 1e-4, f"row {i}"
+        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=bos,
+                                eos_token_id=None)
+        for i, row in enumerate(rows):
+            alone = hf_model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                      max_new_tokens=20, do_sample=False, eos_token_id=None)
+            assert out[i, ids.size(1):].tolist() == alone[0, len(row):].tolist(), f"row {i}"
+        # the same through the exported tokenizer, as the README shows (it pads on the left)
+        *_, out_dir = exported
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+        hf_tokenizer.pad_token = hf_tokenizer.eos_token
+        texts = [tokenizer.decode(row[1:]) for row in rows]
+        batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
+        assert batch["input_ids"][:, -1].tolist() == [row[-1] for row in rows]
+        generated = hf_model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=None)
+        assert generated[:, batch["input_ids"].size(1):].tolist() == out[:, ids.size(1):].tolist()
+    with pytest.raises(ValueError, match="attention_mask"):
+        hf_model(ids, attention_mask=mask[:, 1:])
+
+
+def test_tokenizer_and_pipeline_prepend_bos(exported):
+    """Our models were trained on documents that start with <|bos|>: tokenizer(text) and the text-generation pipeline
+    add it, add_special_tokens=False leaves it out, and the chat template (which writes its own) does not double it."""
+    model, tokenizer, hf_model, hf_tokenizer, _ = exported
+    bos, text = tokenizer.get_bos_token_id(), "The quick brown fox"
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text, prepend=bos)
+    assert hf_tokenizer.encode(text) == tokenizer.encode(text, prepend=bos)
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, add_generation_prompt=True)
+    assert chat["input_ids"].count(bos) == 1 and chat["input_ids"][0] == bos
+    pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=hf_tokenizer)
+    generated = pipe(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt = tokenizer.encode(text, prepend=bos)
+    results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0)
+    assert list(generated)[:len(prompt)] == prompt and len(results[0]) > len(prompt) + 2
+    assert list(generated)[len(prompt):len(results[0])] == results[0][len(prompt):]
+
+
 def test_tokenizer_round_trip_and_token_bytes(exported):
     _, tokenizer, _, hf_tokenizer, _ = exported
     texts = tiny_corpus()[:20] + ["Numbers 1234567 and  spaces\t\ttabs\r\n\nÜnïcödé 日本語 🙂 it's I'LL we've"]
