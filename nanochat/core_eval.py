@@ -229,10 +229,12 @@ def core_metric(centered_results):
     return sum(values) / len(values) if values else float("nan")
 
 
-def core_label(labels):
-    """"full (22/22 tasks)" or "partial (k/22 tasks)", so a partial score is never mistaken for a full one."""
+def core_label(labels, max_per_task=-1):
+    """"full (22/22 tasks)" or "partial (k/22 tasks)", plus "; N per task" when tasks were cut to N examples, so a
+    partial or subsampled score is never mistaken for a full one."""
     k = len(set(labels) & set(CORE_TASK_LABELS))
-    return f"{'full' if k == len(CORE_TASK_LABELS) else 'partial'} ({k}/{len(CORE_TASK_LABELS)} tasks)"
+    per_task = f"; {max_per_task} per task" if max_per_task > 0 else ""
+    return f"{'full' if k == len(CORE_TASK_LABELS) else 'partial'} ({k}/{len(CORE_TASK_LABELS)} tasks{per_task})"
 
 # -----------------------------------------------------------------------------
 # The eval bundle: --bundle-dir, else env NANOCHAT_EVAL_BUNDLE, else <base_dir>/eval_bundle (downloaded once)
@@ -373,9 +375,10 @@ def gpt2_targets(bundle_dir, labels):
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
     """Run every available CORE task. Returns dict(results, centered_results, core_metric, num_tasks, total_tasks,
-    skipped, partial, core_label, gpt2_targets). Missing tasks are skipped and named; CORE is then the mean over the
-    rest, `partial` is True and gpt2_targets holds GPT-2's CORE on the same tasks. All ranks must call this together
-    under torchrun; all get the same numbers."""
+    skipped, partial, subsampled, core_label, gpt2_targets). Missing tasks are skipped and named; CORE is then the
+    mean over the rest, `partial` is True and gpt2_targets holds GPT-2's CORE on the same tasks (all their examples).
+    `subsampled`: max_per_task cut the tasks. All ranks must call this together under torchrun; all get the same
+    numbers."""
     bundle_dir = resolve_bundle_dir(bundle_dir)
     tasks, skipped = load_core_tasks(bundle_dir)
     for label, reason in skipped:
@@ -394,14 +397,15 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
     partial = not set(CORE_TASK_LABELS) <= set(labels)
     return dict(results=results, centered_results=centered_results, core_metric=core_metric(centered_results),
                 num_tasks=len(labels), total_tasks=len(CORE_TASK_LABELS), skipped=[label for label, _ in skipped],
-                partial=partial, core_label=core_label(labels),
+                partial=partial, subsampled=max_per_task > 0, core_label=core_label(labels, max_per_task),
                 gpt2_targets=gpt2_targets(bundle_dir, labels) if partial else {})
 
 
 def format_core(out):
-    """'0.2219' for a full score; '0.1234 partial (20/22 tasks; same tasks: GPT-2 124M 0.1157, ...)' otherwise."""
+    """'0.2219' for a full score; '0.1234 partial (20/22 tasks; 16 per task; same tasks: GPT-2 124M 0.1157, ...)'
+    otherwise."""
     value = f"{out['core_metric']:.4f}"
-    if not out["partial"]:
+    if not (out["partial"] or out["subsampled"]):
         return value
     targets = ", ".join(f"{name} {score:.4f}" for name, score in out.get("gpt2_targets", {}).items())
     label = out["core_label"] if not targets else f"{out['core_label'][:-1]}; same tasks: {targets})"
@@ -416,7 +420,7 @@ def write_core_csv(path, out):
         lines.append(f"{label:<35}, {out['results'][label]:<10.6f}, {out['centered_results'][label]:<10.6f}")
     for label in out["skipped"]:
         lines.append(f"{label:<35}, {'skipped':<10}, {'skipped':<10}")
-    core_row = "CORE" if not out["partial"] else f"CORE {out['core_label']}"
+    core_row = f"CORE {out['core_label']}" if out["partial"] or out["subsampled"] else "CORE"
     lines.append(f"{core_row:<35}, {'':<10}, {out['core_metric']:<10.6f}")
     for name, target in out.get("gpt2_targets", {}).items():  # what GPT-2 scores on the same (partial) task set
         lines.append(f"{name + ' same tasks':<35}, {'':<10}, {target:<10.6f}")

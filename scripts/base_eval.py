@@ -10,7 +10,8 @@ Examples:
 The CORE eval bundle is found in this order: --bundle-dir, env NANOCHAT_EVAL_BUNDLE, <base_dir>/eval_bundle, else it is
 downloaded (once, with a lock) to <base_dir>/eval_bundle.zip and unpacked. Tasks whose data files are missing are
 skipped and named, and the score is then labelled "partial (k/22 tasks)" and shown next to GPT-2's CORE on the same
-tasks (from the GPT-2 results tables that ship with the bundle).
+tasks (from the GPT-2 results tables that ship with the bundle). With --max-per-task N the label, printed and in the
+CSV, says "N per task".
 """
 
 import argparse

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def test_centered_accuracy_and_core_mean():
     assert core_metric({"a": 0.1, "b": 0.3}) == pytest.approx(0.2)
     assert core_label(core_eval.CORE_TASK_LABELS) == "full (22/22 tasks)"
     assert core_label(core_eval.CORE_TASK_LABELS[:20]) == "partial (20/22 tasks)"
+    assert core_label(core_eval.CORE_TASK_LABELS, max_per_task=16) == "full (22/22 tasks; 16 per task)"
 
 
 def test_reference_gpt2_csv_mean_is_core():
@@ -267,11 +269,20 @@ def test_gpt2_targets_and_format_on_tiny_tables(tmp_path):
     # only the 124M table has both a and b; CORE row and unused task c are ignored
     assert core_eval.gpt2_targets(str(tmp_path), ["a", "b"]) == pytest.approx({"GPT-2 124M": 0.2})
     assert core_eval.gpt2_targets(str(tmp_path), ["a"]) == pytest.approx({"GPT-2 124M": 0.1, "GPT-2 1.5B": 0.5})
-    out = {"core_metric": 0.05, "partial": True, "core_label": "partial (2/22 tasks)",
+    out = {"core_metric": 0.05, "partial": True, "subsampled": False, "core_label": "partial (2/22 tasks)",
            "gpt2_targets": {"GPT-2 124M": 0.2}}
     assert core_eval.format_core(out) == "0.0500 partial (2/22 tasks; same tasks: GPT-2 124M 0.2000)"
     assert core_eval.format_core({**out, "gpt2_targets": {}}) == "0.0500 partial (2/22 tasks)"
     assert core_eval.format_core({**out, "partial": False}) == "0.0500"
+    # a subsampled score says so, also next to GPT-2's (all examples) and when every task was run
+    subsampled = {**out, "subsampled": True, "core_label": "partial (2/22 tasks; 16 per task)"}
+    assert core_eval.format_core(subsampled) == "0.0500 partial (2/22 tasks; 16 per task; same tasks: GPT-2 124M 0.2000)"
+    full = {**subsampled, "partial": False, "core_label": "full (22/22 tasks; 16 per task)", "gpt2_targets": {}}
+    assert core_eval.format_core(full) == "0.0500 full (22/22 tasks; 16 per task)"
+    core_eval.write_core_csv(str(tmp_path / "full.csv"), {**full, "results": {"a": 0.5}, "centered_results": {"a": 0.1},
+                                                          "skipped": []})
+    rows = [[c.strip() for c in line.split(",")] for line in (tmp_path / "full.csv").read_text().splitlines()]
+    assert rows[-1] == ["CORE full (22/22 tasks; 16 per task)", "", "0.050000"]
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +353,7 @@ def test_real_bundle_small_run(base_dir, tmp_path):
     model.max_seq_len = 256  # exercise cropping of long 10-shot prompts
     out = evaluate_core(model, TOK, "cpu", max_per_task=2, bundle_dir=str(REAL_BUNDLE))
     assert out["num_tasks"] == 20 and sorted(out["skipped"]) == ["coqa", "squad"]
-    assert out["core_label"] == "partial (20/22 tasks)"
+    assert out["core_label"] == "partial (20/22 tasks; 2 per task)"
     # all choices tie, so choice 0 is picked: accuracy is the share of gold == 0 among the 2 items kept; LM is 0
     tasks, _ = core_eval.load_core_tasks(str(REAL_BUNDLE))
     for label, meta, path, _ in tasks:
@@ -355,7 +366,7 @@ def test_real_bundle_small_run(base_dir, tmp_path):
     csv_path = tmp_path / "core.csv"
     core_eval.write_core_csv(str(csv_path), out)
     rows = [[c.strip() for c in line.split(",")] for line in csv_path.read_text().splitlines()]
-    assert rows[-3][0] == "CORE partial (20/22 tasks)"
+    assert rows[-3][0] == "CORE partial (20/22 tasks; 2 per task)"
     assert float(rows[-3][2]) == pytest.approx(out["core_metric"], abs=1e-6)
     assert rows[-2:] == [["GPT-2 124M same tasks", "", "0.115684"], ["GPT-2 1.5B same tasks", "", "0.252728"]]
 
@@ -576,10 +587,11 @@ def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_fact
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Skipping task missing_task: missing file" in out
-    assert "CORE metric: " in out and "partial (0/22 tasks)" in out
+    assert re.search(r"CORE metric: \S+ partial \(0/22 tasks; 4 per task\)", out)  # subsampled: labelled so
     assert "train bpb: " in out and "val bpb: " in out and "Unconditioned samples:" in out
     assert "Adjusting split_tokens from 300 to 256" in out
     csv_text = (base_dir / "base_eval" / "base_model_000003.csv").read_text()
     assert csv_text.splitlines()[0].startswith("Task") and "missing_task" in csv_text and "skipped" in csv_text
+    assert csv_text.splitlines()[-1].startswith("CORE partial (0/22 tasks; 4 per task)")
     section = (base_dir / "report" / "base-model-evaluation.md").read_text()
     assert "- CORE metric: " in section and "- val bpb: " in section and "- sample 0: " in section
