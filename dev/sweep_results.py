@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 
-from nanochat.common import float_in, int_in
-
 # Column layouts. The first block of each list is the documented contract; the rest are extras we add at the end.
 MINISERIES_COLUMNS = [
     "depth", "model_dim", "num_params", "num_scaling_params", "num_iterations", "tokens_trained",
@@ -392,13 +390,13 @@ def main(argv=None):
         p.add_argument("--kind", choices=sorted(COLUMNS), required=True, help="which sweep's CSV layout")
         p.add_argument("--csv", required=True, help="results CSV path")
         if name == "done":
-            p.add_argument("--depth", type=int_in("[1, inf)"), required=True, help="depth to look up")
+            p.add_argument("--depth", type=int, required=True, help="depth to look up")
         if name in ("done", "append"):
             p.add_argument("--flops-budget", default=None, help="FLOPs budget (scaling only), e.g. 1e18")
         if name == "append":
             p.add_argument("--summary", required=True, help="summary.json written by base_train")
-            p.add_argument("--wall-time", type=float_in("[0, inf)"), default=None, help="wall-clock seconds of the whole launch")
-            p.add_argument("--since", type=float_in("[0, inf)"), default=None,
+            p.add_argument("--wall-time", type=float, default=None, help="wall-clock seconds of the whole launch")
+            p.add_argument("--since", type=float, default=None,
                            help="unix time the run started: refuse a summary.json older than this (stale)")
         if name == "report":
             p.add_argument("--plot", default=None, help="write the PNG plot here")
