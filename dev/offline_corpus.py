@@ -18,6 +18,7 @@ import argparse
 import sysconfig
 import concurrent.futures
 
+from nanochat.common import int_in
 from nanochat.dataset import get_data_dir, split_long_document, write_shards, MANIFEST
 
 SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "_vendor", "vendored", "node_modules", "site-packages",
@@ -204,9 +205,9 @@ def build_offline_corpus(max_chars=50_000_000, max_doc_chars=10_000, roots=None,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the offline pretraining corpus (dataset 'offline') from installed Python docs")
-    parser.add_argument("--max-chars", type=int, default=50_000_000, help="stop after this many characters")
-    parser.add_argument("--max-doc-chars", type=int, default=10_000, help="split longer texts into documents of at most this size")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="extraction processes")
+    parser.add_argument("--max-chars", type=int_in("[1, inf)"), default=50_000_000, help="stop after this many characters")
+    parser.add_argument("--max-doc-chars", type=int_in("[1, inf)"), default=10_000, help="split longer texts into documents of at most this size")
+    parser.add_argument("-w", "--num-workers", type=int_in("[1, inf)"), default=4, help="extraction processes")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built with the same settings")
     args = parser.parse_args(argv)
     build_offline_corpus(max_chars=args.max_chars, max_doc_chars=args.max_doc_chars,

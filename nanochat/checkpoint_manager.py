@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, is_ddp_initialized
+from nanochat.common import atomic_write, get_base_dir, is_ddp_initialized, int_in
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -301,7 +301,7 @@ def add_model_flags(parser, default_source):
     parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
                         choices=list(CHECKPOINT_SOURCES), help="checkpoint family to load: base|sft|rl")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-s", "--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
 

@@ -6,6 +6,8 @@ Device, dtype and process-group decisions are made here and nowhere else.
 
 import gc
 import os
+import math
+import argparse
 import atexit
 import ctypes
 import contextlib
@@ -59,7 +61,10 @@ def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
         raise SystemExit(f"error: the base dir {base_dir} (NANOCHAT_BASE_DIR) is a file, not a directory")
-    os.makedirs(base_dir, exist_ok=True)
+    try:
+        os.makedirs(base_dir, exist_ok=True)
+    except OSError as e:  # under a file, on a read-only filesystem, no permission
+        raise SystemExit(f"error: cannot create the base dir {base_dir} (NANOCHAT_BASE_DIR): {e.strerror}") from None
     return base_dir
 
 # -----------------------------------------------------------------------------
@@ -177,14 +182,32 @@ def any_rank(flag, device):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
-def check_flag_ranges(args, positive=(), fractions=()):
-    """Exit with one `error: --flag=value ...` line for the first flag out of range: the `positive` ones must be >= 1,
-    the `fractions` in [0, 1]. A flag left at None (not given, inherited later) is not checked."""
-    for name in (*positive, *fractions):
-        value = getattr(args, name)
-        wanted = "a positive integer" if name in positive else "in [0, 1]"
-        if value is not None and not (value >= 1 if name in positive else 0.0 <= value <= 1.0):
-            raise SystemExit(f"error: --{name.replace('_', '-')}={value} must be {wanted}")
+def int_in(interval, *allow):
+    """argparse type= of an integer flag in `interval`, written like "[1, inf)" or "[0, 65535]", or one of the
+    sentinels in `allow` that the flag's help documents (e.g. -1 = off): int_in("[1, inf)", -1)."""
+    return _number_in(int, interval, allow)
+
+def float_in(interval, *allow):
+    """argparse type= of a float flag: finite (never NaN or inf) and in `interval`, e.g. float_in("[0, 1)")."""
+    return _number_in(float, interval, allow)
+
+def _number_in(kind, interval, allow):
+    # Anything else (NaN, inf, out of range, not a number) is argparse's one `error: argument --flag: must be ...`
+    # line and exit code 2, before the script does any work.
+    left, low, high, right = re.fullmatch(r"([\[(])(.+), (.+)([\])])", interval).groups()
+    low, high = (float(b) if "inf" in b else kind(b) for b in (low, high))
+    wanted = f"{'an integer' if kind is int else 'a finite number'} in {interval}{''.join(f' or {a}' for a in allow)}"
+
+    def parse(text):
+        with contextlib.suppress(ValueError):  # not a number: the error below
+            value = kind(text)
+            finite = kind is int or math.isfinite(value)  # (a huge int would overflow isfinite)
+            above = low <= value if left == "[" else low < value
+            below = value <= high if right == "]" else value < high
+            if value in allow or (finite and above and below):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+    return parse
 
 # -----------------------------------------------------------------------------
 # The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
@@ -276,9 +299,12 @@ def iter_jsonl(path, error=ValueError, hint=""):
 
 def positive_ints(text):
     """argparse type for "1,4,16": a non-empty list of integers >= 1 (anything else is argparse's one-line error)."""
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(text)
+    try:
+        values = [int_in("[1, inf)")(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers in [1, inf), got {text}")
     return values
 
 class NoOp:

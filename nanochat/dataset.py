@@ -31,7 +31,7 @@ import concurrent.futures
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_file, iter_jsonl, DownloadError
+from nanochat.common import get_base_dir, download_file, iter_jsonl, int_in, DownloadError
 from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------
@@ -326,12 +326,12 @@ def build_from_dir(source_dir, max_doc_chars=10_000, shard_chars=10_000_000):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Get pretraining shards: download them, or build them from your own text")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="number of train shards to download (-1 = all); the val shard is always fetched")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("-n", "--num-files", type=int_in("[0, inf)", -1), default=-1, help="number of train shards to download (-1 = all); the val shard is always fetched")
+    parser.add_argument("-w", "--num-workers", type=int_in("[1, inf)"), default=4, help="parallel downloads")
     parser.add_argument("--dataset", type=str, default=None, help=f"one of {', '.join(HUB_DATASETS)} (default: env NANOCHAT_DATASET or {DEFAULT_DATASET})")
-    parser.add_argument("--retries", type=int, default=5, help="download attempts per shard (exponential backoff between them)")
+    parser.add_argument("--retries", type=int_in("[1, inf)"), default=5, help="download attempts per shard (exponential backoff between them)")
     parser.add_argument("--from-dir", type=str, default=None, help="build the 'local' dataset from your own .txt/.md/.jsonl/.parquet files")
-    parser.add_argument("--max-doc-chars", type=int, default=10_000, help="--from-dir: split longer texts into documents of at most this size")
+    parser.add_argument("--max-doc-chars", type=int_in("[1, inf)"), default=10_000, help="--from-dir: split longer texts into documents of at most this size")
     args = parser.parse_args(argv)
 
     if args.from_dir:

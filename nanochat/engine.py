@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
 from nanochat.checkpoint_manager import load_model_or_exit
 
 
@@ -235,8 +235,8 @@ def main():
     parser = argparse.ArgumentParser(description="Compare naive generation with the KV-cache engine on a base model")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: last)")
+    parser.add_argument("--max-tokens", type=int_in("[1, inf)"), default=64, help="tokens to generate")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
     model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)

@@ -18,7 +18,7 @@ import argparse
 import os
 
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
-from nanochat.common import autodetect_device_type, check_flag_ranges, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
 from nanochat.core_eval import (SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir,
                                 write_core_csv)
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
@@ -81,15 +81,15 @@ def main(argv=None):
     # what to evaluate
     parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--hf-path", type=str, default=None, help="evaluate a transformers causal LM (directory or hub name) instead")
     # CORE
-    parser.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
+    parser.add_argument("--max-per-task", type=int_in("[1, inf)", -1), default=-1, help="examples per CORE task (-1 = all)")
     parser.add_argument("--bundle-dir", type=str, default=None,
                         help="local unzipped eval_bundle folder (else env NANOCHAT_EVAL_BUNDLE, else download)")
     # bits per byte
-    parser.add_argument("--device-batch-size", type=int, default=32, help="per-device batch rows for bpb")
-    parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=32, help="per-device batch rows for bpb")
+    parser.add_argument("--split-tokens", type=int_in("[1, inf)"), default=40 * 524288, help="tokens per split for bpb")
     # runtime
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
@@ -97,7 +97,6 @@ def main(argv=None):
 
     # cheap checks first: bad flags, no checkpoint, no bundle
     modes = parse_eval_modes(args.eval)
-    check_flag_ranges(args, positive=("device_batch_size",))
     if not args.hf_path:
         check_checkpoint_exists("base", args.model_tag, args.step)
     bundle_dir = None

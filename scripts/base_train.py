@@ -34,7 +34,7 @@ import torch.distributed as dist
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                             get_peak_flops, init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
+                             get_peak_flops, init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
                              is_due, should_compile)
 from nanochat.core_eval import evaluate_core, format_core, SAMPLE_PROMPTS
@@ -62,40 +62,40 @@ def build_parser():
     g.add_argument("--fp8", action="store_true", help="train Linear layers in FP8 (CUDA compute capability >= 8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="FP8 scaling recipe (tensorwise is faster)")
     g = parser.add_argument_group("model architecture")
-    g.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one dial that sizes everything")
-    g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of head dim)")
-    g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension (even: rotary embeddings rotate pairs)")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="maximum context length (tokens)")
+    g.add_argument("--depth", type=int_in("[1, inf)"), default=20, help="number of transformer layers: the one dial that sizes everything")
+    g.add_argument("--aspect-ratio", type=int_in("[1, inf)"), default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of head dim)")
+    g.add_argument("--head-dim", type=int_in("[1, inf)"), default=128, help="target attention head dimension (even: rotary embeddings rotate pairs)")
+    g.add_argument("--max-seq-len", type=int_in("[2, inf)"), default=2048, help="maximum context length (tokens)")
     g.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern tiled over layers: L = full context, S = a quarter of it; last layer always L")
     g = parser.add_argument_group("training horizon (first positive one wins)")
-    g.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimization steps (-1 = off)")
-    g.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
-    g.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off)")
+    g.add_argument("--num-iterations", type=int_in("[1, inf)", -1), default=-1, help="explicit number of optimization steps (-1 = off)")
+    g.add_argument("--target-flops", type=float_in("(0, inf)", -1), default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
+    g.add_argument("--target-param-data-ratio", type=float_in("(0, inf)", -1), default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off)")
     g = parser.add_argument_group("optimization")
-    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step (lower it on OOM: 16, 8, 4, 2, 1)")
-    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto: B_opt ~ D^0.383 around 2^19 at d12)")
-    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR for the token embeddings (value embeddings get x0.5)")
-    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR for lm_head")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR for the transformer matrices")
-    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR for the x0 lambdas (resid lambdas get x0.01)")
-    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon cautious weight decay at d12 / 2^19 tokens (rescaled for other sizes)")
-    g.add_argument("--adam-beta1", type=float, default=None, help="AdamW beta1 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.8)")
-    g.add_argument("--adam-beta2", type=float, default=None, help="AdamW beta2 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.96 lm_head, 0.995 embeddings, 0.95 scalars)")
-    g.add_argument("--warmup-ratio", type=float, default=None, help="LR warmup as a fraction of the steps; overrides --warmup-steps when given")
-    g.add_argument("--warmup-steps", type=int, default=40, help="LR warmup steps, capped so warmup never runs into the warmdown")
-    g.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps spent in the final LR decay")
-    g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
+    g.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=32, help="sequences per device per micro-step (lower it on OOM: 16, 8, 4, 2, 1)")
+    g.add_argument("--total-batch-size", type=int_in("[1, inf)", -1), default=-1, help="tokens per optimizer step (-1 = auto: B_opt ~ D^0.383 around 2^19 at d12)")
+    g.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=0.3, help="AdamW LR for the token embeddings (value embeddings get x0.5)")
+    g.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=0.008, help="AdamW LR for lm_head")
+    g.add_argument("--matrix-lr", type=float_in("[0, inf)"), default=0.02, help="Muon LR for the transformer matrices")
+    g.add_argument("--scalar-lr", type=float_in("[0, inf)"), default=0.5, help="AdamW LR for the x0 lambdas (resid lambdas get x0.01)")
+    g.add_argument("--weight-decay", type=float_in("[0, inf)"), default=0.28, help="Muon cautious weight decay at d12 / 2^19 tokens (rescaled for other sizes)")
+    g.add_argument("--adam-beta1", type=float_in("[0, 1)"), default=None, help="AdamW beta1 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.8)")
+    g.add_argument("--adam-beta2", type=float_in("[0, 1)"), default=None, help="AdamW beta2 for lm_head/embeddings/resid lambdas (default: tuned per group, 0.96 lm_head, 0.995 embeddings, 0.95 scalars)")
+    g.add_argument("--warmup-ratio", type=float_in("[0, 1]"), default=None, help="LR warmup as a fraction of the steps; overrides --warmup-steps when given")
+    g.add_argument("--warmup-steps", type=int_in("[0, inf)"), default=40, help="LR warmup steps, capped so warmup never runs into the warmdown")
+    g.add_argument("--warmdown-ratio", type=float_in("[0, 1]"), default=0.65, help="fraction of steps spent in the final LR decay")
+    g.add_argument("--final-lr-frac", type=float_in("[0, 1]"), default=0.05, help="LR multiplier at the last step")
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from the checkpoint at this step (-1 = fresh run); pass the same flags as the original run")
-    g.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
-    g.add_argument("--keep-last", type=int, default=-1, help="after each save keep only the last K checkpoints, to bound disk use (-1 = keep all)")
+    g.add_argument("--resume-from-step", type=int_in("[0, inf)", -1), default=-1, help="resume from the checkpoint at this step (-1 = fresh run); pass the same flags as the original run")
+    g.add_argument("--save-every", type=int_in("[1, inf)", -1), default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep-last", type=int_in("[1, inf)", -1), default=-1, help="after each save keep only the last K checkpoints, to bound disk use (-1 = keep all)")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name under base_checkpoints/ (default d<depth>)")
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = off)")
-    g.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per validation bpb evaluation")
-    g.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the end (-1 = off)")
-    g.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
-    g.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps and at the end (-1 = off)")
+    g.add_argument("--eval-every", type=int_in("[1, inf)", -1), default=250, help="validation bpb every N steps (-1 = off)")
+    g.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=80 * 524288, help="tokens per validation bpb evaluation")
+    g.add_argument("--core-metric-every", type=int_in("[1, inf)", -1), default=2000, help="CORE metric every N steps and at the end (-1 = off)")
+    g.add_argument("--core-metric-max-per-task", type=int_in("[1, inf)", -1), default=500, help="examples per CORE task (-1 = all)")
+    g.add_argument("--sample-every", type=int_in("[1, inf)", -1), default=2000, help="print greedy samples every N steps and at the end (-1 = off)")
     return parser
 
 
@@ -106,20 +106,12 @@ def fail(message):
 
 def check_args(args):
     """Checks that need nothing but the flags."""
-    check_flag_ranges(args, positive=("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"),
-                      fractions=("warmdown_ratio", "final_lr_frac", "warmup_ratio"))
     if args.head_dim % 2:
         fail(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
-    if args.max_seq_len < 2:
-        fail(f"--max-seq-len={args.max_seq_len} must be at least 2")
     if not args.window_pattern or any(c not in "SL" for c in args.window_pattern.upper()):
         fail(f"--window-pattern={args.window_pattern!r} must be a non-empty string of S and L characters")
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         fail("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
-    if args.warmup_steps < 0:
-        fail(f"--warmup-steps={args.warmup_steps} must be >= 0")
-    if args.keep_last == 0 or args.keep_last < -1:
-        fail(f"--keep-last={args.keep_last} must be a positive number of checkpoints or -1 (keep all)")
     ckpt.check_model_tag(args.model_tag)
 
 # -----------------------------------------------------------------------------
@@ -422,7 +414,7 @@ class Training:
             except fp8.Fp8UnsupportedError as e:
                 fail(str(e))
         world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * self.world_size
-        if args.total_batch_size != -1 and (args.total_batch_size < 1 or args.total_batch_size % world_tokens_per_fwdbwd):
+        if args.total_batch_size != -1 and args.total_batch_size % world_tokens_per_fwdbwd:
             fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size "
                  f"x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
         self.checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")

@@ -12,7 +12,7 @@ from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
+from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
@@ -27,16 +27,11 @@ def parse_args(argv=None):
     add_model_flags(parser, default_source="sft")
     # what to say and how to sample
     parser.add_argument("-p", "--prompt", type=str, default="", help="one-shot prompt: answer it and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = no top-k filtering)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="longest reply in tokens")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed (fixed, so a conversation replays the same)")
+    parser.add_argument("-t", "--temperature", type=float_in("[0, 2]"), default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int_in("[0, inf)"), default=50, help="top-k sampling (0 = no top-k filtering)")
+    parser.add_argument("-m", "--max-tokens", type=int_in("[1, inf)"), default=256, help="longest reply in tokens")
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42, help="sampling seed (fixed, so a conversation replays the same)")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("max_tokens",))
-    if not 0 <= args.temperature <= 2:  # NaN fails too
-        raise SystemExit(f"error: -t/--temperature {args.temperature} must be in [0, 2]")
-    if args.top_k < 0:
-        raise SystemExit(f"error: -k/--top-k {args.top_k} must be >= 0")
     return args
 
 

@@ -19,7 +19,7 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 import argparse
 
 from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, check_flag_ranges,
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
                              compute_cleanup, compute_init, print0)
 from nanochat.engine import Engine
 from nanochat.execution import isolation
@@ -34,17 +34,14 @@ def main(argv=None):
     # what to evaluate
     parser.add_argument("-a", "--task-name", type=str, default=None,
                         help=f"task(s) joined with '|' (default: all of {'|'.join(ALL_TASKS)})")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="cap on problems per task")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of the categorical evaluation")
+    parser.add_argument("-x", "--max-problems", type=int_in("[1, inf)"), default=None, help="cap on problems per task")
+    parser.add_argument("-b", "--batch-size", type=int_in("[1, inf)"), default=8, help="batch size of the categorical evaluation")
     # sampling (generative tasks)
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="max tokens generated per sample")
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem (pass@n)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 disables)")
+    parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-m", "--max-new-tokens", type=int_in("[1, inf)"), default=512, help="max tokens generated per sample")
+    parser.add_argument("-n", "--num-samples", type=int_in("[1, inf)"), default=1, help="samples per problem (pass@n)")
+    parser.add_argument("-k", "--top-k", type=int_in("[0, inf)"), default=50, help="top-k sampling (0 disables)")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("num_samples", "batch_size", "max_problems"))
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
 
     task_names = ALL_TASKS if args.task_name is None else [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in task_names if t not in BASELINES]

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
-                             init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              make_grad_scaler, finish_step, scale_initial_lrs, is_due)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
 from nanochat.engine import Engine
@@ -40,35 +40,31 @@ def parse_args(argv=None):
     parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl"],
                         help="checkpoint family to start from")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: last)")
+    parser.add_argument("--model-step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: last)")
     # horizon
-    parser.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
-    parser.add_argument("--num-steps", type=int, default=-1,
+    parser.add_argument("--num-epochs", type=int_in("[1, inf)"), default=1, help="passes over GSM8K train")
+    parser.add_argument("--num-steps", type=int_in("[1, inf)", -1), default=-1,
                         help="override the number of optimizer steps (-1 = derived from --num-epochs)")
     # rollouts
-    parser.add_argument("--device-batch-size", type=int, default=8, help="max rows per forward (sampling and training)")
-    parser.add_argument("--examples-per-step", type=int, default=16, help="prompts per optimizer step, all ranks")
-    parser.add_argument("--num-samples", type=int, default=16, help="samples per prompt (the group for the baseline)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per sampled completion")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 disables)")
+    parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=8, help="max rows per forward (sampling and training)")
+    parser.add_argument("--examples-per-step", type=int_in("[1, inf)"), default=16, help="prompts per optimizer step, all ranks")
+    parser.add_argument("--num-samples", type=int_in("[1, inf)"), default=16, help="samples per prompt (the group for the baseline)")
+    parser.add_argument("--max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per sampled completion")
+    parser.add_argument("--temperature", type=float_in("[0, inf)"), default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int_in("[0, inf)"), default=50, help="top-k sampling (0 disables)")
     # optimization
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embeddings")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the matrices")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs x this at the start")
+    parser.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=0.2, help="AdamW LR of the embeddings")
+    parser.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float_in("[0, inf)"), default=0.02, help="Muon LR of the matrices")
+    parser.add_argument("--weight-decay", type=float_in("[0, inf)"), default=0.0, help="weight decay")
+    parser.add_argument("--init-lr-frac", type=float_in("[0, inf)"), default=0.05, help="all LRs x this at the start")
     # evaluation and saving
-    parser.add_argument("--eval-every", type=int, default=60, help="pass@k evaluation every N steps (and step 0)")
-    parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems for pass@k")
-    parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--eval-every", type=int_in("[1, inf)"), default=60, help="pass@k evaluation every N steps (and step 0)")
+    parser.add_argument("--eval-examples", type=int_in("[1, inf)"), default=400, help="GSM8K test problems for pass@k")
+    parser.add_argument("--save-every", type=int_in("[1, inf)"), default=60, help="checkpoint every N steps (and at the end)")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
-                                      "num_epochs", "eval_every", "save_every"))
-    if args.num_samples % args.device_batch_size != 0:  # after the range check: --device-batch-size=0 is an error line
+    if args.num_samples % args.device_batch_size != 0:
         parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
     return args
 
 

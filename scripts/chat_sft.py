@@ -36,7 +36,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
                              get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
-                             is_due, check_flag_ranges, scale_initial_lrs, should_compile)
+                             is_due, int_in, float_in, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          is_finite_state, CheckpointError)
 from nanochat.engine import Engine
@@ -66,46 +66,42 @@ def parse_args(argv=None):
                         help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
     # which base model
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
-    parser.add_argument("--load-optimizer", type=int, default=1,
+    parser.add_argument("--model-step", type=int_in("[0, inf)"), default=None, help="base checkpoint step (default: last)")
+    parser.add_argument("--load-optimizer", type=int_in("[0, 1]"), default=1,
                         help="1 = warm-start from the base optimizer's momentum buffers (LRs reset), 0 = fresh")
     # data mixture (SFT_PARTS)
-    parser.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
-    parser.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
-    parser.add_argument("--identity-epochs", type=int, default=2,
+    parser.add_argument("--mmlu-epochs", type=int_in("[0, inf)"), default=3, help="copies of MMLU auxiliary_train in the mixture")
+    parser.add_argument("--gsm8k-epochs", type=int_in("[0, inf)"), default=4, help="copies of GSM8K train in the mixture")
+    parser.add_argument("--identity-epochs", type=int_in("[0, inf)"), default=2,
                         help="copies of the identity conversations (who the model says it is)")
-    parser.add_argument("--simple-spelling-size", type=int, default=200000, help="SimpleSpelling rows (spell a word)")
-    parser.add_argument("--spelling-bee-size", type=int, default=80000, help="SpellingBee rows (count letters in a word)")
+    parser.add_argument("--simple-spelling-size", type=int_in("[0, inf)"), default=200000, help="SimpleSpelling rows (spell a word)")
+    parser.add_argument("--spelling-bee-size", type=int_in("[0, inf)"), default=80000, help="SpellingBee rows (count letters in a word)")
     # horizon and batch geometry (None = inherit from the base checkpoint)
-    parser.add_argument("--num-iterations", type=int, default=-1,
+    parser.add_argument("--num-iterations", type=int_in("[1, inf)", -1), default=-1,
                         help="optimizer steps to train (-1 = one full pass over the mixture)")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: inherited)")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch per rank (default: inherited)")
-    parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherited)")
+    parser.add_argument("--max-seq-len", type=int_in("[1, inf)"), default=None, help="row length T (default: inherited)")
+    parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=None, help="rows per micro-batch per rank (default: inherited)")
+    parser.add_argument("--total-batch-size", type=int_in("[1, inf)"), default=None, help="tokens per optimizer step (default: inherited)")
     # optimization
-    parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherited)")
-    parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherited)")
-    parser.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the matrices (default: inherited)")
-    parser.add_argument("--weight-decay", type=float, default=0.0,
+    parser.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=None, help="AdamW LR of the embeddings (default: inherited)")
+    parser.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=None, help="AdamW LR of lm_head (default: inherited)")
+    parser.add_argument("--matrix-lr", type=float_in("[0, inf)"), default=None, help="Muon LR of the matrices (default: inherited)")
+    parser.add_argument("--weight-decay", type=float_in("[0, inf)"), default=0.0,
                         help="weight decay (0: pretraining already ramped it to 0)")
-    parser.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs x this at the start (tuned)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of training spent warming up the LR")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of training spent decaying the LR")
-    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    parser.add_argument("--init-lr-frac", type=float_in("[0, inf)"), default=0.8, help="all LRs x this at the start (tuned)")
+    parser.add_argument("--warmup-ratio", type=float_in("[0, 1]"), default=0.0, help="fraction of training spent warming up the LR")
+    parser.add_argument("--warmdown-ratio", type=float_in("[0, 1]"), default=0.5, help="fraction of training spent decaying the LR")
+    parser.add_argument("--final-lr-frac", type=float_in("[0, 1]"), default=0.0, help="LR multiplier at the end of the warmdown")
     # evaluation
-    parser.add_argument("--eval-every", type=int, default=200, help="val loss/bpb every N steps (-1 = only at the end)")
-    parser.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens per validation evaluation")
-    parser.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps and at the end (-1 = off)")
-    parser.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task (-1 = all)")
-    parser.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
-    parser.add_argument("--chatcore-max-new-tokens", type=int, default=256, help="max tokens per generative answer")
+    parser.add_argument("--eval-every", type=int_in("[1, inf)", -1), default=200, help="val loss/bpb every N steps (-1 = only at the end)")
+    parser.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=40 * 524288, help="tokens per validation evaluation")
+    parser.add_argument("--chatcore-every", type=int_in("[1, inf)", -1), default=200, help="ChatCORE every N steps and at the end (-1 = off)")
+    parser.add_argument("--chatcore-max-cat", type=int_in("[1, inf)", -1), default=-1, help="max problems per categorical task (-1 = all)")
+    parser.add_argument("--chatcore-max-sample", type=int_in("[1, inf)"), default=24, help="max problems per generative task")
+    parser.add_argument("--chatcore-max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per generative answer")
     # output
-    parser.add_argument("--dry-run", type=int, default=0, help="1 = do not save a checkpoint or write the report")
+    parser.add_argument("--dry-run", type=int_in("[0, 1]"), default=0, help="1 = do not save a checkpoint or write the report")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("max_seq_len", "device_batch_size", "total_batch_size"),
-                      fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"))
-    if args.num_iterations == 0 or args.num_iterations < -1:
-        parser.error("--num-iterations must be a positive number of steps, or -1 for one pass over the mixture")
     return args
 
 # -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.common import compute_init, autodetect_device_type, check_flag_ranges
+from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
 logger = logging.getLogger("nanochat.web")
@@ -57,39 +57,36 @@ def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page + OpenAI-compatible API")
     # model
     add_model_flags(parser, default_source="sft")
-    parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only for > 1)")
+    parser.add_argument("-n", "--num-gpus", type=int_in("[1, inf)"), default=1, help="model replicas, one per GPU (CUDA only for > 1)")
     # sampling defaults (a request may override them within the limits below)
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no top-k filtering)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply in tokens")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed for requests that give none (default: random per request)")
+    parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.8, help="default sampling temperature")
+    parser.add_argument("-k", "--top-k", type=int_in("[0, inf)"), default=50, help="default top-k (0 = no top-k filtering)")
+    parser.add_argument("-m", "--max-tokens", type=int_in("[1, inf)"), default=512, help="default longest reply in tokens")
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=None, help="sampling seed for requests that give none (default: random per request)")
     # network
-    parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("-p", "--port", type=int_in("[1, 65535]"), default=8000, help="port to listen on")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0 = reachable from other machines)")
     parser.add_argument("--api-key", type=str, default=None, help="require 'Authorization: Bearer KEY' on the chat and /v1 endpoints")
-    parser.add_argument("--header-timeout", type=float, default=30.0, help="seconds a client has to send a request's headers before its connection is closed")
+    parser.add_argument("--header-timeout", type=float_in("[0.01, 86400]"), default=30.0, help="seconds a client has to send a request's headers before its connection is closed")
     # request limits: anything outside gets HTTP 400 with a JSON error body
-    parser.add_argument("--max-messages", type=int, default=500, help="most messages in one request")
-    parser.add_argument("--max-message-chars", type=int, default=8000, help="longest single message in characters")
-    parser.add_argument("--max-conversation-chars", type=int, default=32000, help="longest conversation in characters")
-    parser.add_argument("--max-temperature", type=float, default=2.0, help="highest temperature a request may ask for")
-    parser.add_argument("--max-top-k", type=int, default=200, help="highest top-k a request may ask for")
-    parser.add_argument("--max-max-tokens", type=int, default=4096, help="highest max_tokens a request may ask for")
+    parser.add_argument("--max-messages", type=int_in("[1, inf)"), default=500, help="most messages in one request")
+    parser.add_argument("--max-message-chars", type=int_in("[1, inf)"), default=8000, help="longest single message in characters")
+    parser.add_argument("--max-conversation-chars", type=int_in("[1, inf)"), default=32000, help="longest conversation in characters")
+    parser.add_argument("--max-temperature", type=float_in("[0, inf)"), default=2.0, help="highest temperature a request may ask for")
+    parser.add_argument("--max-top-k", type=int_in("[0, inf)"), default=200, help="highest top-k a request may ask for")
+    parser.add_argument("--max-max-tokens", type=int_in("[1, inf)"), default=4096, help="highest max_tokens a request may ask for")
     return parser
 
 
 def check_args(args):
-    """Bad flags fail here, before any model is loaded."""
-    check_flag_ranges(args, positive=("num_gpus", "max_messages", "max_message_chars", "max_conversation_chars"))
+    """The defaults must lie within the limits a request may ask for (each flag's own range is its argparse type)."""
     ranges = [  # (flag, value, lowest, highest)
         ("-t/--temperature", args.temperature, 0, args.max_temperature),
         ("-k/--top-k", args.top_k, 0, args.max_top_k),
         ("-m/--max-tokens", args.max_tokens, 1, args.max_max_tokens),
-        ("-p/--port", args.port, 1, 65535),
-        ("--header-timeout", args.header_timeout, 0.01, 86400),
     ]
     for flag, value, low, high in ranges:
-        if not low <= value <= high:  # NaN fails too
+        if not low <= value <= high:
             raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
     # the key travels in an HTTP header, which loses surrounding spaces and is not UTF-8: such a key could never match
     key = args.api_key

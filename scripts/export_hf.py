@@ -13,7 +13,7 @@ import argparse
 import os
 
 from nanochat.checkpoint_manager import load_model_or_exit
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, int_in
 from nanochat.hf import export_hf  # exits with one clear line when the optional dependencies are missing
 
 
@@ -22,7 +22,7 @@ def main(argv=None):
     # which checkpoint
     parser.add_argument("--source", type=str, default="sft", choices=["base", "sft", "rl"], help="checkpoint family to export")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: the last)")
     # output
     parser.add_argument("--output-dir", type=str, default=None, help="where to write (default: <base_dir>/hf_export/<source>)")
     parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")

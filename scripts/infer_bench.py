@@ -19,7 +19,7 @@ import torch
 
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
-from nanochat.common import synchronize, peak_memory_mib, positive_ints
+from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
 
 # Natural text keeps greedy decoding from collapsing into a loop of one token.
@@ -60,13 +60,11 @@ def bench_generate(engine, prompt, batch_size, decode_tokens, temperature, devic
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark inference of a nanochat checkpoint")
     add_model_flags(parser, default_source="base")
-    parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (clamped to sequence_len - decode tokens)")
-    parser.add_argument("--decode-tokens", type=int, default=256, help="tokens generated per timed run")
+    parser.add_argument("--prompt-tokens", type=int_in("[1, inf)"), default=2048, help="prompt length (clamped to sequence_len - decode tokens)")
+    parser.add_argument("--decode-tokens", type=int_in("[2, inf)"), default=256, help="tokens generated per timed run")
     parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32,128", help="comma-separated decode batch sizes")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.0, help="sampling temperature (0 = greedy)")
     args = parser.parse_args(argv)
-    if args.prompt_tokens < 1 or args.decode_tokens < 2:
-        raise SystemExit("error: --prompt-tokens must be >= 1 and --decode-tokens >= 2")
     if get_dist_info()[3] != 1:
         raise SystemExit("error: infer_bench runs on a single device; start it with python, not torchrun")
     device_type = args.device_type or autodetect_device_type()

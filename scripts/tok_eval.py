@@ -5,10 +5,14 @@ GPT-2 and GPT-4 tokenizers when tiktoken can load them (it downloads them once; 
     python -m scripts.tok_eval
 """
 
+import argparse
+
 from nanochat.common import print0, is_offline
 from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_split_files, open_parquet, read_row_group_texts
 from nanochat.tokenizer import get_tokenizer, RustBPETokenizer
+
+argparse.ArgumentParser(description="Compare the tokenizer's compression with GPT-2's and GPT-4's").parse_args()
 
 # -----------------------------------------------------------------------------
 # Sample texts (our own), one per kind of content

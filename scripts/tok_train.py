@@ -10,20 +10,17 @@ import argparse
 
 import torch
 
-from nanochat.common import print0, check_flag_ranges
+from nanochat.common import print0, int_in
 from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_data_dir, get_split_files, parquets_iter_batched
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, get_tokenizer_dir
 
 parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the pretraining shards")
-parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters (default 2B)")
-parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters of each document")
-parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size including the special tokens (default 2^15)")
+parser.add_argument("--max-chars", type=int_in("[1, inf)"), default=2_000_000_000, help="train on at most this many characters (default 2B)")
+parser.add_argument("--doc-cap", type=int_in("[1, inf)"), default=10_000, help="use at most this many characters of each document")
+parser.add_argument("--vocab-size", type=int_in(f"[{256 + len(SPECIAL_TOKENS)}, inf)"), default=32768,
+                    help="vocabulary size: the 256 bytes, the merges and the special tokens (default 2^15)")
 args = parser.parse_args()
-min_vocab = 256 + len(SPECIAL_TOKENS)
-if args.vocab_size < min_vocab:
-    raise SystemExit(f"error: --vocab-size must be at least {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-check_flag_ranges(args, positive=("max_chars", "doc_cap"))
 
 dataset = get_dataset_name()
 train_files = get_split_files("train")  # exits with a clear line if there are no shards

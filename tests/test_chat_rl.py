@@ -101,13 +101,14 @@ def test_policy_gradient_follows_advantage(tiny_tokenizer, tiny_model_factory):
     assert after[0] > before[0] and after[1] < before[1]
 
 
-def test_bad_flags_and_missing_checkpoint(base_dir):
+def test_bad_flags_and_missing_checkpoint(base_dir, capsys):
     from scripts import chat_rl
     with pytest.raises(SystemExit):
         chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # argparse error, exit code 2
     with pytest.raises(SystemExit) as excinfo:  # one error line, not a ZeroDivisionError
         chat_rl.main(["--device-batch-size=0"])
-    assert str(excinfo.value).startswith("error: --device-batch-size=0")
+    assert excinfo.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: argument --device-batch-size: must be an integer in [1, inf), got 0")
     with pytest.raises(SystemExit) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)
