@@ -47,12 +47,8 @@ if (args.input_dir is None) == (args.hf_dataset is None):
 
 # 1-2. documents in shuffled order
 if args.input_dir:
-    from nanochat.dataset import read_user_file, split_long_document
-    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.input_dir) for f in fs
-                   if f.endswith((".txt", ".md", ".jsonl", ".parquet")))
-    if not paths:
-        raise SystemExit(f"error: --input-dir {args.input_dir} has no .txt/.md/.jsonl/.parquet files")
-    docs = [piece for p in paths for doc in read_user_file(p) or [] for piece in split_long_document(doc, args.max_doc_chars)]
+    from nanochat.dataset import read_text_dir
+    docs = read_text_dir(args.input_dir, args.max_doc_chars)
     random.Random(args.seed).shuffle(docs)
     documents = iter(docs)
 else:

@@ -5,14 +5,17 @@ set -e
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 source dev/setup_env.sh
+# wait (up to 10 min) for another apt/dpkg process, e.g. unattended upgrades, instead of failing on its lock; an
+# update that finds the package lists locked (another update is refreshing them) does not stop the install
+APT_GET="apt-get -o DPkg::Lock::Timeout=600"
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[setup] installing chromium + chromedriver for the browser test"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    ($APT_GET update -qq; DEBIAN_FRONTEND=noninteractive $APT_GET install -y -qq chromium chromium-driver >/dev/null) \
         || echo "[setup] could not install chromium; the browser test will be skipped"
 fi
 if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[setup] installing bubblewrap for the code sandbox"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+    ($APT_GET update -qq; DEBIAN_FRONTEND=noninteractive $APT_GET install -y -qq bubblewrap >/dev/null) \
         || echo "[setup] could not install bubblewrap; the sandbox tests of bwrap isolation will be skipped"
 fi
 python -m pytest "$@"

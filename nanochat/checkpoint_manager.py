@@ -9,15 +9,20 @@ Files for step 123:
     complete_000123.json       completion marker, written LAST (rank 0)
 Every file is written atomically (temp file, fsync, rename), and a checkpoint only counts once its completion marker
 exists, so a run killed in the middle of saving never leaves a half-written checkpoint that "latest step" would pick.
-A file that is there but unusable (truncated, empty, not ours) raises CheckpointError naming the file and the
-previous complete step; load_model_or_exit turns any of these into one clear line.
+What a killed save or prune leaves behind (temp files, files of steps without a marker) is removed by the next save.
+A save that fails (full disk) removes its partial files and raises CheckpointSaveError (one line).
+A file that is there but unusable (truncated, empty, not ours, NaN/inf values) raises CheckpointError naming the file
+and the previous complete step; load_model_or_exit turns any of these into one clear line.
 """
 
 import os
 import re
 import glob
 import json
+import pickle
 import logging
+import warnings
+import contextlib
 import dataclasses
 
 import torch
@@ -33,8 +38,12 @@ SOURCE_PRODUCERS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl
 
 
 class CheckpointError(FileNotFoundError):
-    """No usable checkpoint: missing, incomplete, truncated or foreign. A FileNotFoundError, so every caller that
-    handles a missing checkpoint handles an unreadable one the same way."""
+    """No usable checkpoint: missing, incomplete, truncated, foreign or non-finite. A FileNotFoundError, so every
+    caller that handles a missing checkpoint handles an unreadable one the same way."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (e.g. the disk is full); its partial files are gone and the message is one line."""
 
 
 def log0(message):
@@ -106,18 +115,54 @@ def is_finite_state(obj):
     return True
 
 
-def remove_stale_temp_files(checkpoint_dir):
-    """Delete *.tmp.<pid> files left by a save that was killed (their process no longer exists)."""
+def process_start_time(pid):
+    """When process pid started, in seconds since the epoch (rounded down), or None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the (command name)
+        with open("/proc/stat") as f:
+            boot_time = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot_time + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def is_writer_alive(pid, tmp_path):
+    """Whether process pid may still be writing tmp_path: it exists and started before the file's last write
+    (a younger process only reuses the pid of a killed writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's
+    started = process_start_time(pid)
+    return started is None or started <= os.path.getmtime(tmp_path)
+
+
+def remove_leftovers(checkpoint_dir):
+    """Delete what killed saves and prunes leave behind: *.tmp.<pid> files whose writer is gone, and the files of
+    steps without a completion marker (they never count, and pruning removes the marker first)."""
     for path in glob.glob(os.path.join(checkpoint_dir, "*.tmp.*")):
         pid = path.rsplit(".", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not is_writer_alive(int(pid), path):
             os.remove(path)
-        except PermissionError:
-            pass  # alive, someone else's
+    for name in os.listdir(checkpoint_dir):
+        match = re.fullmatch(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)", name)
+        if match and not os.path.exists(marker_path(checkpoint_dir, int(match.group(1)))):
+            os.remove(os.path.join(checkpoint_dir, name))
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def save_failure_reason(error):
+    """The OSError behind a failed write (torch's zip writer raises a RuntimeError over it), else the first line."""
+    cause = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+        cause = cause.__context__
+    return cause.strerror if cause is not None else first_line(error)
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, sync_ranks=False):
@@ -133,24 +178,34 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     os.makedirs(checkpoint_dir, exist_ok=True)
     world_size = torch.distributed.get_world_size() if is_ddp_initialized() else 1
     if rank == 0:
-        remove_stale_temp_files(checkpoint_dir)
         if os.path.exists(marker_path(checkpoint_dir, step)):
             os.remove(marker_path(checkpoint_dir, step))  # overwriting a step: it is incomplete until we finish
+        remove_leftovers(checkpoint_dir)  # no other rank writes here before the barrier below
     if sync_ranks and world_size > 1:
         torch.distributed.barrier()  # nobody writes a shard before the old marker is gone
-    if rank == 0:
-        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
-        log0(f"Saved model parameters to: {model_path(checkpoint_dir, step)}")
-        _atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
-        log0(f"Saved metadata to: {meta_path(checkpoint_dir, step)}")
-    if optimizer_data is not None:
-        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
-        logger.info(f"Saved optimizer state to: {optim_path(checkpoint_dir, step, rank)}")
-    if sync_ranks and world_size > 1:
-        torch.distributed.barrier()  # every shard is on disk
-    if rank == 0:
-        marker = {"step": step, "world_size": world_size, "has_optimizer": optimizer_data is not None}
-        _atomic_json_save(marker, marker_path(checkpoint_dir, step))
+    written = [model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step)] if rank == 0 else []
+    written += [optim_path(checkpoint_dir, step, rank)] if optimizer_data is not None else []
+    try:
+        if rank == 0:
+            atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+            log0(f"Saved model parameters to: {model_path(checkpoint_dir, step)}")
+            _atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
+            log0(f"Saved metadata to: {meta_path(checkpoint_dir, step)}")
+        if optimizer_data is not None:
+            atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+            logger.info(f"Saved optimizer state to: {optim_path(checkpoint_dir, step, rank)}")
+        if sync_ranks and world_size > 1:
+            torch.distributed.barrier()  # every shard is on disk
+        if rank == 0:
+            marker = {"step": step, "world_size": world_size, "has_optimizer": optimizer_data is not None}
+            _atomic_json_save(marker, marker_path(checkpoint_dir, step))
+    except (OSError, RuntimeError) as e:  # a full disk: an OSError, or torch's zip writer's RuntimeError over it
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise CheckpointSaveError(f"could not save the checkpoint of step {step} in {checkpoint_dir} "
+                                  f"({save_failure_reason(e)}); its partial files were removed; "
+                                  f"{previous_step_hint(checkpoint_dir, step)}") from None
 
 
 def prune_checkpoints(checkpoint_dir, keep):
@@ -170,13 +225,24 @@ def _read(path, checkpoint_dir, step, read_fn):
     """read_fn(path), or CheckpointError naming the file and the previous complete step when it is unusable."""
     try:
         return read_fn(path)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is unreadable ({reason}); {previous_step_hint(checkpoint_dir, step)}") from None
+    except (pickle.UnpicklingError, KeyError):  # torch's text advises weights_only=False: unsafe on a tampered file
+        reason = "not a file of tensors: corrupt or tampered"
+    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as e:
+        reason = first_line(e)
+    raise CheckpointError(f"{path} is unreadable ({reason}); {previous_step_hint(checkpoint_dir, step)}")
 
 
-def _torch_load(device):
-    return lambda path: torch.load(path, map_location=device, weights_only=True)
+def _load_tensors(path, checkpoint_dir, step, device):
+    """A state dict saved by torch.save (tensors only), refused when it holds NaN or inf (a diverged run)."""
+    def load(path):
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before it refuses them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
+    data = _read(path, checkpoint_dir, step, load)
+    if not is_finite_state(data):
+        raise CheckpointError(f"{path} holds NaN or infinite values (saved from a diverged run?); "
+                              f"{previous_step_hint(checkpoint_dir, step)}")
+    return data
 
 
 def _json_load(path):
@@ -196,7 +262,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     if not is_complete(checkpoint_dir, step):
         raise CheckpointError(f"no complete checkpoint for step {step} in {checkpoint_dir} "
                               f"(expected {os.path.basename(model_path(checkpoint_dir, step))} and its completion marker)")
-    model_data = _read(model_path(checkpoint_dir, step), checkpoint_dir, step, _torch_load(device))
+    model_data = _load_tensors(model_path(checkpoint_dir, step), checkpoint_dir, step, device)
     if not isinstance(model_data, dict):
         raise CheckpointError(f"{model_path(checkpoint_dir, step)} is not a model state dict; "
                               f"{previous_step_hint(checkpoint_dir, step)}")
@@ -206,7 +272,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         if not os.path.exists(path):
             raise CheckpointError(f"optimizer shard {path} is missing (the checkpoint was saved with a different "
                                   f"number of processes, or without optimizer state)")
-        optimizer_data = _read(path, checkpoint_dir, step, _torch_load(device))
+        optimizer_data = _load_tensors(path, checkpoint_dir, step, device)
     meta = load_meta(checkpoint_dir, step)
     return model_data, optimizer_data, meta
 
@@ -242,7 +308,7 @@ def build_model(checkpoint_dir, step, device, phase):
         model.init_weights()  # also computes the non-persistent buffers (RoPE)
         model.load_state_dict(model_data, strict=True, assign=True)
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise CheckpointError(f"{model_path(checkpoint_dir, step)} does not match its metadata {meta_path(checkpoint_dir, step)} "
                               f"({reason}); {previous_step_hint(checkpoint_dir, step)}") from None
     model.eval() if phase == "eval" else model.train()
@@ -290,7 +356,7 @@ def load_optimizer_state(source, device, rank, world_size=1, model_tag=None, ste
         log0(f"No optimizer state at {path}")
         return None
     log0(f"Loading optimizer state from {path}")
-    return _read(path, checkpoint_dir, step, _torch_load(device))
+    return _load_tensors(path, checkpoint_dir, step, device)
 
 # -----------------------------------------------------------------------------
 # Loading a checkpoint with one clear line when it is missing or unusable (every script that loads a model)

@@ -547,8 +547,11 @@ class Training:
                 "max_seq_len": args.max_seq_len, "total_batch_size": self.plan.total_batch_size, "world_size": self.world_size,
                 "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
                 "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
-        ckpt.save_checkpoint(self.checkpoint_dir, state.step, self.orig_model.state_dict(), self.optimizer.state_dict(),
-                             meta, rank=self.rank, sync_ranks=True)
+        try:
+            ckpt.save_checkpoint(self.checkpoint_dir, state.step, self.orig_model.state_dict(),
+                                 self.optimizer.state_dict(), meta, rank=self.rank, sync_ranks=True)
+        except ckpt.CheckpointSaveError as e:  # e.g. a full disk
+            raise SystemExit(f"error: {e}")
         state.last_good_step = state.step
         if self.rank == 0 and args.keep_last > 0:
             ckpt.prune_checkpoints(self.checkpoint_dir, args.keep_last)

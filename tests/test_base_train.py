@@ -251,15 +251,38 @@ def test_keep_last_prunes_periodic_checkpoints(train_dir):
     assert not any("000004" in n or "000001" in n for n in os.listdir(d))
 
 
-def test_unreadable_resume_checkpoint_is_one_clear_line(train_dir):
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_unreadable_resume_checkpoint_is_one_clear_line(train_dir, damage):
     args = TINY + ["--num-iterations=4", "--save-every=2", "--eval-every=-1"]
     assert run_train(train_dir, args).returncode == 0
     model_file = ckpt_dir(train_dir) / "model_000004.pt"
-    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
-    proc = run_train(train_dir, args + ["--resume-from-step=4"])
+    if damage == "truncated":
+        model_file.write_bytes(model_file.read_bytes()[:1000])
+    else:  # complete, but with a NaN weight: never "the last good checkpoint"
+        state = torch.load(model_file)
+        state["transformer.wte.weight"][3, 5] = float("nan")
+        torch.save(state, model_file)
+    proc = run_train(train_dir, args + ["--resume-from-step=4", "--num-iterations=6"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --resume-from-step=4") and str(model_file) in last and "previous complete step is 2" in last
+    assert "step 00004/" not in proc.stdout and "last good checkpoint" not in proc.stdout + proc.stderr
+
+
+def test_full_disk_during_a_save_is_one_line_and_leaves_nothing(train_dir):
+    """A file size limit makes every write past 64 KiB fail the way a full disk does (EFBIG instead of ENOSPC)."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    proc = subprocess.run(base_train_cmd(TINY + ["--num-iterations=4", "--save-every=2", "--eval-every=-1"]), cwd=REPO,
+                          env=env_for(train_dir), capture_output=True, text=True, timeout=240,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = lines_with(proc.stderr, "error:")
+    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
+    assert "could not save the checkpoint of step 2" in errors[0] and "File too large" in errors[0], errors[0]
+    assert os.listdir(ckpt_dir(train_dir)) == []  # no temp file, no model without its marker
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -96,6 +96,24 @@ def test_missing_checkpoint_is_one_clear_line(base_dir):
     assert message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("damage", ["nan", "garbage"])
+def test_unusable_checkpoint_is_one_line_and_no_reply(base_dir, tiny_tokenizer, damage):
+    import torch
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)
+    model_file = base_dir / "chatsft_checkpoints" / "d2" / "model_000005.pt"
+    if damage == "nan":  # a complete checkpoint of a diverged model
+        state = torch.load(model_file)
+        state["lm_head.weight"][0, 0] = float("nan")
+        torch.save(state, model_file)
+    else:
+        model_file.write_bytes(bytes(range(256)) * 8)
+    result = run_cli(base_dir, ["-i", "sft", "-p", "What is 2+2?", "-m", "4"])
+    assert result.returncode == 1 and "Assistant:" not in result.stdout, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()  # the log lines of the load, then one error line
+    assert "Traceback" not in result.stderr and [l for l in lines if "error" in l.lower()] == lines[-1:], result.stderr
+    assert lines[-1].startswith("error:") and str(model_file) in lines[-1], result.stderr
+
+
 def test_tool_calls_are_shown_readably(tiny_tokenizer):
     tok = tiny_tokenizer
     special = tok.encode_special

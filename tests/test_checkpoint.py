@@ -3,15 +3,21 @@ checkpoint_manager: file layout and names, atomic writes + completion marker, in
 model rebuild (build_model / load_model), optimizer shards, unusable files, pruning, tags; loss_eval.evaluate_bpb against a hand computation.
 """
 
+import io
 import os
 import json
 import sys
+import time
+import errno
 import math
+import pickle
+import datetime
 import subprocess
 
 import pytest
 import torch
 
+from nanochat import common
 from nanochat.common import atomic_write
 from nanochat import checkpoint_manager as ckpt
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss, keep_batches
@@ -176,7 +182,8 @@ def _saved_model(base_dir, tiny_tokenizer, tiny_model_factory, steps=(2, 4)):
     return d
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "meta_truncated", "meta_foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "meta_truncated", "meta_foreign", "garbage",
+                                    "tampered", "text", "nan"])
 def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_model_factory, damage):
     d = _saved_model(base_dir, tiny_tokenizer, tiny_model_factory)
     model_file, meta_file = os.path.join(d, "model_000004.pt"), os.path.join(d, "meta_000004.json")
@@ -187,6 +194,16 @@ def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_mo
         open(model_file, "wb").close()
     elif damage == "foreign":
         torch.save({"some.other.weight": torch.ones(3)}, model_file)
+    elif damage == "garbage":
+        open(model_file, "wb").write(bytes(range(256)) * 8)
+    elif damage == "tampered":  # a pickle of something that is not tensors: torch would advise weights_only=False
+        open(model_file, "wb").write(pickle.dumps({"w": datetime.date(2020, 1, 1)}, protocol=4))
+    elif damage == "text":
+        open(model_file, "w").write("hello world " * 10)
+    elif damage == "nan":  # a complete checkpoint of a diverged model (save_checkpoint itself refuses to write one)
+        state = torch.load(model_file)
+        next(iter(state.values()))[0] = float("nan")
+        torch.save(state, model_file)
     elif damage == "meta_truncated":
         text = open(meta_file).read()
         open(meta_file, "w").write(text[:len(text) // 2])
@@ -200,32 +217,81 @@ def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_mo
         ckpt.load_model_or_exit("base", "cpu", phase="eval")
     message = str(excinfo.value.code)
     assert message.startswith("error:") and "\n" not in message and bad_file in message and "step is 2" in message
+    assert "weights_only" not in message  # never the advice to unpickle a file that may be tampered with
+    if damage == "nan":
+        assert "NaN or infinite" in message
 
 
-def test_non_finite_state_is_never_saved(tmp_path):
+def test_non_finite_optimizer_state_is_refused_at_load(tmp_path):
     d = str(tmp_path / "d2")
-    with pytest.raises(ValueError, match="non-finite"):
-        ckpt.save_checkpoint(d, 1, {"w": torch.tensor([1.0, float("nan")])}, None, {}, rank=0)
-    with pytest.raises(ValueError, match="non-finite"):
-        ckpt.save_checkpoint(d, 1, {"w": torch.ones(1)}, {"state": {0: {"m": torch.tensor([float("inf")])}}}, {}, rank=0)
-    assert not os.path.exists(d) or os.listdir(d) == []
-    grid = torch.zeros(3, 4, dtype=torch.bfloat16)
-    assert ckpt.is_finite_state({"a": grid, "b": [torch.empty(0)], "step": torch.tensor(7), "lr": 0.1})
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        grid[2, 1] = bad
-        assert not ckpt.is_finite_state({"a": grid})
+    for step in (2, 4):
+        ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {0: {"m": torch.ones(2)}}}, {}, rank=0)
+    torch.save({"state": {0: {"m": torch.tensor([1.0, float("inf")])}}}, ckpt.optim_path(d, 4, 0))
+    assert ckpt.load_checkpoint(d, 4, "cpu")[0]["w"].item() == 1.0  # the weights alone are fine
+    with pytest.raises(ckpt.CheckpointError, match="optim_000004_rank0.pt holds NaN or infinite values.*step is 2"):
+        ckpt.load_checkpoint(d, 4, "cpu", load_optimizer=True)
 
 
-def test_stale_temp_files_are_removed_on_save(tmp_path):
+class FullDisk(io.FileIO):
+    """A file on a disk with no space left: every write fails as the kernel reports it."""
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing", ["model_", "meta_", "optim_", "complete_", "zip_writer"])
+def test_full_disk_during_save_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, failing):
+    d = str(tmp_path / "d2")
+    ckpt.save_checkpoint(d, 2, {"w": torch.ones(1)}, {"state": {}}, {"step": 2}, rank=0)
+    before = sorted(os.listdir(d))
+    if failing == "zip_writer":  # what torch.save raises when its writer fails, with no OSError behind it
+        def failing_save(obj, f):
+            f.write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        monkeypatch.setattr(torch, "save", failing_save)
+    else:  # the real torch writer on a full disk: OSError, then its zip writer's RuntimeError on top
+        def full_disk_open(path, mode="r", **kwargs):
+            if failing not in os.path.basename(path):
+                return open(path, mode, **kwargs)
+            f = io.BufferedWriter(FullDisk(path, "w"))
+            return f if "b" in mode else io.TextIOWrapper(f, **kwargs)
+        monkeypatch.setattr(common, "open", full_disk_open, raising=False)
+    with pytest.raises(ckpt.CheckpointSaveError) as excinfo:
+        ckpt.save_checkpoint(d, 4, {"w": torch.ones(100)}, {"state": {}}, {"step": 4}, rank=0)
+    message = str(excinfo.value)
+    assert "\n" not in message and "step 4" in message and "previous complete step is 2" in message, message
+    assert ("unexpected pos" if failing == "zip_writer" else "No space left on device") in message, message
+    assert excinfo.value.__context__ is None or excinfo.value.__suppress_context__  # no second traceback
+    assert sorted(os.listdir(d)) == before  # no temp file, no file of step 4
+    assert ckpt.find_last_step(d) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
+def test_temp_file_of_a_reused_pid_is_removed_on_save(tmp_path):
     d = tmp_path / "d2"
     d.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (d / f"model_000002.pt.tmp.{dead.pid}").write_bytes(b"x" * 100)   # a killed save
-    (d / f"model_000002.pt.tmp.{os.getppid()}").write_bytes(b"x")    # a live process's save in progress
-    ckpt.save_checkpoint(str(d), 3, {"w": torch.ones(1)}, None, {}, rank=0)
-    names = os.listdir(d)
-    assert f"model_000002.pt.tmp.{dead.pid}" not in names and f"model_000002.pt.tmp.{os.getppid()}" in names
+    younger = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:  # a save killed an hour ago left a temp file; its pid now belongs to a process that started since
+        stale = d / f"optim_000002_rank0.pt.tmp.{younger.pid}"
+        stale.write_bytes(b"x" * 100)
+        an_hour_ago = time.time() - 3600
+        os.utime(stale, (an_hour_ago, an_hour_ago))
+        ckpt.save_checkpoint(str(d), 3, {"w": torch.ones(1)}, None, {}, rank=0)
+        assert stale.name not in os.listdir(d)
+    finally:
+        younger.communicate()
+
+
+def test_orphans_of_a_killed_prune_or_save_are_removed_on_save(tmp_path):
+    d = str(tmp_path / "d2")
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
+    os.remove(ckpt.marker_path(d, 2))  # prune_checkpoints was killed right after removing the marker of step 2
+    os.remove(ckpt.optim_path(d, 4, 0))  # ... and the one of step 4 after removing its marker and optimizer shard
+    os.remove(ckpt.marker_path(d, 4))
+    torch.save({"w": torch.ones(1)}, ckpt.model_path(d, 7))  # a save of step 7 killed before its marker
+    ckpt.save_checkpoint(d, 8, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
+    assert sorted(os.listdir(d)) == sorted(f"{kind}_{s:06d}{ext}" for s in (6, 8) for kind, ext in
+                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", "_rank0.pt")))
 
 
 def test_prune_keeps_last_k(tmp_path):

@@ -6,8 +6,11 @@ No network.
 
 import io
 import os
+import re
 import sys
 import json
+import errno
+import random
 import threading
 import subprocess
 import http.server
@@ -233,6 +236,118 @@ def test_from_dir_skips_binary_files_with_a_count(base_dir, tmp_path, capsys):
     manifest = dataset.build_from_dir(str(src))
     assert manifest["num_documents"] == 2
     assert "Skipped 2 files that are not UTF-8 text" in capsys.readouterr().out
+
+
+def test_from_dir_skips_what_is_not_a_regular_file_and_caps_file_size(base_dir, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "odd"
+    src.mkdir()
+    (src / "real.txt").write_text("A real document about rivers and stones.")
+    (src / "other.md").write_text("Another real document, about clouds.")
+    (src / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    os.mkfifo(src / "pipe.txt")  # opening it would wait for a writer forever
+    (src / "zeros.txt").symlink_to("/dev/zero")  # reading it never ends
+    (src / "link.md").symlink_to(src / "other.md")  # a link to a regular file is read
+    (src / "huge.txt").write_text("x" * 2000)
+    (src / "huge.parquet").write_bytes(parquet_bytes(["y" * 2000]))
+    monkeypatch.setattr(dataset, "MAX_FILE_BYTES", 1000)
+    manifest = dataset.build_from_dir(str(src))
+    assert manifest["num_documents"] == 2  # real.txt, other.md (link.md is the same text)
+    out = capsys.readouterr().out
+    assert "Skipped 3 files that are not regular files (broken links, pipes, devices): dangling.txt, pipe.txt, zeros.txt" in out
+    assert re.search(r"Skipped 2 files larger than .*: huge.parquet, huge.txt\n", out), out
+
+
+def test_from_dir_reads_at_most_the_cap_of_a_growing_file(tmp_path, monkeypatch):
+    path = tmp_path / "growing.txt"
+    path.write_text("x" * 100)
+    monkeypatch.setattr(dataset, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(dataset.os.path, "getsize", lambda p: 10)  # it was small when its size was checked
+    path.write_text("x" * 5000)
+    with pytest.raises(dataset.SkippedFile, match="larger than"):
+        dataset.read_user_file(str(path))
+
+
+def test_full_disk_during_from_dir_is_one_line_and_leaves_nothing(base_dir, tmp_path, monkeypatch):
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i}.txt").write_text(f"Document number {i} about the weather. " * 5)
+    dataset.build_from_dir(str(src), shard_chars=1000)  # the previous build, which must survive
+    data_dir = base_dir / "base_data_local"
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    write_table, written = pq.write_table, []
+
+    def write_until_full(table, where, **kwargs):  # the second shard finds the disk full, as pyarrow reports it
+        if written:
+            open(where, "wb").write(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        written.append(where)
+        write_table(table, where, **kwargs)
+    monkeypatch.setattr(dataset.pq, "write_table", write_until_full)
+    (src / "new.txt").write_text("A new document.")
+    with pytest.raises(SystemExit) as excinfo:
+        dataset.build_from_dir(str(src), shard_chars=1000)
+    message = str(excinfo.value.code)
+    assert message.startswith("error:") and "\n" not in message and "No space left on device" in message, message
+    assert sorted(os.listdir(base_dir)) == ["base_data_local"]  # no base_data_local.tmp-<pid> left behind
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+
+
+def split_reference(text, max_chars):
+    """split_long_document as it was first written (it re-sliced the rest of a long paragraph for every piece)."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, current = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        while len(para) > max_chars:
+            cut = para.rfind("\n", 0, max_chars)
+            cut = cut if cut > max_chars // 2 else max_chars
+            pieces += [current, para[:cut]]
+            current, para = "", para[cut:].lstrip("\n")
+        if len(current) + 2 + len(para) > max_chars:
+            pieces.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    pieces.append(current)
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def test_split_long_document_matches_the_reference():
+    rng = random.Random(0)
+    parts = ["a", "bc", "word ", " ", "\n", "\n\n", "\n \n", "\n\n\n\n", "x" * 30, "\t"]
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randrange(0, 120)))
+        max_chars = rng.randrange(1, 40)
+        assert dataset.split_long_document(text, max_chars) == split_reference(text, max_chars), (text, max_chars)
+
+
+class CountingStr(str):
+    """A str that counts the characters that slicing and stripping it copy (the pieces count too)."""
+    copied = 0
+
+    def __getitem__(self, key):
+        return CountingStr.count(str.__getitem__(self, key))
+
+    def lstrip(self, chars=None):
+        return CountingStr.count(str.lstrip(self, chars))
+
+    @staticmethod
+    def count(piece):
+        CountingStr.copied += len(piece)
+        return CountingStr(piece)
+
+
+def test_split_long_document_copies_each_character_a_bounded_number_of_times(monkeypatch):
+    """A single 200k-char line cut into 2000 pieces: linear work copies ~200k chars; re-slicing the rest of the
+    line for every piece (the old way) copied ~200M."""
+    split = re.split
+    monkeypatch.setattr(dataset, "re", type("re", (), {"split": staticmethod(
+        lambda pattern, text: [CountingStr(p) for p in split(pattern, text)])}))
+    text = "0123456789" * 20_000
+    CountingStr.copied = 0
+    pieces = dataset.split_long_document(text, 100)
+    assert "".join(pieces) == text and len(pieces) == 2000
+    assert CountingStr.copied <= 3 * len(text), CountingStr.copied
 
 
 def test_null_texts_in_a_shard_are_skipped(base_dir, monkeypatch, tmp_path):
