@@ -73,7 +73,8 @@ class HumanEval(Task):
 
 
 def run_tests(prompt, completion, test, entry_point):
-    """Run the completion's program against the problem's tests in the sandbox. It passes only if the program runs to
-    its end, i.e. past check(...): a solution that exits early (sys.exit(0), os._exit(0)) fails."""
-    program = extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n" + test + f"\ncheck({entry_point})"
-    return execute_code(program)  # under the sandbox's default time and memory limits
+    """Run the completion's program in the sandbox and the problem's tests against it. The tests run apart from the
+    program, calling its functions through a pipe, and only they can report a pass: a program that exits early
+    (sys.exit(0), os._exit(0)) or tries to forge the report fails (see nanochat/execution.py for what this resists)."""
+    program = extract_imports(prompt) + "\n\n" + extract_program(completion)
+    return execute_code(program, test=f"{test}\ncheck({entry_point})")  # the sandbox's default time and memory limits
