@@ -158,7 +158,12 @@ if pid == 0:
     send(replies, sorted(name for name, value in namespace.items() if callable(value)))
     for name, args, kwargs in iter(lambda: receive(calls), None):
         try:
-            reply = repr(("ok", namespace[name](*args, **kwargs))).encode()
+            value = namespace[name](*args, **kwargs)
+            reply = repr(("ok", value)).encode()
+            try:
+                ast.literal_eval(reply.decode())
+            except Exception:
+                raise TypeError(f"{name}() returned {value!r:.80}, which is not plain data") from None
         except Exception as e:
             traceback.print_exc()
             reply = repr(("error", f"{type(e).__name__}: {e}")).encode()
@@ -172,8 +177,13 @@ os.close(replies_w)
 def kill(pid):
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-signal.signal(signal.SIGTERM, lambda *_: kill(pid))  # the caller's timeout
 calls, replies = os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb")
+null = os.open(os.devnull, os.O_RDWR)
+def stop(*_):  # the caller's timeout: kill the program; our blocked read or write resumes on /dev/null and ends,
+    kill(pid)     # should a process of the program still hold the other end
+    for fd in (calls_w, replies_r):
+        os.dup2(null, fd)
+signal.signal(signal.SIGTERM, stop)
 def proxy(name):
     def call(*args, **kwargs):
         send(calls, (name, args, kwargs))
@@ -187,7 +197,8 @@ try:
     test = read_exactly(0, test_size).decode() if test_size >= 0 else None
     names = receive(replies)
     if names is not None and test is not None:
-        program = {name: proxy(name) for name in names if name.isidentifier() and not hasattr(builtins, name)}
+        program = {name: proxy(name) for name in names
+                   if name.isidentifier() and not name.startswith("__") and not hasattr(builtins, name)}
         exec(compile(test, "<test>", "exec"), {"__name__": "__main__", **program})
     finished = names is not None
 except Exception:
@@ -241,7 +252,7 @@ def _bwrap_args():
     args = [BWRAP, "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-pid", "--unshare-net",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", *user, "--proc", "/proc",
             "--perms", "01777", "--size", str(MAX_FILE_BYTES), "--tmpfs", "/tmp", "--perms", "01777", "--dir",
-            SANDBOX_WORKDIR]
+            SANDBOX_WORKDIR, "--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/dev"]
     for path in SYSTEM_PATHS:
         if os.path.islink(path):
             args += ["--symlink", os.readlink(path), path]
@@ -271,7 +282,7 @@ def _seccomp_filter():
 
 def _probe(mode):
     """'' if `mode` runs a program that imports a few stdlib modules, else why not."""
-    result = _execute(mode, "import json, ctypes, random", timeout=30)
+    result = _execute(mode, "import random, hashlib, math, datetime", timeout=30)  # none loaded by the supervisor
     return "" if result.success else result.error or "failed"
 
 
@@ -324,19 +335,24 @@ def _read_capped(path):
     return text
 
 
-def _run(argv, cwd, workdir, root, stdin, timeout, done_w):
-    """Run the supervisor; returns (returncode, timed_out, stdout, stderr)."""
+def _run(argv, workdir, root, stdin, timeout, done_w, bwrap):
+    """Run the supervisor (under bwrap, if so); returns (returncode, timed_out, stdout, stderr)."""
     stdout_path, stderr_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
     timed_out = False
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(argv, cwd=cwd, env=_child_env(workdir), stdin=subprocess.PIPE, stdout=out,
+        proc = subprocess.Popen(argv, cwd=root, env=_child_env(workdir), stdin=subprocess.PIPE, stdout=out,
                                 stderr=err, pass_fds=(done_w,), start_new_session=True)
         os.close(done_w)
         try:
             proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            proc.terminate()  # the supervisor (or, under bwrap, the death of its parent) kills everything it started
+            if bwrap:  # SIGKILL to the supervisor, PID 1 of the sandbox: the kernel kills all in it before bwrap ends
+                with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), signal.SIGKILL)
+            else:
+                proc.terminate()  # the supervisor kills the program and everything it started
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -375,7 +391,8 @@ def _execute(mode, code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_M
             if drop_uid is not None:
                 os.chmod(root, 0o711)  # nobody may pass through to its working dir, but not list our files
                 os.chown(workdir, NOBODY_UID, NOBODY_UID)
-        returncode, timed_out, stdout, stderr = _run(argv, root, workdir, root, code + (test or b""), timeout, done_w)
+        returncode, timed_out, stdout, stderr = _run(argv, workdir, root, code + (test or b""), timeout, done_w,
+                                                     mode == "bwrap")
         os.set_blocking(done_r, False)
         try:
             finished = os.read(done_r, 1) == b"1"

@@ -186,6 +186,25 @@ print('started')
     assert sleepers(marker) == [], "a double-forked process outlived the call"
 
 
+def test_a_process_holding_the_supervisors_pipe_does_not_outlive_a_timeout(mode, marker):
+    # the program ends early, leaving a process that holds the pipe its supervisor waits on (kept open through exec)
+    code = f"""
+import os
+if os.fork() == 0:
+    os.setsid()
+    for fd in range(3, 64):
+        try:
+            os.set_inheritable(fd, True)
+        except OSError:
+            pass
+    os.execv('/bin/sleep', ['sleep', {marker!r}])
+os._exit(0)
+"""
+    result = execute_code(code, timeout=1.0)
+    assert result.timeout and not result.success, result
+    assert sleepers(marker) == [], "a process of the program outlived the call"
+
+
 @pytest.fixture
 def outside_dir():
     """A directory beside the code, outside the sandbox's temp dir (and outside /tmp, which bwrap replaces)."""
@@ -381,6 +400,19 @@ def test_bwrap_shows_the_system_and_the_interpreter_prefixes_only(monkeypatch):
     assert shown <= set(execution.SYSTEM_PATHS) | set(execution.DEVICES) | {
         "/tmp/ci/clone/.venv", "/home/u/.pyenv/versions/3.11.7", os.path.dirname(os.path.realpath(sys.executable))}
     assert args[-3:] == ["/", "--chdir", execution.SANDBOX_WORKDIR] and args[-4] == "--remount-ro"
+
+
+def test_under_bwrap_the_program_sees_the_system_and_its_interpreter_only(mode):
+    if mode != "bwrap":
+        pytest.skip("the other modes show the whole filesystem (the module doc says so)")
+    code = ("import os, json, time\nopen('/dev/null', 'w').write('x')\nopen('/dev/urandom', 'rb').read(8)\n"
+            "time.localtime()\nprint(json.dumps([sorted(os.listdir('/')), sorted(os.listdir('/dev'))]))")
+    result = execute_code(code)
+    assert result.success, result
+    top, dev = json.loads(result.stdout)
+    prefixes = {path.split(os.sep)[1] for path in execution._interpreter_prefixes()}
+    assert set(top) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp", "usr"} | prefixes
+    assert set(dev) <= {os.path.basename(device) for device in execution.DEVICES}
 
 
 # -----------------------------------------------------------------------------
