@@ -3,8 +3,8 @@ Run untrusted (model-written) Python code and report what happened. Used by Huma
 
 The program runs in a fresh interpreter (never a fork of this process) with a scrubbed environment (no keys or tokens
 of the parent), /dev/null as stdin, resource limits (address space, file size, CPU seconds, processes, open files), a
-seccomp filter that refuses memfd_create, memfd_secret and shmget (memory that the address-space limit does not
-count), and a wall-clock timeout. A small supervisor process starts it and is the reaper of everything it starts, so
+seccomp filter (Linux on x86_64 and aarch64) that refuses memfd_create, memfd_secret and shmget (memory that the
+address-space limit does not count), and a wall-clock timeout. A small supervisor process starts it and is the reaper of everything it starts, so
 setsid + double fork does not escape: all of it is killed before the call returns.
 
 What the program can see and reach, per isolation mode (decided once per process, named in every result's
@@ -159,16 +159,15 @@ if pid == 0:
     for name, args, kwargs in iter(lambda: receive(calls), None):
         try:
             value = namespace[name](*args, **kwargs)
-            reply = repr(("ok", value)).encode()
             try:
-                ast.literal_eval(reply.decode())
+                ast.literal_eval(repr(value))
             except Exception:
                 raise TypeError(f"{name}() returned {value!r:.80}, which is not plain data") from None
+            reply = ("ok", value)
         except Exception as e:
             traceback.print_exc()
-            reply = repr(("error", f"{type(e).__name__}: {e}")).encode()
-        replies.write(struct.pack(">I", len(reply)) + reply)
-        replies.flush()
+            reply = ("error", f"{type(e).__name__}: {e}")
+        send(replies, reply)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
