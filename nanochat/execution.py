@@ -35,8 +35,8 @@ success means the program ran to its last line: a sys.exit() or os._exit(), even
 guards against accidental early exits only, as the program is free to fake it. With `test` (HumanEval), the verdict
 is out of the program's hands: the test runs in the supervisor, which never runs model code, calls the program's
 top-level functions through a pipe with plain values (what ast.literal_eval reads back), and alone holds the pipe
-that reports success. So a program cannot end early, forge the report, read the test or return an always-equal
-object to pass; what it returns is compared as data. Not resisted: a program that knows the expected answers (e.g.
+that reports success. So a program cannot end early, forge the report, read the test, redefine what the test uses
+or return an always-equal object to pass; what it returns is compared as data. Not resisted: a program that knows the expected answers (e.g.
 memorized the benchmark), and, in "rlimits" mode, a program that attacks the caller's process (it is the same user).
 """
 
@@ -96,14 +96,14 @@ class ExecutionResult:
 # -----------------------------------------------------------------------------
 # The supervisor: reads the program from stdin, forks it (limits set, privileges dropped, seccomp filter on), then
 # reads the test, if any, which the program therefore never holds. The program runs with fresh globals and, at its
-# end, sends the names of its top-level callables over a pipe and then answers calls: (name, args, kwargs) in,
-# ("ok", value) or ("error", why) out, each a repr read back by ast.literal_eval, so only plain values cross. The
-# supervisor runs the test against those names (builtins excepted: a program's `abs` must not stand in for the test's)
-# and, if it (or, without a test, the program) ran to its end, writes to the done pipe, which only it holds. It is
-# not dumpable, so a program of the same uid (a user namespace) cannot read its memory or its file descriptors.
+# end, says so over a pipe and then answers calls: (name, args, kwargs) in, ("ok", value) or ("error", why) out, each
+# a repr read back by ast.literal_eval, so only plain values cross. The supervisor runs the test, which reaches the
+# program only through `program` (program.f(x) calls the program's f), and, if the test (or, without one, the
+# program) ran to its end, writes to the done pipe, which only it holds. It is not dumpable, so a program of the
+# same uid (a user namespace) cannot read its memory or its file descriptors.
 
 _SUPERVISOR = r'''
-import os, sys, ast, json, ctypes, struct, signal, builtins, resource, traceback, contextlib
+import os, sys, ast, json, ctypes, struct, signal, resource, traceback, contextlib
 limits, drop_uid, done_fd, seccomp, code_size, test_size = json.loads(sys.argv[1])
 linux = sys.platform == "linux"
 libc = ctypes.CDLL(None, use_errno=True)
@@ -155,7 +155,7 @@ if pid == 0:
     calls, replies = os.fdopen(calls_r, "rb"), os.fdopen(replies_w, "wb")
     namespace = {"__name__": "__main__"}
     exec(compile(code, "<llm>", "exec"), namespace)
-    send(replies, sorted(name for name, value in namespace.items() if callable(value)))
+    send(replies, True)  # the program ran to its end
     for name, args, kwargs in iter(lambda: receive(calls), None):
         try:
             value = namespace[name](*args, **kwargs)
@@ -183,23 +183,22 @@ def stop(*_):  # the caller's timeout: kill the program; our blocked read or wri
     for fd in (calls_w, replies_r):
         os.dup2(null, fd)
 signal.signal(signal.SIGTERM, stop)
-def proxy(name):
-    def call(*args, **kwargs):
-        send(calls, (name, args, kwargs))
-        status, value = receive(replies) or ("error", "the program died")
-        if status != "ok":
-            raise RuntimeError(f"{name}() failed: {value}")
-        return value
-    return call
+class Program:  # the test's handle on the program: program.f(*args) calls its top-level f
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            send(calls, (name, args, kwargs))
+            status, value = receive(replies) or ("error", "the program died")
+            if status != "ok":
+                raise RuntimeError(f"{name}() failed: {value}")
+            return value
+        return call
 finished = False
 try:
     test = read_exactly(0, test_size).decode() if test_size >= 0 else None
-    names = receive(replies)
-    if names is not None and test is not None:
-        program = {name: proxy(name) for name in names
-                   if name.isidentifier() and not name.startswith("__") and not hasattr(builtins, name)}
-        exec(compile(test, "<test>", "exec"), {"__name__": "__main__", **program})
-    finished = names is not None
+    ended = receive(replies) is not None  # the program ran to its end
+    if ended and test is not None:
+        exec(compile(test, "<test>", "exec"), {"__name__": "__main__", "program": Program()})
+    finished = ended
 except Exception:
     traceback.print_exc()
 calls.close()  # the program's loop of answers ends
@@ -362,8 +361,8 @@ def _run(argv, workdir, root, stdin, timeout, done_w, bwrap):
 
 def execute_code(code, timeout=DEFAULT_TIMEOUT, maximum_memory_bytes=DEFAULT_MEMORY_BYTES, test=None):
     """Run `code` in a sandboxed fresh interpreter. maximum_memory_bytes=None disables the memory limit. With `test`
-    (trusted code), success means that `test`, run apart from the program and calling its top-level functions by
-    name, ran to its end (see the module doc)."""
+    (trusted code), success means that `test` ran to its end, run apart from the program, which it reaches as
+    `program` (program.f(x) calls the program's top-level f, with plain values; see the module doc)."""
     return _execute(isolation(), code, timeout, maximum_memory_bytes, test)
 
 

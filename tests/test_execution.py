@@ -1,9 +1,12 @@
 """
 The code sandbox (nanochat/execution.py): normal programs work, and programs that try to hurt the machine or escape
-(infinite loop, fork bomb, memory hog, writes outside the temp dir, reading the parent's secrets, killing other
-processes, leaving processes behind, exiting early to look like a pass) are contained while the parent process is
-left unharmed, under each isolation mode this machine can run (bwrap, nobody, rlimits; the others skip with a
-reason). Every escape attempt here is bounded, so a broken sandbox fails the test without harming the machine.
+(infinite loop, fork bomb, memory hog, memory outside the address-space limit, writes outside the temp dir, reading
+the parent's secrets or a user's private files, Unix sockets, killing other processes, leaving processes behind,
+exiting early or forging HumanEval's verdict) are contained while the parent process is left unharmed, under each
+isolation mode this machine can run (bwrap, nobody, rlimits; the others skip with a reason). As root, the layouts
+that used to run model code as root (a venv under a closed home) and a non-root user (via setpriv) are run in child
+processes; a bubblewrap that cannot run is refused, not bypassed. Every escape attempt here is bounded, so a broken
+sandbox fails the test without harming the machine.
 """
 
 import os
@@ -279,13 +282,13 @@ def humaneval_problems():
         return [json.loads(line) for line in f if line.strip()]
 
 
+def grade(row, solution):
+    return run_tests(row["prompt"], row["prompt"] + solution, row["test"], row["entry_point"])
+
+
 def test_humaneval_canonical_solutions_pass_and_early_exits_fail(mode):
     problems = humaneval_problems()
     assert len(problems) == 164
-
-    def grade(row, solution):
-        return run_tests(row["prompt"], row["prompt"] + solution, row["test"], row["entry_point"])
-
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda row: grade(row, row["canonical_solution"]), problems))
     failed = [row["task_id"] for row, r in zip(problems, results) if not r.success]
@@ -644,10 +647,6 @@ def test_memory_outside_the_address_space_limit_is_capped(mode):
 # -----------------------------------------------------------------------------
 # HumanEval grading: the verdict is out of the program's reach
 
-def grade(row, solution):
-    return run_tests(row["prompt"], row["prompt"] + solution, row["test"], row["entry_point"])
-
-
 DIG_THE_TOKEN = ("    return None\n\nimport os, sys; os.write(sys.modules['__main__'].done_fd, "
                  "sys.modules['__main__'].token); os._exit(0)\n")
 
@@ -658,14 +657,19 @@ def test_humaneval_forged_passes_fail():
         passed = sum(r.success for r in pool.map(lambda row: grade(row, DIG_THE_TOKEN), problems))
     assert passed == 0, f"the token dig passed {passed}/164"
     forgeries = {
-        "write to every fd we can find": "    return None\n\nimport os\nfor d in ('/proc/self/fd', '/proc/1/fd'):\n"
-            "    for fd in os.listdir(d):\n        try:\n            f = os.open(os.path.join(d, fd), os.O_WRONLY)\n"
-            "            os.write(f, b'1')\n        except OSError:\n            pass\nos._exit(0)\n",
+        "write to every fd we can find": "    return None\n\nimport os\n"
+            "for d in ('/proc/self/fd', '/proc/1/fd', '/proc/%d/fd' % os.getppid()):\n"
+            "    for fd in (os.listdir(d) if os.access(d, os.R_OK) else []):\n        try:\n"
+            "            os.write(os.open(os.path.join(d, fd), os.O_WRONLY), b'1')\n"
+            "        except OSError:\n            pass\nos._exit(0)\n",
         "an always-equal return value": "    class Anything:\n        __eq__ = lambda self, other: True\n"
             "        __sub__ = lambda self, other: 0\n    return Anything()\n",
-        "a builtin the test uses, shadowed": "    return None\n\ndef abs(x):\n    return 0\n",
+        "a builtin the test uses, shadowed": "    return 0.0\n\ndef abs(x):\n    return 0\n",
     }
-    row = next(row for row in problems if "abs(candidate(" in row["test"])  # a tolerance test: abs(x - y) < eps
-    for name, solution in forgeries.items():
-        result = grade(row, solution)
+    problem = {row["task_id"]: row for row in problems}
+    for name, solution in forgeries.items():  # HumanEval/4's asserts all read abs(candidate(...) - y) < 1e-6
+        result = grade(problem["HumanEval/4"], solution)
         assert not result.success, f"{name}: {result}"
+    # HumanEval/32 checks poly(coeffs, candidate(coeffs)) == 0 with the prompt's poly: a program's poly is not used
+    result = grade(problem["HumanEval/32"], "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n")
+    assert not result.success, result
