@@ -73,7 +73,10 @@ class HumanEval(Task):
 
 
 def run_tests(prompt, completion, test, entry_point):
-    """Run the completion's program against the problem's tests in the sandbox. It passes only if the program runs to
-    its end, i.e. past check(...): a solution that exits early (sys.exit(0), os._exit(0)) fails."""
-    program = extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n" + test + f"\ncheck({entry_point})"
-    return execute_code(program)  # under the sandbox's default time and memory limits
+    """Run the completion's program in the sandbox and the problem's tests against its entry point. The tests run
+    apart from the program, with the prompt's own helpers (poly, encode_cyclic, ...), calling the entry point through a
+    pipe, and only they can report a pass: a program that exits early (sys.exit(0), os._exit(0)), redefines a helper
+    or tries to forge the report fails (see nanochat/execution.py for what this resists)."""
+    program = extract_imports(prompt) + "\n\n" + extract_program(completion)
+    test = f"{prompt}\n\n{test}\n{entry_point} = program.{entry_point}\ncheck({entry_point})"  # some tests name it
+    return execute_code(program, test=test)  # the sandbox's default time and memory limits

@@ -2,7 +2,7 @@
 Chat evaluation: the categorical loop picks the argmax letter at the <|assistant_start|> position (checked with a
 scripted model), ChatCORE centering, and scripts.chat_eval end to end on a tiny checkpoint with hand-made local data
 (offline: tasks without data are skipped, ChatCORE is marked partial, the report section names the skips), plus the
-bad-input paths (missing checkpoint, unknown task).
+bad-input paths (missing checkpoint, unknown task, a sandbox that refuses to run model code).
 """
 
 import json
@@ -170,3 +170,15 @@ def test_missing_tag_and_unknown_task_are_clear_errors(eval_env):
     with pytest.raises(SystemExit) as excinfo:
         chat_eval.main(["-i", "sft", "-a", "NotATask", "--device-type", "cpu"])
     assert "NotATask" in str(excinfo.value)
+
+
+def test_a_refused_sandbox_is_a_clear_error(eval_env, monkeypatch):
+    from scripts import chat_eval
+    from nanochat.execution import SandboxUnavailable
+
+    def refuse():
+        raise SandboxUnavailable("refusing to run model-written code: bubblewrap is installed but cannot run python")
+    monkeypatch.setattr(chat_eval, "isolation", refuse)
+    with pytest.raises(SystemExit) as excinfo:
+        chat_eval.main(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"])
+    assert str(excinfo.value).startswith("error: refusing to run model-written code: bubblewrap")
