@@ -54,6 +54,8 @@ import threading
 import subprocess
 from dataclasses import dataclass, fields
 
+from nanochat.common import NanochatError
+
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 64 * 1024 * 1024    # RLIMIT_FSIZE for every file the child writes; under bwrap also all of /tmp
@@ -72,7 +74,7 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 SHARED_MEMORY_SYSCALLS = {"x86_64": (0xC000003E, (319, 447, 29)), "aarch64": (0xC00000B7, (279, 447, 194))}
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(NanochatError):
     """No isolation we trust can run this interpreter here, and the weaker kind was not explicitly allowed."""
 
 

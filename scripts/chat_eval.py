@@ -21,8 +21,9 @@ import argparse
 from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
                              compute_cleanup, compute_init, print0)
+from nanochat.cli import run
 from nanochat.engine import Engine
-from nanochat.execution import SandboxUnavailable, isolation
+from nanochat.execution import isolation
 from nanochat.report import get_report
 from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, run_chat_evals
 
@@ -52,10 +53,7 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if "HumanEval" in task_names:
-        try:
-            print0(f"HumanEval code sandbox: {isolation()} isolation")
-        except SandboxUnavailable as e:
-            raise SystemExit(f"error: {e}")
+        print0(f"HumanEval code sandbox: {isolation()} isolation")  # SandboxUnavailable: one error line (cli.run)
 
     model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
                                                 step=args.step)
@@ -80,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
