@@ -145,8 +145,9 @@ def remove_leftovers(checkpoint_dir):
     steps without a completion marker (they never count, and pruning removes the marker first)."""
     for path in glob.glob(os.path.join(checkpoint_dir, "*.tmp.*")):
         pid = path.rsplit(".", 1)[-1]
-        if pid.isdigit() and not is_writer_alive(int(pid), path):
-            os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # a live writer may rename it meanwhile
+            if pid.isdigit() and not is_writer_alive(int(pid), path):
+                os.remove(path)
     for name in os.listdir(checkpoint_dir):
         match = re.fullmatch(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)", name)
         if match and not os.path.exists(marker_path(checkpoint_dir, int(match.group(1)))):

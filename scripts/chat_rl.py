@@ -24,7 +24,8 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
                              init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              make_grad_scaler, finish_step, scale_initial_lrs, is_due)
-from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
+from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state,
+                                         CheckpointSaveError)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -190,7 +191,10 @@ def main(argv=None):
             if rank == 0:
                 meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
                                  pass_at_k=pass_at_k, source=args.source)
-                save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
+                try:
+                    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
+                except CheckpointSaveError as e:  # e.g. a full disk
+                    raise SystemExit(f"error: {e}")
                 print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
         if last_step:
             break

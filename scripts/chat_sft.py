@@ -38,7 +38,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
                              is_due, int_in, float_in, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         is_finite_state, CheckpointError)
+                                         is_finite_state, CheckpointError, CheckpointSaveError)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss, keep_batches
 from nanochat.report import get_report
@@ -499,11 +499,14 @@ def main(argv=None):
             raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
                              f"nothing was saved (lower the learning rates)")
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                        dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
-                             user_config=user_config, max_seq_len=T, device_batch_size=B,
-                             total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
-                        rank=rank, sync_ranks=ddp)
+        try:
+            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
+                                 user_config=user_config, max_seq_len=T, device_batch_size=B,
+                                 total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
+                            rank=rank, sync_ranks=ddp)
+        except CheckpointSaveError as e:  # e.g. a full disk
+            raise SystemExit(f"error: {e}")
         stats = {"Training mixture": mixture_description,
                  "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
                  "Training rows": len(train_dataset), "Number of iterations": step, "DDP world size": world_size,

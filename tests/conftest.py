@@ -76,3 +76,14 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (it sits beside the repo as ../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every checkpoint file write fails as on a full disk."""
+    import errno
+    from nanochat import checkpoint_manager
+
+    def write_nothing(path, write_fn, mode="wb"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoint_manager, "atomic_write", write_nothing)

@@ -112,3 +112,14 @@ def test_bad_flags_and_missing_checkpoint(base_dir, capsys):
     with pytest.raises(SystemExit) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)
+
+
+def test_full_disk_at_a_save_is_one_clear_line(rl_env, full_disk):
+    from scripts import chat_rl
+    with pytest.raises(SystemExit) as excinfo:
+        chat_rl.main(["--device-type=cpu", "--num-steps=1", "--device-batch-size=2", "--num-samples=2",
+                      "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=2", "--save-every=1"])
+    message = str(excinfo.value.code)
+    assert message.startswith("error: could not save the checkpoint of step 1") and "\n" not in message, message
+    assert "No space left on device" in message
+    assert os.listdir(rl_env / "chatrl_checkpoints" / "d2") == []

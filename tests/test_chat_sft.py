@@ -255,3 +255,14 @@ def test_model_tag_is_a_plain_name(chat_env):
     with pytest.raises(SystemExit) as excinfo:
         chat_sft.main(["--device-type=cpu", "--model-tag=../../x", "--dry-run=1"])
     assert str(excinfo.value.code).startswith("error: --model-tag=")
+
+
+def test_full_disk_at_the_save_is_one_clear_line(chat_env, full_disk):
+    from scripts import chat_sft
+    with pytest.raises(SystemExit) as excinfo:
+        chat_sft.main(["--device-type=cpu", "--num-iterations=1", "--device-batch-size=2", "--eval-tokens=256",
+                       "--chatcore-every=-1", "--simple-spelling-size=20", "--spelling-bee-size=20"])
+    message = str(excinfo.value.code)
+    assert message.startswith("error: could not save the checkpoint of step 1") and "\n" not in message, message
+    assert "No space left on device" in message
+    assert os.listdir(chat_env / "chatsft_checkpoints" / "d2") == []
