@@ -25,6 +25,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              init_wandb, check_flag_ranges, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              make_grad_scaler, finish_step, scale_initial_lrs, is_due)
 from nanochat.checkpoint_manager import load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state
+from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=int, default=-1,
                         help="override the number of optimizer steps (-1 = derived from --num-epochs)")
     # rollouts
-    parser.add_argument("--device-batch-size", type=int, default=8, help="max rows per forward (sampling and training)")
+    parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=8,
+                        help="max rows per forward (sampling and training), or auto: the largest that fits")
     parser.add_argument("--examples-per-step", type=int, default=16, help="prompts per optimizer step, all ranks")
     parser.add_argument("--num-samples", type=int, default=16, help="samples per prompt (the group for the baseline)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per sampled completion")
@@ -63,9 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems for pass@k")
     parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end)")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+    check_flag_ranges(args, positive=("examples_per_step", "num_samples", "max_new_tokens",
                                       "num_epochs", "eval_every", "save_every"))
-    if args.num_samples % args.device_batch_size != 0:  # after the range check: --device-batch-size=0 is an error line
+    if args.device_batch_size != "auto" and args.num_samples % args.device_batch_size != 0:
         parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
@@ -151,6 +153,8 @@ def main(argv=None):
     model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
                                                 step=args.model_step)
     engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
+    if args.device_batch_size == "auto":
+        args.device_batch_size = auto_device_batch_size(model.config, device, model.config.sequence_len, args.num_samples)
 
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
