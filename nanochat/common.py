@@ -165,6 +165,7 @@ def check_shared_base_dir(rank, world_size, device):
         os.remove(marker)
     if blind.any():
         ranks = ", ".join(str(r) for r in blind.nonzero().flatten().tolist())
+        dist.destroy_process_group()  # every rank leaves together, none aborts on a peer that is gone
         raise SystemExit(f"error: rank(s) {ranks} cannot see the files rank 0 writes in the base dir "
                          f"({base_dir} here): a multi-node run needs NANOCHAT_BASE_DIR on a filesystem shared by "
                          "every node")
