@@ -200,11 +200,15 @@ def test_both_loss_kernels_give_one_loss_and_one_gradient(monkeypatch, reduction
     plain.loss_kernel = "cross_entropy"
     idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     targets[0, :5] = -1
+    fused_calls, fused_apply = [], gpt.SoftcapCrossEntropy.apply
+    monkeypatch.setattr(gpt.SoftcapCrossEntropy, "apply", lambda *args: fused_calls.append(1) or fused_apply(*args))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         loss_plain = plain(idx, targets, loss_reduction=reduction)
     assert max(saved) <= plain.lm_head.weight.numel()  # its logits are recomputed in backward, never kept
+    assert not fused_calls
     loss_fused = fused(idx, targets, loss_reduction=reduction)
+    assert fused_calls == [1]
     torch.testing.assert_close(loss_fused, loss_plain)
     (3 * loss_fused).backward()
     (3 * loss_plain).backward()
@@ -212,9 +216,13 @@ def test_both_loss_kernels_give_one_loss_and_one_gradient(monkeypatch, reduction
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)  # backout_lambda: ~1e-6 itself
 
 
-def test_cross_entropy_kernel_compiles_full_graph_like_eager():
+def test_cross_entropy_kernel_compiles_full_graph_like_eager(monkeypatch):
     """What CUDA runs by default: the checkpointed F.cross_entropy chunks inside the full-graph compiled model."""
     import torch._dynamo
+
+    def fused_kernel(*args):
+        raise AssertionError("the fused kernel ran")
+    monkeypatch.setattr(gpt.SoftcapCrossEntropy, "apply", fused_kernel)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = make_tiny_model(128, n_layer=1, n_embd=32, n_head=2, sequence_len=16, window_pattern="L")
