@@ -20,6 +20,8 @@ from nanochat import auto_batch, common, gpt
 from nanochat.gpt import GPTConfig, config_from_depth
 from conftest import REPO_ROOT, make_tiny_model
 from test_base_train import TINY, run_train, ckpt_dir, template_dir, train_dir  # noqa: F401 (fixtures)
+from test_chat_sft import chat_env  # noqa: F401 (fixture)
+from test_chat_rl import rl_env  # noqa: F401 (fixture)
 
 CUDA = torch.cuda.is_available()
 
@@ -145,6 +147,23 @@ def test_base_train_auto_keeps_the_planned_total_batch_and_reports_mfu(train_dir
     assert len(steps) == 2 and all("| mfu: n/a |" not in line and "| mfu: " in line for line in steps)
     meta = json.loads((ckpt_dir(train_dir) / "meta_000002.json").read_text())
     assert meta["device_batch_size"] == 4 and meta["user_config"]["device_batch_size"] == "auto"
+
+def test_chat_sft_auto_splits_the_inherited_total_batch(chat_env, capsys):
+    """The base run's 2 x 64 tokens per step: auto takes both rows in one micro-step."""
+    from scripts import chat_sft
+    result = chat_sft.main(["--device-type=cpu", "--device-batch-size=auto", "--num-iterations=1", "--eval-tokens=128",
+                            "--chatcore-every=-1", "--dry-run=1", "--simple-spelling-size=20", "--spelling-bee-size=20"])
+    out = capsys.readouterr().out
+    assert "Device batch size: auto -> 2 (the largest of [2, 1]" in out and "gradient accumulation steps: 1" in out
+    assert result["step"] == 1
+
+
+def test_chat_rl_auto_divides_the_samples_per_prompt(rl_env, capsys):
+    from scripts import chat_rl
+    result = chat_rl.main(["--device-type=cpu", "--device-batch-size=auto", "--num-samples=4", "--num-steps=1",
+                           "--examples-per-step=1", "--max-new-tokens=4", "--eval-every=1", "--eval-examples=1"])
+    assert "Device batch size: auto -> 4 (the largest of [4, 2, 1]" in capsys.readouterr().out
+    assert result["num_steps"] == 1 and len(result["pass_at_k"]) == 4  # pass@1..device batch
 
 # -----------------------------------------------------------------------------
 # 3. MFU for any GPU
