@@ -51,7 +51,7 @@ DRY = dict(train_depths=(1, 2), train_flags=["--aspect-ratio=32", "--head-dim=32
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Run every check only a GPU can answer and print one markdown table")
     parser.add_argument("--dry-run", action="store_true", help="run the plumbing on CPU with tiny shapes")
-    parser.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=420, help="start no row after this many seconds")
     return parser.parse_args(argv)
 
 
@@ -125,7 +125,8 @@ def cuda_tests(dry_run):
 
 def train_row_spec(shapes, device, depth, backend, fp8):
     window = "L" if backend == "sdpa" else "SSSL"
-    setting = f"d{depth}, {backend} (window {window}){', fp8' if fp8 else ''}, {shapes['train_batch']}x{shapes['seq_len']}"
+    batch = f"{shapes['train_batch']}x{shapes['seq_len']}"
+    setting = f"d{depth}, {backend} (window {window}){', fp8' if fp8 else ''}, {batch}"
     return ("train", setting, lambda: train_row(shapes, device, depth, backend, window, fp8))
 
 
@@ -142,7 +143,8 @@ def train_row(shapes, device, depth, backend, window, fp8):
             return dict(note=f"no fp8: {e}")
     flash_attention.set_backend_override(backend)
     argv = [f"--device-type={device.type}", f"--depth={depth}", f"--max-seq-len={shapes['seq_len']}",
-            f"--window-pattern={window}", f"--vocab-size={shapes['vocab']}", f"--device-batch-size={shapes['train_batch']}",
+            f"--window-pattern={window}", f"--vocab-size={shapes['vocab']}",
+            f"--device-batch-size={shapes['train_batch']}",
             f"--steps={shapes['steps']}", f"--warmup-steps={shapes['warmup']}",
             f"--compile={'on' if shapes['compile'] else 'off'}", *shapes["train_flags"], *(["--fp8"] if fp8 else [])]
     result = bench_train.run_once(bench_train.parse_args(argv))

@@ -125,7 +125,7 @@ def estimate_device_batch_size(config, device, seq_len, sizes):
         chosen = torch.tensor(chosen, device=device)
         torch.distributed.all_reduce(chosen, op=torch.distributed.ReduceOp.MIN)
         chosen = int(chosen.item())
-    print0(f"Device batch size: auto -> {chosen} (the largest of {sizes} that fits in {device.type} memory by estimate: "
+    print0(f"Device batch size: auto -> {chosen} (the largest of {sizes} that fits in {device.type} memory, estimated: "
            f"{seq_len * token_bytes / 2**20:,.0f} MiB a sequence, {max(budget, 0) / 2**20:,.0f} MiB available to each "
            "process after weights and optimizer state)")
     return chosen

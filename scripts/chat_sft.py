@@ -358,7 +358,7 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-        if name == "device_batch_size" and base_value and args.device_batch_size != "auto" and args.device_batch_size > base_value:
+        if name == "device_batch_size" and base_value and given != "auto" and args.device_batch_size > base_value:
             print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
                    f"did you pass in a good --device-batch-size to this script?")
 
