@@ -209,7 +209,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             p.div_(total).scatter_add_(0, tc, torch.full_like(tc, -1, dtype=p.dtype))  # d loss / d capped = softmax - one-hot
             p = p.mul_(u.addcmul_(u, u, value=-1)).to(x.dtype)  # d capped / d logits = 1 - tanh^2 = 4u(1 - u)
             grad_x[rows] = (p.t() @ w) * (4 * valid)
-            grad_w[:vocab_size].add_(p @ xc, alpha=4)
+            grad_w[:vocab_size].add_(p @ (4 * xc))  # compiled, add_(alpha=4) into this slice lost the 4 (torch 2.13)
         ctx.save_for_backward(grad_x, grad_w)
         return loss
 

@@ -17,7 +17,7 @@ from test_base_train import TINY, REPO, env_for, step_losses, val_bpbs, ckpt_dir
 
 # --device-batch-size=auto: the ranks agree on one size (2 sequences of 64 make the planned 256 tokens on 2 ranks)
 ARGS = [a for a in TINY if not a.startswith("--device-batch-size")] + [
-    "--device-batch-size=auto", "--num-iterations=4", "--save-every=2", "--eval-every=2"]
+    "--device-type=cpu", "--device-batch-size=auto", "--num-iterations=4", "--save-every=2", "--eval-every=2"]
 TIMEOUT = 600  # a busy 2-core machine starts four Python processes per run
 
 
