@@ -117,7 +117,7 @@ def planned_rows(shapes, device, dry_run):
 def cuda_tests(dry_run):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
     out = subprocess.run(cmd + (["--collect-only"] if dry_run else []), cwd=REPO_ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                         env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=240)  # a hung test costs no more
     summary = (out.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
     if out.returncode != 0:
         failed = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("FAILED", "ERROR"))]
