@@ -96,7 +96,7 @@ def run_once(args):
 
     tokens_per_step = B * T * args.grad_accum_steps * world_size
     device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else device_type
-    peak = get_peak_flops(device_name) if device_type == "cuda" else None
+    peak = get_peak_flops(device_name)
     print0(f"depth {args.depth} | dim {config.n_embd} | heads {config.n_head} | params {sum(p.numel() for p in model.parameters()):,} | "
            f"FLOPs/token {flops_per_token:.4e} | batch {B}x{T}x{args.grad_accum_steps}x{world_size} = {tokens_per_step:,} tokens | "
            f"dtype {COMPUTE_DTYPE} | attention {backend} | fp8 {'on (' + args.fp8_recipe + ')' if args.fp8 else 'off'} | "

@@ -18,6 +18,7 @@ import time
 import fcntl
 import shutil
 import socket
+import secrets
 import logging
 import resource
 import urllib.error
@@ -151,9 +152,33 @@ def compute_init(device_type="cuda"):
         dist.init_process_group(backend="gloo")
     if ddp:
         dist.barrier()
+        check_shared_base_dir(rank, world_size, device)
     if rank == 0 and ddp:
         logger.info(f"Distributed world size: {world_size}")
     return ddp, rank, local_rank, world_size, device
+
+def check_shared_base_dir(rank, world_size, device):
+    """Every rank must see the files that rank 0 writes in the base dir: rank 0 writes a checkpoint's model, meta and
+    completion marker, every rank its own optimizer shard, and a resume reads them all back. Across nodes that takes
+    one filesystem they all share; a node that does not see rank 0's marker file stops every rank with one line."""
+    base_dir = get_base_dir()
+    name = [f".shared-check-{secrets.token_hex(8)}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    marker = os.path.join(base_dir, name[0])
+    if rank == 0:
+        atomic_write(marker, lambda f: None)
+    dist.barrier()
+    blind = torch.zeros(world_size, dtype=torch.int32, device=device)
+    blind[rank] = int(not os.path.exists(marker))
+    dist.all_reduce(blind)  # returns once every rank has looked
+    if rank == 0:
+        os.remove(marker)
+    if blind.any():
+        ranks = ", ".join(str(r) for r in blind.nonzero().flatten().tolist())
+        dist.destroy_process_group()  # every rank leaves together, none aborts on a peer that is gone
+        raise SystemExit(f"error: rank(s) {ranks} cannot see the files rank 0 writes in the base dir "
+                         f"({base_dir} here): a multi-node run needs NANOCHAT_BASE_DIR on a filesystem shared by "
+                         "every node")
 
 def keep_freed_memory():
     """glibc maps every block over 32 MB afresh and unmaps it when freed, so the large buffers of each CPU step
@@ -330,30 +355,58 @@ def init_wandb(project, run, config, master):
         return NoOp()
 
 # -----------------------------------------------------------------------------
-# Peak FLOPs (bf16 dense) for MFU. First substring match wins, so specific names come first.
+# Peak FLOP/s for MFU: the vendors' dense (no sparsity) bf16 tensor figures, matched by the words of the device name:
+# the first entry whose words all occur wins, so specific names come first. torch names SXM parts without a form
+# factor ("NVIDIA H100 80GB HBM3") and PCIe / NVL parts with it ("NVIDIA H100 PCIe"). Data-centre and workstation
+# parts: the datasheet's BF16 Tensor Core figure (halved where the datasheet quotes it with sparsity). GeForce parts:
+# the dense "FP16 Tensor with FP32 accumulate" figure of NVIDIA's architecture whitepapers, the rate bf16 training runs
+# at on those cards. NANOCHAT_PEAK_FLOPS supplies the figure for any other device, or overrides this table.
 
 _PEAK_FLOPS = [
-    (["gb200"], 2.5e15), (["grace blackwell"], 2.5e15), (["b200"], 2.25e15), (["b100"], 1.8e15),
-    (["h200", "nvl"], 836e12), (["h200", "pcie"], 836e12), (["h200"], 989e12),
-    (["h100", "nvl"], 835e12), (["h100", "pcie"], 756e12), (["h100"], 989e12),
-    (["h800", "nvl"], 989e12), (["h800"], 756e12),
-    (["a100"], 312e12), (["a800"], 312e12), (["a40"], 149.7e12), (["a30"], 165e12),
-    (["l40s"], 362e12), (["l40-s"], 362e12), (["l40 s"], 362e12), (["l4"], 121e12),
-    (["mi355"], 2.5e15), (["mi325"], 1.3074e15), (["mi300x"], 1.3074e15), (["mi300a"], 980.6e12),
+    # Blackwell: GB200 per GPU (NVL72: 180 PF / 72 GPUs), B200 (HGX B200), B100, RTX PRO 6000 Blackwell
+    (["gb200"], 2.5e15), (["b200"], 2.25e15), (["b100"], 1.75e15), (["rtx", "pro", "6000"], 503.8e12),
+    # Hopper: SXM 989.4 TF (GH200 carries the same GPU), PCIe 756 TF, NVL 835 TF
+    (["gh200"], 989.4e12), (["h200", "nvl"], 835e12), (["h200"], 989.4e12),
+    (["h100", "nvl"], 835e12), (["h100", "pcie"], 756e12), (["h100"], 989.4e12),
+    (["h800", "pcie"], 756e12), (["h800"], 989.4e12),
+    # Ampere and Ada data centre / workstation (SXM and PCIe A100 share the figure; the A10G has none published)
+    (["a100"], 312e12), (["a800"], 312e12), (["a10"], 125e12), (["a40"], 149.7e12),
+    (["a30"], 165e12), (["l40s"], 362.05e12), (["l40"], 181.05e12), (["l4"], 121e12),
+    (["6000", "ada"], 364.2e12), (["a6000"], 154.8e12),
+    # GeForce
+    (["5090"], 209.5e12), (["5080"], 112.6e12), (["4090"], 165.2e12), (["4080"], 97.5e12),
+    (["4070", "ti"], 80.2e12), (["4070"], 58.3e12), (["3090", "ti"], 80e12), (["3090"], 71e12), (["3080"], 59.5e12),
+    # AMD Instinct
+    (["mi355x"], 2.5e15), (["mi325x"], 1.3074e15), (["mi300x"], 1.3074e15), (["mi300a"], 980.6e12),
     (["mi250x"], 383e12), (["mi250"], 362.1e12),
-    (["5090"], 209.5e12), (["4090"], 165.2e12), (["3090"], 71e12),
 ]
 
 def get_peak_flops(device_name):
-    """bf16 dense peak FLOP/s of a GPU by name, or None when unknown (callers then print MFU as n/a, not 0%)."""
+    """bf16 dense peak FLOP/s of a device by name (NANOCHAT_PEAK_FLOPS first, then the table), or None when unknown
+    (callers then print MFU as n/a, not 0%). Prints the figure and where it came from."""
+    forced = os.environ.get("NANOCHAT_PEAK_FLOPS", "").strip()
+    if forced:
+        try:
+            flops = float(forced)
+        except ValueError:
+            flops = -1.0
+        if not 0 < flops < float("inf"):
+            raise SystemExit(f"error: NANOCHAT_PEAK_FLOPS={forced!r} must be a positive number of FLOP/s, e.g. 989e12")
+        print0(f"Peak FLOPS (BF16): {flops:.3e} for {device_name!r} (from NANOCHAT_PEAK_FLOPS)")
+        return flops
     name = (device_name or "").lower()
-    for keys, flops in _PEAK_FLOPS:
-        if all(k in name for k in keys):
-            return flops
-    if "data center gpu max 1550" in name and torch.xpu.is_available():
-        return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
-    print0(f"Peak FLOPs of device {device_name!r} are unknown: MFU will be reported as n/a")
-    return None
+    words = set(re.split(r"[^a-z0-9]+", name))
+    flops = next((flops for keys, flops in _PEAK_FLOPS if all(k in words for k in keys)), None)
+    source = "nanochat's table of datasheet figures, dense bf16"
+    if flops is None and "data center gpu max 1550" in name and torch.xpu.is_available():
+        flops = 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
+        source = "Intel Max 1550: 512 FLOP/clock per compute unit at 1.3 GHz"
+    if flops is None:
+        print0(f"Peak FLOPS of {device_name!r} unknown: MFU is reported as n/a "
+               "(set NANOCHAT_PEAK_FLOPS to the device's dense bf16 FLOP/s to supply it)")
+    else:
+        print0(f"Peak FLOPS (BF16): {flops:.3e} for {device_name!r} ({source})")
+    return flops
 
 # -----------------------------------------------------------------------------
 # Downloads: retries with backoff, temp file + rename, clear failure when offline
@@ -444,3 +497,23 @@ def should_compile(device_type, mode, num_steps):
         use, reason = False, f"auto: eager on {device_type}"
     print0(f"torch.compile: {'on' if use else 'off'} ({reason})")
     return use
+
+
+# The training loss is computed in chunks of tokens (nanochat.gpt); two functions can compute a chunk:
+LOSS_KERNELS = {
+    "fused": "hand-written soft-capped cross-entropy, gradient computed in the forward pass, 3 lm_head matmuls",
+    "cross_entropy": "F.cross_entropy of the soft-capped chunk, recomputed in the backward pass, 4 lm_head matmuls",
+}
+_loss_kernels = {}  # device type -> kernel
+
+
+def choose_loss_kernel(device_type):
+    """Which function computes a chunk of the training loss on this device type (printed once per type). "fused" was
+    tuned for CPU, where it measured fastest; elsewhere the simplest, compiled with the model, until dev/gpu_check
+    has measured the two there."""
+    if device_type not in _loss_kernels:
+        kernel = "fused" if device_type == "cpu" else "cross_entropy"
+        reason = "measured fastest on CPU" if kernel == "fused" else f"the simplest on {device_type}"
+        print0(f"Loss kernel: {kernel} ({reason}): {LOSS_KERNELS[kernel]}")
+        _loss_kernels[device_type] = kernel
+    return _loss_kernels[device_type]

@@ -9,7 +9,8 @@ Tensors are (B, T, heads, D); k/v may have fewer heads than q (GQA). window_size
 position i sees keys in [i - left, i] (left < 0: unlimited). The fastest available backend is chosen here and
 nowhere else:
 
-  fa3   Flash Attention 3 kernels loaded through the `kernels` package: CUDA Hopper (sm90) with bf16 compute
+  fa3   Flash Attention 3 kernels loaded through the `kernels` package (the gpu extra, which dev/setup_env.sh
+        installs where nvidia-smi lists a GPU): CUDA Hopper (sm90) with bf16 compute
   flex  PyTorch FlexAttention with block-sparse masks (compiled): every other CUDA GPU. Sliding windows skip
         whole masked tiles instead of computing a dense mask
   sdpa  torch scaled_dot_product_attention: CPU / MPS. Full-context layers take the fused causal path;

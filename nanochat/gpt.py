@@ -10,8 +10,9 @@ The GPT model (the architecture behind the 1.65 h time-to-GPT-2 record).
 - logits soft-capped at 15, vocab padded to a multiple of 64
 - explicit compute dtype (nanochat.common.COMPUTE_DTYPE): fp32 master weights cast per matmul, no autocast
 - the training loss is computed in token chunks (lm_head, soft-cap, cross-entropy), so the (B*T, vocab) fp32
-  logits never exist at once: a mean/sum loss gets its exact gradient in the forward pass (SoftcapCrossEntropy),
-  per-token losses recompute their chunk in backward
+  logits never exist at once. The kernel of a mean/sum loss is a device decision (common.choose_loss_kernel): "fused"
+  computes each chunk's exact gradient in the forward pass (SoftcapCrossEntropy), "cross_entropy" recomputes the
+  chunk in backward, as per-token losses always do
 - built on the meta device, then `to_empty(device=...)` and `init_weights()`
 """
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.common import COMPUTE_DTYPE, print0
+from nanochat.common import COMPUTE_DTYPE, print0, choose_loss_kernel
 from nanochat.flash_attention import flash_attn_func, flash_attn_with_kvcache, prepare_masks
 from nanochat.optim import MuonAdamW
 
@@ -208,7 +209,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             p.div_(total).scatter_add_(0, tc, torch.full_like(tc, -1, dtype=p.dtype))  # d loss / d capped = softmax - one-hot
             p = p.mul_(u.addcmul_(u, u, value=-1)).to(x.dtype)  # d capped / d logits = 1 - tanh^2 = 4u(1 - u)
             grad_x[rows] = (p.t() @ w) * (4 * valid)
-            grad_w[:vocab_size].add_(p @ xc, alpha=4)
+            grad_w[:vocab_size].add_(p @ (4 * xc))  # compiled, add_(alpha=4) into this slice lost the 4 (torch 2.13)
         ctx.save_for_backward(grad_x, grad_w)
         return loss
 
@@ -287,6 +288,7 @@ class GPT(nn.Module):
                                                       device=self.cos.device)
         self.cos, self.sin = cos, sin
         prepare_masks(self.config.sequence_len, self.window_sizes, self.cos.device)  # no-op unless FlexAttention
+        self.loss_kernel = choose_loss_kernel(self.cos.device.type)  # here: a compiled forward must not print
         # embeddings are only looked up, never matmul'd: store them in the compute dtype to halve their memory.
         # fp16 is the exception: GradScaler cannot unscale fp16 gradients, so fp16 runs keep fp32 tables.
         if COMPUTE_DTYPE != torch.float16:
@@ -421,7 +423,8 @@ class GPT(nn.Module):
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)
         assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean, sum or none, got {loss_reduction!r}"
         # fp8 replaces lm_head by a Float8Linear, whose own matmuls the fused loss would bypass
-        if loss_reduction != "none" and torch.is_grad_enabled() and type(self.lm_head) is Linear:
+        if (loss_reduction != "none" and torch.is_grad_enabled() and type(self.lm_head) is Linear
+                and self.loss_kernel == "fused"):
             loss = SoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.vocab_size)
         else:
             # chunk by chunk; with gradients, checkpointing drops each chunk's logits and recomputes them in backward

@@ -17,16 +17,18 @@
 #   WANDB_RUN          wandb run name for base training and SFT (default "dummy" = wandb off)
 #   NANOCHAT_BASE_DIR  artifact root (default ~/.cache/nanochat): data, tokenizer, checkpoints, report/
 #   SKIP_SETUP=1       use the already-set-up .venv as it is
-# On GPUs with less than 80 GB lower the device batch (16 -> 8, 4, ...) in BASE_TRAIN_ARGS below; on GPUs without
-# fp8 (before Hopper) drop --fp8.
+# The set-up installs the `kernels` package on a machine whose nvidia-smi lists a GPU, for Flash Attention 3 on Hopper
+# (without it, or offline, attention falls back to FlexAttention and says so). The device batch is found before training
+# (--device-batch-size=auto: the largest micro-batch that fits, gradient accumulation keeps the total batch), so GPUs
+# with less memory need no edit; on GPUs without fp8 (before Ada / Hopper) drop --fp8.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # repo root, env defaults, NPROC_PER_NODE, log/launch helpers
 WANDB_RUN="${WANDB_RUN:-dummy}"
 
-# The best recipe we have (the 1.65 h record): depth 24, 8 tokens per scaling parameter, fp8 matmuls,
-# 16 sequences per GPU per micro-step (32 does not fit in 80 GB at d24); batch size, LRs and weight decay are
-# derived automatically from the depth and the horizon.
-BASE_TRAIN_ARGS=(--depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8)
+# The best recipe we have (the 1.65 h record): depth 24, 8 tokens per scaling parameter, fp8 matmuls, as many
+# sequences per GPU per micro-step as fit (the record used 16 on 80 GB; 32 does not fit); batch size, LRs and weight
+# decay are derived automatically from the depth and the horizon.
+BASE_TRAIN_ARGS=(--depth=24 --target-param-data-ratio=8 --device-batch-size=auto --fp8)
 # Training shards: ~170 cover the d24 horizon (~5.8B tokens) with margin; 8 are enough for the tokenizer.
 NUM_SHARDS=170
 

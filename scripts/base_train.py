@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
+from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
                              get_peak_flops, init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
                              synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
@@ -72,7 +73,7 @@ def build_parser():
     g.add_argument("--target-flops", type=float_in("(0, inf)", -1), default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
     g.add_argument("--target-param-data-ratio", type=float_in("(0, inf)", -1), default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off)")
     g = parser.add_argument_group("optimization")
-    g.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=32, help="sequences per device per micro-step (lower it on OOM: 16, 8, 4, 2, 1)")
+    g.add_argument("--device-batch-size", type=positive_int_or_auto, default=32, help="sequences per device per micro-step, or auto: the largest that fits (the total batch stays as planned)")
     g.add_argument("--total-batch-size", type=int_in("[1, inf)", -1), default=-1, help="tokens per optimizer step (-1 = auto: B_opt ~ D^0.383 around 2^19 at d12)")
     g.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=0.3, help="AdamW LR for the token embeddings (value embeddings get x0.5)")
     g.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=0.008, help="AdamW LR for lm_head")
@@ -285,13 +286,9 @@ def check_resume(args, checkpoint_dir, world_size, user_config):
 def print_hardware(device_type, window_pattern):
     """Peak FLOPs (None = MFU n/a) and the attention backend's warnings."""
     backend, _ = get_backend(device_type)
+    peak_flops = get_peak_flops(torch.cuda.get_device_name(0) if device_type == "cuda" else device_type)
     if device_type != "cuda":
-        print0(f"MFU n/a (no peak FLOPs figure for device type {device_type})")
-        return None
-    gpu_name = torch.cuda.get_device_name(0)
-    peak_flops = get_peak_flops(gpu_name)
-    print0(f"GPU: {gpu_name} | Peak FLOPS (BF16): {peak_flops:.2e}" if peak_flops else
-           f"GPU: {gpu_name} | Peak FLOPS (BF16): unknown (MFU n/a)")
+        return peak_flops
     if backend == "fa3":
         print0("✓ Using Flash Attention 3 (Hopper GPU detected), efficient, new and awesome.")
     else:
@@ -413,6 +410,8 @@ class Training:
                 fp8.check_fp8_support(self.device)  # before any heavy work
             except fp8.Fp8UnsupportedError as e:
                 fail(str(e))
+        if args.device_batch_size == "auto":
+            args.device_batch_size = self.auto_device_batch_size()
         world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * self.world_size
         if args.total_batch_size != -1 and args.total_batch_size % world_tokens_per_fwdbwd:
             fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size "
@@ -427,6 +426,16 @@ class Training:
         if args.resume_from_step > self.plan.num_iterations:
             fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({self.plan.num_iterations} steps)")
         self.peak_flops = print_hardware(self.device_type, args.window_pattern)
+
+    def auto_device_batch_size(self):
+        """The largest micro-batch that fits, of those that split the total batch (planned with one sequence per
+        micro-step, which leaves it as planned) evenly."""
+        args, row_tokens = self.args, self.args.max_seq_len * self.world_size
+        plan = training_plan(argparse.Namespace(**{**vars(args), "device_batch_size": 1}), get_tokenizer().get_vocab_size(),
+                             row_tokens, print0=lambda *a, **k: None)
+        return auto_device_batch_size(plan.model_config, self.device, args.max_seq_len, plan.total_batch_size // row_tokens,
+                                      should_compile(self.device_type, args.compile, plan.num_iterations),
+                                      args.fp8_recipe if args.fp8 else None)
 
     def build(self):
         """Model and optimizer (restored when resuming), the loop state and the train loader."""

@@ -26,6 +26,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              make_grad_scaler, finish_step, scale_initial_lrs, is_due)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state,
                                          CheckpointSaveError)
+from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=int_in("[1, inf)", -1), default=-1,
                         help="override the number of optimizer steps (-1 = derived from --num-epochs)")
     # rollouts
-    parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=8, help="max rows per forward (sampling and training)")
+    parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=8,
+                        help="max rows per forward (sampling and training), or auto: the largest that fits")
     parser.add_argument("--examples-per-step", type=int_in("[1, inf)"), default=16, help="prompts per optimizer step, all ranks")
     parser.add_argument("--num-samples", type=int_in("[1, inf)"), default=16, help="samples per prompt (the group for the baseline)")
     parser.add_argument("--max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per sampled completion")
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int_in("[1, inf)"), default=400, help="GSM8K test problems for pass@k")
     parser.add_argument("--save-every", type=int_in("[1, inf)"), default=60, help="checkpoint every N steps (and at the end)")
     args = parser.parse_args(argv)
-    if args.num_samples % args.device_batch_size != 0:
+    if args.device_batch_size != "auto" and args.num_samples % args.device_batch_size != 0:
         parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
     return args
 
@@ -148,6 +150,8 @@ def main(argv=None):
     model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
                                                 step=args.model_step)
     engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
+    if args.device_batch_size == "auto":
+        args.device_batch_size = auto_device_batch_size(model.config, device, model.config.sequence_len, args.num_samples)
 
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:

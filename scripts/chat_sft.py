@@ -39,6 +39,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              is_due, int_in, float_in, scale_initial_lrs, should_compile)
 from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
                                          is_finite_state, CheckpointError, CheckpointSaveError)
+from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss, keep_batches
 from nanochat.report import get_report
@@ -80,7 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-iterations", type=int_in("[1, inf)", -1), default=-1,
                         help="optimizer steps to train (-1 = one full pass over the mixture)")
     parser.add_argument("--max-seq-len", type=int_in("[1, inf)"), default=None, help="row length T (default: inherited)")
-    parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=None, help="rows per micro-batch per rank (default: inherited)")
+    parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=None,
+                        help="rows per micro-batch per rank, or auto: the largest that fits (default: inherited)")
     parser.add_argument("--total-batch-size", type=int_in("[1, inf)"), default=None, help="tokens per optimizer step (default: inherited)")
     # optimization
     parser.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=None, help="AdamW LR of the embeddings (default: inherited)")
@@ -352,7 +354,7 @@ def resolve_inherited(args, meta):
             print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
         else:
             print0(f"Using {name}={given}")
-        if name == "device_batch_size" and base_value and args.device_batch_size > base_value:
+        if name == "device_batch_size" and base_value and given != "auto" and args.device_batch_size > base_value:
             print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
                    f"did you pass in a good --device-batch-size to this script?")
 
@@ -401,6 +403,10 @@ def main(argv=None):
     orig_model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
                                                      step=args.model_step)  # uncompiled: saving, the Engine
     resolve_inherited(args, meta)
+    use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
+    if args.device_batch_size == "auto":
+        args.device_batch_size = auto_device_batch_size(orig_model.config, device, args.max_seq_len,
+                                                        args.total_batch_size // (args.max_seq_len * world_size), use_compile)
     B, T = args.device_batch_size, args.max_seq_len
     world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
@@ -412,7 +418,6 @@ def main(argv=None):
     print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
     if T > orig_model.config.sequence_len:
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
-    use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
     scaler = make_grad_scaler(device_type)
@@ -421,7 +426,7 @@ def main(argv=None):
     train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
     token_bytes = get_token_bytes(device=device)
     flops_per_step = orig_model.estimate_flops() * args.total_batch_size
-    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    peak_flops = get_peak_flops(torch.cuda.get_device_name(device) if device_type == "cuda" else device_type)
 
     # --- the loop: evaluations at step boundaries, then one optimizer step ---------------------------------------
     step, progress, smooth_train_loss, ema_beta, total_training_time = 0, 0.0, 0.0, 0.9, 0.0
