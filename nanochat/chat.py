@@ -113,24 +113,40 @@ def warm_up(engine, tokenizer):
     list(engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0))
 
 
-def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write, should_stop=lambda: False):
+class Reply:
+    """A reply as it is generated: its token ids (tool calls included, the closing <|assistant_end|> not) and its
+    text, handed to write() as soon as it is displayable."""
+
+    def __init__(self, tokenizer, write):
+        self.decoder, self.write, self.tokens = ReplyDecoder(tokenizer), write, []
+
+    def feed(self, token):
+        """Take the next generated token; returns True when it ends the reply (it is then not kept)."""
+        if token in self.decoder.stop_tokens:
+            return True
+        self.tokens.append(token)
+        text = self.decoder.feed(token)
+        if text:
+            self.write(text)
+        return False
+
+    def close(self):
+        """Write whatever is still held back."""
+        tail = self.decoder.flush()
+        if tail:
+            self.write(tail)
+
+
+def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write):
     """Generate one reply, writing display text as it comes. Returns (tokens, finish): the reply's token ids (tool
-    calls included, the closing <|assistant_end|> not) and "stop" (the model ended its turn), "length" (max_tokens
-    reached) or "cancelled" (should_stop() said so)."""
-    decoder = ReplyDecoder(tokenizer)
-    tokens, finish = [], "length"
+    calls included, the closing <|assistant_end|> not) and "stop" (the model ended its turn) or "length" (max_tokens
+    or the context reached)."""
+    reply, finish = Reply(tokenizer, write), "length"
     with closing(engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
                                  top_k=top_k if top_k > 0 else None, seed=seed)) as generator:
         for token_column, _ in generator:
-            token = token_column[0]
-            if should_stop() or token in decoder.stop_tokens:
-                finish = "cancelled" if should_stop() else "stop"
+            if reply.feed(token_column[0]):
+                finish = "stop"
                 break
-            tokens.append(token)
-            text = decoder.feed(token)
-            if text:
-                write(text)
-    tail = decoder.flush()
-    if tail:
-        write(tail)
-    return tokens, finish
+    reply.close()
+    return reply.tokens, finish

@@ -347,7 +347,7 @@ class Engine:
         prompts = list(prompts)
         seeds = [42] * len(prompts) if seeds is None else seeds
         rows = max(num_samples, min(max_rows, num_samples * len(prompts)))
-        batch = self.new_batch(rows, max(self.row_length(p, max_tokens) for p in prompts))
+        batch = self.new_batch(rows, max((self.row_length(p, max_tokens) for p in prompts), default=1))
         outputs = {}  # request -> (prompt index, results, masks)
         for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
             request = batch.add(prompt, num_samples, max_tokens, temperature, top_k, seed)

@@ -9,7 +9,7 @@ Two kinds of task:
 - categorical (ARC, MMLU): one forward pass per batch, the answer is the argmax over the letters' logits at the
   <|assistant_start|> position, so the model always answers with a valid letter;
 - generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine, a problem passes if any of the
-  -n samples is correct (pass@n).
+  -n samples is correct (pass@n). Problems are decoded together, -r sequences (problems x samples) per forward.
 
 ChatCORE = mean over the six tasks of (accuracy - chance) / (1 - chance): 0 is chance, 1 is perfect. ChatCORE-5 is
 the same without SpellingBee. A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line
@@ -36,13 +36,15 @@ def main(argv=None):
                         help=f"task(s) joined with '|' (default: all of {'|'.join(ALL_TASKS)})")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="cap on problems per task")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of the categorical evaluation")
+    parser.add_argument("-r", "--rows", type=int, default=32,
+                        help="sequences decoded together in the generative tasks (problems x samples per forward)")
     # sampling (generative tasks)
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="max tokens generated per sample")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem (pass@n)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 disables)")
     args = parser.parse_args(argv)
-    check_flag_ranges(args, positive=("num_samples", "batch_size", "max_problems"))
+    check_flag_ranges(args, positive=("num_samples", "batch_size", "rows", "max_problems"))
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
 
@@ -62,7 +64,7 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
 
     results, skipped = run_chat_evals(task_names, model, tokenizer, engine, max_problems=args.max_problems,
-                                      batch_size=args.batch_size, num_samples=args.num_samples,
+                                      batch_size=args.batch_size, rows=args.rows, num_samples=args.num_samples,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     # ChatCORE only over full task lists (a skipped task makes it partial, and the line says so)
