@@ -229,6 +229,11 @@ class Batch:
                 self._free(i)
         request.done = True
 
+    def clear(self):
+        """Drop every request at once (after a failed step): all rows free, nobody waiting."""
+        self.cache.truncate(0)
+        self.rows, self.waiting = [], deque()
+
     @torch.inference_mode()
     def step(self):
         """Feed every row its last token, admit the waiting requests that fit, sample one token per row. Returns

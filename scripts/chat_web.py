@@ -159,6 +159,14 @@ def load_workers(args):
         model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
+        try:  # the KV cache of every row must fit: fail now rather than at the first request
+            cache = engine.new_batch(args.rows_per_replica).cache
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device}; "
+                             "lower --rows-per-replica")
+        print(f"KV cache: {args.rows_per_replica} rows x {cache.seq_len} tokens = "
+              f"{(cache.k_cache.nbytes + cache.v_cache.nbytes) / 2**20:.1f} MiB")
+        del cache
         workers.append(Worker(gpu_id, str(device), engine, tokenizer, model.config.sequence_len))
     print(f"All {len(workers)} workers initialized!")
     return workers
@@ -343,7 +351,8 @@ def decode_loop(worker, max_rows):
             logger.exception(f"generation failed on GPU {worker.gpu_id}")
             for generation in running.values():
                 generation.fail(f"generation failed: {type(e).__name__}: {e}")
-            batch, running = worker.engine.new_batch(max_rows, worker.sequence_len), {}
+            batch.clear()
+            running = {}
             continue
         for request, column, _ in outputs:
             generation = running[request]

@@ -739,6 +739,38 @@ def test_serving_benchmark(server, capsys):
         assert 0 < level["ttft_p50_ms"] <= level["latency_p50_ms"] + 1e-6
 
 
+def test_serving_benchmark_compares_checkouts(monkeypatch, capsys):
+    """--before-dir launches the two checkouts' servers in turn and reports the medians of each."""
+    from dev import bench_serving
+    launched = []
+
+    class Server:
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            pass
+
+    def launch(server_args, checkout):
+        launched.append((checkout, server_args))
+        return Server(), "http://server"
+
+    numbers = iter([100, 300, 120, 360, 90, 330])  # before, after, before, ... tok/s of the one level
+    def measure(args, url):
+        tok_per_sec = next(numbers)
+        return ["cpu"], [{"clients": 8, "output_tok_per_sec": tok_per_sec, "ttft_p50_ms": 1e4 / tok_per_sec, "ttft_p95_ms": 2e4 / tok_per_sec}]
+
+    monkeypatch.setattr(bench_serving, "launch_server", launch)
+    monkeypatch.setattr(bench_serving, "measure", measure)
+    bench_serving.main(["--before-dir", "/old", "--runs", "3", "--clients", "8", "--", "-i", "sft"])
+    out = capsys.readouterr().out
+    assert launched == [("/old", ["-i", "sft"]), (bench_serving.REPO_ROOT, ["-i", "sft"])] * 3
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["medians"]["before"][0]["output_tok_per_sec"] == 100 and report["medians"]["after"][0]["output_tok_per_sec"] == 330
+    assert report["medians"]["after"][0]["ttft_p95_ms"] == pytest.approx(2e4 / 330)
+    assert "8 clients: output_tok_per_sec 100.0 -> 330.0 (3.30x)" in out
+
+
 def test_inference_benchmark_smoke(base_dir, tiny_tokenizer, capsys):
     from scripts import infer_bench
     save_tiny_checkpoint(base_dir, tiny_tokenizer)
@@ -750,4 +782,5 @@ def test_inference_benchmark_smoke(base_dir, tiny_tokenizer, capsys):
     for row in report["sweep"]:  # 4 decode tokens = a first token, then 3 timed decode steps (a tiny random model never stops)
         assert row["decode_steps"] == 3 and row["tok_per_sec"] > 0 and row["tpot_sec"] > 0 and row["ttft_sec"] > 0
         assert row["peak_memory_mib"] > 0 and row["mbu_percent"] is None  # no bandwidth figure for a CPU
+        assert row["mixed_tok_per_sec"] > 0  # rows holding prompts of different lengths
     assert report["prefill"]["tok_per_sec"] > 0 and report["weight_bytes"] > 0
