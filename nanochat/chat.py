@@ -59,14 +59,13 @@ class ReplyDecoder:
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.other_special = {special(name) for name in tokenizer.get_special_tokens()} - self.stop_tokens
         self.openers = {self.python_start: "[calculator: ", self.output_start: "[output: "}
-        self.segment = []          # ids of the current run of ordinary tokens
-        self.emitted = ""          # how much of the segment's decoded text was already returned
+        self.segment = []          # ids of ordinary tokens not shown yet (the start of a multi-byte character)
         self.open_bracket = False  # a "[calculator: ..." or "[output: ..." is shown but not yet closed
         self.after_python_end = False  # the result (if any) comes next; otherwise close the bracket
 
     def _flush_segment(self):
-        text = self.tokenizer.decode(self.segment)[len(self.emitted):] if self.segment else ""
-        self.segment, self.emitted = [], ""
+        text = self.tokenizer.decode(self.segment) if self.segment else ""
+        self.segment = []
         return text
 
     def _close(self):
@@ -88,8 +87,8 @@ class ReplyDecoder:
             text = self.tokenizer.decode(self.segment)
             if text.endswith("\ufffd"):
                 return prefix  # wait for the rest of a multi-byte character
-            new, self.emitted = text[len(self.emitted):], text
-            return prefix + new
+            self.segment = []  # whole characters: what follows decodes on its own
+            return prefix + text
         # a tool special token: close the ordinary segment, then show the tool call readably
         # (any other special token has no readable form)
         text = prefix + self._flush_segment()

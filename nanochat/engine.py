@@ -107,13 +107,13 @@ class KVCache:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.all_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.prev_embedding = None  # (rows in use, 1, C), set by the model
-        self.truncate(batch_size)
+        self.cache_seqlens = self.all_seqlens  # the rows in use (a view: advance() updates it in place)
+        self.lengths = [0] * batch_size        # python mirror of cache_seqlens (no device sync to read it)
+        self.prev_embedding = None             # (rows in use, 1, C), set by the model
 
     def truncate(self, num_rows):
         """Keep the first num_rows rows in use."""
-        self.cache_seqlens = self.all_seqlens[:num_rows]  # a view: advance() updates it in place
-        self.lengths = self.cache_seqlens.tolist()        # python mirror (no device sync to read it)
+        self.cache_seqlens, self.lengths = self.all_seqlens[:num_rows], self.lengths[:num_rows]
         if self.prev_embedding is not None:
             self.prev_embedding = self.prev_embedding[:num_rows]
 
@@ -133,11 +133,10 @@ class KVCache:
         self.k_cache[:, first:first + count, :n] = prefilled.k_cache[:, :, :n]
         self.v_cache[:, first:first + count, :n] = prefilled.v_cache[:, :, :n]
         self.all_seqlens[first:first + count] = n
-        prev = self.prev_embedding
-        self.truncate(first + count)
+        self.cache_seqlens, self.lengths = self.all_seqlens[:first + count], self.lengths + [n] * count
         if prefilled.prev_embedding is not None:
             new = prefilled.prev_embedding.expand(count, -1, -1)
-            self.prev_embedding = torch.cat([prev, new]) if first else new.clone()
+            self.prev_embedding = torch.cat([self.prev_embedding, new]) if first else new.clone()
 
     def remove_row(self, row):
         """Free a row: the last row in use moves into its place, so the rows in use stay the first ones."""
@@ -146,7 +145,7 @@ class KVCache:
             n = self.lengths[last]
             self.k_cache[:, row, :n] = self.k_cache[:, last, :n]
             self.v_cache[:, row, :n] = self.v_cache[:, last, :n]
-            self.all_seqlens[row] = self.all_seqlens[last]
+            self.all_seqlens[row], self.lengths[row] = self.all_seqlens[last], n
             if self.prev_embedding is not None:
                 self.prev_embedding[row] = self.prev_embedding[last]
         self.truncate(last)

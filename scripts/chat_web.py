@@ -286,40 +286,57 @@ class Generation:
         self.stop = threading.Event()
         self.worker, self.finish, self.text = None, None, ""
         self.reply = Reply(pool.tokenizer, self._emit_text)
+        self.outbox = []  # events made by the decode loop, handed to the event loop once per step (post)
 
     @property
     def completion_tokens(self):
         return len(self.reply.tokens)
 
-    def _call_in_loop(self, fn, *args):
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the event loop is gone (server shutting down)
-
     def _emit_text(self, text):
         self.text += text
-        self._call_in_loop(self.events.put_nowait, ("text", text))
+        self.outbox.append(("text", text))
 
     def end(self, finish):
         """From the decode loop: the reply ended ("stop", "length" or "cancelled")."""
         self.reply.close()
         self.finish = finish  # before "done": the client reads it then
-        self._call_in_loop(self.events.put_nowait, ("done", finish))
-        self._call_in_loop(self._finish, finish)
+        self.outbox.append(("done", finish))
 
     def fail(self, message):
         """From the decode loop: generation failed."""
-        self._call_in_loop(self.events.put_nowait, ("error", message))
-        self._call_in_loop(self._finish, "error")
+        self.outbox.append(("error", message))
 
-    def _finish(self, finish):
+    def deliver(self, events):
         # runs on the event loop thread, so the counters and the pool need no locks
-        self.pool.finished[finish] += 1
-        self.worker.requests_served += 1
-        self.worker.tokens_generated += self.completion_tokens
-        self.pool.release(self.worker)
-        logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
+        for event in events:
+            self.events.put_nowait(event)
+        kind, value = events[-1]
+        if kind in ("done", "error"):
+            finish = value if kind == "done" else "error"
+            self.pool.finished[finish] += 1
+            self.worker.requests_served += 1
+            self.worker.tokens_generated += self.completion_tokens
+            self.pool.release(self.worker)
+            logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
+
+
+def post(generations):
+    """Hand the events the decode loop made for these generations to the event loop, in one call (a wake-up of the
+    event loop per token and request would cost more than the token)."""
+    ready = [(generation, generation.outbox) for generation in generations if generation.outbox]
+    if not ready:
+        return
+    for generation, _ in ready:
+        generation.outbox = []
+
+    def deliver():
+        for generation, events in ready:
+            generation.deliver(events)
+
+    try:
+        ready[0][0].loop.call_soon_threadsafe(deliver)
+    except RuntimeError:
+        pass  # the event loop is gone (server shutting down)
 
 
 def decode_loop(worker, max_rows):
@@ -338,28 +355,30 @@ def decode_loop(worker, max_rows):
             r = generation.request
             running[batch.add(r.prompt, max_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k or None,
                               seed=r.seed)] = generation
+        ended = []
         for request, generation in list(running.items()):
             if generation.stop.is_set():  # the client went away
                 batch.cancel(request)
                 del running[request]
                 generation.end("cancelled")
-        if not running:
-            continue
+                ended.append(generation)
         try:
-            outputs = batch.step()
+            outputs = batch.step() if running else []
         except Exception as e:  # a broken model must not take the server down; its clients see the error
             logger.exception(f"generation failed on GPU {worker.gpu_id}")
             for generation in running.values():
                 generation.fail(f"generation failed: {type(e).__name__}: {e}")
+            ended += running.values()
             batch.clear()
-            running = {}
-            continue
+            running, outputs = {}, []
         for request, column, _ in outputs:
             generation = running[request]
             stopped = generation.reply.feed(column[0])
             if request.done:
                 del running[request]
                 generation.end("stop" if stopped else "length")
+                ended.append(generation)
+        post([*ended, *running.values()])
 
 
 async def run_generation(pool, request):
