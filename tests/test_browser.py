@@ -21,6 +21,7 @@ import requests
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, message_chunks, assemble_prompt
 from test_chat_web import LiveServer, build_tiny_chat_model, make_args, make_worker
+from conftest import RowCounter
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -133,18 +134,12 @@ def expected_reply(model, tokenizer, text, seed, max_tokens, temperature, top_k)
     return [p for p in pieces if p]
 
 
-class PacedModel:
+class PacedModel(RowCounter):
     """The real model, slowed to ~30 forwards/s so each token reaches the page in its own network chunk."""
 
-    def __init__(self, model, delay=0.03):
-        self.model, self.config, self.delay = model, model.config, delay
-
-    def get_device(self):
-        return self.model.get_device()
-
     def forward(self, ids, kv_cache=None):
-        time.sleep(self.delay)
-        return self.model.forward(ids, kv_cache=kv_cache)
+        time.sleep(0.03)
+        return super().forward(ids, kv_cache=kv_cache)
 
 
 def test_chat_page_in_a_real_browser(browser, tiny_tokenizer):

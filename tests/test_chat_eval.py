@@ -12,6 +12,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import RowCounter
+
 
 def save_tiny_checkpoint(base_dir, tokenizer, make_tiny_model, family="chatsft_checkpoints", tag="d2", step=3):
     from nanochat.tokenizer import compute_token_bytes
@@ -107,17 +109,6 @@ class RecordingTask:
     def evaluate(self, conversation, completion):
         self.graded.setdefault(conversation["messages"][0]["content"], []).append(completion)
         return "x" in completion
-
-
-class RowCounter:
-    """The model, recording the rows of every forward."""
-    def __init__(self, model):
-        self.model, self.config, self.rows = model, model.config, []
-    def get_device(self):
-        return self.model.get_device()
-    def forward(self, ids, kv_cache=None):
-        self.rows.append(ids.size(0))
-        return self.model.forward(ids, kv_cache=kv_cache)
 
 
 def test_generative_eval_batches_problems(tiny_tokenizer, tiny_model_factory):

@@ -12,6 +12,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import RowCounter
+
 
 def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4):
     from nanochat.tokenizer import compute_token_bytes
@@ -59,20 +61,6 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     assert rollout_seed(1, 2, 0) == rollout_seed(1, 2, 0) != rollout_seed(1, 2, 1)
     again = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)[0]
     assert torch.equal(again[0], inputs)
-
-
-class RowCounter:
-    """The model, recording the rows of every forward."""
-
-    def __init__(self, model):
-        self.model, self.config, self.rows = model, model.config, []
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        self.rows.append(ids.size(0))
-        return self.model.forward(ids, kv_cache=kv_cache)
 
 
 def test_a_step_samples_its_examples_together(rl_env):

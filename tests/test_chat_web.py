@@ -22,6 +22,7 @@ import torch
 
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, assemble_prompt, message_chunks
+from conftest import RowCounter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # tiny models' context: room for a few turns
@@ -539,22 +540,18 @@ def decisive_chat_model(vocab_size, sequence_len=CONTEXT):
     return model
 
 
-class PausingModel:
+class PausingModel(RowCounter):
     """A model that, in its `pause_at`-th forward, sets `paused` and waits for `resume`; records each forward's rows."""
 
     def __init__(self, model, pause_at):
-        self.model, self.config, self.pause_at = model, model.config, pause_at
-        self.paused, self.resume, self.rows = threading.Event(), threading.Event(), []
-
-    def get_device(self):
-        return self.model.get_device()
+        super().__init__(model)
+        self.pause_at, self.paused, self.resume = pause_at, threading.Event(), threading.Event()
 
     def forward(self, ids, kv_cache=None):
-        self.rows.append(ids.size(0))
-        if len(self.rows) == self.pause_at:
+        if len(self.rows) + 1 == self.pause_at:
             self.paused.set()
             assert self.resume.wait(20)
-        return self.model.forward(ids, kv_cache=kv_cache)
+        return super().forward(ids, kv_cache=kv_cache)
 
 
 def test_request_joining_mid_generation_gets_its_reply_alone(tiny_tokenizer):
