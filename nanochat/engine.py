@@ -3,7 +3,7 @@ Fast inference: a KV cache, batched sampling, and the calculator tool state mach
 
 The engine works on token ids. It needs from the model: `config` (n_kv_head, n_head, n_embd, n_layer,
 sequence_len), `get_device()`, and `forward(ids, kv_cache=...)` returning (B, T, V) logits while writing and
-advancing the cache; from the tokenizer: `encode_special`, `get_bos_token_id`, `encode(str)`, `decode(ids)`.
+advancing the cache (whose rows may sit at different positions, `kv_cache.lengths`); from the tokenizer: `encode_special`, `get_bos_token_id`, `encode(str)`, `decode(ids)`.
 
 Generation runs in a Batch: rows of different prompts, each at its own position with its own sampling settings,
 share every decode forward. A prompt is prefilled once with batch size 1 and copied into one row per sample; every

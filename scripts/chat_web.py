@@ -161,9 +161,9 @@ def load_workers(args):
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         try:  # the KV cache of every row must fit: fail now rather than at the first request
             cache = engine.new_batch(args.rows_per_replica).cache
-        except torch.OutOfMemoryError:
-            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device}; "
-                             "lower --rows-per-replica")
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # a CPU allocation fails with a RuntimeError
+            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device} "
+                             f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
         print(f"KV cache: {args.rows_per_replica} rows x {cache.seq_len} tokens = "
               f"{(cache.k_cache.nbytes + cache.v_cache.nbytes) / 2**20:.1f} MiB")
         del cache

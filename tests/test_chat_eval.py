@@ -196,6 +196,8 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
 
 def test_missing_checkpoint_is_a_clear_error(base_dir):
     from scripts import chat_eval
+    with pytest.raises(SystemExit, match="error: --rows=0 must be a positive integer"):
+        chat_eval.main(["-i", "rl", "-r", "0", "--device-type", "cpu"])
     with pytest.raises(SystemExit) as excinfo:
         chat_eval.main(["-i", "rl", "--device-type", "cpu"])
     assert "no rl checkpoint found" in str(excinfo.value)

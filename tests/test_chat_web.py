@@ -685,10 +685,21 @@ def save_tiny_checkpoint(base_dir, tokenizer, source_dir="chatsft_checkpoints", 
 
 def test_bad_flags_fail_fast():
     for argv, needle in [(["-t", "5"], "--temperature"), (["-k", "500"], "--top-k"), (["--max-tokens", "0"], "--max-tokens"),
-                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port")]:
+                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port"),
+                         (["--rows-per-replica", "0"], "--rows-per-replica")]:
         with pytest.raises(SystemExit) as excinfo:
             chat_web.check_args(chat_web.build_parser().parse_args(argv))
         assert needle in str(excinfo.value)
+
+
+def test_rows_whose_kv_cache_cannot_fit_fail_at_start(base_dir, tiny_tokenizer, capsys):
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)
+    args = chat_web.build_parser().parse_args(["-i", "sft", "--device-type", "cpu", "--rows-per-replica", "2"])
+    chat_web.load_workers(args)
+    assert "KV cache: 2 rows x 256 tokens = 0.5 MiB" in capsys.readouterr().out
+    args.rows_per_replica = 10**9  # 262 TB
+    with pytest.raises(SystemExit, match="error: the KV cache of 1000000000 rows does not fit on cpu .*; lower --rows-per-replica"):
+        chat_web.load_workers(args)
 
 
 def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
