@@ -204,8 +204,8 @@ class Batch:
         self.engine, self.model = engine, engine.model
         self.cache = engine.new_cache(max_rows, seq_len)
         self.cache.truncate(0)
-        self.rows = []         # rows[i] lives in the cache's row i
-        self.waiting = deque() # requests not admitted yet, first come first served
+        self.rows = []           # rows[i] lives in the cache's row i
+        self.waiting = deque()   # requests not admitted yet, first come first served
 
     def add(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Queue a prompt; it joins at the next step with free rows. Returns its Request."""

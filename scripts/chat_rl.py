@@ -84,19 +84,21 @@ def sample_groups(engine, tokenizer, task, examples, args, step):
     sequence_lengths) per example."""
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     prompts = [tokenizer.render_for_completion(conversation) for _, conversation in examples]
-    calls = [(i, sampling_step) for i in range(len(examples)) for sampling_step in range(args.num_samples // args.device_batch_size)]
+    passes = args.num_samples // args.device_batch_size
+    calls = [(i, sampling_step) for i in range(len(examples)) for sampling_step in range(passes)]  # example by example
     sampled = [None] * len(calls)
     for call, seqs, msks in engine.generate_many([prompts[i] for i, _ in calls], num_samples=args.device_batch_size,
                                                  max_tokens=args.max_new_tokens, temperature=args.temperature,
                                                  top_k=args.top_k if args.top_k > 0 else None,
                                                  seeds=[rollout_seed(step, examples[i][0], s) for i, s in calls],
                                                  max_rows=len(examples) * args.num_samples):
-        sampled[call] = list(zip(seqs, msks))
+        sampled[call] = (seqs, msks)
     device = engine.model.get_device()
     groups = []
     for i, (_, conversation) in enumerate(examples):
-        prompt = prompts[i]
-        sequences, masks = zip(*[row for (example, _), rows in zip(calls, sampled) if example == i for row in rows])
+        prompt, calls_of_example = prompts[i], sampled[i * passes:(i + 1) * passes]
+        sequences = [seq for seqs, _ in calls_of_example for seq in seqs]
+        masks = [mask for _, msks in calls_of_example for mask in msks]
         rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
         # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
         max_length = max(len(s) for s in sequences)
