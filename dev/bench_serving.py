@@ -7,20 +7,28 @@ clients, each sending requests back to back over the OpenAI-compatible streaming
 
     python -m dev.bench_serving --launch -- -i sft --num-gpus 8   # or: start a server, measure, stop it
 
-Prints one table row per concurrency level and, as the very last line, one JSON document with everything.
+    python -m dev.bench_serving --before-dir /tmp/before --runs 3 --clients 1,8,32 -- -i sft --device-type cpu
+
+Prints one table row per concurrency level and, as the very last line, one JSON document with everything. With
+--before-dir, servers of that checkout and of this one are launched in turn (before, after, before, ...: a noisy
+shared machine hurts both alike) and the medians over --runs are compared.
 """
 
+import os
 import sys
 import json
 import time
 import socket
 import argparse
+import statistics
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from nanochat.common import positive_ints
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = [
     "Why is the sky blue?",
@@ -47,10 +55,13 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     parser.add_argument("--api-key", type=str, default=None, help="key of a server started with --api-key")
     parser.add_argument("--launch", action="store_true", help="start `python -m scripts.chat_web` (args after --) on a free port")
-    parser.add_argument("server_args", nargs="*", help="arguments for chat_web when --launch is given (after --)")
+    parser.add_argument("--before-dir", type=str, default=None,
+                        help="compare with the server of this checkout: launch both in turn, medians over --runs")
+    parser.add_argument("--runs", type=int, default=3, help="launches of each server with --before-dir")
+    parser.add_argument("server_args", nargs="*", help="arguments for chat_web when --launch or --before-dir is given (after --)")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.max_tokens < 1:
-        raise SystemExit("error: --requests and --max-tokens must be >= 1")
+    if args.requests < 1 or args.max_tokens < 1 or args.runs < 1:
+        raise SystemExit("error: --requests, --max-tokens and --runs must be >= 1")
     return args
 
 
@@ -101,7 +112,7 @@ def run_level(args, clients):
     return {
         "clients": clients, "requests": len(results), "errors": len(results) - len(ok), "wall_sec": round(wall, 3),
         "requests_per_sec": round(len(ok) / wall, 3), "output_tok_per_sec": round(tokens / wall, 1),
-        "ttft_p50_ms": round(1000 * percentile(ttfts, 0.5), 1), "ttft_p90_ms": round(1000 * percentile(ttfts, 0.9), 1),
+        "ttft_p50_ms": round(1000 * percentile(ttfts, 0.5), 1), "ttft_p95_ms": round(1000 * percentile(ttfts, 0.95), 1),
         "ttft_max_ms": round(1000 * max(ttfts), 1) if ttfts else None,
         "latency_p50_ms": round(1000 * percentile([r["latency"] for r in ok], 0.5), 1),
         "mean_output_tokens": round(tokens / len(ok), 1) if ok else 0,
@@ -109,13 +120,15 @@ def run_level(args, clients):
     }
 
 
-def launch_server(server_args):
+def launch_server(server_args, checkout=REPO_ROOT):
+    """Start chat_web of a checkout on a free port; returns (process, url) once it is ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "scripts.chat_web", "--port", str(port), *server_args]
-    print("Launching:", " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print("Launching:", " ".join(cmd), f"(in {checkout})")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
+    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -131,32 +144,66 @@ def launch_server(server_args):
     raise SystemExit("error: the server did not become ready within 600 s")
 
 
+def measure(args, url):
+    """Warm up, then one printed row of numbers per concurrency level; returns (workers, rows)."""
+    try:
+        stats = requests.get(url + "/stats", timeout=10).json()
+        workers = [w["device"] for w in stats["workers"]]
+    except (requests.RequestException, ValueError, KeyError) as e:
+        raise SystemExit(f"error: no nanochat server at --url {url} ({e}); start one with python -m scripts.chat_web")
+    print(f"Server {url}: {len(workers)} workers {workers}, rows per worker {stats.get('rows_per_worker', 1)}, "
+          f"max_tokens {args.max_tokens}, {args.requests} requests per client")
+    args.url = url
+    for i in range(args.warmup):
+        one_request(args, PROMPTS[0], seed=i)
+    header = f"{'clients':>7} {'reqs':>5} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'latency p50 ms':>15} {'tok/req':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for clients in args.clients:
+        row = run_level(args, clients)
+        rows.append(row)
+        print(f"{row['clients']:>7} {row['requests']:>5} {row['errors']:>6} {row['requests_per_sec']:>8.2f} "
+              f"{row['output_tok_per_sec']:>10.1f} {row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f} "
+              f"{row['latency_p50_ms']:>15.1f} {row['mean_output_tokens']:>8.1f}")
+        if row["first_error"]:
+            print(f"        first error: {row['first_error']}")
+    return workers, rows
+
+
+def compare(args):
+    """Servers of --before-dir and of this checkout, launched in turn; medians and after/before ratios per level."""
+    runs = {"before": [], "after": []}
+    for run in range(args.runs):
+        for name, checkout in (("before", args.before_dir), ("after", REPO_ROOT)):
+            print(f"--- run {run} {name}")
+            proc, url = launch_server(args.server_args, checkout)
+            try:
+                runs[name].append(measure(args, url)[1])
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    keys = ("output_tok_per_sec", "ttft_p50_ms", "ttft_p95_ms")
+    medians = {name: [{key: statistics.median(rows[i][key] for rows in results) for key in keys}
+                      for i in range(len(args.clients))] for name, results in runs.items()}
+    print(f"medians of {args.runs} runs (after/before)")
+    for i, clients in enumerate(args.clients):
+        before, after = medians["before"][i], medians["after"][i]
+        print(f"{clients:>3} clients: " + " | ".join(f"{key} {before[key]:.1f} -> {after[key]:.1f} ({after[key] / before[key]:.2f}x)"
+                                                    for key in keys))
+    print(json.dumps({"before_dir": args.before_dir, "runs": args.runs, "clients": args.clients, "max_tokens": args.max_tokens,
+                      "requests_per_client": args.requests, "temperature": args.temperature, "medians": medians, "all": runs}))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.before_dir:
+        return compare(args)
     proc = None
     if args.launch:
         proc, args.url = launch_server(args.server_args)
     try:
-        try:
-            workers = [w["device"] for w in requests.get(args.url + "/stats", timeout=10).json()["workers"]]
-        except (requests.RequestException, ValueError, KeyError) as e:
-            raise SystemExit(f"error: no nanochat server at --url {args.url} ({e}); start one with python -m scripts.chat_web")
-        print(f"Server {args.url}: {len(workers)} workers {workers}, max_tokens {args.max_tokens}, "
-              f"{args.requests} requests per client")
-        for i in range(args.warmup):
-            one_request(args, PROMPTS[0], seed=i)
-        header = f"{'clients':>7} {'reqs':>5} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'latency p50 ms':>15} {'tok/req':>8}"
-        print(header)
-        print("-" * len(header))
-        rows = []
-        for clients in args.clients:
-            row = run_level(args, clients)
-            rows.append(row)
-            print(f"{row['clients']:>7} {row['requests']:>5} {row['errors']:>6} {row['requests_per_sec']:>8.2f} "
-                  f"{row['output_tok_per_sec']:>10.1f} {row['ttft_p50_ms']:>12.1f} {row['ttft_p90_ms']:>12.1f} "
-                  f"{row['latency_p50_ms']:>15.1f} {row['mean_output_tokens']:>8.1f}")
-            if row["first_error"]:
-                print(f"        first error: {row['first_error']}")
+        workers, rows = measure(args, args.url)
         print(json.dumps({"url": args.url, "workers": workers, "max_tokens": args.max_tokens,
                           "requests_per_client": args.requests, "temperature": args.temperature, "levels": rows}))
     finally:

@@ -59,14 +59,13 @@ class ReplyDecoder:
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.other_special = {special(name) for name in tokenizer.get_special_tokens()} - self.stop_tokens
         self.openers = {self.python_start: "[calculator: ", self.output_start: "[output: "}
-        self.segment = []          # ids of the current run of ordinary tokens
-        self.emitted = ""          # how much of the segment's decoded text was already returned
+        self.segment = []          # ids of ordinary tokens not shown yet (the start of a multi-byte character)
         self.open_bracket = False  # a "[calculator: ..." or "[output: ..." is shown but not yet closed
         self.after_python_end = False  # the result (if any) comes next; otherwise close the bracket
 
     def _flush_segment(self):
-        text = self.tokenizer.decode(self.segment)[len(self.emitted):] if self.segment else ""
-        self.segment, self.emitted = [], ""
+        text = self.tokenizer.decode(self.segment) if self.segment else ""
+        self.segment = []
         return text
 
     def _close(self):
@@ -88,8 +87,8 @@ class ReplyDecoder:
             text = self.tokenizer.decode(self.segment)
             if text.endswith("\ufffd"):
                 return prefix  # wait for the rest of a multi-byte character
-            new, self.emitted = text[len(self.emitted):], text
-            return prefix + new
+            self.segment = []  # whole characters: what follows decodes on its own
+            return prefix + text
         # a tool special token: close the ordinary segment, then show the tool call readably
         # (any other special token has no readable form)
         text = prefix + self._flush_segment()
@@ -113,24 +112,40 @@ def warm_up(engine, tokenizer):
     list(engine.generate([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=1, temperature=0.0))
 
 
-def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write, should_stop=lambda: False):
+class Reply:
+    """A reply as it is generated: its token ids (tool calls included, the closing <|assistant_end|> not) and its
+    text, handed to write() as soon as it is displayable."""
+
+    def __init__(self, tokenizer, write):
+        self.decoder, self.write, self.tokens = ReplyDecoder(tokenizer), write, []
+
+    def feed(self, token):
+        """Take the next generated token; returns True when it ends the reply (it is then not kept)."""
+        if token in self.decoder.stop_tokens:
+            return True
+        self.tokens.append(token)
+        text = self.decoder.feed(token)
+        if text:
+            self.write(text)
+        return False
+
+    def close(self):
+        """Write whatever is still held back."""
+        tail = self.decoder.flush()
+        if tail:
+            self.write(tail)
+
+
+def stream_reply(engine, tokenizer, prompt, max_tokens, temperature, top_k, seed, write):
     """Generate one reply, writing display text as it comes. Returns (tokens, finish): the reply's token ids (tool
-    calls included, the closing <|assistant_end|> not) and "stop" (the model ended its turn), "length" (max_tokens
-    reached) or "cancelled" (should_stop() said so)."""
-    decoder = ReplyDecoder(tokenizer)
-    tokens, finish = [], "length"
+    calls included, the closing <|assistant_end|> not) and "stop" (the model ended its turn) or "length" (max_tokens
+    or the context reached)."""
+    reply, finish = Reply(tokenizer, write), "length"
     with closing(engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
                                  top_k=top_k if top_k > 0 else None, seed=seed)) as generator:
         for token_column, _ in generator:
-            token = token_column[0]
-            if should_stop() or token in decoder.stop_tokens:
-                finish = "cancelled" if should_stop() else "stop"
+            if reply.feed(token_column[0]):
+                finish = "stop"
                 break
-            tokens.append(token)
-            text = decoder.feed(token)
-            if text:
-                write(text)
-    tail = decoder.flush()
-    if tail:
-        write(tail)
-    return tokens, finish
+    reply.close()
+    return reply.tokens, finish

@@ -6,7 +6,7 @@ error into one `error: ...` line on stderr and exit status 1. Any other exceptio
 
 import sys
 
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 
 
 def run(main):

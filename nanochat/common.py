@@ -27,10 +27,7 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-class NanochatError(Exception):
-    """A failure the user can act on: bad input, a missing file, no network. The message is one line saying what
-    went wrong and what to do. The library raises it (or a subclass) and never exits; entry points print it as
-    `error: <message>` and exit 1 through nanochat.cli.run."""
+from nanochat.errors import NanochatError
 
 # -----------------------------------------------------------------------------
 # Logging: a level-coloured formatter, numbers highlighted in INFO lines

@@ -54,7 +54,7 @@ import threading
 import subprocess
 from dataclasses import dataclass, fields
 
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024

@@ -6,8 +6,9 @@ One attention entry point for training and KV-cache decoding, mirroring the Flas
                             window_size=(-1, -1), cache_pos=None)
 
 Tensors are (B, T, heads, D); k/v may have fewer heads than q (GQA). window_size = (left, right): a query at
-position i sees keys in [i - left, i] (left < 0: unlimited). The fastest available backend is chosen here and
-nowhere else:
+position i sees keys in [i - left, i] (left < 0: unlimited). In the kv-cache call every row has its own length
+(cache_seqlens), so one batch can decode different prompts at different positions. The fastest available backend is
+chosen here and nowhere else:
 
   fa3   Flash Attention 3 kernels loaded through the `kernels` package (the gpu extra, which dev/setup_env.sh
         installs where nvidia-smi lists a GPU): CUDA Hopper (sm90) with bf16 compute
@@ -15,6 +16,9 @@ nowhere else:
         whole masked tiles instead of computing a dense mask
   sdpa  torch scaled_dot_product_attention: CPU / MPS. Full-context layers take the fused causal path;
         sliding windows need an explicit (dense) mask
+
+FA3 takes per-row cache lengths natively; with flex and sdpa, rows at different positions attend through a dense
+(rows, T_new, keys) mask (decoding: one query per row, so the mask is small).
 
 The choice is printed once per device type. Tests may force a backend with set_backend_override().
 """
@@ -120,13 +124,18 @@ def _dense_mask(Tq, Tk, left, device):
 # -----------------------------------------------------------------------------------------------------
 # SDPA backend
 
-def _sdpa(q, k, v, causal, window_size):
-    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D), queries aligned to the end of the keys."""
+def _sdpa(q, k, v, causal, window_size, q_positions=None):
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D), queries aligned to the end of the keys, or, when given, at the
+    per-row absolute positions q_positions (B, Tq) (rows of different lengths; keys past a row's query are masked)."""
     Tq, Tk = q.size(1), k.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     left = _effective_left(window_size, Tk)
-    if not causal:
+    if q_positions is not None:
+        offset = q_positions[:, :, None] - torch.arange(Tk, device=q.device)  # query position - key position
+        mask = (offset >= 0) & (offset <= left) if left >= 0 else offset >= 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    elif not causal:
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk and left < 0:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # fused causal kernel
@@ -204,20 +213,30 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
                             window_size=(-1, -1), cache_pos=None):
-    """Attention of new queries over a KV cache (B, T_max, Hkv, D). The new k/v (if given) are written into
-    the cache in place at [pos, pos + T_new); the caller advances cache_seqlens afterwards. All rows share the
-    same position. `cache_pos` (python int) avoids a device->host sync when the caller already knows it."""
+    """Attention of new queries over a KV cache (B, T_max, Hkv, D) whose row b holds cache_seqlens[b] tokens. The
+    new k/v (if given) are written into the cache in place at [cache_seqlens[b], + T_new) of each row; the caller
+    advances cache_seqlens afterwards. `cache_pos` (a python int when every row has the same length, else the list
+    of lengths) avoids a device->host sync when the caller already knows them."""
     _check_window(causal, window_size)
     backend, _ = get_backend(q.device.type)
     if backend == "fa3":
         return _fa3_output(_load_fa3()[0].flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                                   causal=causal, window_size=window_size))
-    pos = int(cache_pos) if cache_pos is not None else int(cache_seqlens[0].item())
-    end = pos
+    lengths = cache_seqlens.tolist() if cache_pos is None else [cache_pos] if isinstance(cache_pos, int) else cache_pos
+    T_new = q.size(1) if k is not None else 0  # tokens this call appends to every row
+    pos, end = min(lengths), max(lengths) + T_new
+    if end > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {max(lengths)} cached + {T_new} new tokens > cache length {k_cache.size(1)}")
+    if pos + T_new == end:  # every row at the same position: contiguous writes, the backends' own causal masks
+        if k is not None:
+            k_cache[:, pos:end] = k.to(k_cache.dtype)
+            v_cache[:, pos:end] = v.to(v_cache.dtype)
+        return (_flex if backend == "flex" else _sdpa)(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
+    # rows at different positions (a batch of different prompts): scatter the new k/v, mask per row. The queries
+    # are each row's last q.size(1) tokens once the new ones are in.
+    q_positions = cache_seqlens[:, None].long() + torch.arange(T_new - q.size(1), T_new, device=q.device)
     if k is not None:
-        end = pos + q.size(1)
-        if end > k_cache.size(1):
-            raise ValueError(f"KV cache overflow: {pos} cached + {q.size(1)} new tokens > cache length {k_cache.size(1)}")
-        k_cache[:, pos:end] = k.to(k_cache.dtype)
-        v_cache[:, pos:end] = v.to(v_cache.dtype)
-    return (_flex if backend == "flex" else _sdpa)(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
+        rows = torch.arange(q.size(0), device=q.device)[:, None]
+        k_cache[rows, q_positions] = k.to(k_cache.dtype)
+        v_cache[rows, q_positions] = v.to(v_cache.dtype)
+    return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size, q_positions=q_positions)

@@ -154,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                        causal=True, window_size=window_size, cache_pos=kv_cache.get_pos())
+                                        causal=True, window_size=window_size, cache_pos=kv_cache.lengths)
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)  # every layer has written its k/v at [pos, pos+T)
         y = y.contiguous().view(B, T, -1)
@@ -399,11 +399,20 @@ class GPT(nn.Module):
             kv_cache.prev_embedding = x[:, -1:].detach().clone()
         return out
 
+    def _rotary(self, T, kv_cache):
+        """cos/sin of the next T positions: (1, T, 1, D/2) when every row is at the same position, else gathered
+        per row, (B, T, 1, D/2) (a KV cache holding different prompts)."""
+        lengths = [0] if kv_cache is None else kv_cache.lengths
+        start, end = min(lengths), max(lengths) + T
+        assert end <= self.cos.size(1), f"sequence of {end} tokens exceeds the rotary cache ({self.cos.size(1)})"
+        if start + T == end:
+            return self.cos[:, start:end], self.sin[:, start:end]
+        positions = kv_cache.cache_seqlens[:, None].long() + torch.arange(T, device=self.cos.device)
+        return self.cos[0, positions], self.sin[0, positions]
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} tokens exceeds the rotary cache ({self.cos.size(1)})"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        cos_sin = self._rotary(T, kv_cache)
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)

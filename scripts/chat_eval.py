@@ -9,7 +9,7 @@ Two kinds of task:
 - categorical (ARC, MMLU): one forward pass per batch, the answer is the argmax over the letters' logits at the
   <|assistant_start|> position, so the model always answers with a valid letter;
 - generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine, a problem passes if any of the
-  -n samples is correct (pass@n).
+  -n samples is correct (pass@n). Problems are decoded together, -r sequences (problems x samples) per forward.
 
 ChatCORE = mean over the six tasks of (accuracy - chance) / (1 - chance): 0 is chance, 1 is perfect. ChatCORE-5 is
 the same without SpellingBee. A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line
@@ -37,6 +37,8 @@ def main(argv=None):
                         help=f"task(s) joined with '|' (default: all of {'|'.join(ALL_TASKS)})")
     parser.add_argument("-x", "--max-problems", type=int_in("[1, inf)"), default=None, help="cap on problems per task")
     parser.add_argument("-b", "--batch-size", type=int_in("[1, inf)"), default=8, help="batch size of the categorical evaluation")
+    parser.add_argument("-r", "--rows", type=int_in("[1, inf)"), default=32,
+                        help="sequences decoded together in the generative tasks (problems x samples per forward)")
     # sampling (generative tasks)
     parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-m", "--max-new-tokens", type=int_in("[1, inf)"), default=512, help="max tokens generated per sample")
@@ -60,7 +62,7 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
 
     results, skipped = run_chat_evals(task_names, model, tokenizer, engine, max_problems=args.max_problems,
-                                      batch_size=args.batch_size, num_samples=args.num_samples,
+                                      batch_size=args.batch_size, rows=args.rows, num_samples=args.num_samples,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     # ChatCORE only over full task lists (a skipped task makes it partial, and the line says so)

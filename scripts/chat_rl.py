@@ -49,7 +49,7 @@ def parse_args(argv=None):
                         help="override the number of optimizer steps (-1 = derived from --num-epochs)")
     # rollouts
     parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=8,
-                        help="max rows per forward (sampling and training), or auto: the largest that fits")
+                        help="rows per training forward, or auto: the largest that fits (sampling decodes a step's rows together)")
     parser.add_argument("--examples-per-step", type=int_in("[1, inf)"), default=16, help="prompts per optimizer step, all ranks")
     parser.add_argument("--num-samples", type=int_in("[1, inf)"), default=16, help="samples per prompt (the group for the baseline)")
     parser.add_argument("--max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per sampled completion")
@@ -77,27 +77,36 @@ def rollout_seed(step, example_index, sampling_step):
 
 
 @torch.no_grad()
-def sample_group(engine, tokenizer, task, example_index, conversation, args, step):
-    """Sample num_samples completions for one problem. Returns (inputs, targets, rewards, sequence_lengths)."""
+def sample_groups(engine, tokenizer, task, examples, args, step):
+    """Sample num_samples completions for each (example_index, conversation) of a step, all decoded together (a
+    group in calls of device_batch_size rows, each with its own seed). Returns one (inputs, targets, rewards,
+    sequence_lengths) per example."""
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    prompt = tokenizer.render_for_completion(conversation)
-    sequences, masks = [], []
-    for sampling_step in range(args.num_samples // args.device_batch_size):
-        seqs, msks = engine.generate_batch(prompt, num_samples=args.device_batch_size,
-                                           max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                           top_k=args.top_k if args.top_k > 0 else None,
-                                           seed=rollout_seed(step, example_index, sampling_step))
-        sequences.extend(seqs)
-        masks.extend(msks)
+    prompts = [tokenizer.render_for_completion(conversation) for _, conversation in examples]
+    passes = args.num_samples // args.device_batch_size
+    calls = [(i, sampling_step) for i in range(len(examples)) for sampling_step in range(passes)]  # example by example
+    sampled = [None] * len(calls)
+    for call, seqs, msks in engine.generate_many([prompts[i] for i, _ in calls], num_samples=args.device_batch_size,
+                                                 max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                                 top_k=args.top_k if args.top_k > 0 else None,
+                                                 seeds=[rollout_seed(step, examples[i][0], s) for i, s in calls],
+                                                 max_rows=len(examples) * args.num_samples):
+        sampled[call] = (seqs, msks)
     device = engine.model.get_device()
-    rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
-    # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
-    max_length = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [assistant_end] * (max_length - len(s)) for s in sequences], dtype=torch.long, device=device)
-    mask = torch.tensor([m + [0] * (max_length - len(m)) for m in masks], dtype=torch.long, device=device)
-    targets = ids[:, 1:].clone()
-    targets[mask[:, 1:] == 0] = -1  # prompt, forced tool output and padding: no gradient
-    return ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float, device=device), [len(s) for s in sequences]
+    groups = []
+    for i, (_, conversation) in enumerate(examples):
+        prompt, calls_of_example = prompts[i], sampled[i * passes:(i + 1) * passes]
+        sequences = [seq for seqs, _ in calls_of_example for seq in seqs]
+        masks = [mask for _, msks in calls_of_example for mask in msks]
+        rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
+        # pad with <|assistant_end|> (mask 0: never trained); the terminal token itself is not in the sequences
+        max_length = max(len(s) for s in sequences)
+        ids = torch.tensor([s + [assistant_end] * (max_length - len(s)) for s in sequences], dtype=torch.long, device=device)
+        mask = torch.tensor([m + [0] * (max_length - len(m)) for m in masks], dtype=torch.long, device=device)
+        targets = ids[:, 1:].clone()
+        targets[mask[:, 1:] == 0] = -1  # prompt, forced tool output and padding: no gradient
+        groups.append((ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float, device=device), [len(s) for s in sequences]))
+    return groups
 
 
 def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1):
@@ -109,15 +118,16 @@ def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1)
 
 
 @torch.no_grad()
-def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, rank, world_size):
-    """pass@1..k on the first num_examples problems of task (rank r takes r, r+W, ...). Returns list of k floats."""
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, rank, world_size,
+                       max_rows):
+    """pass@1..k on the first num_examples problems of task (rank r takes r, r+W, ...), decoded together in up to
+    max_rows rows. Returns list of k floats."""
     counts = torch.zeros(k + 1, dtype=torch.long, device=engine.model.get_device())  # passed@1..k, problems seen
-    for i in range(rank, min(num_examples, len(task)), world_size):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k if top_k > 0 else None)
-        outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+    conversations = [task[i] for i in range(rank, min(num_examples, len(task)), world_size)]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    for i, seqs, _ in engine.generate_many(prompts, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k if top_k > 0 else None, max_rows=max_rows):
+        outcomes = [bool(task.evaluate(conversations[i], tokenizer.decode(s[len(prompts[i]):]))) for s in seqs]
         counts += torch.tensor([int(any(outcomes[:j + 1])) for j in range(k)] + [1], device=counts.device)
     if is_ddp_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -182,7 +192,8 @@ def main(argv=None):
         if is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
             pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size,
-                                           args.max_new_tokens, 1.0, args.top_k, rank, world_size)
+                                           args.max_new_tokens, 1.0, args.top_k, rank, world_size,
+                                           examples_per_rank * args.num_samples)
             print0(f"Step {step} | " + ", ".join(f"Pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_at_k)))
             named = {f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}
             wandb_run.log({"step": step, **named})
@@ -203,18 +214,17 @@ def main(argv=None):
         if last_step:
             break
 
-        # rollouts + policy gradient, one example at a time (gradients accumulate)
+        # rollouts of every example of the step, decoded together; then policy gradient, one example at a time
+        # (gradients accumulate)
         step_rewards, step_lengths = [], []
-        for example_step in range(examples_per_rank):
-            example_index = next(example_indices)
-            conversation = train_task[example_index]
-            model.eval()
-            inputs, targets, rewards, lengths = sample_group(engine, tokenizer, train_task, example_index,
-                                                             conversation, args, step)
+        model.eval()
+        examples = [(i, train_task[i]) for i in itertools.islice(example_indices, examples_per_rank)]
+        groups = sample_groups(engine, tokenizer, train_task, examples, args, step)
+        model.train()
+        for example_step, (inputs, targets, rewards, lengths) in enumerate(groups):
             step_rewards.append(rewards.mean().item())
             step_lengths.extend(lengths)
             advantages = rewards - rewards.mean()  # group-mean baseline, no std scaling
-            model.train()
             for p in range(num_passes):
                 rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
                 loss = policy_gradient_loss(model, inputs[rows], targets[rows], advantages[rows], num_passes * examples_per_rank)

@@ -12,8 +12,10 @@ Endpoints:
     GET  /v1/models             OpenAI model list
     GET  /health, GET /stats    readiness and worker-pool statistics
 
-Every request borrows one worker (a model replica) from a pool and gives it back when its reply ends, fails, or the
-client goes away. Generation runs in a thread per request, so the event loop stays responsive and replicas on
+Continuous batching: each model replica decodes its requests together in one thread, up to --rows-per-replica of
+them sharing every forward pass. A new request joins a free row at the next step (on the replica with the most free
+rows; when every row is taken it waits, first come first served), and a reply that ends, fails, or whose client goes
+away frees its row at once. The event loop stays responsive, and replicas on
 different GPUs really run in parallel. Every request is answered 2xx or 4xx (a failing model gives 500); the request
 body is capped while it is read, a connection whose headers are not in after --header-timeout is closed, and with
 --api-key the chat and /v1 endpoints need "Authorization: Bearer <key>".
@@ -22,6 +24,7 @@ body is capped while it is read, a connection whose headers are not in after --h
 import json
 import time
 import uuid
+import queue
 import random
 import asyncio
 import logging
@@ -29,9 +32,9 @@ import secrets
 import argparse
 import functools
 import threading
-from collections import Counter
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections import Counter, deque
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
+from nanochat.chat import Reply, message_chunks, fit_prompt, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
@@ -58,6 +61,8 @@ def build_parser():
     # model
     add_model_flags(parser, default_source="sft")
     parser.add_argument("-n", "--num-gpus", type=int_in("[1, inf)"), default=1, help="model replicas, one per GPU (CUDA only for > 1)")
+    parser.add_argument("--rows-per-replica", type=int_in("[1, inf)"), default=16,
+                        help="most requests one replica decodes together (each row holds a KV cache of the model's context)")
     # sampling defaults (a request may override them within the limits below)
     parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int_in("[0, inf)"), default=50, help="default top-k (0 = no top-k filtering)")
@@ -94,7 +99,7 @@ def check_args(args):
         raise SystemExit(f"error: --api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
 
 # -----------------------------------------------------------------------------
-# Worker pool: one model replica per device, borrowed by one request at a time
+# Worker pool: one model replica per device, each decoding up to rows_per_replica requests together
 
 @dataclass
 class Worker:
@@ -105,16 +110,44 @@ class Worker:
     sequence_len: int
     requests_served: int = 0
     tokens_generated: int = 0
-    busy: bool = False
+    rows_in_use: int = 0  # requests sent to this replica and not finished (changed on the event loop only)
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # new Generations for its decode loop
 
 
 class WorkerPool:
-    def __init__(self, workers):
-        self.workers = list(workers)
-        self.idle = asyncio.Queue()  # FIFO: waiting requests are served in arrival order
-        for worker in self.workers:
-            self.idle.put_nowait(worker)
+    def __init__(self, workers, rows_per_worker):
+        self.workers, self.rows_per_worker = list(workers), rows_per_worker
+        self.tokenizer = self.workers[0].tokenizer  # every replica serves the same checkpoint
+        self.waiting = deque()     # Generations waiting for a free row, first come first served
         self.finished = Counter()  # requests by how they ended: "stop"/"length" (served), "cancelled", "error"
+
+    def submit(self, generation):
+        """Send a new generation to the replica with the most free rows, or queue it when every row is taken."""
+        worker = min(self.workers, key=lambda w: w.rows_in_use)
+        if worker.rows_in_use < self.rows_per_worker:
+            self._start(worker, generation)
+        else:
+            self.waiting.append(generation)
+
+    def release(self, worker):
+        """A generation on this worker ended: its row goes to the first waiting one."""
+        worker.rows_in_use -= 1
+        if self.waiting:
+            self._start(worker, self.waiting.popleft())
+
+    def _start(self, worker, generation):
+        worker.rows_in_use += 1
+        generation.worker = worker
+        worker.inbox.put(generation)
+
+    def start(self):
+        for worker in self.workers:
+            threading.Thread(target=decode_loop, args=(worker, self.rows_per_worker), name=f"decode-gpu{worker.gpu_id}",
+                             daemon=True).start()
+
+    def stop(self):
+        for worker in self.workers:
+            worker.inbox.put(None)  # the decode loop returns at its next step
 
 
 def load_workers(args):
@@ -132,6 +165,14 @@ def load_workers(args):
         model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
+        try:  # the KV cache of every row must fit: fail now rather than at the first request
+            cache = engine.new_batch(args.rows_per_replica).cache
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # a CPU allocation fails with a RuntimeError
+            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device} "
+                             f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
+        print(f"KV cache: {args.rows_per_replica} rows x {cache.seq_len} tokens = "
+              f"{(cache.k_cache.nbytes + cache.v_cache.nbytes) / 2**20:.1f} MiB")
+        del cache
         workers.append(Worker(gpu_id, str(device), engine, tokenizer, model.config.sequence_len))
     print(f"All {len(workers)} workers initialized!")
     return workers
@@ -239,66 +280,118 @@ def parse_chat_request(raw_body, args, openai_style):
     return ChatRequest(clean, temperature, top_k, max_tokens, seed, stream, include_usage)
 
 # -----------------------------------------------------------------------------
-# Generation: a thread drives the Engine and hands text to the event loop
+# Generation: each replica's decode loop steps all its requests together and hands text to the event loop
 
 class Generation:
-    """One reply being generated on one worker. Events arrive on .events: ("text", str), ("done", finish_reason),
-    ("error", message). Setting .stop ends generation at the next token; the worker goes back to the pool when the
-    thread ends, whatever happened."""
+    """One reply. Events arrive on .events: ("text", str), ("done", finish_reason), ("error", message). Setting .stop
+    ends it at its replica's next step; its row is freed whatever happened."""
 
-    def __init__(self, pool, worker, request, loop):
-        self.pool, self.worker, self.request, self.loop = pool, worker, request, loop
+    def __init__(self, pool, request, loop):
+        self.pool, self.request, self.loop = pool, request, loop
         self.events = asyncio.Queue()
         self.stop = threading.Event()
-        self.completion_tokens, self.finish, self.text = 0, None, ""
-        threading.Thread(target=self._run, name=f"generate-gpu{worker.gpu_id}", daemon=True).start()
+        self.worker, self.finish, self.text = None, None, ""
+        self.reply = Reply(pool.tokenizer, self._emit_text)
+        self.outbox = []  # events made by the decode loop, handed to the event loop once per step (post)
 
-    def _call_in_loop(self, fn, *args):
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the event loop is gone (server shutting down)
+    @property
+    def completion_tokens(self):
+        return len(self.reply.tokens)
 
     def _emit_text(self, text):
         self.text += text
-        self._call_in_loop(self.events.put_nowait, ("text", text))
+        self.outbox.append(("text", text))
 
-    def _run(self):
-        worker, request = self.worker, self.request
-        finish = "error"
+    def end(self, finish):
+        """From the decode loop: the reply ended ("stop", "length" or "cancelled")."""
+        self.reply.close()
+        self.finish = finish  # before "done": the client reads it then
+        self.outbox.append(("done", finish))
+
+    def fail(self, message):
+        """From the decode loop: generation failed."""
+        self.outbox.append(("error", message))
+
+    def deliver(self, events):
+        # runs on the event loop thread, so the counters and the pool need no locks
+        for event in events:
+            self.events.put_nowait(event)
+        kind, value = events[-1]
+        if kind in ("done", "error"):
+            finish = value if kind == "done" else "error"
+            self.pool.finished[finish] += 1
+            self.worker.requests_served += 1
+            self.worker.tokens_generated += self.completion_tokens
+            self.pool.release(self.worker)
+            logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
+
+
+def post(generations):
+    """Hand the events the decode loop made for these generations to the event loop, in one call (a wake-up of the
+    event loop per token and request would cost more than the token)."""
+    ready = [(generation, generation.outbox) for generation in generations if generation.outbox]
+    if not ready:
+        return
+    for generation, _ in ready:
+        generation.outbox = []
+
+    def deliver():
+        for generation, events in ready:
+            generation.deliver(events)
+
+    try:
+        ready[0][0].loop.call_soon_threadsafe(deliver)
+    except RuntimeError:
+        pass  # the event loop is gone (server shutting down)
+
+
+def decode_loop(worker, max_rows):
+    """A replica's thread: one Batch, one forward per step for all its generations. New generations join at the
+    next step; a finished, failed or abandoned one leaves at once. Returns when the inbox gives None."""
+    if worker.device.startswith("cuda"):
+        torch.cuda.set_device(worker.device)  # the current CUDA device is per thread
+    batch, running = worker.engine.new_batch(max_rows, worker.sequence_len), {}  # engine Request -> Generation
+    while True:
+        arrivals = [] if running else [worker.inbox.get()]  # idle: sleep until a request comes
+        while not worker.inbox.empty():
+            arrivals.append(worker.inbox.get_nowait())
+        if None in arrivals:
+            return
+        for generation in arrivals:
+            r = generation.request
+            running[batch.add(r.prompt, max_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k or None,
+                              seed=r.seed)] = generation
+        ended = []
+        for request, generation in list(running.items()):
+            if generation.stop.is_set():  # the client went away
+                batch.cancel(request)
+                del running[request]
+                generation.end("cancelled")
+                ended.append(generation)
         try:
-            if worker.device.startswith("cuda"):
-                torch.cuda.set_device(worker.device)  # the current CUDA device is per thread
-            tokens, finish = stream_reply(worker.engine, worker.tokenizer, request.prompt, request.max_tokens,
-                                          request.temperature, request.top_k, request.seed, self._emit_text, self.stop.is_set)
-            self.completion_tokens, self.finish = len(tokens), finish  # before "done": the client reads them then
-            self._call_in_loop(self.events.put_nowait, ("done", finish))
-        except Exception as e:  # a broken model must not take the server down; the client sees the error
+            outputs = batch.step() if running else []
+        except Exception as e:  # a broken model must not take the server down; its clients see the error
             logger.exception(f"generation failed on GPU {worker.gpu_id}")
-            self._call_in_loop(self.events.put_nowait, ("error", f"generation failed: {type(e).__name__}: {e}"))
-        finally:
-            worker.requests_served += 1
-            worker.tokens_generated += self.completion_tokens
-            self._call_in_loop(self._finish, finish)
-
-    def _finish(self, finish):
-        # runs on the event loop thread, so the counters and the queue need no locks
-        self.pool.finished[finish] += 1
-        self.worker.busy = False
-        self.pool.idle.put_nowait(self.worker)
-        logger.info(f"[ASSISTANT] (GPU {self.worker.gpu_id}, {finish}, {self.completion_tokens} tokens): {self.text}")
+            for generation in running.values():
+                generation.fail(f"generation failed: {type(e).__name__}: {e}")
+            ended += running.values()
+            batch.clear()
+            running, outputs = {}, []
+        for request, column, _ in outputs:
+            generation = running[request]
+            stopped = generation.reply.feed(column[0])
+            if request.done:
+                del running[request]
+                generation.end("stop" if stopped else "length")
+                ended.append(generation)
+        post([*ended, *running.values()])
 
 
 async def run_generation(pool, request):
-    """Async iterator of (event, generation) for one request. Borrows a worker, starts the thread, and on exit (done,
-    error, or cancellation because the client went away) tells the thread to stop."""
-    try:
-        worker = await pool.idle.get()
-    except asyncio.CancelledError:  # the client went away while waiting for a worker
-        pool.finished["cancelled"] += 1
-        raise
-    worker.busy = True
-    generation = Generation(pool, worker, request, asyncio.get_running_loop())
+    """Async iterator of (event, generation) for one request. Submits it to the pool, and on exit (done, error, or
+    cancellation because the client went away) tells its replica to stop it."""
+    generation = Generation(pool, request, asyncio.get_running_loop())
+    pool.submit(generation)
     try:
         while True:
             event = await generation.events.get()
@@ -307,6 +400,9 @@ async def run_generation(pool, request):
                 return
     finally:
         generation.stop.set()
+        if generation in pool.waiting:  # the client went away before a row was free
+            pool.waiting.remove(generation)
+            pool.finished["cancelled"] += 1
 
 
 async def collect_reply(pool, request, http_request):
@@ -380,7 +476,7 @@ def sse(data):
 
 def create_app(args, workers):
     """The FastAPI app serving the given workers (from load_workers, or models built in-process by tests)."""
-    pool = WorkerPool(workers)
+    pool = WorkerPool(workers, args.rows_per_replica)
     tokenizer, context = workers[0].tokenizer, min(w.sequence_len for w in workers)
     # the biggest body within the limits: every character JSON-escaped as a surrogate pair ("\ud83d\udc4b", 12 bytes,
     # json.dumps' default), plus pretty-printed keys and roles per message, plus room for the other fields
@@ -389,7 +485,13 @@ def create_app(args, workers):
     model_id = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     started = int(time.time())
 
-    app = FastAPI(title="nanochat")
+    @asynccontextmanager
+    async def lifespan(app):
+        pool.start()  # the replicas' decode loops live as long as the server
+        yield
+        pool.stop()
+
+    app = FastAPI(title="nanochat", lifespan=lifespan)
     # any web page may call the API: there are no cookies to protect, and --api-key is a header a page must send itself
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
@@ -436,18 +538,23 @@ def create_app(args, workers):
     async def logo():
         return Response(LOGO_SVG, media_type="image/svg+xml")
 
+    def available_workers():  # replicas with a free row
+        return sum(w.rows_in_use < pool.rows_per_worker for w in pool.workers)
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "ready": True, "num_gpus": len(pool.workers), "available_workers": pool.idle.qsize()}
+        return {"status": "ok", "ready": True, "num_gpus": len(pool.workers), "available_workers": available_workers()}
 
     @app.get("/stats")
     async def stats():
-        busy, finished = sum(w.busy for w in pool.workers), pool.finished
+        rows, finished = sum(w.rows_in_use for w in pool.workers), pool.finished
         return {
-            "total_workers": len(pool.workers), "available_workers": pool.idle.qsize(), "busy_workers": busy,
-            "requests_active": busy, "requests_served": finished["stop"] + finished["length"],
+            "total_workers": len(pool.workers), "available_workers": available_workers(),
+            "busy_workers": sum(w.rows_in_use > 0 for w in pool.workers), "rows_per_worker": pool.rows_per_worker,
+            "rows_in_use": rows, "requests_active": rows, "requests_waiting": len(pool.waiting),
+            "requests_served": finished["stop"] + finished["length"],
             "requests_cancelled": finished["cancelled"], "requests_failed": finished["error"],
-            "workers": [{"gpu_id": w.gpu_id, "device": w.device, "busy": w.busy,
+            "workers": [{"gpu_id": w.gpu_id, "device": w.device, "busy": w.rows_in_use > 0, "rows_in_use": w.rows_in_use,
                          "requests_served": w.requests_served, "tokens_generated": w.tokens_generated} for w in pool.workers],
         }
 

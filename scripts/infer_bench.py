@@ -1,6 +1,7 @@
 """
 Inference benchmark of a checkpoint through the Engine: prefill speed, then time-to-first-token, time per output
-token, throughput, memory-bandwidth and compute utilization over a sweep of decode batch sizes.
+token, throughput, memory-bandwidth and compute utilization over a sweep of decode batch sizes, and the throughput
+of rows holding different prompts at different positions ("mixed", the serving case).
 
     python -m scripts.infer_bench -i sft --batch-sizes 1,8,32,128
     python -m scripts.infer_bench -i base --prompt-tokens 512 --decode-tokens 64 --device-type cpu   # smoke run
@@ -42,19 +43,37 @@ def cell(value, width, digits, scale=1):
 
 
 def bench_generate(engine, prompt, batch_size, decode_tokens, temperature, device_type):
-    """One timed generation. The first next() (batch-1 prefill + KV replication + first sample) is the TTFT;
-    every later next() is one decode step for all rows. Returns (ttft, step_times, peak memory MiB)."""
+    """One timed generation of one prompt in batch_size rows. The first next() (batch-1 prefill + KV copies + first
+    sample) is the TTFT; every later next() is one decode step for all rows still going. Returns (ttft, step_times,
+    tokens decoded after the first, peak memory MiB)."""
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # a new peak for peak_memory_mib (a process's peak RSS cannot be reset)
     synchronize(device_type)
     generator = engine.generate(prompt, num_samples=batch_size, max_tokens=decode_tokens, temperature=temperature, seed=42)
-    step_times, start = [], time.perf_counter()
-    for _ in generator:
+    step_times, tokens, start = [], 0, time.perf_counter()
+    for column, _ in generator:
         synchronize(device_type)
         now = time.perf_counter()
         step_times.append(now - start)
+        tokens += sum(token is not None for token in column)  # None: that row has ended
         start = now
-    return step_times[0], step_times[1:], peak_memory_mib(device_type)
+    return step_times[0], step_times[1:], tokens - batch_size, peak_memory_mib(device_type)
+
+
+def bench_mixed(engine, prompt, batch_size, decode_tokens, temperature, device_type):
+    """Decode tok/s when the rows hold different prompts, from half the prompt's length to all of it (every row at its
+    own position, as when serving many users). Timed from the first step after all rows are prefilled."""
+    lengths = [max(1, len(prompt) * (batch_size + i) // (2 * batch_size)) for i in range(batch_size)]
+    batch = engine.new_batch(batch_size, len(prompt) + decode_tokens)
+    for n in lengths:
+        batch.add(prompt[:n], max_tokens=decode_tokens, temperature=temperature)
+    batch.step()  # prefills every row, samples its first token
+    synchronize(device_type)
+    tokens, start = 0, time.perf_counter()
+    while batch.rows:
+        tokens += sum(token is not None for _, column, _ in batch.step() for token in column)
+    synchronize(device_type)
+    return tokens / (time.perf_counter() - start)
 
 
 def main(argv=None):
@@ -112,27 +131,30 @@ def main(argv=None):
 
     # prefill: warm up, then a batch-1 run with 2 decode tokens; its TTFT is the prefill time
     bench_generate(engine, prompt, 1, 2, args.temperature, device_type)
-    prefill_time, _, _ = bench_generate(engine, prompt, 1, 2, args.temperature, device_type)
+    prefill_time, _, _, _ = bench_generate(engine, prompt, 1, 2, args.temperature, device_type)
     prefill_tps = prompt_len / prefill_time
     # prefill attention is approximated at the prompt's mean context
     prefill_mfu = 100 * prefill_tps * forward_flops_per_token(prompt_len // 2) / peak_flops if peak_flops else None
     print(f"Prefill (batch 1, {prompt_len} tokens): {prefill_tps:,.0f} tok/s | MFU " +
           (f"{prefill_mfu:.1f}%" if prefill_mfu is not None else "n/a"))
 
-    print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'MBU %':>7} {'MFU %':>8} {'peak MiB':>9} {'steps':>6}")
+    print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'MBU %':>7} {'MFU %':>8} {'peak MiB':>9} {'steps':>6} "
+          f"{'mixed tok/s':>12}")
     sweep = []
     for batch_size in args.batch_sizes:
         bench_generate(engine, prompt, batch_size, 8, args.temperature, device_type)  # warm up
-        ttft, step_times, peak_mib = bench_generate(engine, prompt, batch_size, args.decode_tokens, args.temperature, device_type)
+        ttft, step_times, tokens, peak_mib = bench_generate(engine, prompt, batch_size, args.decode_tokens, args.temperature, device_type)
         steps = len(step_times)
         tpot = statistics.median(step_times) if steps else None
-        tok_per_sec = batch_size * steps / sum(step_times) if steps else None
+        tok_per_sec = tokens / sum(step_times) if steps else None
         mbu = 100 * (weight_bytes + batch_size * kv_read_per_step) / tpot / bandwidth if bandwidth and steps else None
         mfu = 100 * batch_size * forward_flops_per_token(context_mid) / tpot / peak_flops if peak_flops and steps else None
+        mixed_tok_per_sec = bench_mixed(engine, prompt, batch_size, args.decode_tokens, args.temperature, device_type)
         row = {"batch_size": batch_size, "ttft_sec": ttft, "tpot_sec": tpot, "tok_per_sec": tok_per_sec,
-               "mbu_percent": mbu, "mfu_percent": mfu, "peak_memory_mib": peak_mib, "decode_steps": steps}
+               "mbu_percent": mbu, "mfu_percent": mfu, "peak_memory_mib": peak_mib, "decode_steps": steps,
+               "mixed_tok_per_sec": mixed_tok_per_sec}
         print(f"{batch_size:>6} {cell(ttft, 9, 2, 1000)} {cell(tpot, 9, 3, 1000)} {cell(tok_per_sec, 10, 1)} "
-              f"{cell(mbu, 7, 2)} {cell(mfu, 8, 4)} {cell(peak_mib, 9, 0)} {steps:>6}")
+              f"{cell(mbu, 7, 2)} {cell(mfu, 8, 4)} {cell(peak_mib, 9, 0)} {steps:>6} {cell(mixed_tok_per_sec, 12, 1)}")
         sweep.append(row)
 
     print(json.dumps({

@@ -47,18 +47,19 @@ def final_accuracy(num_passed, total, device):
 
 
 def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None):
+                        max_problems=None, rows=32):
+    """pass@num_samples over the problems, decoded together: up to `rows` sequences (problems x samples) share every
+    forward, and a problem's rows go to the next problem as soon as they end."""
     _, rank, _, world_size = get_dist_info()
     num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
+    conversations = [task_object[i] for i in range(rank, num_problems, world_size)]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
     num_passed, total = 0, 0
-    for i in range(rank, num_problems, world_size):
-        conversation = task_object[i]
-        prompt_tokens = tokenizer.render_for_completion(conversation)
-        # Engine's default seed (42) makes the evaluation deterministic even at temperature > 0
-        results, _ = engine.generate_batch(prompt_tokens, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(result[len(prompt_tokens):]) for result in results]
-        num_passed += int(any([task_object.evaluate(conversation, completion) for completion in completions]))
+    # Engine's default seed (42) for every problem makes the evaluation deterministic even at temperature > 0
+    for index, results, _ in engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                                  temperature=temperature, top_k=top_k, max_rows=rows):
+        completions = [tokenizer.decode(result[len(prompts[index]):]) for result in results]
+        num_passed += int(any(task_object.evaluate(conversations[index], completion) for completion in completions))
         total += 1
         print(f"\r\033[KRank {rank} | {num_passed}/{total} ({100 * num_passed / total:.2f}%)", end="", flush=True)
     print()
@@ -92,7 +93,7 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None):
+                  temperature=0.0, top_k=50, max_problems=None, rows=32):
     """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
     try:
         task_object = TASK_BUILDERS[task_name]()
@@ -102,7 +103,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
         raise TaskUnavailable(str(e).strip() or type(e).__name__) from e
     if task_object.eval_type == "generative":
         return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
-                                   temperature, top_k, max_problems=max_problems)
+                                   temperature, top_k, max_problems=max_problems, rows=rows)
     return run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
 
 

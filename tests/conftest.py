@@ -71,6 +71,20 @@ def tiny_model_factory():
     return make_tiny_model
 
 
+class RowCounter:
+    """A model for the Engine that records the rows of every forward (to see what was decoded together)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.rows = model, model.config, []
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        self.rows.append(ids.size(0))
+        return self.model.forward(ids, kv_cache=kv_cache)
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

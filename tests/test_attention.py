@@ -122,6 +122,37 @@ def test_kvcache_prefill_chunk_and_decode(backend, Hkv, w):
     assert torch.count_nonzero(k_cache[:, T_total:]) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("Hkv,w", [(4, -1), (2, 5)])
+def test_kvcache_decode_rows_at_different_positions(backend, Hkv, w):
+    """Rows holding 3, 17 and 10 tokens decode together: each row's new k/v land at its own length and its query
+    sees only its own keys (within the window), as if it were decoded alone."""
+    torch.manual_seed(3)
+    B, H, D, T_max, steps = 3, 4, 16, 32, 4
+    dt = _dtype(backend)
+    lengths = [3, 17, 10]
+    q = torch.randn(B, steps, H, D, device=DEVICE, dtype=dt)
+    k = torch.randn(B, T_max, Hkv, D, device=DEVICE, dtype=dt)
+    v = torch.randn(B, T_max, Hkv, D, device=DEVICE, dtype=dt)
+    k_cache, v_cache = torch.zeros_like(k), torch.zeros_like(v)
+    for row, n in enumerate(lengths):
+        k_cache[row, :n], v_cache[row, :n] = k[row, :n], v[row, :n]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    for step in range(steps):
+        positions = [n + step for n in lengths]
+        rows = torch.arange(B)
+        y = fa.flash_attn_with_kvcache(q[:, step:step + 1], k_cache, v_cache, k=k[rows, positions][:, None],
+                                       v=v[rows, positions][:, None], cache_seqlens=seqlens, causal=True,
+                                       window_size=(w, 0), cache_pos=positions)
+        for row, pos in enumerate(positions):
+            want = naive_attention(q[row:row + 1, step:step + 1], k[row:row + 1, :pos + 1], v[row:row + 1, :pos + 1], w)
+            torch.testing.assert_close(y[row:row + 1].double(), want, **_tol(backend))
+        seqlens += 1
+    for row, n in enumerate(lengths):  # written in place, nothing past each row's end
+        torch.testing.assert_close(k_cache[row, :n + steps], k[row, :n + steps])
+        assert torch.count_nonzero(k_cache[row, n + steps:]) == 0
+
+
 def test_kvcache_overflow_is_a_clear_error():
     q = torch.randn(1, 4, 2, 8)
     k_cache = torch.zeros(1, 6, 2, 8)

@@ -21,6 +21,7 @@ import requests
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, message_chunks, assemble_prompt
 from test_chat_web import LiveServer, build_tiny_chat_model, make_args, make_worker
+from conftest import RowCounter
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -133,20 +134,15 @@ def expected_reply(model, tokenizer, text, seed, max_tokens, temperature, top_k)
     return [p for p in pieces if p]
 
 
-class PacedEngine:
-    """The real engine, slowed to ~30 tokens/s so each token reaches the page in its own network chunk."""
+class PacedModel(RowCounter):
+    """The real model, slowed to ~30 forwards/s so each token reaches the page in its own network chunk."""
 
-    def __init__(self, engine, delay=0.03):
-        self.engine, self.delay = engine, delay
-
-    def generate(self, *args, **kwargs):
-        for column, masks in self.engine.generate(*args, **kwargs):
-            time.sleep(self.delay)
-            yield column, masks
+    def forward(self, ids, kv_cache=None):
+        time.sleep(0.03)
+        return super().forward(ids, kv_cache=kv_cache)
 
 
 def test_chat_page_in_a_real_browser(browser, tiny_tokenizer):
-    from nanochat.engine import Engine
     model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size(), seed=0)
     message, max_tokens = "Hello there, tiny model!", 24
     # a server-wide seed makes the reply predictable; pick one whose reply streams in several pieces
@@ -155,7 +151,7 @@ def test_chat_page_in_a_real_browser(browser, tiny_tokenizer):
         if len(pieces) >= 4:
             break
     expected = "".join(pieces)
-    worker = make_worker(0, model, tiny_tokenizer, PacedEngine(Engine(model, tiny_tokenizer)))
+    worker = make_worker(0, PacedModel(model), tiny_tokenizer)
     app = chat_web.create_app(make_args(seed=seed, max_message_chars=200), workers=[worker])
     with LiveServer(app) as live:
         browser.get(live.url + "/")
@@ -218,12 +214,11 @@ def test_chat_page_in_a_real_browser(browser, tiny_tokenizer):
 
 
 def test_stop_button_keeps_the_partial_reply_and_frees_the_worker(browser, tiny_tokenizer):
-    from test_chat_web import FakeEngine, wait_all_idle
+    from test_chat_web import FakeModel, wait_for_stats
     token = tiny_tokenizer.encode("hello")[0]
     piece = tiny_tokenizer.decode([token])
-    engine = FakeEngine(token, delay=0.05)  # streams forever until stopped
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    model = FakeModel(token, tiny_tokenizer.get_vocab_size(), delay=0.05)  # streams forever until stopped
+    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer)])
     with LiveServer(app) as live:
         browser.get(live.url + "/")
         browser.wait_for("return document.readyState === 'complete'", what="page load")
@@ -236,6 +231,6 @@ def test_stop_button_keeps_the_partial_reply_and_frees_the_worker(browser, tiny_
         browser.wait_for("return !document.body.classList.contains('generating')", what="generation to stop")
         kept = browser.js("return document.querySelector('.message.assistant').textContent")
         assert kept == piece * (len(kept) // len(piece)) and len(kept) > 20  # what arrived stays on the page
-        assert engine.closed.wait(10), "the server kept generating after the page stopped"
-        assert wait_all_idle(live)["requests_cancelled"] == 1
+        stats = wait_for_stats(live, lambda s: s["requests_cancelled"] == 1)  # the server stopped generating
+        assert stats["rows_in_use"] == 0 and model.forwards < 1000
         browser.screenshot(ARTIFACTS / "browser_stopped.png")

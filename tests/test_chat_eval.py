@@ -12,6 +12,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import RowCounter
+
 
 def save_tiny_checkpoint(base_dir, tokenizer, make_tiny_model, family="chatsft_checkpoints", tag="d2", step=3):
     from nanochat.tokenizer import compute_token_bytes
@@ -94,6 +96,43 @@ def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
     assert run_categorical_eval(task, tiny_tokenizer, model, batch_size=8, max_problems=4) == pytest.approx(1 / 4)
 
 
+class RecordingTask:
+    """Generative stand-in: records the completions it grades; a problem passes when one contains an "x"."""
+    eval_type = "generative"
+    def __init__(self, n):
+        self.n, self.graded = n, {}
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        question = f"Question {i}: " + "why " * (3 * i)  # prompts of different lengths
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]}
+    def evaluate(self, conversation, completion):
+        self.graded.setdefault(conversation["messages"][0]["content"], []).append(completion)
+        return "x" in completion
+
+
+def test_generative_eval_batches_problems(tiny_tokenizer, tiny_model_factory):
+    """Problems decoded together (rows per forward = -r/--rows) get the completions they get one at a time, so the
+    same pass@n: greedy, and sampled with the per-problem seed."""
+    from nanochat.engine import Engine
+    from tasks.evaluate import run_generative_eval
+    model = tiny_model_factory(tiny_tokenizer.get_vocab_size(), sequence_len=64)
+    with torch.no_grad():  # decisive greedy choices: a batch's float rounding cannot flip a near-tie
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(30)
+    # (temperature, samples per problem, rows): the most rows in one forward (whole problems, at least one)
+    for temperature, num_samples, most_rows in ((0.0, 1, [1, 5]), (1.0, 3, [3, 6])):
+        runs = []
+        for rows, expected_rows in zip((1, 7), most_rows):
+            task, counter = RecordingTask(5), RowCounter(model)
+            accuracy = run_generative_eval(task, tiny_tokenizer, model, Engine(counter, tiny_tokenizer), num_samples=num_samples,
+                                           max_new_tokens=10, temperature=temperature, top_k=50, rows=rows)
+            assert max(counter.rows) == expected_rows
+            runs.append((accuracy, task.graded))
+        assert runs[0] == runs[1] and len(runs[0][1]) == 5 and 0 < runs[0][0] < 1
+
+
 def test_chatcore_centering():
     from tasks.evaluate import CHATCORE_VARIANTS, chatcore_from_results, chatcore_lines, ALL_TASKS
     results = {t: 0.25 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}
@@ -157,6 +196,8 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
 
 def test_missing_checkpoint_is_a_clear_error(base_dir):
     from scripts import chat_eval
+    with pytest.raises(SystemExit, match="error: --rows=0 must be a positive integer"):
+        chat_eval.main(["-i", "rl", "-r", "0", "--device-type", "cpu"])
     with pytest.raises(SystemExit) as excinfo:
         chat_eval.main(["-i", "rl", "--device-type", "cpu"])
     assert "no rl checkpoint found" in str(excinfo.value)

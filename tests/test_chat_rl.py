@@ -12,6 +12,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import RowCounter
+
 
 def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4):
     from nanochat.tokenizer import compute_token_bytes
@@ -43,13 +45,13 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from tasks.gsm8k import GSM8K
-    from scripts.chat_rl import sample_group, parse_args, rollout_seed
+    from scripts.chat_rl import sample_groups, parse_args, rollout_seed
     model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
     task = GSM8K("main", "train")
     args = parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6"])
     conversation = task[0]
     prompt = tokenizer.render_for_completion(conversation)
-    inputs, targets, rewards, lengths = sample_group(Engine(model, tokenizer), tokenizer, task, 0, conversation, args, 0)
+    [(inputs, targets, rewards, lengths)] = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)
     assert inputs.shape[0] == 4 and inputs.shape == targets.shape
     assert (targets[:, :len(prompt) - 1] == -1).all()  # the prompt is never trained
     assert (targets[:, len(prompt) - 1] >= 0).all()     # the first sampled token is
@@ -57,8 +59,28 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     assert all(len(prompt) < n <= len(prompt) + 6 for n in lengths)
     # deterministic and distinct seeds per (step, example, sampling call)
     assert rollout_seed(1, 2, 0) == rollout_seed(1, 2, 0) != rollout_seed(1, 2, 1)
-    again = sample_group(Engine(model, tokenizer), tokenizer, task, 0, conversation, args, 0)
+    again = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)[0]
     assert torch.equal(again[0], inputs)
+
+
+def test_a_step_samples_its_examples_together(rl_env):
+    """All examples of a step are decoded together, and each gets the rollouts it gets sampled alone (its own
+    seeds), greedy or not."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from tasks.gsm8k import GSM8K
+    from scripts.chat_rl import sample_groups, parse_args
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    task = GSM8K("main", "train")
+    examples = [(i, task[i]) for i in (0, 3, 5)]
+    for temperature in ("0", "1"):
+        args = parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6", f"--temperature={temperature}"])
+        counter = RowCounter(model)
+        together = sample_groups(Engine(counter, tokenizer), tokenizer, task, examples, args, step=1)
+        assert max(counter.rows) == 12  # 3 examples x 4 samples in one batch
+        for example, group in zip(examples, together):
+            alone = sample_groups(Engine(model, tokenizer), tokenizer, task, [example], args, step=1)[0]
+            assert all(torch.equal(a, b) for a, b in zip(group[:3], alone[:3])) and group[3] == alone[3]
 
 
 def test_chat_rl_end_to_end(rl_env, capsys):

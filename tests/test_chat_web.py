@@ -23,6 +23,7 @@ import torch
 
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, assemble_prompt, message_chunks
+from conftest import RowCounter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # tiny models' context: room for a few turns
@@ -43,9 +44,38 @@ def build_tiny_chat_model(vocab_size, seed=0, sequence_len=CONTEXT):
     return model
 
 
-def make_worker(gpu_id, model, tokenizer, engine=None):
+def make_worker(gpu_id, model, tokenizer):
     from nanochat.engine import Engine
-    return chat_web.Worker(gpu_id, "cpu", engine or Engine(model, tokenizer), tokenizer, model.config.sequence_len)
+    return chat_web.Worker(gpu_id, "cpu", Engine(model, tokenizer), tokenizer, model.config.sequence_len)
+
+
+class FakeModel:
+    """Stands in for a GPT under the real Engine: every row's next token is `token`, one forward per `delay` seconds
+    (a reply of thousands of tokens streams for minutes), or every forward raises. `started` is set by the first
+    forward; `barrier` (if given) is waited on by the first forward."""
+
+    def __init__(self, token, vocab_size, delay=0.02, fail=False, barrier=None, sequence_len=8192):
+        from nanochat.gpt import GPTConfig
+        self.config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        self.token, self.delay, self.fail, self.barrier = token, delay, fail, barrier
+        self.forwards, self.started = 0, threading.Event()
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        if self.barrier is not None:
+            self.barrier.wait(timeout=20)
+            self.barrier = None
+        if self.fail:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        kv_cache.advance(ids.size(1))
+        self.forwards += 1
+        self.started.set()
+        logits = torch.zeros(*ids.shape, self.config.vocab_size)
+        logits[..., self.token] = 100.0  # sampled at any temperature
+        return logits
 
 
 def make_args(**overrides):
@@ -167,6 +197,8 @@ def test_health_and_stats(server):
     stats = requests.get(server.url + "/stats", timeout=10).json()
     assert stats["total_workers"] == 2 and stats["busy_workers"] == 0 and stats["available_workers"] == 2
     assert [w["gpu_id"] for w in stats["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in stats["workers"])
+    assert stats["rows_per_worker"] == 16 and stats["rows_in_use"] == 0 and stats["requests_waiting"] == 0
+    assert [w["rows_in_use"] for w in stats["workers"]] == [0, 0]
 
 
 def test_token_stream(server):
@@ -448,18 +480,17 @@ def test_client_leaving_while_sending_its_body_is_one_log_line(server):
 
 
 def test_non_streaming_request_is_cancelled_when_the_client_leaves(tiny_tokenizer):
-    engine = FakeEngine(tiny_tokenizer.encode("hello")[0])  # would stream for minutes
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    model = FakeModel(tiny_tokenizer.encode("hello")[0], tiny_tokenizer.get_vocab_size())  # would stream for minutes
+    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer)])
     body = json.dumps({"messages": [USER], "stream": False})
     with LiveServer(app) as live:
         sock = raw_connection(live, f"POST /v1/chat/completions HTTP/1.1\nHost: test\nContent-Type: application/json\n"
                                     f"Content-Length: {len(body)}\n")
         sock.sendall(body.encode())
-        assert engine.started.wait(10)
+        assert model.started.wait(10)
         sock.close()
-        assert engine.closed.wait(10), "generation kept running after the client went away"
-        assert wait_all_idle(live)["requests_cancelled"] == 1
+        stats = wait_for_stats(live, lambda s: s["requests_cancelled"] == 1)  # its row is freed, generation over
+        assert stats["rows_in_use"] == 0 and model.forwards < 1000
 
 
 def test_default_host_is_this_machine_only():
@@ -560,95 +591,133 @@ def test_concurrent_clients_all_served(server):
     assert sum(w["requests_served"] for w in stats["workers"]) >= num_clients
 
 
-class BarrierEngine:
-    """Yields one token only once every replica is generating at the same moment (or fails after 20 s)."""
-
-    def __init__(self, token, barrier):
-        self.token, self.barrier = token, barrier
-
-    def generate(self, tokens, **kwargs):
-        self.barrier.wait(timeout=20)
-        yield [self.token], [1]
-
-
 def test_replicas_generate_in_parallel(tiny_tokenizer):
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2)  # each replica's first forward waits until both replicas are in one
     token = tiny_tokenizer.encode("hello")[0]
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    workers = [make_worker(i, model, tiny_tokenizer, BarrierEngine(token, barrier)) for i in range(2)]
+    models = [FakeModel(token, tiny_tokenizer.get_vocab_size(), barrier=barrier) for _ in range(2)]
+    workers = [make_worker(i, model, tiny_tokenizer) for i, model in enumerate(models)]
     with LiveServer(chat_web.create_app(make_args(), workers=workers)) as live:
         with ThreadPoolExecutor(2) as pool:
-            replies = list(pool.map(lambda i: sse_events(chat(live, [USER])), range(2)))
+            replies = list(pool.map(lambda i: sse_events(chat(live, [USER], max_tokens=1)), range(2)))
         assert all(events[-1] == {"done": True} and "error" not in events[0] for events in replies)
         assert sorted(events[0]["gpu"] for events in replies) == [0, 1]  # each replica served one, at the same time
         assert [w["requests_served"] for w in wait_all_idle(live)["workers"]] == [1, 1]
 
+
+def decisive_chat_model(vocab_size, sequence_len=CONTEXT):
+    """A tiny random model whose greedy choices are not near-ties (a batch's float rounding cannot flip them)."""
+    model = build_tiny_chat_model(vocab_size, sequence_len=sequence_len)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+class PausingModel(RowCounter):
+    """A model that, in its `pause_at`-th forward, sets `paused` and waits for `resume`; records each forward's rows."""
+
+    def __init__(self, model, pause_at):
+        super().__init__(model)
+        self.pause_at, self.paused, self.resume = pause_at, threading.Event(), threading.Event()
+
+    def forward(self, ids, kv_cache=None):
+        if len(self.rows) + 1 == self.pause_at:
+            self.paused.set()
+            assert self.resume.wait(20)
+        return super().forward(ids, kv_cache=kv_cache)
+
+
+def test_request_joining_mid_generation_gets_its_reply_alone(tiny_tokenizer):
+    """Continuous batching: a request arriving while another is being generated joins it at the next step, shares
+    its forwards, and both get exactly the greedy replies they get alone."""
+    model = PausingModel(decisive_chat_model(tiny_tokenizer.get_vocab_size()), pause_at=4)
+    first = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 40, "temperature": 0.0}
+    second = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0.0}
+
+    def reply(live, body):
+        r = requests.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]
+
+    with LiveServer(chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])) as live:
+        with ThreadPoolExecutor(2) as pool:
+            first_reply = pool.submit(reply, live, first)
+            assert model.paused.wait(20)  # the first reply is 3 tokens in
+            second_reply = pool.submit(reply, live, second)
+            wait_for_stats(live, lambda s: s["rows_in_use"] == 2)  # the second one is on the replica
+            model.resume.set()
+            together = [first_reply.result(), second_reply.result()]
+        assert max(model.rows) == 2 and model.rows[-1] == 1  # they shared forwards; the longer one finished alone
+        assert together[0][1] > together[1][1] > 0
+        alone = [reply(live, first), reply(live, second)]
+    assert together == alone
+
+
 # -----------------------------------------------------------------------------
 # workers are freed: client disconnects and generation errors
 
-class FakeEngine:
-    """Streams ordinary tokens forever (slowly), or raises; records how it ended."""
-
-    def __init__(self, token, delay=0.02, fail=False):
-        self.token, self.delay, self.fail = token, delay, fail
-        self.generated, self.started, self.closed = 0, threading.Event(), threading.Event()
-
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        try:
-            if self.fail:
-                raise RuntimeError("boom")
-            for _ in range(10_000):
-                time.sleep(self.delay)
-                self.generated += 1
-                self.started.set()
-                yield [self.token], [1]
-        finally:
-            self.closed.set()
-
-
 def test_disconnect_mid_stream_frees_the_worker(tiny_tokenizer):
-    token = tiny_tokenizer.encode("hello")[0]
-    engine = FakeEngine(token)
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    model = FakeModel(tiny_tokenizer.encode("hello")[0], tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer)])
     with LiveServer(app) as live:
         r = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
         lines = r.iter_lines()
         got = [next(lines) for _ in range(4)]  # a couple of events arrived: it is streaming
         assert any(line.startswith(b"data: ") for line in got)
-        assert requests.get(live.url + "/stats", timeout=5).json()["busy_workers"] == 1
+        stats = requests.get(live.url + "/stats", timeout=5).json()
+        assert stats["busy_workers"] == 1 and stats["rows_in_use"] == 1 and stats["workers"][0]["rows_in_use"] == 1
         r.close()  # the client goes away mid-stream
-        assert engine.closed.wait(10), "generation kept running after the client disconnected"
-        stats = wait_all_idle(live)
-        assert stats["requests_cancelled"] == 1 and engine.generated < 1000
+        stats = wait_for_stats(live, lambda s: s["requests_cancelled"] == 1)
+        assert stats["rows_in_use"] == 0 and stats["available_workers"] == 1 and model.forwards < 1000
         # the freed worker serves the next request
-        engine.closed.clear()
         r = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
         assert next(r.iter_lines()).startswith(b"data: ")
         r.close()
-        assert engine.closed.wait(10)
+        assert wait_for_stats(live, lambda s: s["requests_cancelled"] == 2)["rows_in_use"] == 0
+
+
+def test_disconnect_frees_the_row_for_a_waiting_request(tiny_tokenizer):
+    """With every row taken a request waits; when a client leaves, its row goes to the waiting request at once,
+    without waiting for the (endless) reply it was generating."""
+    model = FakeModel(tiny_tokenizer.encode("hello")[0], tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(max_tokens=4096, rows_per_replica=2), workers=[make_worker(0, model, tiny_tokenizer)])
+    with LiveServer(app) as live:
+        streams = [requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+                   for _ in range(2)]
+        lines = [r.iter_lines() for r in streams]  # kept: a dropped iterator closes the connection
+        assert all(next(line).startswith(b"data: ") for line in lines)  # both rows are streaming
+        waiting = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        stats = wait_for_stats(live, lambda s: s["requests_waiting"] == 1)
+        assert stats["rows_in_use"] == 2 and stats["available_workers"] == 0
+        streams[0].close()
+        assert next(waiting.iter_lines()).startswith(b"data: ")  # admitted: its reply streams
+        stats = wait_for_stats(live, lambda s: s["requests_cancelled"] == 1)
+        assert stats["rows_in_use"] == 2 and stats["requests_waiting"] == 0
+        waiting.close()
+        streams[1].close()
+        assert wait_all_idle(live)["requests_cancelled"] == 3
 
 
 def test_disconnect_while_waiting_for_a_worker(tiny_tokenizer):
-    engine = FakeEngine(tiny_tokenizer.encode("hello")[0])
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(max_tokens=4096), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    model = FakeModel(tiny_tokenizer.encode("hello")[0], tiny_tokenizer.get_vocab_size())
+    app = chat_web.create_app(make_args(max_tokens=4096, rows_per_replica=1), workers=[make_worker(0, model, tiny_tokenizer)])
     with LiveServer(app) as live:
         first = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
         first_lines = first.iter_lines()  # kept: a dropped iterator closes the connection
-        assert next(first_lines).startswith(b"data: ")  # the only worker is busy now
+        assert next(first_lines).startswith(b"data: ")  # the only row is busy now
         waiting = requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30)
+        wait_for_stats(live, lambda stats: stats["requests_waiting"] == 1)
         waiting.close()  # gives up while queued (the server has already sent the SSE headers)
-        wait_for_stats(live, lambda stats: stats["requests_cancelled"] == 1)
+        wait_for_stats(live, lambda stats: stats["requests_cancelled"] == 1 and stats["requests_waiting"] == 0)
         first.close()
         stats = wait_all_idle(live)
         assert stats["requests_cancelled"] == 2 and stats["workers"][0]["requests_served"] == 1  # nobody got the worker after leaving
 
 
 def test_generation_error_is_reported_and_frees_the_worker(tiny_tokenizer):
-    engine = FakeEngine(0, fail=True)
-    model = build_tiny_chat_model(tiny_tokenizer.get_vocab_size())
-    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer, engine)])
+    model = FakeModel(0, tiny_tokenizer.get_vocab_size(), fail=True)
+    app = chat_web.create_app(make_args(), workers=[make_worker(0, model, tiny_tokenizer)])
     with LiveServer(app) as live:
         events = sse_events(requests.post(live.url + "/chat/completions", json={"messages": [USER]}, stream=True, timeout=30))
         assert "boom" in events[0]["error"] and events[-1] == {"done": True}
@@ -694,10 +763,21 @@ def test_bad_flags_fail_fast(capsys):
                          (["--header-timeout", "0"], "--header-timeout"), (["--header-timeout", "nan"], "--header-timeout"),
                          # a key that no request can send: empty, surrounding spaces (dropped from headers), not ASCII
                          (["--api-key", ""], "--api-key"), (["--api-key", "key "], "--api-key"),
-                         (["--api-key", "cl\u00e9"], "--api-key"), (["--api-key", "a\tb"], "--api-key")]:
+                         (["--api-key", "cl\u00e9"], "--api-key"), (["--api-key", "a\tb"], "--api-key"),
+                         (["--rows-per-replica", "0"], "--rows-per-replica")]:
         with pytest.raises(SystemExit) as excinfo:
             chat_web.check_args(chat_web.build_parser().parse_args(argv))
         assert needle in str(excinfo.value) + capsys.readouterr().err  # argparse prints its error, exit code 2
+
+
+def test_rows_whose_kv_cache_cannot_fit_fail_at_start(base_dir, tiny_tokenizer, capsys):
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)
+    args = chat_web.build_parser().parse_args(["-i", "sft", "--device-type", "cpu", "--rows-per-replica", "2"])
+    chat_web.load_workers(args)
+    assert "KV cache: 2 rows x 256 tokens = 0.5 MiB" in capsys.readouterr().out
+    args.rows_per_replica = 10**9  # 262 TB
+    with pytest.raises(SystemExit, match="error: the KV cache of 1000000000 rows does not fit on cpu .*; lower --rows-per-replica"):
+        chat_web.load_workers(args)
 
 
 def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
@@ -746,6 +826,38 @@ def test_serving_benchmark(server, capsys):
         assert 0 < level["ttft_p50_ms"] <= level["latency_p50_ms"] + 1e-6
 
 
+def test_serving_benchmark_compares_checkouts(monkeypatch, capsys):
+    """--before-dir launches the two checkouts' servers in turn and reports the medians of each."""
+    from dev import bench_serving
+    launched = []
+
+    class Server:
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            pass
+
+    def launch(server_args, checkout):
+        launched.append((checkout, server_args))
+        return Server(), "http://server"
+
+    numbers = iter([100, 300, 120, 360, 90, 330])  # before, after, before, ... tok/s of the one level
+    def measure(args, url):
+        tok_per_sec = next(numbers)
+        return ["cpu"], [{"clients": 8, "output_tok_per_sec": tok_per_sec, "ttft_p50_ms": 1e4 / tok_per_sec, "ttft_p95_ms": 2e4 / tok_per_sec}]
+
+    monkeypatch.setattr(bench_serving, "launch_server", launch)
+    monkeypatch.setattr(bench_serving, "measure", measure)
+    bench_serving.main(["--before-dir", "/old", "--runs", "3", "--clients", "8", "--", "-i", "sft"])
+    out = capsys.readouterr().out
+    assert launched == [("/old", ["-i", "sft"]), (bench_serving.REPO_ROOT, ["-i", "sft"])] * 3
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["medians"]["before"][0]["output_tok_per_sec"] == 100 and report["medians"]["after"][0]["output_tok_per_sec"] == 330
+    assert report["medians"]["after"][0]["ttft_p95_ms"] == pytest.approx(2e4 / 330)
+    assert "8 clients: output_tok_per_sec 100.0 -> 330.0 (3.30x)" in out
+
+
 def test_inference_benchmark_smoke(base_dir, tiny_tokenizer, capsys):
     from scripts import infer_bench
     save_tiny_checkpoint(base_dir, tiny_tokenizer)
@@ -757,4 +869,5 @@ def test_inference_benchmark_smoke(base_dir, tiny_tokenizer, capsys):
     for row in report["sweep"]:  # 4 decode tokens = a first token, then 3 timed decode steps (a tiny random model never stops)
         assert row["decode_steps"] == 3 and row["tok_per_sec"] > 0 and row["tpot_sec"] > 0 and row["ttft_sec"] > 0
         assert row["peak_memory_mib"] > 0 and row["mbu_percent"] is None  # no bandwidth figure for a CPU
+        assert row["mixed_tok_per_sec"] > 0  # rows holding prompts of different lengths
     assert report["prefill"]["tok_per_sec"] > 0 and report["weight_bytes"] > 0

@@ -3,7 +3,7 @@
 import pytest
 
 from nanochat.cli import run
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 
 
 def test_a_typed_error_is_one_line_and_exit_1(capsys):

@@ -4,17 +4,21 @@ the calculator tool state machine with a scripted fake model, and a tiny real GP
 equal naive uncached greedy generation.
 """
 
+import itertools
 import threading
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from nanochat import flash_attention as fa
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from conftest import make_tiny_model
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny tensors run faster on one thread
+pytestmark = [pytest.mark.usefixtures("single_thread"),  # conftest.py: tiny tensors run faster on one thread
+              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
+CPU_BACKENDS = ["sdpa", "flex"]  # the attention backends that run on CPU (flex eagerly)
 
 # -------------------------------------------------------------------------------------------------
 # mocks (spec 9.1): byte-level tokenizer with 6 specials, a model returning uniform logits
@@ -73,14 +77,14 @@ class ScriptedModel(UniformModel):
 
     def forward(self, ids, kv_cache=None):
         B, T = ids.shape
-        start = kv_cache.get_pos() if kv_cache is not None else 0
+        starts = list(kv_cache.lengths) if kv_cache is not None else [0] * B
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = torch.full((B, T, VOCAB), -100.0)
-        for t in range(T):
-            gen_index = start + t + 1 - self.prompt_len  # index of the token these logits predict
+        for b, t in itertools.product(range(B), range(T)):
+            gen_index = starts[b] + t + 1 - self.prompt_len  # index of the token these logits predict
             if 0 <= gen_index < len(self.script):
-                logits[:, t, self.script[gen_index]] = 100.0
+                logits[b, t, self.script[gen_index]] = 100.0
         return logits
 
 
@@ -89,31 +93,42 @@ class ScriptedModel(UniformModel):
 
 def test_kv_cache_bookkeeping():
     cache = KVCache(batch_size=2, num_heads=4, seq_len=32, head_dim=8, num_layers=3, device="cpu")
-    assert cache.get_pos() == 0
+    assert cache.lengths == [0, 0]
     assert cache.k_cache.shape == cache.v_cache.shape == (3, 2, 32, 4, 8)
     cache.advance(10)
     cache.advance(5)
-    assert cache.get_pos() == 15 and cache.cache_seqlens.tolist() == [15, 15]
+    assert cache.lengths == [15, 15] and cache.cache_seqlens.tolist() == [15, 15]
     k, v = cache.get_layer_cache(1)
     assert k.shape == v.shape == (2, 32, 4, 8)
     with pytest.raises(ValueError, match="overflow"):
         cache.advance(33)
 
 
-def test_kv_cache_prefill_broadcasts_batch1():
-    src = KVCache(batch_size=1, num_heads=4, seq_len=32, head_dim=8, num_layers=2, device="cpu")
-    src.k_cache.normal_()
-    src.v_cache.normal_()
-    src.advance(16)
-    src.prev_embedding = torch.randn(1, 1, 64)
-    dst = KVCache(batch_size=3, num_heads=4, seq_len=64, head_dim=8, num_layers=2, device="cpu")
-    dst.prefill(src)
-    assert dst.get_pos() == 16 and dst.cache_seqlens.tolist() == [16, 16, 16]
-    for row in range(3):
-        assert torch.equal(dst.k_cache[:, row, :16], src.k_cache[:, 0, :16])
-        assert torch.equal(dst.v_cache[:, row, :16], src.v_cache[:, 0, :16])
-    assert torch.count_nonzero(dst.k_cache[:, :, 16:]) == 0
-    assert dst.prev_embedding.shape == (3, 1, 64)
+def test_kv_cache_rows_join_and_leave():
+    """Prefilled prompts join as rows at their own lengths; a freed row is taken by the last one, so the rows in use
+    stay the first ones and the model sees only them."""
+    def prefilled(length, fill):
+        src = KVCache(batch_size=1, num_heads=4, seq_len=length, head_dim=8, num_layers=2, device="cpu")
+        src.k_cache.fill_(fill)
+        src.v_cache.fill_(-fill)
+        src.advance(length)
+        src.prev_embedding = torch.full((1, 1, 64), float(fill))
+        return src
+    dst = KVCache(batch_size=4, num_heads=4, seq_len=64, head_dim=8, num_layers=2, device="cpu")
+    dst.truncate(0)
+    dst.append_rows(prefilled(16, 1.0), 2)
+    dst.append_rows(prefilled(5, 2.0), 1)
+    assert dst.lengths == [16, 16, 5] and dst.cache_seqlens.tolist() == [16, 16, 5]
+    assert dst.get_layer_cache(0)[0].shape == (3, 64, 4, 8) and dst.prev_embedding[:, 0, 0].tolist() == [1, 1, 2]
+    assert (dst.k_cache[:, :2, :16] == 1).all() and (dst.v_cache[:, 2, :5] == -2).all()
+    assert torch.count_nonzero(dst.k_cache[:, 2, 5:]) == 0
+    dst.advance(1)
+    assert dst.lengths == [17, 17, 6]
+    dst.remove_row(0)  # the 6-token row moves into row 0
+    assert dst.lengths == [6, 17] and dst.cache_seqlens.tolist() == [6, 17]
+    assert (dst.k_cache[:, 0, :5] == 2).all() and dst.prev_embedding[:, 0, 0].tolist() == [2, 1]
+    dst.remove_row(1)
+    assert dst.lengths == [6] and dst.get_layer_cache(1)[1].shape == (1, 64, 4, 8)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -276,6 +291,120 @@ def test_engine_matches_naive_greedy(pattern, n_kv_head):
     assert len(cached) > 0
     for row in range(3):
         assert [col[row] for col in cached] == naive[:len(cached)]
+
+
+@pytest.fixture
+def backend(request):
+    fa.set_backend_override(request.param)
+    yield request.param
+    fa.set_backend_override(None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@torch.inference_mode()
+def test_model_decodes_rows_at_different_positions(backend):
+    """Prompts of different lengths prefilled one by one into rows of one cache, then decoded together (per-row
+    rotary offsets, smear state and attention masks, past the 16-token sliding window): every row's logits equal
+    those of one full forward over its own sequence."""
+    model = tiny_gpt(T=64, pattern="SL")
+    torch.manual_seed(0)
+    sequences = [torch.randint(0, 256, (n,)) for n in (30, 9, 21)]
+    decode = 8
+    cache = Engine(model, ByteTokenizer()).new_cache(3, 64)
+    cache.truncate(0)
+    for seq in sequences:
+        prefill = KVCache(1, num_heads=2, seq_len=len(seq) - decode, head_dim=16, num_layers=3, device="cpu")
+        model.forward(seq[None, :-decode], kv_cache=prefill)
+        cache.append_rows(prefill, 1)
+    full = [model.forward(seq[None])[0] for seq in sequences]
+    for t in range(decode):
+        ids = torch.stack([seq[len(seq) - decode + t] for seq in sequences])[:, None]
+        logits = model.forward(ids, kv_cache=cache)
+        for row, seq in enumerate(sequences):
+            torch.testing.assert_close(logits[row, 0], full[row][len(seq) - decode + t], atol=1e-4, rtol=1e-4)
+    assert cache.lengths == [30, 9, 21]
+
+
+class ToolOverlay:
+    """A real tiny GPT whose next token is overridden after a few tokens. The override is a function of each row's
+    own last token, so batching cannot change it: "=" starts the calculator call 6*7, the calculator's answer ends
+    the turn, and "!" ends it at once."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        script = {ord("="): 256, 256: ord("6"), ord("6"): ord("*"), ord("*"): ord("7"), ord("7"): 257, 259: 260, ord("!"): 260}
+        self.table = torch.full((VOCAB,), -1)
+        for token, forced in script.items():
+            self.table[token] = forced
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)
+        target = self.table[ids]
+        hit = target >= 0
+        logits[hit] = -100.0
+        rows, positions = hit.nonzero(as_tuple=True)
+        logits[rows, positions, target[hit]] = 100.0
+        return logits
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+def test_batched_greedy_equals_one_prompt_greedy(backend):
+    """Prompts of different lengths decoded together, 5 rows for 6 prompts x 2 samples (prompts join as others end):
+    every row's greedy tokens and masks equal those of the prompt generated alone, including a row that calls the
+    calculator and rows that end early."""
+    tok = ByteTokenizer()
+    engine = Engine(ToolOverlay(tiny_gpt()), tok)
+    texts = ["hello there", "a", "what is six times seven =", "the quick brown fox jumps over!", "xyz",
+             "a longer prompt about rows and positions"]
+    prompts = [[261] + tok.encode(text) for text in texts]
+    alone = [engine.generate_batch(p, num_samples=2, max_tokens=24, temperature=0.0) for p in prompts]
+    together = {}
+    for index, results, masks in engine.generate_many(prompts, num_samples=2, max_tokens=24, temperature=0.0, max_rows=5):
+        together[index] = (results, masks)
+    assert list(together) != sorted(together)  # results come as prompts end: the early ones first
+    for index, prompt in enumerate(prompts):
+        assert together[index] == alone[index], texts[index]
+    # the calculator row: 6*7 written, 42 forced (mask 0), then the turn ends; "!" ends the turn at once
+    calculator = [256, ord("6"), ord("*"), ord("7"), 257, 258, ord("4"), ord("2"), 259]
+    assert together[2] == ([prompts[2] + calculator] * 2, [[0] * len(prompts[2]) + [1] * 5 + [0] * 4] * 2)
+    assert together[3][0] == [prompts[3]] * 2
+
+
+def test_sampled_request_does_not_depend_on_the_rest_of_the_batch():
+    """Each request samples its rows with its own seeded generator: the same tokens alone or among others."""
+    tok = ByteTokenizer()
+    engine = Engine(tiny_gpt(), tok)
+    prompts = [[261] + tok.encode(text) for text in ("one", "two two", "three three three", "4")]
+    seeds = [5, 6, 7, 8]
+    kwargs = dict(num_samples=2, max_tokens=12, temperature=1.0, top_k=20)
+    alone = [engine.generate_batch(p, seed=seed, **kwargs) for p, seed in zip(prompts, seeds)]
+    together = {i: (r, m) for i, r, m in engine.generate_many(prompts, seeds=seeds, max_rows=6, **kwargs)}
+    assert [together[i] for i in range(4)] == alone
+    assert len({str(r[0]) for r in alone}) == 4
+
+
+def test_ended_or_cancelled_rows_are_taken_at_the_next_step():
+    engine = Engine(UniformModel(), ByteTokenizer())  # greedy: byte 0 forever, never a stop token
+    batch = engine.new_batch(max_rows=2, seq_len=32)
+    short = batch.add([261, 65], max_tokens=2, temperature=0.0)
+    long = batch.add([261, 66, 67], max_tokens=20, temperature=0.0)
+    queued = batch.add([261, 68], max_tokens=20, temperature=0.0)
+    last = batch.add([261, 69], max_tokens=20, temperature=0.0)
+    assert [request for request, _, _ in batch.step()] == [short, long]
+    assert [request for request, _, _ in batch.step()] == [short, long] and short.done
+    assert [request for request, _, _ in batch.step()] == [long, queued]  # took the freed row at once
+    assert batch.cache.lengths == [5, 2]
+    batch.cancel(long)
+    assert long.done and len(batch.rows) == 1
+    assert {request for request, _, _ in batch.step()} == {queued, last}
+    batch.cancel(queued)
+    batch.cancel(last)
+    assert batch.step() == [] and not batch.rows and not batch.waiting
+    with pytest.raises(ValueError, match="do not fit"):
+        batch.add([261] * 40)
 
 
 def test_engine_sampling_on_real_model_is_seeded():

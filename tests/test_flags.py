@@ -71,14 +71,14 @@ ENTRY_POINTS = [
         "--init-lr-frac": "-1", "--eval-every": "0", "--eval-examples": "0", "--save-every": "0"}),
     ("scripts.chat_eval", call_main("scripts.chat_eval"), ["-i", "sft"], {
         "--step": "-1", "--max-problems": "0", "--batch-size": "0", "--temperature": "-1", "--max-new-tokens": "0",
-        "--num-samples": "0", "--top-k": "-1"}),
+        "--num-samples": "0", "--top-k": "-1", "--rows": "0"}),
     ("scripts.chat_cli", call_main("scripts.chat_cli"), [], {
         "--step": "-1", "--temperature": "2.5", "--top-k": "-1", "--max-tokens": "0", "--seed": "4294967296"}),
     ("scripts.chat_web", call_main("scripts.chat_web"), [], {
         "--step": "-1", "--num-gpus": "0", "--temperature": "-1", "--top-k": "-1", "--max-tokens": "0",
         "--seed": "4294967296", "--port": "0 65536", "--max-messages": "0", "--max-message-chars": "0",
         "--max-conversation-chars": "0", "--max-temperature": "-1", "--max-top-k": "-1", "--max-max-tokens": "0",
-        "--header-timeout": "0"}),
+        "--header-timeout": "0", "--rows-per-replica": "0"}),
     ("scripts.base_eval", call_main("scripts.base_eval"), [], {
         "--step": "-1", "--max-per-task": "0", "--device-batch-size": "0", "--split-tokens": "0"}),
     ("scripts.export_hf", call_main("scripts.export_hf"), [], {"--step": "-1"}),
