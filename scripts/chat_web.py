@@ -43,7 +43,8 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
@@ -129,7 +130,7 @@ def load_workers(args):
     for gpu_id in range(args.num_gpus):
         device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
-        model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+        model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         workers.append(Worker(gpu_id, str(device), engine, tokenizer, model.config.sequence_len))
