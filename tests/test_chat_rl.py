@@ -43,10 +43,10 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from tasks.gsm8k import GSM8K
-    from scripts.chat_rl import sample_group, parse_args, rollout_seed
+    from scripts.chat_rl import sample_group, build_parser, rollout_seed
     model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
     task = GSM8K("main", "train")
-    args = parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6"])
+    args = build_parser().parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6"])
     conversation = task[0]
     prompt = tokenizer.render_for_completion(conversation)
     inputs, targets, rewards, lengths = sample_group(Engine(model, tokenizer), tokenizer, task, 0, conversation, args, 0)
@@ -103,12 +103,13 @@ def test_policy_gradient_follows_advantage(tiny_tokenizer, tiny_model_factory):
 
 def test_bad_flags_and_missing_checkpoint(base_dir, capsys):
     from scripts import chat_rl
-    with pytest.raises(SystemExit):
-        chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # argparse error, exit code 2
+    from nanochat.common import NanochatError
+    with pytest.raises(NanochatError, match="--num-samples=6 must be a multiple of --device-batch-size=4"):
+        chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # a value check: cli.run's error line, exit 1
     with pytest.raises(SystemExit) as excinfo:  # one error line, not a ZeroDivisionError
         chat_rl.main(["--device-batch-size=0"])
     assert excinfo.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: argument --device-batch-size: must be an integer in [1, inf), got 0")
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)

@@ -1,5 +1,5 @@
 """
-The CPU allocator setting (keep_freed_memory) and the training-loop helpers in nanochat.common that base_train, chat_sft and chat_rl share: the cadence of periodic
+The CPU allocator setting (keep_freed_memory) and the training-loop helpers in nanochat.training that base_train, chat_sft and chat_rl share: the cadence of periodic
 work (is_due) and the tail of an optimizer step (finish_step); and the one JSONL reader (iter_jsonl) of the tasks,
 the CORE bundle and --from-dir builds.
 """
@@ -13,15 +13,16 @@ import subprocess
 import pytest
 import torch
 
-from nanochat.common import is_due, finish_step, iter_jsonl
+from nanochat.common import iter_jsonl
+from nanochat.training import is_due, finish_step
 from conftest import REPO_ROOT
 
 
 PAGE_FAULTS_OF_STEADY_STEPS = """
 import sys, resource, torch
-from nanochat.common import keep_freed_memory
+from nanochat.training import keep_freed_memory
 if sys.argv[1] == "keep":
-    keep_freed_memory()
+    keep_freed_memory("cpu")
 def step():  # like a training step: two 64 MiB buffers, a product, all freed again
     x, y = torch.empty(2**24).fill_(1.0), torch.empty(2**24).fill_(2.0)
     return (x * y).sum()
@@ -37,7 +38,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     """Steps that allocate and free the same 64 MiB buffers: glibc alone maps each afresh (16k page faults per
-    buffer with 4 KiB pages); after keep_freed_memory() and a few steps the freed blocks are reused from the heap
+    buffer with 4 KiB pages); after keep_freed_memory("cpu") and a few steps the freed blocks are reused from the heap
     (in a clean clone the heap reached its steady size after 2-3 steps, in every one of 5 processes)."""
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_STEADY_STEPS, mode], cwd=REPO_ROOT, capture_output=True,
