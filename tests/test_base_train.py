@@ -389,3 +389,25 @@ def test_compile_auto_is_eager_for_a_short_cpu_run(train_dir):
     proc = run_train(train_dir, TINY + ["--num-iterations=2", "--eval-every=-1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch.compile: off (auto: 2 steps < 200, the CPU warm-up break-even)" in proc.stdout
+
+
+def test_core_failing_in_training_is_reported_with_its_type(monkeypatch, capsys):
+    """Only the expected cause, no eval bundle to be had (offline), is skipped quietly; any other CORE failure is
+    reported with its error type (never passed off as 'skipped'). Training goes on either way."""
+    from scripts import base_train
+    from nanochat.core_eval import BundleError
+    args = base_train.build_parser().parse_args([])
+    model = torch.nn.Linear(2, 2)
+
+    def raising(error):
+        def evaluate_core(*args, **kwargs):
+            raise error
+        return evaluate_core
+    monkeypatch.setattr(base_train, "evaluate_core", raising(BundleError("CORE eval bundle not found (offline)")))
+    assert base_train.evaluate_core_metric(model, None, "cpu", args, 7) is None
+    assert capsys.readouterr().out == "Step 00007 | CORE metric skipped: CORE eval bundle not found (offline)\n"
+    monkeypatch.setattr(base_train, "evaluate_core", raising(KeyError("centered_results")))
+    assert base_train.evaluate_core_metric(model, None, "cpu", args, 8) is None
+    out = capsys.readouterr().out
+    assert out.startswith("Step 00008 | CORE metric failed (KeyError: 'centered_results')") and "skipped" not in out
+    assert model.training  # back in training mode after the failed evaluation

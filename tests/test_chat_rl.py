@@ -113,3 +113,15 @@ def test_bad_flags_and_missing_checkpoint(base_dir, capsys):
     with pytest.raises(NanochatError) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)
+
+
+def test_command_line_turns_a_bad_value_into_one_error_line(base_dir):
+    """`python -m scripts.chat_rl` runs main through cli.run: a value check is one `error:` line and exit 1."""
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_rl", "--num-samples=6", "--device-batch-size=4"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --num-samples=6 must be a multiple of --device-batch-size=4"]

@@ -96,3 +96,45 @@ def test_iter_jsonl_skips_blank_lines_reads_gz_and_names_a_bad_line(tmp_path):
     plain.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
     with pytest.raises(RowError, match=r"rows\.jsonl:2: not valid JSON \(.* at column \d+\); fix it$"):
         list(iter_jsonl(plain, RowError, hint="; fix it"))
+
+
+# -----------------------------------------------------------------------------
+# No side effects on import; the library raises typed errors, the entry point prints them
+
+def test_importing_common_changes_nothing_in_the_process():
+    """gc.freeze() and an atexit hook used to run on `import nanochat.common`, changing every importing program;
+    the garbage-collector policy is now a call of the training scripts (nanochat.training.freeze_gc)."""
+    code = ("import gc, atexit, logging, urllib.request, torch, torch.distributed; hooks = atexit._ncallbacks(); "
+            "import nanochat.common; print(gc.get_freeze_count(), atexit._ncallbacks() - hooks)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0"]
+
+
+def test_compute_init_leaves_the_allocator_alone(monkeypatch):
+    """The CPU allocator setting is the training scripts' visible call (training.keep_freed_memory), no longer a
+    side effect of compute_init that every CPU entry point got."""
+    import ctypes
+    from nanochat.common import compute_init
+    loaded = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: loaded.append(name))
+    compute_init("cpu")
+    assert loaded == []
+
+
+def test_library_errors_are_typed_and_the_entry_point_prints_one_line(tmp_path, monkeypatch, capsys):
+    from nanochat.cli import run
+    from nanochat.common import NanochatError, DownloadError, compute_init, get_base_dir
+    base_file = tmp_path / "not_a_dir"
+    base_file.write_text("x")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_file))
+    with pytest.raises(NanochatError, match="is a file, not a directory"):
+        get_base_dir()
+    with pytest.raises(NanochatError, match="--device-type=tpu is not one of cuda, cpu, mps"):
+        compute_init("tpu")
+    assert issubclass(DownloadError, NanochatError) and issubclass(DownloadError, RuntimeError)
+    with pytest.raises(SystemExit) as excinfo:
+        run(get_base_dir)
+    assert excinfo.value.code == 1
+    assert capsys.readouterr().err == f"error: the base dir {base_file} (NANOCHAT_BASE_DIR) is a file, not a directory\n"
