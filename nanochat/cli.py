@@ -7,7 +7,6 @@ Also here: the flags every script that loads one model to use it shares (add_mod
 
 import sys
 
-from nanochat.checkpoint_manager import CHECKPOINT_SOURCES
 from nanochat.common import NanochatError, int_in
 
 
@@ -24,8 +23,9 @@ def add_model_flags(parser, default_source):
     """The flags of the scripts that load one model to use it: which checkpoint (-i/--source, -g/--model-tag,
     -s/--step) and on which device. default_source=None makes -i/--source required. They feed
     checkpoint_manager.load_model (or resolve_checkpoint, then build_model)."""
+    # (the families of checkpoint_manager.CHECKPOINT_SOURCES, spelled out: this module imports no model code)
     parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
-                        choices=list(CHECKPOINT_SOURCES), help="checkpoint family to load: base|sft|rl")
+                        choices=["base", "sft", "rl"], help="checkpoint family to load: base|sft|rl")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
     parser.add_argument("-s", "--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],

@@ -17,6 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from nanochat.cli import run
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
 from nanochat.checkpoint_manager import load_model
 
@@ -252,4 +253,4 @@ def main():
     print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,6 +18,7 @@ import argparse
 import os
 
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+from nanochat.cli import run
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
 from nanochat.core_eval import (SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir,
                                 write_core_csv)
@@ -160,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -506,8 +506,7 @@ def stop_diverged(what, last_good_step, checkpoint_dir):
     sys.exit(1)
 
 
-def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, resume_state, rank, world_size, device,
-         device_type):
+def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, resume_state, rank, world_size, device):
     """Checkpoint after state.step updates (never a non-finite one): every rank writes its optimizer shard, rank 0
     the rest. resume_state is where the loader resumes."""
     # a diverged state can have finite losses for a while (the update that broke it comes after the loss): check the
@@ -518,7 +517,7 @@ def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, 
                       checkpoint_dir)
     loader_states = gather_objects(resume_state, world_size)
     rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
-        torch.cuda.get_rng_state()) if device_type == "cuda" else None}, world_size)
+        torch.cuda.get_rng_state()) if device.type == "cuda" else None}, world_size)
     meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(plan.model_config),
             "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
             "total_batch_size": plan.total_batch_size, "world_size": world_size,
@@ -654,8 +653,7 @@ def main(argv=None):
             stopped = any_rank(bool(signals), device)
             if stopped:
                 if step > 0 and not resumed_here:
-                    save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank,
-                         world_size, device, device_type)
+                    save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank, world_size, device)
                 if step > 0:
                     print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
                 else:
@@ -687,8 +685,7 @@ def main(argv=None):
                 print_samples(orig_model, tokenizer, args.fp8)
             # checkpoint (the step we resumed from is on disk already); the last step always saves
             if (last_step or is_due(step, args.save_every, last_step)) and not resumed_here:
-                save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank,
-                     world_size, device, device_type)
+                save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank, world_size, device)
             if last_step:
                 break
 
@@ -704,8 +701,7 @@ def main(argv=None):
             dt = time.time() - t0
             # a non-finite loss on any rank stops every rank (under fp16 the GradScaler skips such steps instead)
             if scaler is None and any_rank(not bool(torch.isfinite(losses).all()), device):
-                stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)", state.last_good_step,
-                              checkpoint_dir)
+                stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)", state.last_good_step, checkpoint_dir)
 
             # the step's log line: an EMA of the loss (debiased like Adam's moments, for the first steps) and
             # throughput; the first 10 steps (compilation, warm-up) are left out of the training time and the ETA

@@ -12,7 +12,7 @@ from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import load_model
-from nanochat.cli import add_model_flags
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
@@ -97,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

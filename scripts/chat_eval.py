@@ -19,7 +19,7 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 import argparse
 
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
-from nanochat.cli import add_model_flags
+from nanochat.cli import add_model_flags, run
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
                              compute_cleanup, compute_init, print0)
 from nanochat.engine import Engine
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

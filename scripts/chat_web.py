@@ -44,7 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import load_model
-from nanochat.cli import add_model_flags
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
@@ -531,4 +531,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

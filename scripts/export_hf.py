@@ -13,6 +13,7 @@ import argparse
 import os
 
 from nanochat.checkpoint_manager import load_model
+from nanochat.cli import run
 from nanochat.common import get_base_dir, int_in
 from nanochat.hf import export_hf  # exits with one clear line when the optional dependencies are missing
 
@@ -35,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

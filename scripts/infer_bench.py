@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.cli import add_model_flags
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
 from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
@@ -149,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
