@@ -568,6 +568,7 @@ def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, wor
         "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
         "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
     }
+    # the sweeps (runs/miniseries.sh, runs/scaling_laws.sh) read their rows from this file, never from the log
     summary_path = os.path.join(checkpoint_dir, "summary.json")  # beside the last step's checkpoint
     atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
     print0(f"Wrote run summary to {summary_path}")
@@ -600,6 +601,7 @@ def main(argv=None):
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if args.fp8:
         fp8.check_fp8_support(device)  # before any heavy work
+    # one forward/backward of every rank; an optimizer step is a whole number of them (gradient accumulation)
     world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size != -1 and args.total_batch_size % world_tokens_per_fwdbwd:
         raise NanochatError(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of "
@@ -631,6 +633,7 @@ def main(argv=None):
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     token_bytes = get_token_bytes(device=device)  # bytes of text per token id, for bits per byte
     val_batches = None  # tokenized at the first evaluation, replayed at every later one
+    # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs)
     state, loader_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
@@ -638,6 +641,7 @@ def main(argv=None):
     batches = with_resume_states(loader, loader_state)
 
     # --- the loop: at each step boundary the signal check, evaluations and checkpoints; then one optimizer step ---
+    # SIGTERM/SIGINT (a preempted job, Ctrl-C) only set a flag; the finally below puts the previous handlers back
     signals = []  # SIGTERM/SIGINT received (stop_signal_handler)
     previous_handlers = {s: signal.signal(s, stop_signal_handler(signals, rank)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

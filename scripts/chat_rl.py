@@ -171,7 +171,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     user_config = dict(vars(args))
-    start_checkpoint = resolve_checkpoint(args.source, args.model_tag, args.model_step)  # (directory, step)
+    # which checkpoint to start from (tag and step), checked now; its files are read once the device is known
+    start_checkpoint = resolve_checkpoint(args.source, args.model_tag, args.model_step)
 
     # --- setup: runtime policies, device and processes, the checks that need the world size, wandb --------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
@@ -179,6 +180,7 @@ def main(argv=None):
     ddp, rank, _, world_size, device = compute_init(device_type)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    # every rank takes the same number of prompts per step, so their gradients average with equal weight
     if args.examples_per_step % world_size != 0:
         raise NanochatError(f"--examples-per-step={args.examples_per_step} must be divisible by the number of "
                             f"processes ({world_size})")

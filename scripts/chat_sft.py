@@ -423,7 +423,8 @@ def main(argv=None):
     # --- flags; the base checkpoint must exist before any heavy work ---------------------------------------------
     args = build_parser().parse_args(argv)
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
-    base_checkpoint = resolve_checkpoint("base", args.model_tag, args.model_step)  # (directory, step)
+    # which base checkpoint (tag and step), checked now; its files are read once the device is known
+    base_checkpoint = resolve_checkpoint("base", args.model_tag, args.model_step)
 
     # --- setup: runtime policies, device and processes, wandb ---------------------------------------------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
@@ -437,6 +438,7 @@ def main(argv=None):
     orig_model, tokenizer, meta = build_model(*base_checkpoint, device, phase="train")  # uncompiled: saving, the Engine
     resolve_inherited(args, meta)  # the batch geometry and learning rates the flags left open come from the base run
     B, T = args.device_batch_size, args.max_seq_len
+    # one forward/backward of every rank; an optimizer step is a whole number of them (gradient accumulation)
     world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
         raise NanochatError(f"--total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
