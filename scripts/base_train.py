@@ -142,24 +142,24 @@ def warmup_iters_for(args, N):
 
 
 def get_lr_multiplier(it, N, warmup_iters, warmdown_ratio, final_lr_frac):
-    # Warmup: the first updates see Adam's second-moment estimates still near zero (tiny denominators, huge steps)
-    # and a freshly initialised model; a linear ramp keeps those steps small.
+    # Warmup: the first updates come from optimizer statistics gathered over a handful of steps (noisy moment
+    # estimates) on a freshly initialised model; a linear ramp keeps those steps small.
     warmdown_iters = round(warmdown_ratio * N)
     if it < warmup_iters:
         return (it + 1) / warmup_iters
     if it <= N - warmdown_iters:
         return 1.0
-    # Warmdown: a long linear decay (65% of the run by default) instead of a cosine; sweeps found decaying for a
-    # large part of the run best, and the loss drops most while the LR falls. It ends at final_lr_frac, not 0, so
-    # the last update is not wasted.
+    # Warmdown: a linear decay over the last warmdown_ratio of the run (65% by default): much of a run's loss
+    # reduction comes while the LR falls, so the decay gets a large share. It ends at final_lr_frac, not 0, so the
+    # last update still moves the weights.
     progress = (N - it) / warmdown_iters
     return progress + (1 - progress) * final_lr_frac
 
 
 def get_muon_momentum(it, N, warmdown_ratio):
     # ramp 0.85 -> 0.97 over the first 400 steps, hold, then 0.97 -> 0.90 across the warmdown
-    # (high momentum averages Muon's orthogonalised updates over more steps, which the early, fast-moving phase
-    # cannot use; at the end a lower momentum lets the decaying LR settle the weights sooner)
+    # (early on the gradients change fast and a short memory follows them; later a long one averages away their
+    # noise; lowering it again in the warmdown lets the shrinking updates settle sooner)
     momentum = 0.85 + (0.97 - 0.85) * min(it / 400, 1.0)
     warmdown_iters = round(warmdown_ratio * N)
     start = N - warmdown_iters
@@ -169,8 +169,8 @@ def get_muon_momentum(it, N, warmdown_ratio):
 
 
 def get_weight_decay(it, N, wd):
-    # Cosine to zero: weight decay pulls the weights toward a scale set by lr x wd, which matters while the weights
-    # still move; at the end it would only shrink the finished weights. Sweeps found decaying it better than constant.
+    # Cosine to zero: sweeps found a weight decay that fades out over the run better than a constant one (it keeps
+    # the weights small while they move most; the last steps only refine them).
     return wd * 0.5 * (1 + math.cos(math.pi * it / max(N, 1)))
 
 # -----------------------------------------------------------------------------
@@ -204,8 +204,8 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
 
     # Which parameters count for scaling laws: the transformer matrices and lm_head, i.e. the ones that cost a
     # multiply-add per token. The embedding tables are lookups (no FLOPs) and the per-layer scalars are negligible.
-    # Of the conventions tried (all parameters, without lm_head, ...) this one gave the steadiest fitted exponents,
-    # so "tokens : scaling params" is a ratio that carries across model sizes.
+    # Of the conventions tried (all parameters, the transformer matrices alone, ...) this one gave the steadiest
+    # fitted exponents, so "tokens : scaling params" is a ratio that carries across model sizes.
     def scaling_params_of(counts):
         return counts["transformer_matrices"] + counts["lm_head"]
 
@@ -405,7 +405,7 @@ def print_hardware(device_type, window_pattern):
     return peak_flops
 
 
-def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
+def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
     # built on the meta device and then allocated once on the target device: no throwaway CPU copy of the weights
     with torch.device("meta"):
@@ -624,7 +624,7 @@ def main(argv=None):
     # --- build: model and optimizer (restored when resuming), the loop state and the train loader -----------------
     # compile is decided on the whole horizon, not the steps left, so that a resumed run decides alike
     use_compile = should_compile(device_type, args.compile, N)
-    orig_model, optimizer = build_model(args, plan, device, checkpoint_dir, rank, use_compile)
+    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile)
     # the loop trains the compiled model; evaluations with varying shapes (CORE, samples) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     for key, value in plan.param_counts.items():
