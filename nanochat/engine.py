@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanochat.cli import run
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import load_model
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def main():
     parser.add_argument("--max-tokens", type=int_in("[1, inf)"), default=64, help="tokens to generate")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
+    model, tokenizer, _ = load_model("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     cached = Engine(model, tokenizer).generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]
@@ -405,4 +406,4 @@ def main():
     print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -46,7 +46,8 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import Reply, message_chunks, fit_prompt, warm_up
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
@@ -162,7 +163,7 @@ def load_workers(args):
     for gpu_id in range(args.num_gpus):
         device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
-        model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+        model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         try:  # the KV cache of every row must fit: fail now rather than at the first request
@@ -637,4 +638,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,7 +18,8 @@ from collections import Counter
 
 import torch
 
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
 from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
@@ -88,7 +89,7 @@ def main(argv=None):
         raise SystemExit("error: infer_bench runs on a single device; start it with python, not torchrun")
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, meta = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+    model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     cfg = model.config
 
@@ -170,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -89,11 +89,12 @@ def test_long_conversation_keeps_fitting_the_context(base_dir, tiny_tokenizer, m
     assert out.count("Assistant: ") == 5 and "forgot the oldest" in out
 
 
-def test_missing_checkpoint_is_one_clear_line(base_dir):
-    with pytest.raises(SystemExit) as excinfo:
-        chat_cli.main(["--device-type", "cpu"])
-    message = str(excinfo.value)
-    assert message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
+def test_missing_checkpoint_is_one_clear_line(base_dir, capsys):
+    from nanochat.cli import run
+    with pytest.raises(SystemExit) as excinfo:  # through cli.run, as `python -m scripts.chat_cli` runs main
+        run(lambda: chat_cli.main(["--device-type", "cpu"]))
+    message = capsys.readouterr().err.strip()
+    assert excinfo.value.code == 1 and message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["nan", "garbage"])

@@ -195,18 +195,20 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
 
 
 def test_missing_checkpoint_is_a_clear_error(base_dir, capsys):
+    from nanochat.common import NanochatError
     from scripts import chat_eval
     with pytest.raises(SystemExit) as excinfo:
         chat_eval.main(["-i", "rl", "-r", "0", "--device-type", "cpu"])
     assert excinfo.value.code == 2 and "argument -r/--rows: must be" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         chat_eval.main(["-i", "rl", "--device-type", "cpu"])
     assert "no rl checkpoint found" in str(excinfo.value)
 
 
 def test_missing_tag_and_unknown_task_are_clear_errors(eval_env):
+    from nanochat.common import NanochatError
     from scripts import chat_eval
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         chat_eval.main(["-i", "sft", "-g", "d99", "--device-type", "cpu"])
     assert "d99" in str(excinfo.value) and "d2" in str(excinfo.value)
     with pytest.raises(SystemExit) as excinfo:

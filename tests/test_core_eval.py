@@ -522,19 +522,21 @@ def test_cli_unknown_eval_mode(base_dir):
 
 
 def test_cli_no_checkpoint(base_dir):
+    from nanochat.common import NanochatError
     from scripts.base_eval import main  # noqa
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanochatError) as e:
         main(["--eval", "bpb"])
-    assert str(e.value).startswith("error: no base checkpoint found") and "base_train" in str(e.value)
+    assert str(e.value).startswith("no base checkpoint found") and "base_train" in str(e.value)
 
 
 def test_cli_bundle_missing_offline(base_dir, monkeypatch):
-    # a checkpoint directory exists, so the bundle is the first problem found (before loading anything)
+    # a (complete) checkpoint exists, so the bundle is the first problem found (before loading anything)
     from nanochat import core_eval
     from scripts import base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "base_checkpoints" / "d2").mkdir(parents=True)
     (base_dir / "base_checkpoints" / "d2" / "model_000001.pt").write_bytes(b"")
+    (base_dir / "base_checkpoints" / "d2" / "complete_000001.json").write_text("{}")
     monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--eval", "core"])

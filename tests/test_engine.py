@@ -431,5 +431,6 @@ def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkey
     out = capsys.readouterr().out
     assert "Match: the engine reproduces naive greedy generation" in out
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir / "empty"))
-    with pytest.raises(SystemExit, match="error: no base checkpoint found"):
+    from nanochat.checkpoint_manager import CheckpointError
+    with pytest.raises(CheckpointError, match="^no base checkpoint found"):
         engine_module.main()
