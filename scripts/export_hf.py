@@ -12,9 +12,10 @@ Needs the optional dependencies: pip install -e .[hf]
 import argparse
 import os
 
+from nanochat.cli import run
 from nanochat.checkpoint_manager import load_model_or_exit
 from nanochat.common import get_base_dir, int_in
-from nanochat.hf import export_hf  # exits with one clear line when the optional dependencies are missing
+from nanochat.hf import export_hf  # its optional dependencies are checked when it is called
 
 
 def main(argv=None):
@@ -35,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,6 +5,9 @@ equal naive uncached greedy generation.
 """
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from nanochat import flash_attention as fa
+from nanochat.common import NanochatError
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from conftest import make_tiny_model
 
@@ -418,7 +422,6 @@ def test_engine_sampling_on_real_model_is_seeded():
 def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkeypatch, capsys):
     """`python -m nanochat.engine`: loads the latest base checkpoint and checks engine == naive generation."""
     import dataclasses
-    import sys
     from nanochat import engine as engine_module
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.tokenizer import get_tokenizer_dir
@@ -426,10 +429,22 @@ def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkey
     model = tiny_gpt(vocab=tiny_tokenizer.get_vocab_size())
     save_checkpoint(str(base_dir / "base_checkpoints" / "d3"), 7, model.state_dict(), None,
                     {"step": 7, "model_config": dataclasses.asdict(model.config)})
-    monkeypatch.setattr(sys, "argv", ["engine", "--device-type", "cpu", "--max-tokens", "20"])
-    engine_module.main()
+    engine_module.main(["--device-type", "cpu", "--max-tokens", "20"])
     out = capsys.readouterr().out
-    assert "Match: the engine reproduces naive greedy generation" in out
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir / "empty"))
-    with pytest.raises(SystemExit, match="error: no base checkpoint found"):
-        engine_module.main()
+    assert "Match: the engine reproduces naive greedy generation (20 tokens)" in out
+    # an engine that strays from naive generation is a typed error naming the first differing token
+    generate_batch = Engine.generate_batch
+    def off_by_one(self, tokens, **kwargs):
+        results, masks = generate_batch(self, tokens, **kwargs)
+        first = len(tokens)  # the first generated token, changed to another byte
+        results[0][first] = (results[0][first] + 1) % 256
+        return results, masks
+    monkeypatch.setattr(Engine, "generate_batch", off_by_one)
+    with pytest.raises(NanochatError, match="^mismatch at generated token 0: naive "):
+        engine_module.main(["--device-type", "cpu", "--max-tokens", "20"])
+    # on the command line: one error line and exit status 1
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir / "empty"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nanochat.engine", "--device-type", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no base checkpoint found")

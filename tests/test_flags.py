@@ -9,7 +9,6 @@ model or downloads. Also: a NANOCHAT_BASE_DIR that cannot be created is one erro
 import argparse
 import importlib
 import os
-import runpy
 import subprocess
 import sys
 
@@ -28,21 +27,6 @@ class Parsed(Exception):
 
 def call_main(module):
     return lambda argv: importlib.import_module(module).main(argv)
-
-
-def with_sys_argv(module, run_module):
-    """Entry points that read sys.argv: tok_train and tok_eval parse at import time, engine's main takes no argv."""
-    def run(argv):
-        old_argv = sys.argv
-        sys.argv = [module, *argv]
-        try:
-            if run_module:
-                runpy.run_module(module, run_name="__main__", alter_sys=False)
-            else:
-                importlib.import_module(module).main()
-        finally:
-            sys.argv = old_argv
-    return run
 
 
 # Every entry point: (name, how to run it, argv it needs anyway, {numeric flag: bad values besides nan, +-inf, -5}).
@@ -84,16 +68,16 @@ ENTRY_POINTS = [
     ("scripts.export_hf", call_main("scripts.export_hf"), [], {"--step": "-1"}),
     ("scripts.infer_bench", call_main("scripts.infer_bench"), [], {
         "--step": "-1", "--prompt-tokens": "0", "--decode-tokens": "1", "--temperature": "-1"}),
-    ("scripts.tok_train", with_sys_argv("scripts.tok_train", run_module=True), [], {
+    ("scripts.tok_train", call_main("scripts.tok_train"), [], {
         "--max-chars": "0", "--doc-cap": "0", "--vocab-size": "0 264"}),
-    ("scripts.tok_eval", with_sys_argv("scripts.tok_eval", run_module=True), [], {}),
+    ("scripts.tok_eval", call_main("scripts.tok_eval"), [], {}),
     ("nanochat.dataset", call_main("nanochat.dataset"), [], {
         "--num-files": "-2", "--num-workers": "0", "--retries": "0", "--max-doc-chars": "0"}),
     ("nanochat.report", call_main("nanochat.report"), [], {}),
-    ("nanochat.engine", with_sys_argv("nanochat.engine", run_module=False), [], {"--step": "-1", "--max-tokens": "0"}),
-    ("dev.offline_corpus", call_main("dev.offline_corpus"), [], {
+    ("nanochat.engine", call_main("nanochat.engine"), [], {"--step": "-1", "--max-tokens": "0"}),
+    ("scripts.offline_corpus", call_main("scripts.offline_corpus"), [], {
         "--max-chars": "0", "--max-doc-chars": "0", "--num-workers": "0"}),
-]  # not dev/sweep_results.py: the sweeps call it twice per run and it stays free of torch (nanochat.common imports it)
+]  # not scripts/sweep_results.py: the sweeps call it twice per run and it stays free of torch (nanochat.common imports it)
 ENTRY = {name: (run, argv) for name, run, argv, _ in ENTRY_POINTS}
 BAD_VALUES = [(name, flag, ["nan", "inf", "-inf", "-5", *extra.split()])
               for name, _, _, flags in ENTRY_POINTS for flag, extra in flags.items()]
@@ -111,8 +95,6 @@ def stop_after_parsing(monkeypatch, tmp_path):
 
 
 def entry(name):
-    if name == "scripts.export_hf":
-        pytest.importorskip("transformers")  # export_hf stops at import without the optional hf dependencies
     return ENTRY[name]
 
 

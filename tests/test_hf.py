@@ -202,6 +202,20 @@ def test_bf16_export_from_sft_checkpoint(base_dir, tiny_tokenizer, tmp_path):
     assert diff < 0.25, diff  # soft-capped logits (|x| < 15) through 3 layers of bf16
 
 
+def test_without_the_optional_dependencies_the_module_imports_and_says_what_to_install(monkeypatch):
+    import importlib
+    import nanochat
+    from nanochat.common import NanochatError
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    monkeypatch.delitem(sys.modules, "nanochat.hf")
+    monkeypatch.setattr(nanochat, "hf", None)
+    hf = importlib.import_module("nanochat.hf")
+    for call in (lambda: hf.export_hf(None, None, "unused"), lambda: hf.load_hf_model("unused", "cpu")):
+        with pytest.raises(NanochatError, match=r"^Hugging Face interop needs the optional dependencies: "
+                                                r"pip install -e \.\[hf\]$"):
+            call()
+
+
 # -----------------------------------------------------------------------------
 # base_eval --hf-path
 
@@ -216,7 +230,7 @@ def test_hf_path_hub_name_offline_fails_fast(base_dir):
     result = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--hf-path", "openai-community/gpt2",
                              "--eval", "sample", "--device-type", "cpu"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: --hf-path=openai-community/gpt2: no such local directory, and the hub is offline "
         "(HF_HUB_OFFLINE/NANOCHAT_OFFLINE); pass a directory written by save_pretrained"]
@@ -287,7 +301,7 @@ def test_closed_loop_core_and_bpb(base_dir, tiny_tokenizer, tmp_path, capsys, mo
     """checkpoint -> export -> base_eval --hf-path gives the CORE and bpb of base_eval on the checkpoint."""
     if not REAL_BUNDLE.is_dir():
         pytest.skip(f"real eval bundle not found at {REAL_BUNDLE}")
-    from nanochat.dataset import build_from_dir
+    from nanochat.local_data import build_from_dir
     bundle = few_task_bundle(tmp_path / "bundle", ["hellaswag_zeroshot", "jeopardy", "arc_easy", "winogrande"])
     save_tokenizer(tiny_tokenizer, base_dir)
     texts = tmp_path / "texts"

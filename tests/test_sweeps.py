@@ -295,7 +295,7 @@ TINY_TRAIN_ARGS = ("--aspect-ratio=32 --head-dim=32 --max-seq-len=64 --window-pa
 def tiny_base(tmp_path_factory):
     """A base dir with local shards built from a small English corpus and a 512-token tokenizer trained on them."""
     from conftest import tiny_corpus
-    from nanochat.dataset import write_shards
+    from nanochat.local_data import write_shards
     base = tmp_path_factory.mktemp("sweep_base")
     write_shards(tiny_corpus(), str(base / "base_data_local"), "local", "tests/conftest.py tiny_corpus")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1")
