@@ -27,6 +27,7 @@ import subprocess
 import psutil
 import torch
 
+from nanochat.cli import run
 from nanochat.common import NoOp, atomic_write, get_base_dir, get_dist_info
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -372,4 +373,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

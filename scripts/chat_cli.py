@@ -12,7 +12,8 @@ from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
+from nanochat.cli import run
+from nanochat.common import NanochatError, compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------
@@ -76,10 +77,10 @@ def main(argv=None):
         chunks += message_chunks(tokenizer, [{"role": "user", "content": user_input}])
         prompt, dropped, max_tokens = fit_prompt(tokenizer, chunks, context, args.max_tokens)
         if prompt is None:
+            if args.prompt:
+                raise NanochatError(f"-p/--prompt is too long for the model's {context}-token context; try a shorter one")
             chunks.pop()
             print(f"\n(That message is too long for the model's {context}-token context; try a shorter one.)")
-            if args.prompt:
-                raise SystemExit(1)
             continue
         if dropped:
             chunks = chunks[dropped:]
@@ -96,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

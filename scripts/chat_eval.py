@@ -19,8 +19,8 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 import argparse
 
 from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
-                             compute_cleanup, compute_init, print0)
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, NanochatError, autodetect_device_type, int_in,
+                             float_in, compute_cleanup, compute_init, print0)
 from nanochat.cli import run
 from nanochat.engine import Engine
 from nanochat.execution import isolation
@@ -49,7 +49,7 @@ def main(argv=None):
     task_names = ALL_TASKS if args.task_name is None else [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in task_names if t not in BASELINES]
     if unknown:
-        raise SystemExit(f"error: unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
+        raise NanochatError(f"unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
     check_checkpoint_exists(args.source, args.model_tag, args.step)
 
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())

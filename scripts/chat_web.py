@@ -47,7 +47,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import Reply, message_chunks, fit_prompt, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
+from nanochat.cli import run
+from nanochat.common import NanochatError, compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
 
 logger = logging.getLogger("nanochat.web")
@@ -92,11 +93,11 @@ def check_args(args):
     ]
     for flag, value, low, high in ranges:
         if not low <= value <= high:
-            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
+            raise NanochatError(f"{flag} {value} must be in [{low}, {high}]")
     # the key travels in an HTTP header, which loses surrounding spaces and is not UTF-8: such a key could never match
     key = args.api_key
     if key is not None and not (key and key == key.strip() and key.isascii() and key.isprintable()):
-        raise SystemExit(f"error: --api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
+        raise NanochatError(f"--api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, each decoding up to rows_per_replica requests together
@@ -155,8 +156,8 @@ def load_workers(args):
     device_type = args.device_type or autodetect_device_type()
     usable = torch.cuda.device_count() if device_type == "cuda" else 1
     if args.num_gpus > usable:
-        raise SystemExit(f"error: -n/--num-gpus {args.num_gpus} but only {usable} {device_type} device(s) can hold a replica "
-                         "(more than one needs CUDA)")
+        raise NanochatError(f"-n/--num-gpus {args.num_gpus} but only {usable} {device_type} device(s) can hold a replica "
+                            "(more than one needs CUDA)")
     compute_init(device_type)
     workers = []
     for gpu_id in range(args.num_gpus):
@@ -168,8 +169,8 @@ def load_workers(args):
         try:  # the KV cache of every row must fit: fail now rather than at the first request
             cache = engine.new_batch(args.rows_per_replica).cache
         except (torch.OutOfMemoryError, RuntimeError) as e:  # a CPU allocation fails with a RuntimeError
-            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device} "
-                             f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
+            raise NanochatError(f"the KV cache of {args.rows_per_replica} rows does not fit on {device} "
+                                f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
         print(f"KV cache: {args.rows_per_replica} rows x {cache.seq_len} tokens = "
               f"{(cache.k_cache.nbytes + cache.v_cache.nbytes) / 2**20:.1f} MiB")
         del cache
@@ -637,4 +638,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -157,8 +157,9 @@ def test_chat_page_in_a_real_browser(browser, tiny_tokenizer):
         browser.get(live.url + "/")
         browser.wait_for("return document.readyState === 'complete'", what="page load")
         assert browser.js("return document.title") == "NanoChat"
-        time.sleep(0.3)  # the health check runs on load
-        assert browser.js("return getComputedStyle(document.getElementById('banner')).display") == "none"
+        # the health check runs on load and leaves its verdict in the banner's own style: hidden = the server is ready
+        verdict = browser.wait_for("return document.getElementById('banner').style.display", what="the health check")
+        assert verdict == "none" and browser.js("return getComputedStyle(document.getElementById('banner')).display") == "none"
 
         # record every state the reply goes through, to see it arrive piece by piece
         browser.js("""

@@ -90,10 +90,18 @@ def test_long_conversation_keeps_fitting_the_context(base_dir, tiny_tokenizer, m
 
 
 def test_missing_checkpoint_is_one_clear_line(base_dir):
-    with pytest.raises(SystemExit) as excinfo:
-        chat_cli.main(["--device-type", "cpu"])
-    message = str(excinfo.value)
-    assert message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
+    result = run_cli(base_dir, ["-p", "hi"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error:") and "scripts.chat_sft" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_one_shot_prompt_longer_than_the_context_is_an_error(base_dir, tiny_tokenizer, capsys):
+    from nanochat.common import NanochatError
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)  # context 256 tokens
+    with pytest.raises(NanochatError, match=r"^-p/--prompt is too long for the model's 256-token context"):
+        chat_cli.main(["--device-type", "cpu", "-p", "word " * 400])
+    assert "Assistant:" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage", ["nan", "garbage"])

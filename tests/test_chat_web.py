@@ -24,6 +24,7 @@ import torch
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, assemble_prompt, message_chunks
 from conftest import RowCounter
+from nanochat.common import NanochatError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # tiny models' context: room for a few turns
@@ -758,16 +759,24 @@ def save_tiny_checkpoint(base_dir, tokenizer, source_dir="chatsft_checkpoints", 
 
 
 def test_bad_flags_fail_fast(capsys):
-    for argv, needle in [(["-t", "5"], "--temperature"), (["-k", "500"], "--top-k"), (["--max-tokens", "0"], "--max-tokens"),
-                         (["--num-gpus", "0"], "--num-gpus"), (["--port", "70000"], "--port"),
-                         (["--header-timeout", "0"], "--header-timeout"), (["--header-timeout", "nan"], "--header-timeout"),
-                         # a key that no request can send: empty, surrounding spaces (dropped from headers), not ASCII
-                         (["--api-key", ""], "--api-key"), (["--api-key", "key "], "--api-key"),
-                         (["--api-key", "cl\u00e9"], "--api-key"), (["--api-key", "a\tb"], "--api-key"),
-                         (["--rows-per-replica", "0"], "--rows-per-replica")]:
+    # outside the flag's own range: argparse's error line, exit code 2
+    for argv, needle in [(["--max-tokens", "0"], "--max-tokens"), (["--num-gpus", "0"], "--num-gpus"),
+                         (["--port", "70000"], "--port"), (["--header-timeout", "0"], "--header-timeout"),
+                         (["--header-timeout", "nan"], "--header-timeout"), (["--rows-per-replica", "0"], "--rows-per-replica")]:
         with pytest.raises(SystemExit) as excinfo:
+            chat_web.build_parser().parse_args(argv)
+        assert excinfo.value.code == 2 and needle in capsys.readouterr().err
+    # a default beyond what a request may ask for, or a key that no request can send (empty, surrounding spaces are
+    # dropped from headers, not ASCII): a typed error, the one error line of the command line
+    for argv, message in [(["-t", "5"], "-t/--temperature 5.0 must be in [0, 2.0]"),
+                          (["-k", "500"], "-k/--top-k 500 must be in [0, 200]"),
+                          (["--api-key", ""], "--api-key '' must be printable ASCII"),
+                          (["--api-key", "key "], "--api-key 'key ' must be printable ASCII"),
+                          (["--api-key", "cl\u00e9"], "--api-key 'cl\u00e9' must be printable ASCII"),
+                          (["--api-key", "a\tb"], "--api-key 'a\\tb' must be printable ASCII")]:
+        with pytest.raises(NanochatError) as excinfo:
             chat_web.check_args(chat_web.build_parser().parse_args(argv))
-        assert needle in str(excinfo.value) + capsys.readouterr().err  # argparse prints its error, exit code 2
+        assert str(excinfo.value).startswith(message), excinfo.value
 
 
 def test_rows_whose_kv_cache_cannot_fit_fail_at_start(base_dir, tiny_tokenizer, capsys):
@@ -776,7 +785,7 @@ def test_rows_whose_kv_cache_cannot_fit_fail_at_start(base_dir, tiny_tokenizer, 
     chat_web.load_workers(args)
     assert "KV cache: 2 rows x 256 tokens = 0.5 MiB" in capsys.readouterr().out
     args.rows_per_replica = 10**9  # 262 TB
-    with pytest.raises(SystemExit, match="error: the KV cache of 1000000000 rows does not fit on cpu .*; lower --rows-per-replica"):
+    with pytest.raises(NanochatError, match="^the KV cache of 1000000000 rows does not fit on cpu .*; lower --rows-per-replica$"):
         chat_web.load_workers(args)
 
 

@@ -1,5 +1,5 @@
 """
-Sweep workflows: dev/sweep_results.py (CSV rows from summary.json, skip-if-done, table, plots) with fake summaries,
+Sweep workflows: scripts/sweep_results.py (CSV rows from summary.json, skip-if-done, table, plots) with fake summaries,
 and runs/miniseries.sh + runs/scaling_laws.sh end to end in a tiny CPU configuration (2 depths, a few steps).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SWEEP = REPO_ROOT / "dev" / "sweep_results.py"
+SWEEP = REPO_ROOT / "scripts" / "sweep_results.py"
 
 
 def _load_sweep_module():
@@ -30,18 +30,13 @@ sweep_results = _load_sweep_module()
 
 
 def run_sweep_tool(*args, check=True):
-    """Run dev/sweep_results.py in-process (like its CLI: exit code, stdout, stderr), much faster than a subprocess."""
+    """Run scripts/sweep_results.py in-process (like its CLI: exit code, stdout, stderr), much faster than a subprocess."""
     import contextlib
     import io
     import types
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = sweep_results.main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-            if not isinstance(e.code, int):
-                err.write(str(e.code) + "\n")
+        code = sweep_results.main([str(a) for a in args])
     proc = types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"sweep_results {args} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -172,7 +167,7 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
 
 # -----------------------------------------------------------------------------
 # The shell scripts' own logic (arguments, skipping, CSV, table, plot) with a stand-in base_train, in a copy of
-# the repo's runs/ and dev/ so the real scripts/ is untouched. Fast: no training.
+# the repo's runs/ and scripts/sweep_results.py, so the real scripts/ is untouched. Fast: no training.
 
 STUB_BASE_TRAIN = r'''
 import argparse, json, os, sys
@@ -209,9 +204,8 @@ def stub_repo(tmp_path):
     import shutil
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT / "runs", repo / "runs")
-    (repo / "dev").mkdir()
-    shutil.copy(SWEEP, repo / "dev" / "sweep_results.py")
     (repo / "scripts").mkdir()
+    shutil.copy(SWEEP, repo / "scripts" / "sweep_results.py")
     (repo / "scripts" / "__init__.py").write_text("")
     (repo / "scripts" / "base_train.py").write_text(STUB_BASE_TRAIN)
     return repo
@@ -410,4 +404,4 @@ def test_run_scripts_use_flags_the_stage_scripts_define(script):
                       "scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
                       "scripts.chat_cli"):
             assert stage in modules, f"runcpu.sh does not run {stage}"
-        assert "dev.offline_corpus" in text and "set -euo pipefail" in text
+        assert "scripts.offline_corpus" in text and "set -euo pipefail" in text
