@@ -29,8 +29,9 @@ ARTIFACTS = Path(os.environ.get("NANOCHAT_TEST_ARTIFACTS", Path(__file__).resolv
 ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
 ENTER = "\ue007"
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                                reason=f"needs {CHROMIUM} and chromedriver (apt-get install chromium chromium-driver)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                                 reason=f"needs {CHROMIUM} and chromedriver (apt-get install chromium chromium-driver)")]
 
 
 class Browser:

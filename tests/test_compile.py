@@ -98,6 +98,7 @@ print("compiler imported:", "torch._dynamo" in sys.modules, "| sympy imported:",
 """
 
 
+@pytest.mark.perf
 def test_an_eager_training_step_never_imports_the_compiler():
     """Importing torch._dynamo is ~2 s of an eager run's start-up, sympy ~0.7 s. Torch's default init on the meta
     device and the tracing guard on Optimizer.zero_grad / state_dict / load_state_dict / add_param_group imported

@@ -3,7 +3,8 @@ Flags of every entry point: each numeric flag rejects NaN, inf, negative and out
 `error:` line and exit code 2, the sentinels the flags document (-1 = off/auto/all) still parse, and every numeric
 flag is typed by the shared common.int_in/float_in (none is a bare int or float). Parse-only and in-process: each
 entry point runs until its parse_args returns, which the tests turn into an exception, so nothing trains, loads a
-model or downloads. Also: a NANOCHAT_BASE_DIR that cannot be created is one error line, not a traceback.
+model or downloads. Also: a NANOCHAT_BASE_DIR that cannot be created is one error line, not a traceback, and
+the Hugging Face module imports without its optional dependencies and says what to install when used.
 """
 
 import argparse
@@ -203,3 +204,21 @@ def test_entry_point_with_uncreatable_base_dir_exits_with_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: cannot create the base dir {tmp_path}/file/base "
                                                 "(NANOCHAT_BASE_DIR): Not a directory"]
+
+# -----------------------------------------------------------------------------
+# Optional dependencies: missing ones are an error where they are used, never at import (export_hf parses its flags)
+
+
+def test_without_the_optional_dependencies_the_module_imports_and_says_what_to_install(monkeypatch):
+    import importlib
+    import nanochat
+    import nanochat.hf  # imported as usual first, so that the copy below is dropped again afterwards
+    from nanochat.common import NanochatError
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    monkeypatch.delitem(sys.modules, "nanochat.hf")
+    monkeypatch.setattr(nanochat, "hf", None)
+    hf = importlib.import_module("nanochat.hf")
+    for call in (lambda: hf.export_hf(None, None, "unused"), lambda: hf.load_hf_model("unused", "cpu")):
+        with pytest.raises(NanochatError, match=r"^Hugging Face interop needs the optional dependencies: "
+                                                r"pip install -e \.\[hf\]$"):
+            call()

@@ -224,6 +224,7 @@ def calls(base):
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_miniseries_script_logic_with_stub_training(stub_repo, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -254,6 +255,7 @@ def test_miniseries_script_logic_with_stub_training(stub_repo, tmp_path):
     assert len(read_csv(results / "results.csv")) == 3 and calls(base)[-1]["tag"] == "stub_miniseries_d13"
 
 
+@pytest.mark.slow
 def test_scaling_laws_script_logic_with_stub_training(stub_repo, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -307,6 +309,7 @@ def run_real(script, base, env_extra, args=()):
                           env=env, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_miniseries_end_to_end_on_cpu(tiny_base):
     env = {"DEPTHS": "1 2", "EXTRA_ARGS": TINY_TRAIN_ARGS + " --num-iterations=4"}
     proc = run_real("miniseries.sh", tiny_base, env, ["cpu"])
@@ -331,6 +334,7 @@ def test_miniseries_end_to_end_on_cpu(tiny_base):
     assert "Training d=" not in again.stdout and len(read_csv(results / "results.csv")) == 2
 
 
+@pytest.mark.slow
 def test_scaling_laws_end_to_end_on_cpu(tiny_base):
     # 4e8 FLOPs buys a few steps of 128 tokens for these tiny models; the horizon comes from the budget alone
     env = {"LABEL": "cpu", "FLOPS_BUDGETS": "4e8", "DEPTHS": "1 2", "EVAL_TOKENS": "256",
