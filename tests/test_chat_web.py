@@ -785,6 +785,7 @@ def test_rows_whose_kv_cache_cannot_fit_fail_at_start(base_dir, tiny_tokenizer, 
         chat_web.load_workers(args)
 
 
+@pytest.mark.slow
 def test_command_line_serves_a_checkpoint(base_dir, tiny_tokenizer):
     save_tiny_checkpoint(base_dir, tiny_tokenizer)
     with socket.socket() as s:

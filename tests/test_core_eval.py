@@ -560,6 +560,7 @@ def test_fewer_items_than_shots_uses_what_there_is():
     assert evaluate_task(ConstantModel(), TOK, data, "cpu", meta) == 0.5
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_factory, request):
     """tokenizer + shards + a tiny GPT checkpoint -> python -m scripts.base_eval runs samples, bpb and CORE."""
     import dataclasses

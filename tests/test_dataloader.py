@@ -153,6 +153,10 @@ def test_bad_input(local_data, base_dir, tiny_tokenizer, monkeypatch):
     with pytest.raises(DataError, match="no parquet shards in .*--from-dir"):
         next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu"))
     manifest = local_data(n=100)
+    gone = {"file": "shard_09999.parquet", "pq_idx": 0, "rg_idx": 0, "epoch": 1}  # a resume state naming a lost shard
+    with pytest.raises(DataError, match="^the dataloader state refers to shard shard_09999.parquet, which is no longer "
+                                        "in the train split; restore that file or start without resuming$"):
+        next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", resume_state_dict=gone))
     with open(os.path.join(dataset.get_data_dir(), manifest["train"][0]), "r+b") as f:
         f.seek(-20, os.SEEK_END)
         f.write(b"\0" * 20)  # destroy the footer
@@ -182,6 +186,7 @@ def _ddp_worker(rank, world_size, port, base_dir, result_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ranks_see_disjoint_data(local_data, base_dir, tiny_tokenizer, tmp_path):
     local_data()
     tiny_tokenizer.save(os.path.join(base_dir, "tokenizer"))
