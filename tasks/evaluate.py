@@ -6,7 +6,7 @@ Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import NanochatError, get_dist_info, is_ddp_initialized, print0
+from nanochat.common import DownloadError, NanochatError, get_dist_info, is_ddp_initialized, print0
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -97,8 +97,8 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
     """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
     try:
         task_object = TASK_BUILDERS[task_name]()
-    except (OSError, NanochatError) as e:
-        # task loaders raise TaskDataError on an unreachable hub or a missing local copy; its message says what is missing
+    except (OSError, DownloadError, NanochatError) as e:
+        # an unreachable hub or a missing local copy (TaskDataError): the loader's message says what is missing
         raise TaskUnavailable(str(e).strip() or type(e).__name__) from e
     if task_object.eval_type == "generative":
         return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
