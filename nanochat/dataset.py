@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.cli import run
-from nanochat.common import NanochatError, get_base_dir, download_file, int_in, DownloadError
+from nanochat.common import get_base_dir, download_file, int_in, DownloadError
+from nanochat.errors import NanochatError
 from nanochat.hub import hub_endpoint
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.cli import run
-from nanochat.common import COMPUTE_DTYPE, NanochatError, autodetect_device_type, int_in
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
+from nanochat.errors import NanochatError
 from nanochat.checkpoint_manager import load_model_or_exit
 
 

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 import zipfile
 
-from nanochat.common import NanochatError, DownloadError, download_file_with_lock, get_base_dir, print0
+from nanochat.common import DownloadError, download_file_with_lock, get_base_dir, print0
+from nanochat.errors import NanochatError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 

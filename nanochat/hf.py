@@ -14,7 +14,8 @@ from itertools import takewhile
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import NanochatError, is_offline
+from nanochat.common import is_offline
+from nanochat.errors import NanochatError
 from nanochat.gpt import compute_window_sizes, has_value_embedding
 from nanochat.tokenizer import SPECIAL_TOKENS
 

@@ -13,7 +13,8 @@ import torch
 import rustbpe
 import tiktoken
 
-from nanochat.common import NanochatError, get_base_dir, atomic_write
+from nanochat.common import get_base_dir, atomic_write
+from nanochat.errors import NanochatError
 
 SPECIAL_TOKENS = [
     "<|bos|>",              # delimits documents: every document / conversation starts with it

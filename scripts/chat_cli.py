@@ -13,7 +13,8 @@ from functools import partial
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.cli import run
-from nanochat.common import NanochatError, compute_init, autodetect_device_type, int_in, float_in
+from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
+from nanochat.errors import NanochatError
 from nanochat.engine import Engine
 
 # -----------------------------------------------------------------------------

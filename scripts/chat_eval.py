@@ -19,8 +19,9 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 import argparse
 
 from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, NanochatError, autodetect_device_type, int_in,
-                             float_in, compute_cleanup, compute_init, print0)
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
+                             compute_cleanup, compute_init, print0)
+from nanochat.errors import NanochatError
 from nanochat.cli import run
 from nanochat.engine import Engine
 from nanochat.execution import isolation

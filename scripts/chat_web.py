@@ -48,7 +48,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanochat.chat import Reply, message_chunks, fit_prompt, warm_up
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.cli import run
-from nanochat.common import NanochatError, compute_init, autodetect_device_type, int_in, float_in
+from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
+from nanochat.errors import NanochatError
 from nanochat.engine import Engine
 
 logger = logging.getLogger("nanochat.web")

@@ -20,7 +20,8 @@ import torch
 
 from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
 from nanochat.cli import run
-from nanochat.common import NanochatError, compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
+from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
+from nanochat.errors import NanochatError
 from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
 

@@ -12,6 +12,10 @@ Rows are read from the summary.json that scripts/base_train.py writes next to it
 training log (scraped lines silently give empty columns when the wording changes).
 The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
 the plots need nothing else.
+
+The sweeps call this tool twice per training run, so it imports no torch: bad input is a NanochatError (nanochat.errors
+imports nothing), turned into the `error:` line and exit 1 by main itself rather than nanochat.cli.run, whose module
+also holds the torch-based command-line helpers of the model-loading scripts.
 """
 
 import argparse
@@ -23,6 +27,8 @@ import os
 import sys
 import tempfile
 import time
+
+from nanochat.errors import NanochatError  # imports nothing: this tool stays free of torch
 
 # Column layouts. The first block of each list is the documented contract; the rest are extras we add at the end.
 MINISERIES_COLUMNS = [
@@ -46,10 +52,6 @@ def log(msg):
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
 
-class SweepError(Exception):
-    """Bad input (a foreign CSV, a missing or stale summary); main prints it as one `error:` line and exits 1. Not
-    nanochat's NanochatError and cli.run: importing nanochat.common loads torch, seconds that the sweeps would pay
-    twice per training run, so this tool imports nothing from nanochat and keeps its own boundary."""
 
 # -----------------------------------------------------------------------------
 # CSV I/O
@@ -65,8 +67,8 @@ def read_rows(csv_path, kind):
         if header is None:
             return []
         if header != COLUMNS[kind]:
-            raise SweepError(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
-                             f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
+            raise NanochatError(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
+                                f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
         return [dict(zip(header, row)) for row in reader if row]
 
 
@@ -107,14 +109,14 @@ def find_row(rows, kind, key):
 
 def load_summary(summary_path, since=None):
     if not os.path.exists(summary_path):
-        raise SweepError(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
+        raise NanochatError(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
     if since is not None and os.path.getmtime(summary_path) < since:
-        raise SweepError(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
+        raise NanochatError(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
     try:
         with open(summary_path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise SweepError(f"{summary_path} is not valid JSON ({e}); re-run that training run")
+        raise NanochatError(f"{summary_path} is not valid JSON ({e}); re-run that training run")
 
 
 def fmt_float(x, digits):
@@ -156,7 +158,7 @@ def format_budget(flops_budget):
     try:
         float(text)
     except ValueError:
-        raise SweepError(f"--flops-budget {text!r} is not a number (e.g. 1e18)")
+        raise NanochatError(f"--flops-budget {text!r} is not a number (e.g. 1e18)")
     return text
 
 # -----------------------------------------------------------------------------
@@ -329,19 +331,19 @@ def print_scaling_optima(rows):
 def cmd_done(args):
     key = {"depth": args.depth, "flops_budget": args.flops_budget}
     if args.kind == "scaling" and args.flops_budget is None:
-        raise SweepError("--flops-budget is required with --kind scaling")
+        raise NanochatError("--flops-budget is required with --kind scaling")
     return 0 if find_row(read_rows(args.csv, args.kind), args.kind, key) else 1
 
 
 def cmd_append(args):
     if args.kind == "scaling" and args.flops_budget is None:
-        raise SweepError("--flops-budget is required with --kind scaling")
+        raise NanochatError("--flops-budget is required with --kind scaling")
     rows = read_rows(args.csv, args.kind)
     summary = load_summary(args.summary, since=args.since)
     try:
         row = summary_to_row(summary, args.kind, wall_time=args.wall_time, flops_budget=args.flops_budget)
     except KeyError as e:
-        raise SweepError(f"{args.summary} has no {e} entry: it was not written by this version of scripts/base_train.py")
+        raise NanochatError(f"{args.summary} has no {e} entry: it was not written by this version of scripts/base_train.py")
     d = row["depth"]
     if row["core_score"] == "":
         log(f"WARNING: Could not extract CORE score for d={d} (CORE was not computed in this run); column left empty")
@@ -367,7 +369,7 @@ def cmd_append(args):
 def cmd_report(args):
     rows = read_rows(args.csv, args.kind)
     if not rows:
-        raise SweepError(f"{args.csv} has no results yet; run the sweep first")
+        raise NanochatError(f"{args.csv} has no results yet; run the sweep first")
     rows = sort_rows(rows, args.kind)
     shown = [c for c in COLUMNS[args.kind] if c != "wall_time_sec"]
     print("Results:")
@@ -405,7 +407,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return {"done": cmd_done, "append": cmd_append, "report": cmd_report}[args.command](args)
-    except SweepError as e:
+    except NanochatError as e:  # what nanochat.cli.run does, without importing it (it may import torch)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
 

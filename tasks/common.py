@@ -19,7 +19,8 @@ import os
 import random
 from pathlib import Path
 
-from nanochat.common import DownloadError, NanochatError, iter_jsonl
+from nanochat.common import DownloadError, iter_jsonl
+from nanochat.errors import NanochatError
 from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import DownloadError, NanochatError, get_dist_info, is_ddp_initialized, print0
+from nanochat.common import DownloadError, get_dist_info, is_ddp_initialized, print0
+from nanochat.errors import NanochatError
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval

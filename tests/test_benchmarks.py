@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 from scripts import chat_web
 from test_chat_web import LiveServer, build_tiny_chat_model, make_args, make_worker, save_tiny_checkpoint, server  # noqa: F401
 

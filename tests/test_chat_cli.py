@@ -97,7 +97,7 @@ def test_missing_checkpoint_is_one_clear_line(base_dir):
 
 
 def test_one_shot_prompt_longer_than_the_context_is_an_error(base_dir, tiny_tokenizer, capsys):
-    from nanochat.common import NanochatError
+    from nanochat.errors import NanochatError
     save_tiny_checkpoint(base_dir, tiny_tokenizer)  # context 256 tokens
     with pytest.raises(NanochatError, match=r"^-p/--prompt is too long for the model's 256-token context"):
         chat_cli.main(["--device-type", "cpu", "-p", "word " * 400])

@@ -222,7 +222,7 @@ def test_missing_checkpoint_and_tag_are_one_error_line(eval_env):
 
 
 def test_unknown_task_is_a_clear_error(base_dir):
-    from nanochat.common import NanochatError
+    from nanochat.errors import NanochatError
     from scripts import chat_eval
     with pytest.raises(NanochatError, match=r"^unknown task\(s\) NotATask in -a/--task-name; choose from ARC-Easy\|"):
         chat_eval.main(["-i", "sft", "-a", "NotATask", "--device-type", "cpu"])

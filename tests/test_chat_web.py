@@ -24,7 +24,7 @@ import torch
 from scripts import chat_web
 from nanochat.chat import ReplyDecoder, assemble_prompt, message_chunks
 from conftest import RowCounter
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # tiny models' context: room for a few turns

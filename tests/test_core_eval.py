@@ -515,7 +515,7 @@ def run_cli(args, base_dir, extra_env=None):
 
 
 def test_cli_unknown_eval_mode(base_dir):
-    from nanochat.common import NanochatError
+    from nanochat.errors import NanochatError
     from scripts.base_eval import main  # noqa
     with pytest.raises(NanochatError) as e:
         main(["--eval", "core,bogus"])

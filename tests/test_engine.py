@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nanochat import flash_attention as fa
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from conftest import make_tiny_model
 

@@ -208,7 +208,7 @@ def test_without_the_optional_dependencies_the_module_imports_and_says_what_to_i
     import importlib
     import nanochat
     import nanochat.hf  # imported as usual first, so that the copy below is dropped again afterwards
-    from nanochat.common import NanochatError
+    from nanochat.errors import NanochatError
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     monkeypatch.delitem(sys.modules, "nanochat.hf")
     monkeypatch.setattr(nanochat, "hf", None)

@@ -43,10 +43,23 @@ def run_sweep_tool(*args, check=True):
     return proc
 
 
-def test_cli_runs_as_a_script(tmp_path):
-    proc = subprocess.run([sys.executable, str(SWEEP), "done", "--kind", "miniseries", "--csv",
-                           str(tmp_path / "none.csv"), "--depth", "3"], capture_output=True, text=True)
+def test_cli_runs_as_the_sweeps_call_it(tmp_path):
+    def run(csv):
+        return subprocess.run([sys.executable, "-m", "scripts.sweep_results", "done", "--kind", "miniseries", "--csv",
+                               str(csv), "--depth", "3"], cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = run(tmp_path / "none.csv")
     assert proc.returncode == 1 and proc.stderr == ""  # not done yet: exit 1, silently
+    (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
+    proc = run(tmp_path / "foreign.csv")  # bad input: one error line, exit 1
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.perf
+def test_the_tool_never_imports_torch():
+    """The sweeps call it twice per training run: importing torch would cost seconds each time."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, scripts.sweep_results; print('torch' in sys.modules)"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
 
 
 def fake_summary(path, depth, val_bpb, core=0.1, flops=1e15):

@@ -11,7 +11,7 @@ import runpy
 import pytest
 import torch
 
-from nanochat.common import NanochatError
+from nanochat.errors import NanochatError
 from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, compute_token_bytes, get_tokenizer,
                                 get_token_bytes)
 
