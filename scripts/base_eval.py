@@ -20,10 +20,10 @@ import os
 from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
 from nanochat.cli import run
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
-from nanochat.errors import NanochatError
 from nanochat.core_eval import evaluate_core, format_core, write_core_csv
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import SAMPLE_PROMPTS, Engine
+from nanochat.errors import NanochatError
 from nanochat.eval_bundle import resolve_bundle_dir
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
