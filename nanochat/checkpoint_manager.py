@@ -12,7 +12,10 @@ exists, so a run killed in the middle of saving never leaves a half-written chec
 What a killed save or prune leaves behind (temp files, files of steps without a marker) is removed by the next save.
 A save that fails (full disk) removes its partial files and raises CheckpointSaveError (one line).
 A file that is there but unusable (truncated, empty, not ours, NaN/inf values) raises CheckpointError naming the file
-and the previous complete step; load_model_or_exit turns any of these into one clear line.
+and the previous complete step. Both errors are NanochatErrors: an entry point's cli.run prints them as one line.
+
+Where checkpoints live is decided here for writers and readers alike (checkpoint_dir_for). Loading a model is two steps:
+resolve_checkpoint (which tag and step, the one check that they exist) and build_model (read the files, rebuild the GPT).
 """
 
 import os
@@ -27,7 +30,7 @@ import dataclasses
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, is_ddp_initialized, int_in
+from nanochat.common import NanochatError, atomic_write, get_base_dir, is_ddp_initialized
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -37,12 +40,12 @@ CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", 
 SOURCE_PRODUCERS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(NanochatError, FileNotFoundError):
     """No usable checkpoint: missing, incomplete, truncated, foreign or non-finite. A FileNotFoundError, so every
     caller that handles a missing checkpoint handles an unreadable one the same way."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(NanochatError, RuntimeError):
     """A save failed (e.g. the disk is full); its partial files are gone and the message is one line."""
 
 
@@ -54,8 +57,20 @@ def log0(message):
 def check_model_tag(tag):
     """Tags are plain directory names: a path (../x, a/b) would put checkpoints outside their family's folder."""
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
-        raise SystemExit(f"error: --model-tag={tag!r} must be a plain name (letters, digits, '.', '_', '-'), not a path")
+        raise NanochatError(f"--model-tag={tag!r} must be a plain name (letters, digits, '.', '_', '-'), not a path")
     return tag
+
+
+def stage_dir(source):
+    """<base dir>/<stage>_checkpoints: every tag of one stage (source 'base', 'sft' or 'rl')."""
+    if source not in CHECKPOINT_SOURCES:
+        raise ValueError(f"unknown checkpoint source {source!r} (expected one of {', '.join(CHECKPOINT_SOURCES)})")
+    return os.path.join(get_base_dir(), CHECKPOINT_SOURCES[source])
+
+
+def checkpoint_dir_for(source, model_tag):
+    """<base dir>/<stage>_checkpoints/<tag>: where a training script saves and where loading looks."""
+    return os.path.join(stage_dir(source), check_model_tag(model_tag))
 
 
 def model_path(checkpoint_dir, step):
@@ -240,6 +255,8 @@ def _load_tensors(path, checkpoint_dir, step, device):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True)
     data = _read(path, checkpoint_dir, step, load)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a state dict; {previous_step_hint(checkpoint_dir, step)}")
     if not is_finite_state(data):
         raise CheckpointError(f"{path} holds NaN or infinite values (saved from a diverged run?); "
                               f"{previous_step_hint(checkpoint_dir, step)}")
@@ -259,14 +276,12 @@ def load_meta(checkpoint_dir, step):
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """Returns (model_data, optimizer_data or None, meta). Raises CheckpointError with a clear message."""
+    """Returns (model_data, optimizer_data or None, meta) of the complete checkpoint at step (a caller that did not
+    get the step from resolve_checkpoint, e.g. a resume). Raises CheckpointError with a clear message."""
     if not is_complete(checkpoint_dir, step):
         raise CheckpointError(f"no complete checkpoint for step {step} in {checkpoint_dir} "
                               f"(expected {os.path.basename(model_path(checkpoint_dir, step))} and its completion marker)")
     model_data = _load_tensors(model_path(checkpoint_dir, step), checkpoint_dir, step, device)
-    if not isinstance(model_data, dict):
-        raise CheckpointError(f"{model_path(checkpoint_dir, step)} is not a model state dict; "
-                              f"{previous_step_hint(checkpoint_dir, step)}")
     optimizer_data = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
@@ -280,8 +295,6 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 
 def find_largest_model(checkpoints_dir):
     """Tag of the deepest model (names d<depth>...) with a complete checkpoint; else the most recently modified."""
-    if not os.path.isdir(checkpoints_dir):
-        raise CheckpointError(f"no checkpoints directory {checkpoints_dir} (train a model first)")
     tags = [d for d in os.listdir(checkpoints_dir) if complete_steps(os.path.join(checkpoints_dir, d))]
     if not tags:
         raise CheckpointError(f"no complete checkpoints found under {checkpoints_dir} (train a model first)")
@@ -291,12 +304,38 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 # -----------------------------------------------------------------------------
-# Building models from checkpoints
+# Loading a model: resolve which checkpoint (the one existence check), then build the GPT from its files
+
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint_dir, step) of the checkpoint to load: the given tag, else the deepest model; the given step, else
+    the latest complete one. The one existence check of a load (entry points call it first, to fail before any heavy
+    work): a checkpoint that is not there is a CheckpointError saying what is there instead and how to get one."""
+    check_model_tag(model_tag)
+    stage = stage_dir(source)
+    tags = sorted(d for d in os.listdir(stage) if os.path.isdir(os.path.join(stage, d))) if os.path.isdir(stage) else []
+    if not tags:
+        raise CheckpointError(f"no {source} checkpoint found: {stage} is missing or empty; train one first with "
+                              f"`python -m {SOURCE_PRODUCERS[source]}` (NANOCHAT_BASE_DIR={get_base_dir()})")
+    if model_tag is not None and model_tag not in tags:
+        raise CheckpointError(f"model tag {model_tag!r} not found in {stage} (available: {', '.join(tags)}); "
+                              f"pass one of those with --model-tag")
+    if model_tag is None:
+        model_tag = find_largest_model(stage)
+        log0(f"No model tag provided, guessing model tag: {model_tag}")
+    found = os.path.join(stage, model_tag)
+    if step is not None and not is_complete(found, step):
+        raise CheckpointError(f"no checkpoint at step {step}: {model_path(found, step)} does not exist or is "
+                              f"incomplete; pick an existing step or leave the step out to use the latest")
+    return found, find_last_step(found) if step is None else step
+
 
 def build_model(checkpoint_dir, step, device, phase):
-    """Rebuild a GPT from a checkpoint. phase is 'train' or 'eval'. Returns (model, tokenizer, meta)."""
+    """Rebuild the GPT of a resolved checkpoint. phase is 'train' or 'eval'. Returns (model, tokenizer, meta); a file
+    that is unusable, or a tokenizer that does not fit the model, is a CheckpointError."""
+    log0(f"Loading model from {checkpoint_dir} with step {step}")
     device = torch.device(device)
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    model_data = _load_tensors(model_path(checkpoint_dir, step), checkpoint_dir, step, device)
+    meta = load_meta(checkpoint_dir, step)
     if device.type in ("cpu", "mps"):
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}  # saved from a compiled model
@@ -315,38 +354,20 @@ def build_model(checkpoint_dir, step, device, phase):
     model.eval() if phase == "eval" else model.train()
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise SystemExit(f"error: tokenizer vocab size {tokenizer.get_vocab_size()} does not match the checkpoint's "
-                         f"{config.vocab_size} ({checkpoint_dir}); retrain the model or restore the tokenizer it used")
+        raise CheckpointError(f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match the checkpoint's "
+                              f"{config.vocab_size} ({checkpoint_dir}); retrain the model or restore the tokenizer it used")
     return model, tokenizer, meta
 
 
-def checkpoints_dir_for(source):
-    if source not in CHECKPOINT_SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r} (expected one of {', '.join(CHECKPOINT_SOURCES)})")
-    return os.path.join(get_base_dir(), CHECKPOINT_SOURCES[source])
-
-
-def _resolve(checkpoints_dir, model_tag=None, step=None):
-    if model_tag is None:
-        model_tag = find_largest_model(checkpoints_dir)
-        log0(f"No model tag provided, guessing model tag: {model_tag}")
-    checkpoint_dir = os.path.join(checkpoints_dir, check_model_tag(model_tag))
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    return checkpoint_dir, step
-
-
 def load_model(source, device, phase, model_tag=None, step=None):
-    """source in {'base', 'sft', 'rl'} -> (model, tokenizer, meta). Raises CheckpointError (a FileNotFoundError)."""
-    checkpoint_dir, step = _resolve(checkpoints_dir_for(source), model_tag, step)
-    log0(f"Loading model from {checkpoint_dir} with step {step}")
-    return build_model(checkpoint_dir, step, device, phase)
+    """source in {'base', 'sft', 'rl'} -> (model, tokenizer, meta). Raises CheckpointError (a NanochatError)."""
+    return build_model(*resolve_checkpoint(source, model_tag, step), device, phase)
 
 
 def load_optimizer_state(source, device, rank, world_size=1, model_tag=None, step=None):
     """This rank's optimizer state dict of a checkpoint, or None when it has none that a run of world_size processes
     can use: the state is sharded per rank, so it only fits under as many processes as saved it."""
-    checkpoint_dir, step = _resolve(checkpoints_dir_for(source), model_tag, step)
+    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
     saved_world_size = _read(marker_path(checkpoint_dir, step), checkpoint_dir, step, _json_load).get("world_size")
     path = optim_path(checkpoint_dir, step, rank)
     if saved_world_size not in (None, world_size):
@@ -358,45 +379,3 @@ def load_optimizer_state(source, device, rank, world_size=1, model_tag=None, ste
         return None
     log0(f"Loading optimizer state from {path}")
     return _load_tensors(path, checkpoint_dir, step, device)
-
-# -----------------------------------------------------------------------------
-# Loading a checkpoint with one clear line when it is missing or unusable (every script that loads a model)
-
-def add_model_flags(parser, default_source):
-    """The flags of the scripts that load one model to use it: which checkpoint (-i/--source, -g/--model-tag,
-    -s/--step) and on which device. default_source=None makes -i/--source required."""
-    parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
-                        choices=list(CHECKPOINT_SOURCES), help="checkpoint family to load: base|sft|rl")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
-                        help="cuda|cpu|mps (empty = autodetect)")
-
-
-def check_checkpoint_exists(source, model_tag=None, step=None):
-    """Exit with one clear line if the requested checkpoint is not on disk (before any heavy work)."""
-    check_model_tag(model_tag)
-    checkpoints_dir = checkpoints_dir_for(source)
-    hint = f"train one first with `python -m {SOURCE_PRODUCERS[source]}` (NANOCHAT_BASE_DIR={get_base_dir()})"
-    if not os.path.isdir(checkpoints_dir) or not any(
-            os.path.isdir(os.path.join(checkpoints_dir, d)) for d in os.listdir(checkpoints_dir)):
-        raise SystemExit(f"error: no {source} checkpoint found: {checkpoints_dir} is missing or empty; {hint}")
-    if model_tag is not None:
-        tag_dir = os.path.join(checkpoints_dir, model_tag)
-        if not os.path.isdir(tag_dir):
-            tags = sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
-            raise SystemExit(f"error: model tag {model_tag!r} not found in {checkpoints_dir} "
-                             f"(available: {', '.join(tags)}); pass one of those with --model-tag")
-        if step is not None and not os.path.exists(model_path(tag_dir, int(step))):
-            raise SystemExit(f"error: no checkpoint at step {step}: {model_path(tag_dir, int(step))} does not exist; "
-                             f"pick an existing step or leave the step out to use the latest")
-
-
-def load_model_or_exit(source, device, phase, model_tag=None, step=None):
-    """load_model with the project's bad-input behaviour: a missing or unusable checkpoint is one line and exit 1."""
-    check_checkpoint_exists(source, model_tag, step)
-    try:
-        return load_model(source, device, phase=phase, model_tag=model_tag, step=step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: could not load the {source} checkpoint "
-                         f"(tag={model_tag or 'latest'}, step={step if step is not None else 'latest'}): {e}")

@@ -1,15 +1,14 @@
 """
 Runtime helpers shared by every stage: where artifacts live, which device and dtype we compute in,
 distributed set-up under torchrun, printing, peak-FLOPs lookup and the one download helper.
-Device, dtype and process-group decisions are made here and nowhere else.
+Device, dtype, compile and process-group decisions are made here and nowhere else. Importing this module changes
+nothing in the process: the garbage-collector and allocator policies of a training run are nanochat.training's, and
+the training scripts call them.
 """
 
-import gc
 import os
 import math
 import argparse
-import atexit
-import ctypes
 import contextlib
 import gzip
 import json
@@ -52,22 +51,17 @@ _handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s -
 logging.basicConfig(level=logging.INFO, handlers=[_handler])
 logger = logging.getLogger(__name__)
 
-# What is imported by now (torch: ~170k objects) lives as long as the process: keep it out of every later garbage
-# collection's walk (~0.1 s each), and skip the interpreter's last collection at exit (~0.6 s a process)
-gc.freeze()
-atexit.register(gc.freeze)
-
 # -----------------------------------------------------------------------------
 # Where artifacts live
 
 def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
-        raise SystemExit(f"error: the base dir {base_dir} (NANOCHAT_BASE_DIR) is a file, not a directory")
+        raise NanochatError(f"the base dir {base_dir} (NANOCHAT_BASE_DIR) is a file, not a directory")
     try:
         os.makedirs(base_dir, exist_ok=True)
     except OSError as e:  # under a file, on a read-only filesystem, no permission
-        raise SystemExit(f"error: cannot create the base dir {base_dir} (NANOCHAT_BASE_DIR): {e.strerror}") from None
+        raise NanochatError(f"cannot create the base dir {base_dir} (NANOCHAT_BASE_DIR): {e.strerror}") from None
     return base_dir
 
 # -----------------------------------------------------------------------------
@@ -113,7 +107,7 @@ def _choose_compute_dtype():
     choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if forced:
         if forced not in choices:
-            raise SystemExit(f"error: NANOCHAT_DTYPE={forced!r} is not one of {', '.join(choices)}")
+            raise NanochatError(f"NANOCHAT_DTYPE={forced!r} is not one of {', '.join(choices)}")
         return choices[forced], f"forced by NANOCHAT_DTYPE={forced}"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -127,15 +121,13 @@ COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _choose_compute_dtype()
 def compute_init(device_type="cuda"):
     """Seed, set precision flags and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     if device_type not in ("cuda", "mps", "cpu"):
-        raise SystemExit(f"error: --device-type={device_type} is not one of cuda, cpu, mps")
+        raise NanochatError(f"--device-type={device_type} is not one of cuda, cpu, mps")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device-type=cuda but no CUDA device is available (try --device-type=cpu)")
+        raise NanochatError("--device-type=cuda but no CUDA device is available (try --device-type=cpu)")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device-type=mps but MPS is not available (try --device-type=cpu)")
+        raise NanochatError("--device-type=mps but MPS is not available (try --device-type=cpu)")
 
     torch.manual_seed(42)
-    if device_type == "cpu":
-        keep_freed_memory()
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
@@ -173,18 +165,9 @@ def check_shared_base_dir(rank, world_size, device):
     if blind.any():
         ranks = ", ".join(str(r) for r in blind.nonzero().flatten().tolist())
         dist.destroy_process_group()  # every rank leaves together, none aborts on a peer that is gone
-        raise SystemExit(f"error: rank(s) {ranks} cannot see the files rank 0 writes in the base dir "
-                         f"({base_dir} here): a multi-node run needs NANOCHAT_BASE_DIR on a filesystem shared by "
-                         "every node")
-
-def keep_freed_memory():
-    """glibc maps every block over 32 MB afresh and unmaps it when freed, so the large buffers of each CPU step
-    (the tokens x vocab logits) page-fault in again, a third of a small model's step. Serve every block from the
-    heap and keep freed memory there for reuse: RSS stays near its peak instead of shrinking. Not glibc: no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        mallopt(-4, 0)  # M_MMAP_MAX (glibc's malloc.h): no block gets its own mapping
-        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: freed memory is never handed back
+        raise NanochatError(f"rank(s) {ranks} cannot see the files rank 0 writes in the base dir "
+                            f"({base_dir} here): a multi-node run needs NANOCHAT_BASE_DIR on a filesystem shared by "
+                            "every node")
 
 def compute_cleanup():
     if is_ddp_initialized():
@@ -200,14 +183,6 @@ def peak_memory_mib(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-def any_rank(flag, device):
-    """True if flag is true on any rank, so every rank takes the same decision."""
-    if not is_ddp_initialized():
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 def int_in(interval, *allow):
     """argparse type= of an integer flag in `interval`, written like "[1, inf)" or "[0, 65535]", or one of the
@@ -235,58 +210,6 @@ def _number_in(kind, interval, allow):
                 return value
         raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
     return parse
-
-# -----------------------------------------------------------------------------
-# The tail of one optimizer step, shared by base_train, chat_sft and chat_rl
-
-def make_grad_scaler(device_type):
-    """fp16 activations need loss scaling; bf16 and fp32 do not (None)."""
-    return torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
-
-def scale_initial_lrs(optimizer, factor):
-    """Every group starts at factor x its LR; finish_step later scales from this initial LR."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
-        group["initial_lr"] = group["lr"]
-
-def finish_step(optimizer, scaler, lr_multiplier, momentum=None, weight_decay=None, update=True):
-    """The tail of every training step: LR of every group = its initial LR x lr_multiplier (Muon groups also get
-    momentum / weight decay when given), the update unless update=False (through the GradScaler under fp16, where
-    every rank skips an overflowing step together), then the gradients are dropped."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lr_multiplier
-        for key, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if group.get("kind") == "muon" and value is not None:
-                group[key] = value
-    if update and scaler is None:
-        optimizer.step()
-    elif update:
-        scaler.unscale_(optimizer)
-        if is_ddp_initialized():
-            for found_inf in scaler._found_inf_per_device(optimizer).values():
-                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-def manage_gc(first_step_of_run, step):
-    """Python's cyclic GC stalls for ~0.5 s at a time walking long-lived objects: after the first step collect once,
-    freeze the survivors and disable it, then collect only every 5000 steps. release_gc() undoes it."""
-    if first_step_of_run:
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-    elif step % 5000 == 0:
-        gc.collect()
-
-def release_gc():
-    gc.enable()
-    gc.unfreeze()
-
-def is_due(step, every, last_step, at_step_zero=False):
-    """Periodic work of a training loop (evaluations, samples, checkpoints) runs every `every` steps and at the last
-    step; step 0 only when at_step_zero; every <= 0 turns it off."""
-    return every > 0 and (last_step or (step % every == 0 and (step > 0 or at_step_zero)))
 
 # -----------------------------------------------------------------------------
 # Atomic writes: a reader (or a resumed run) sees the old file or the new one, never half of one
@@ -339,17 +262,6 @@ class NoOp:
     report on non-zero ranks."""
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
-
-def init_wandb(project, run, config, master):
-    """A wandb run on rank 0 when --run names one, else a NoOp; a wandb that cannot start only warns."""
-    if run == "dummy" or not master:
-        return NoOp()
-    try:
-        import wandb  # optional dependency
-        return wandb.init(project=project, name=run, config=config)
-    except Exception as e:
-        print0(f"WARNING: wandb logging disabled, could not start a wandb run ({type(e).__name__}: {e})")
-        return NoOp()
 
 # -----------------------------------------------------------------------------
 # Peak FLOP/s for MFU: the vendors' dense (no sparsity) bf16 tensor figures, matched by the words of the device name:
@@ -408,7 +320,7 @@ def get_peak_flops(device_name):
 # -----------------------------------------------------------------------------
 # Downloads: retries with backoff, temp file + rename, clear failure when offline
 
-class DownloadError(RuntimeError):
+class DownloadError(NanochatError, RuntimeError):
     """A download failed for good; the message says what to do instead."""
 
 def is_offline():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from nanochat.cli import run
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
 from nanochat.errors import NanochatError
-from nanochat.checkpoint_manager import load_model_or_exit
+from nanochat.checkpoint_manager import load_model
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int_in("[1, inf)"), default=64, help="tokens to generate")
     args = parser.parse_args(argv)
     device = torch.device(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model_or_exit("base", device, "eval", args.model_tag, args.step)
+    model, tokenizer, _ = load_model("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     naive = list(model.generate(prompt, args.max_tokens, temperature=0.0))
     cached = Engine(model, tokenizer).generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)[0][0][len(prompt):]

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, print0
+from nanochat.common import COMPUTE_DTYPE, NanochatError, print0
 
 RECIPES = ("tensorwise", "rowwise")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -39,7 +39,7 @@ FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 573
 MIN_FEATURES = 128
 
 
-class Fp8UnsupportedError(RuntimeError):
+class Fp8UnsupportedError(NanochatError, RuntimeError):
     """This device cannot run fp8 GEMMs; the message says why and to drop --fp8."""
 
 

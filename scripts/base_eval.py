@@ -17,7 +17,7 @@ CSV, says "N per task".
 import argparse
 import os
 
-from nanochat.checkpoint_manager import check_checkpoint_exists, load_model_or_exit
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.cli import run
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
 from nanochat.core_eval import evaluate_core, format_core, write_core_csv
@@ -100,7 +100,7 @@ def main(argv=None):
     # cheap checks first: bad flags, no checkpoint, no bundle
     modes = parse_eval_modes(args.eval)
     if not args.hf_path:
-        check_checkpoint_exists("base", args.model_tag, args.step)
+        checkpoint = resolve_checkpoint("base", args.model_tag, args.step)
     bundle_dir = resolve_bundle_dir(args.bundle_dir) if "core" in modes else None
 
     _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
@@ -113,7 +113,7 @@ def main(argv=None):
         engine, token_bytes, sequence_len = HFEngine(model, tokenizer), tokenizer.token_bytes(device), model.sequence_len
         model_name, model_slug = args.hf_path, "hf_" + os.path.basename(os.path.normpath(args.hf_path))
     else:
-        model, tokenizer, meta = load_model_or_exit("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = build_model(*checkpoint, device, phase="eval")
         step = meta.get("step", args.step or 0)
         sequence_len = meta["model_config"]["sequence_len"]
         model_name, model_slug = f"base_model (step {step})", f"base_model_{step:06d}"

@@ -9,16 +9,20 @@ Examples:
     python -m scripts.base_train --depth=12 --resume-from-step=1000               # resume a run (same flags)
 
 The recipe: auto batch size, batch-scaled learning rates, T_epoch weight decay, warmup + warmdown LR schedule,
-Muon momentum and weight-decay schedules. The script reads top-down: flags and their checks, the schedules, the plan
-(shapes, batch, horizon; all on the meta device), the checkpoint helpers, then Training, whose run() is the story:
-setup (device, resume checks, plan), build (model, optimizer, loop state, data), the loop, the wrap-up (summary.json
-and the report). SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0. A non-finite loss, or
-weights / optimizer state that became non-finite, stop the run (exit 1) and nothing non-finite is ever saved.
+Muon momentum and weight-decay schedules. The script reads top-down like the other two training scripts: flags, the
+checks that need only the flags, the schedules, the plan (shapes, batch, horizon; all on the meta device), the resume
+helpers, the helpers of the loop body, then main: setup, build, the loop, the wrap-up (summary.json and the report).
+SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0. A non-finite loss, or weights / optimizer state
+that became non-finite, stop the run (exit 1) and nothing non-finite is ever saved.
 """
 
 import os
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch allocates anything
+# The allocator policy on CUDA: growable segments instead of fixed blocks, so that memory does not fragment as tensor
+# sizes change (training steps, evaluations, sampling). Set before any import: the CUDA caching allocator reads it
+# once, when CUDA starts, which can be as early as nanochat.common's import (it asks the GPU for its capability).
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
+import sys
 import json
 import math
 import time
@@ -34,21 +38,28 @@ import torch.distributed as dist
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
 from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_base_dir, autodetect_device_type,
-                             get_peak_flops, init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
-                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
-                             is_due, should_compile)
-from nanochat.core_eval import evaluate_core, format_core, SAMPLE_PROMPTS
+from nanochat.cli import run
+from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, print_banner, autodetect_device_type,
+                             get_peak_flops, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
+                             synchronize, peak_memory_mib, should_compile)
+from nanochat.core_eval import evaluate_core, format_core
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SAMPLE_PROMPTS
+from nanochat.eval_bundle import BundleUnavailable
 from nanochat.flash_attention import get_backend
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, keep_batches
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_gc, make_grad_scaler, finish_step,
+                               is_due, any_rank, init_wandb)
 
+# The learning rates and the weight decay were tuned by sweeps at one reference point, d12 trained on 2^19-token
+# batches; the plan below carries them to other depths and batch sizes with the scaling rules it explains.
 B_REF = 2 ** 19          # total batch size (tokens) the learning rates were tuned at
 REF_DEPTH = 12           # depth the batch-size / weight-decay scaling laws are anchored at
+# Tokens per scaling parameter: sweeps at 1e18-1e19 FLOPs put the compute-optimal ratio near 10.5; a later re-run of
+# the recipe settled on 12.
 DEFAULT_RATIO = 12.0     # tokens : scaling params when no horizon flag says otherwise
 
 
@@ -57,21 +68,27 @@ def build_parser():
     g = parser.add_argument_group("logging")
     g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     g = parser.add_argument_group("runtime")
+    # compiling costs minutes of warm-up and pays off only over enough steps; nanochat.common.should_compile decides
     g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     g.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
     g.add_argument("--fp8", action="store_true", help="train Linear layers in FP8 (CUDA compute capability >= 8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="FP8 scaling recipe (tensorwise is faster)")
+    # depth is the one dial: width, heads and (through the plan) batch size, learning rates and horizon follow from it
     g = parser.add_argument_group("model architecture")
     g.add_argument("--depth", type=int_in("[1, inf)"), default=20, help="number of transformer layers: the one dial that sizes everything")
     g.add_argument("--aspect-ratio", type=int_in("[1, inf)"), default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of head dim)")
     g.add_argument("--head-dim", type=int_in("[1, inf)"), default=128, help="target attention head dimension (even: rotary embeddings rotate pairs)")
     g.add_argument("--max-seq-len", type=int_in("[2, inf)"), default=2048, help="maximum context length (tokens)")
     g.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern tiled over layers: L = full context, S = a quarter of it; last layer always L")
+    # the horizon as steps, as a FLOPs budget or as tokens per parameter: the last two scale with the model, which is
+    # what a sweep over depths wants (every size trained the same way relative to its size)
     g = parser.add_argument_group("training horizon (first positive one wins)")
     g.add_argument("--num-iterations", type=int_in("[1, inf)", -1), default=-1, help="explicit number of optimization steps (-1 = off)")
     g.add_argument("--target-flops", type=float_in("(0, inf)", -1), default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
     g.add_argument("--target-param-data-ratio", type=float_in("(0, inf)", -1), default=DEFAULT_RATIO, help="training tokens : scaling params (-1 = off)")
+    # the learning rates and the weight decay are the values at the reference point (d12, 2^19 tokens per step); the
+    # plan rescales them for the batch size and horizon of this run
     g = parser.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=positive_int_or_auto, default=32, help="sequences per device per micro-step, or auto: the largest that fits (the total batch stays as planned)")
     g.add_argument("--total-batch-size", type=int_in("[1, inf)", -1), default=-1, help="tokens per optimizer step (-1 = auto: B_opt ~ D^0.383 around 2^19 at d12)")
@@ -86,11 +103,15 @@ def build_parser():
     g.add_argument("--warmup-steps", type=int_in("[0, inf)"), default=40, help="LR warmup steps, capped so warmup never runs into the warmdown")
     g.add_argument("--warmdown-ratio", type=float_in("[0, 1]"), default=0.65, help="fraction of steps spent in the final LR decay")
     g.add_argument("--final-lr-frac", type=float_in("[0, 1]"), default=0.05, help="LR multiplier at the last step")
+    # a resumed run must be launched with the same flags: the schedules and the plan are recomputed from them, and
+    # only what the loop accumulated (step, loss EMA, history, RNG and loader positions) comes from the checkpoint
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--resume-from-step", type=int_in("[0, inf)", -1), default=-1, help="resume from the checkpoint at this step (-1 = fresh run); pass the same flags as the original run")
     g.add_argument("--save-every", type=int_in("[1, inf)", -1), default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
     g.add_argument("--keep-last", type=int_in("[1, inf)", -1), default=-1, help="after each save keep only the last K checkpoints, to bound disk use (-1 = keep all)")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name under base_checkpoints/ (default d<depth>)")
+    # validation bpb is cheap and runs from step 0 (the untrained baseline); CORE and samples cost minutes on a GPU,
+    # so they run rarely and always at the end
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int_in("[1, inf)", -1), default=250, help="validation bpb every N steps (-1 = off)")
     g.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=80 * 524288, help="tokens per validation bpb evaluation")
@@ -99,20 +120,18 @@ def build_parser():
     g.add_argument("--sample-every", type=int_in("[1, inf)", -1), default=2000, help="print greedy samples every N steps and at the end (-1 = off)")
     return parser
 
-
-def fail(message):
-    """One clear line, non-zero exit (before any heavy work)."""
-    raise SystemExit(f"error: {message}")
-
+# -----------------------------------------------------------------------------
+# Checks that need nothing but the flags (main runs them before any heavy work)
 
 def check_args(args):
-    """Checks that need nothing but the flags."""
+    # (each numeric flag's range is argparse's, through int_in/float_in; these are what a range cannot express)
     if args.head_dim % 2:
-        fail(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
+        raise NanochatError(f"--head-dim={args.head_dim} must be even (rotary embeddings rotate pairs of channels)")
     if not args.window_pattern or any(c not in "SL" for c in args.window_pattern.upper()):
-        fail(f"--window-pattern={args.window_pattern!r} must be a non-empty string of S and L characters")
+        raise NanochatError(f"--window-pattern={args.window_pattern!r} must be a non-empty string of S and L characters")
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
-        fail("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
+        raise NanochatError("no training horizon: set one of --num-iterations, --target-flops or "
+                            "--target-param-data-ratio to a positive value")
     ckpt.check_model_tag(args.model_tag)
 
 # -----------------------------------------------------------------------------
@@ -125,17 +144,24 @@ def warmup_iters_for(args, N):
 
 
 def get_lr_multiplier(it, N, warmup_iters, warmdown_ratio, final_lr_frac):
+    # Warmup: the first updates come from optimizer statistics gathered over a handful of steps (noisy moment
+    # estimates) on a freshly initialised model; a linear ramp keeps those steps small.
     warmdown_iters = round(warmdown_ratio * N)
     if it < warmup_iters:
         return (it + 1) / warmup_iters
     if it <= N - warmdown_iters:
         return 1.0
+    # Warmdown: a linear decay over the last warmdown_ratio of the run (65% by default): much of a run's loss
+    # reduction comes while the LR falls, so the decay gets a large share. It ends at final_lr_frac, not 0, so the
+    # last update still moves the weights.
     progress = (N - it) / warmdown_iters
     return progress + (1 - progress) * final_lr_frac
 
 
 def get_muon_momentum(it, N, warmdown_ratio):
     # ramp 0.85 -> 0.97 over the first 400 steps, hold, then 0.97 -> 0.90 across the warmdown
+    # (early on the gradients change fast and a short memory follows them; later a long one averages away their
+    # noise; lowering it again in the warmdown lets the shrinking updates settle sooner)
     momentum = 0.85 + (0.97 - 0.85) * min(it / 400, 1.0)
     warmdown_iters = round(warmdown_ratio * N)
     start = N - warmdown_iters
@@ -145,7 +171,9 @@ def get_muon_momentum(it, N, warmdown_ratio):
 
 
 def get_weight_decay(it, N, wd):
-    return wd * 0.5 * (1 + math.cos(math.pi * it / max(N, 1)))  # cosine to zero
+    # Cosine to zero: sweeps found a weight decay that fades out over the run better than a constant one (it keeps
+    # the weights small while they move most; the last steps only refine them).
+    return wd * 0.5 * (1 + math.cos(math.pi * it / max(N, 1)))
 
 # -----------------------------------------------------------------------------
 # Plan: model shape, batch size, LR / weight-decay scaling and horizon, all from the flags
@@ -154,23 +182,32 @@ def get_weight_decay(it, N, wd):
 class Plan:
     model_config: object
     param_counts: dict
-    num_scaling_params: int
-    flops_per_token: float
-    total_batch_size: int
-    grad_accum_steps: int
-    batch_lr_scale: float
-    weight_decay_scaled: float
+    num_scaling_params: int       # transformer matrices + lm_head: what the scaling laws count (see training_plan)
+    flops_per_token: float        # forward + backward, for MFU and the FLOPs horizon
+    total_batch_size: int         # tokens per optimizer step, over all ranks and micro-steps
+    grad_accum_steps: int         # micro-steps per optimizer step on each rank
+    batch_lr_scale: float         # sqrt(total_batch_size / B_REF), applied to every learning rate
+    weight_decay_scaled: float    # --weight-decay carried to this batch size and horizon (T_epoch)
     num_iterations: int
     warmup_iters: int
     total_tokens: int
 
 
 def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
-    """Everything is computed on the meta device (no memory). Prints what it decided."""
+    """Everything is computed on the meta device (no memory). Prints what it decided.
+
+    The hyperparameters were tuned at one point (d12, B_REF tokens per step, DEFAULT_RATIO tokens per parameter); a
+    run of another size gets them carried over by three rules, derived in the comments below: the batch size grows
+    with the data as D^0.383, the learning rates with the batch size as sqrt(B), and the weight decay keeps the
+    averaging timescale of AdamW-style updates a fixed fraction of the run (T_epoch)."""
     def make_config(depth):
         return config_from_depth(depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
                                  vocab_size=vocab_size, window_pattern=args.window_pattern.upper())
 
+    # Which parameters count for scaling laws: the transformer matrices and lm_head, i.e. the ones that cost a
+    # multiply-add per token. The embedding tables are lookups (no FLOPs) and the per-layer scalars are negligible.
+    # Of the conventions tried (all parameters, the transformer matrices alone, ...) this one gave the steadiest
+    # fitted exponents, so "tokens : scaling params" is a ratio that carries across model sizes.
     def scaling_params_of(counts):
         return counts["transformer_matrices"] + counts["lm_head"]
 
@@ -182,6 +219,8 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
     print0(f"head_dim: {model_config.n_embd // model_config.n_head}")
     print0(f"num_kv_heads: {model_config.n_kv_head}")
     print0(f"Model config: {json.dumps(dataclasses.asdict(model_config))}")
+    # the reference model is built with the same flags (vocab, width per layer, context), only at REF_DEPTH, so D_REF
+    # below is "how many tokens d12 would train on at this ratio"
     with torch.device("meta"):
         meta_model = GPT(model_config)
         ref_model = GPT(make_config(REF_DEPTH))
@@ -195,11 +234,17 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
     else:
         target_tokens = ratio_for_scaling * num_scaling_params
 
+    # Batch size. Bergsma et al. 2025 ("Power Lines: Scaling Laws for Weight Decay and Batch Size in LLM
+    # Pre-training") find that the loss-optimal batch size depends on the amount of training data, not on the model
+    # size: B_opt ~ D^0.383. Anchored at B_REF for the d12 run (D_REF tokens), a run on D tokens gets
+    # B = B_REF * (D / D_REF)^0.383, rounded to a power of two (the loss is flat near the optimum, and powers of two
+    # divide evenly into micro-batches). Doubling D raises B by 2^0.383 ~ 1.3, so bigger models take bigger steps.
     total_batch_size = args.total_batch_size
     if total_batch_size == -1:
         total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / D_REF) ** 0.383))
         print0(f"Auto-computed optimal batch size: {total_batch_size:,} tokens")
         if total_batch_size % world_tokens_per_fwdbwd != 0:
+            # the power of two may not be a multiple of one forward/backward of all ranks: take the nearest one that is
             adjusted = max(1, round(total_batch_size / world_tokens_per_fwdbwd)) * world_tokens_per_fwdbwd
             print0(f"Adjusted batch size to {adjusted:,} tokens: a multiple of device batch x seq len x world size ({world_tokens_per_fwdbwd:,})")
             total_batch_size = adjusted
@@ -207,13 +252,24 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
     print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {args.device_batch_size * args.max_seq_len:,}")
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
     print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    # Learning rates: the square-root rule of Adam-style optimizers. A batch k times larger averages away k times
+    # the gradient noise variance, i.e. sqrt(k) of its scale; the update may grow by the same factor for the same
+    # stability, so every LR is multiplied by sqrt(B / B_REF).
     batch_lr_scale = math.sqrt(total_batch_size / B_REF)
     if batch_lr_scale != 1.0:
         print0(f"Scaling LRs by sqrt({total_batch_size:,}/{B_REF:,}) = {batch_lr_scale:.6f}")
+    # Weight decay. Wang & Aitchison 2024 ("How to set AdamW's weight decay as you scale model and dataset size")
+    # read AdamW-style decoupled decay as an exponential moving average of the updates, over tau = 1 / (lr * wd)
+    # steps. What should stay fixed across scales is that timescale as a fraction of the whole run,
+    # T_epoch = tau / steps = tau * B / D. Holding T_epoch at its tuned value while lr ~ sqrt(B) (above) gives
+    #   1 / (lr * wd) ~ D / B   =>   wd ~ B / (D * lr) ~ sqrt(B) / D,
+    # i.e. wd = wd_ref * sqrt(B / B_REF) * (D_REF / D): more data (at the same batch) means less decay per step.
     weight_decay_scaled = args.weight_decay * math.sqrt(total_batch_size / B_REF) * (D_REF / target_tokens)
     if weight_decay_scaled != args.weight_decay:
         print0(f"Scaling weight decay from {args.weight_decay:.6f} to {weight_decay_scaled:.6f} (T_epoch: sqrt(B/B_ref) x D_ref/D)")
 
+    # Horizon: the first positive of --num-iterations, --target-flops, --target-param-data-ratio (check_args made
+    # sure one is); the last two are budgets, turned into steps with the batch size chosen above
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
         print0(f"Using user-provided number of iterations: {num_iterations:,}")
@@ -224,8 +280,8 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
         num_iterations = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size
         print0(f"Calculated number of iterations from target data:param ratio: {num_iterations:,}")
     if num_iterations < 1:
-        fail(f"the horizon works out to {num_iterations} steps; raise --num-iterations/--target-flops/--target-param-data-ratio "
-             f"or lower --total-batch-size")
+        raise NanochatError(f"the horizon works out to {num_iterations} steps; raise --num-iterations/--target-flops/"
+                            f"--target-param-data-ratio or lower --total-batch-size")
     total_tokens = total_batch_size * num_iterations
     print0(f"Total number of training tokens: {total_tokens:,}")
     print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
@@ -234,8 +290,8 @@ def training_plan(args, vocab_size, world_tokens_per_fwdbwd, print0=print):
                 batch_lr_scale, weight_decay_scaled, num_iterations, warmup_iters_for(args, num_iterations), total_tokens)
 
 # -----------------------------------------------------------------------------
-# Loop state: everything the loop carries from step to step. The LOOP_FIELDS go into the checkpoint meta, with the
-# RNG and dataloader states, so that a resumed run continues bit-exactly.
+# Loop state and resuming: everything the loop carries from step to step. The LOOP_FIELDS go into the checkpoint
+# meta, with the RNG and dataloader states, so that a resumed run continues bit-exactly.
 
 @dataclasses.dataclass
 class LoopState:
@@ -257,24 +313,25 @@ class LoopState:
 # the LoopState fields saved under meta["loop_state"] (step and val_bpb are top-level meta keys)
 LOOP_FIELDS = ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")
 
-# -----------------------------------------------------------------------------
-# Setup: resume checks and the hardware
 
 def check_resume(args, checkpoint_dir, world_size, user_config):
     """The resume checkpoint's meta after checking it is complete, readable and from a compatible run."""
     step = args.resume_from_step
     if not ckpt.is_complete(checkpoint_dir, step):
         available = ckpt.complete_steps(checkpoint_dir)
-        fail(f"--resume-from-step={step}: no complete checkpoint for step {step} in {checkpoint_dir} "
-             f"(complete steps there: {available if available else 'none'})")
+        raise NanochatError(f"--resume-from-step={step}: no complete checkpoint for step {step} in {checkpoint_dir} "
+                            f"(complete steps there: {available if available else 'none'})")
     try:
         meta = ckpt.load_meta(checkpoint_dir, step)
     except ckpt.CheckpointError as e:
-        fail(f"--resume-from-step={step}: {e}")
+        raise NanochatError(f"--resume-from-step={step}: {e}") from None
+    # the optimizer state is one shard per rank, and the data loader state too: they only fit the same world size
     saved_world = meta.get("world_size", 1)
     if saved_world != world_size:
-        fail(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} process(es) "
-             f"but this run has {world_size}; optimizer state is sharded per rank, relaunch with {saved_world} processes")
+        raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} "
+                            f"process(es) but this run has {world_size}; optimizer state is sharded per rank, "
+                            f"relaunch with {saved_world} processes")
+    # other flags may differ on purpose (a longer horizon, a new wandb run name), so they only warn
     differing = [k for k, v in meta.get("user_config", {}).items()
                  if k not in ("resume_from_step", "run", "keep_last") and user_config.get(k) != v]
     if differing:
@@ -283,8 +340,52 @@ def check_resume(args, checkpoint_dir, world_size, user_config):
     return meta
 
 
+# RNG states are byte tensors; base64 keeps them inside the JSON meta, one per rank
+def encode_rng_state(state):
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def decode_rng_state(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def gather_objects(obj, world_size):
+    # every rank's loader position and RNG state go into rank 0's meta file: all ranks take part in the gather
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def restore_loop_state(meta, rank, device_type):
+    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states.
+    check_resume has made sure the checkpoint was saved by as many ranks as this run has."""
+    loop = meta["loop_state"]
+    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], last_good_step=meta["step"],
+                      **{k: loop[k] for k in LOOP_FIELDS})
+    # building the model drew from the RNGs (init_weights); setting them back to the saved states makes every draw
+    # after the resume the one the uninterrupted run made
+    rng = loop["rng_states"][rank]
+    torch.set_rng_state(decode_rng_state(rng["cpu"]))
+    if device_type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]))
+    return state, meta["dataloader_state_dicts"][rank]
+
+
+def with_resume_states(loader, resume_state):
+    """Yields (x, y, the loader state that resumes at this very batch). The loader's own state resumes *after* its
+    batch, so a checkpoint, which is taken before the prefetched batch is consumed, stores the previous one's."""
+    for x, y, state_after in loader:
+        yield x, y, resume_state
+        resume_state = state_after
+
+# -----------------------------------------------------------------------------
+# Hardware and model
+
 def print_hardware(device_type, window_pattern):
     """Peak FLOPs (None = MFU n/a) and the attention backend's warnings."""
+    # MFU needs the device's peak FLOPs, known only for GPUs in nanochat.common's table
     backend, _ = get_backend(device_type)
     peak_flops = get_peak_flops(torch.cuda.get_device_name(0) if device_type == "cuda" else device_type)
     if device_type != "cuda":
@@ -301,11 +402,22 @@ def print_hardware(device_type, window_pattern):
         print0("!" * 80)
     return peak_flops
 
-# -----------------------------------------------------------------------------
-# Build: model and optimizer (restored when resuming), the loop state and the train loader
 
-def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
+def fitting_device_batch_size(args, device, device_type, world_size):
+    """--device-batch-size=auto: the largest micro-batch that fits, of those that split the total batch evenly."""
+    # the total batch is planned as if with one sequence per micro-step, so the card decides the micro-batch only,
+    # and gradient accumulation keeps the planned total batch (the result does not depend on the card)
+    row_tokens = args.max_seq_len * world_size
+    plan = training_plan(argparse.Namespace(**{**vars(args), "device_batch_size": 1}), get_tokenizer().get_vocab_size(),
+                         row_tokens, print0=lambda *a, **k: None)
+    return auto_device_batch_size(plan.model_config, device, args.max_seq_len, plan.total_batch_size // row_tokens,
+                                  should_compile(device_type, args.compile, plan.num_iterations),
+                                  args.fp8_recipe if args.fp8 else None)
+
+
+def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
+    # built on the meta device and then allocated once on the target device: no throwaway CPU copy of the weights
     with torch.device("meta"):
         model = GPT(plan.model_config)
     model.to_empty(device=device)
@@ -317,11 +429,13 @@ def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
                                                             load_optimizer=True, rank=rank)
             model.load_state_dict(model_data, strict=True, assign=True)
         except (ckpt.CheckpointError, RuntimeError) as e:
-            fail(f"--resume-from-step={args.resume_from_step}: {e}")
+            raise NanochatError(f"--resume-from-step={args.resume_from_step}: {e}") from None
         del model_data
         print0(f"Resumed model weights from {checkpoint_dir} at step {args.resume_from_step}")
+    # fp8 swaps the Linear layers after the weights are loaded (the checkpoint holds plain weights either way)
     if args.fp8:  # main checked the device; argparse the recipe
         fp8.convert_to_float8_training(model, recipe=args.fp8_recipe, device=device)
+    # without --adam-beta1/2 every AdamW group keeps the betas tuned for it in GPT.setup_optimizer
     adam_betas = None
     if args.adam_beta1 is not None or args.adam_beta2 is not None:
         adam_betas = (args.adam_beta1 if args.adam_beta1 is not None else 0.8,
@@ -330,337 +444,316 @@ def build_model(args, plan, device, checkpoint_dir, rank, use_compile):
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
                                       matrix_lr=args.matrix_lr * scale, weight_decay=plan.weight_decay_scaled,
                                       adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale, compile=use_compile)
+    # a resumed optimizer also gets back each group's initial_lr, so the schedules continue where they were
     if optim_data is not None:
         optimizer.load_state_dict(optim_data)
     return model, optimizer
 
+# -----------------------------------------------------------------------------
+# The loop body's helpers: each takes what it needs as arguments
 
-def encode_rng_state(state):
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def decode_rng_state(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def gather_objects(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def restore_loop_state(meta, rank, device_type):
-    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states.
-    check_resume has made sure the checkpoint was saved by as many ranks as this run has."""
-    loop = meta["loop_state"]
-    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], last_good_step=meta["step"],
-                      **{k: loop[k] for k in LOOP_FIELDS})
-    rng = loop["rng_states"][rank]
-    torch.set_rng_state(decode_rng_state(rng["cpu"]))
-    if device_type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]))
-    return state, meta["dataloader_state_dicts"][rank]
+def train_step(model, batches, batch, grad_accum_steps, scaler):
+    """Forward and backward of one optimizer step: grad_accum_steps micro-batches from the prefetched `batch` on, the
+    gradients accumulating (the update is the caller's finish_step). Returns (the per-micro-batch losses, the next
+    prefetched batch)."""
+    micro_losses = []
+    for _ in range(grad_accum_steps):
+        x, y, _ = batch
+        loss = model(x, y)  # the mean loss over the micro-batch's tokens
+        micro_losses.append(loss.detach())
+        loss = loss / grad_accum_steps  # gradients add up over micro-batches: the step's gradient is their mean
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        batch = next(batches)  # prefetch while the device works
+    return torch.stack(micro_losses), batch
 
 
-def with_resume_states(loader, resume_state):
-    """Yields (x, y, the loader state that resumes at this very batch). The loader's own state resumes *after* its
-    batch, so a checkpoint, which is taken before the prefetched batch is consumed, stores the previous one's."""
-    for x, y, state_after in loader:
-        yield x, y, resume_state
-        resume_state = state_after
+@contextlib.contextmanager
+def evaluating(orig_model, use_fp8):
+    """The block runs in eval mode and, with --fp8, in bf16; training mode after it."""
+    orig_model.eval()  # the compiled model wraps this module: one switch for both
+    try:
+        with fp8.disable_fp8(orig_model) if use_fp8 else contextlib.nullcontext():
+            yield
+    finally:
+        orig_model.train()
+
+
+def evaluate_core_metric(orig_model, tokenizer, device, args, step):
+    """The CORE results dict, or None when CORE could not run. Training goes on either way: a missing eval bundle
+    (e.g. offline) is expected and only noted; anything else is reported with its error type."""
+    try:
+        with evaluating(orig_model, args.fp8):
+            results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+    except BundleUnavailable as e:  # no eval bundle here and none to be had: the expected cause
+        print0(f"Step {step:05d} | CORE metric skipped: {e}")
+        return None
+    except Exception as e:  # a bug in an evaluation must not cost the run (the final checkpoint is saved after it)
+        print0(f"Step {step:05d} | CORE metric failed ({type(e).__name__}: {e}); training goes on")
+        return None
+    print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
+    return results
+
+
+def print_samples(orig_model, tokenizer, use_fp8):
+    """Greedy continuations of SAMPLE_PROMPTS (rank 0): a quick look at what the model has learned."""
+    engine = Engine(orig_model, tokenizer)
+    with evaluating(orig_model, use_fp8):
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+            print0(tokenizer.decode(sample[0]))
+
+
+def stop_diverged(what, last_good_step, checkpoint_dir):
+    """One error line naming the last good checkpoint, exit 1 (main's cleanup still runs). Every rank gets here
+    together (the checks are any_rank), and rank 0 prints the line in the training log, beside the step lines."""
+    if last_good_step is not None:
+        last_good = (f"the last good checkpoint is step {last_good_step} in {checkpoint_dir} "
+                     f"(resume from it with lower learning rates)")
+    else:
+        last_good = "no checkpoint of this run was saved (lower the learning rates)"
+    print0(f"error: {what}; stopping without saving it; {last_good}")
+    sys.exit(1)
+
+
+def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, resume_state, rank, world_size, device):
+    """Checkpoint after state.step updates (never a non-finite one): every rank writes its optimizer shard, rank 0
+    the rest. resume_state is where the loader resumes."""
+    # a diverged state can have finite losses for a while (the update that broke it comes after the loss): check the
+    # state itself, on every rank (each holds its own optimizer shard), before writing anything
+    # (a rank that skipped this check would wait forever in the save's barrier)
+    if any_rank(not ckpt.is_finite_state([orig_model.state_dict(), optimizer.state_dict()]), device):
+        stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}", state.last_good_step,
+                      checkpoint_dir)
+    loader_states = gather_objects(resume_state, world_size)
+    rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
+        torch.cuda.get_rng_state()) if device.type == "cuda" else None}, world_size)
+    meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(plan.model_config),
+            "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+            "total_batch_size": plan.total_batch_size, "world_size": world_size,
+            "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
+            "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
+    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank,
+                         sync_ranks=True)  # a failed save (full disk) is a CheckpointSaveError: one line, exit 1
+    state.last_good_step = state.step  # what stop_diverged points to
+    # pruning runs after the new checkpoint is complete, so there is always at least one to resume from
+    if rank == 0 and args.keep_last > 0:
+        ckpt.prune_checkpoints(checkpoint_dir, args.keep_last)
+
+
+def stop_signal_handler(signals, rank):
+    """A SIGTERM/SIGINT handler that only records the signal: the loop checkpoints at the next step boundary and
+    leaves (stopping mid-step would leave gradients and loader state out of step with each other)."""
+    def on_signal(signum, frame):
+        if not signals:
+            print(f"[rank {rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step "
+                  "boundary", flush=True)
+        signals.append(signum)
+    return on_signal
+
+
+def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, world_size, device_type):
+    """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
+    peak_mib = peak_memory_mib(device_type)
+    print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
+    print0(f"Total training time: {state.total_training_time / 60:.2f}m")
+    min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
+    if min_val_bpb is not None:
+        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    if rank != 0:  # one summary and one report section per run, from rank 0
+        return
+    total_flops = plan.flops_per_token * plan.total_tokens
+    core, mfu = state.core_results, state.mfu
+    core_score = core["core_metric"] if core else None
+    ratio = plan.total_tokens / plan.num_scaling_params
+    summary = {
+        "model_tag": os.path.basename(checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
+        "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len,
+        "vocab_size": tokenizer.get_vocab_size(), "num_params": plan.param_counts["total"],
+        "num_scaling_params": plan.num_scaling_params, "param_counts": plan.param_counts,
+        "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
+        "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
+        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
+        "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
+        "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
+        "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
+    }
+    # the sweeps (runs/miniseries.sh, runs/scaling_laws.sh) read their rows from this file, never from the log
+    summary_path = os.path.join(checkpoint_dir, "summary.json")  # beside the last step's checkpoint
+    atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
+    print0(f"Wrote run summary to {summary_path}")
+    setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
+             "Number of FLOPs per token": f"{plan.flops_per_token:e}", "Calculated number of iterations": plan.num_iterations,
+             "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
+             "Total batch size": plan.total_batch_size, "DDP world size": world_size,
+             "warmup_iters": plan.warmup_iters, "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
+    results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
+               "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
+               "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
+    report = get_report()
+    report.log(section="Base model training", data=[user_config, setup, results])
+    report.log_history("base-training", state.history)
 
 # -----------------------------------------------------------------------------
-# The run, in stages
 
-class Training:
-    """One pretraining run. run() is the whole story: setup, build, the loop, the wrap-up; each stage sets the
-    attributes that the later ones read."""
+def main(argv=None):
+    # --- flags: everything that needs nothing but the flags is checked before any heavy work ----------------------
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
 
-    def __init__(self, args):
-        self.args = args
-        self.user_config = dict(vars(args))  # logged to wandb and saved in checkpoint meta
-        self.signals = []  # SIGTERM/SIGINT received: the loop checkpoints at the next step boundary and leaves
+    # --- setup: runtime policies, device and processes, the checks that need the world size, the plan ------------
+    freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
+    print_banner()
+    device_type = args.device_type or autodetect_device_type()
+    _, rank, _, world_size, device = compute_init(device_type)
+    keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
+    print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if args.fp8:
+        fp8.check_fp8_support(device)  # before any heavy work
+    if args.device_batch_size == "auto":  # tried on the device itself, so it waits for compute_init
+        args.device_batch_size = fitting_device_batch_size(args, device, device_type, world_size)
+    # one forward/backward of every rank; an optimizer step is a whole number of them (gradient accumulation)
+    world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size != -1 and args.total_batch_size % world_tokens_per_fwdbwd:
+        raise NanochatError(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of "
+                            f"--device-batch-size x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
+    checkpoint_dir = ckpt.checkpoint_dir_for("base", args.model_tag or f"d{args.depth}")
+    # the resume checkpoint is checked (complete, readable, same world size) before wandb, the tokenizer and the plan
+    resuming = args.resume_from_step >= 0
+    resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
+    wandb_run = init_wandb("nanochat", args.run, user_config, rank == 0)
+    tokenizer = get_tokenizer()
+    print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
+    # the plan needs the vocab size (embedding and lm_head sizes count in the parameters and FLOPs)
+    plan = training_plan(args, tokenizer.get_vocab_size(), world_tokens_per_fwdbwd, print0)
+    N = plan.num_iterations
+    # past the horizon the loop would never meet its last step (step == N) and never end
+    if args.resume_from_step > N:
+        raise NanochatError(f"--resume-from-step={args.resume_from_step} is past the end of this run ({N} steps)")
+    peak_flops = print_hardware(device_type, args.window_pattern)
 
-    def run(self):
-        self.setup()
-        self.build()
-        previous_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            if self.loop():  # a run stopped by a signal is not finished: no summary
-                self.wrap_up()
-            self.wandb_run.finish()
-        finally:
-            for s, handler in previous_handlers.items():
-                signal.signal(s, handler)
-            release_gc()
-            compute_cleanup()
-        return 0
+    # --- build: model and optimizer (restored when resuming), the loop state and the train loader -----------------
+    # compile is decided on the whole horizon, not the steps left, so that a resumed run decides alike
+    use_compile = should_compile(device_type, args.compile, N)
+    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile)
+    # the loop trains the compiled model; evaluations with varying shapes (CORE, samples) and saving use orig_model
+    model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
+    for key, value in plan.param_counts.items():
+        print0(f"{key:24s}: {value:,}")
+    print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
+    scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
+    token_bytes = get_token_bytes(device=device)  # bytes of text per token id, for bits per byte
+    val_batches = None  # tokenized at the first evaluation, replayed at every later one
+    # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs)
+    state, loader_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
+    # each batch comes with the loader state that resumes at it, which is what a checkpoint saves (see the helper)
+    batches = with_resume_states(loader, loader_state)
 
-    def setup(self):
-        """Device and processes, the checks that need the world size, the resume checkpoint, wandb and the plan."""
-        args = self.args
-        print_banner()
-        self.device_type = args.device_type or autodetect_device_type()
-        _, self.rank, _, self.world_size, self.device = compute_init(self.device_type)
-        print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-        if args.fp8:
-            try:
-                fp8.check_fp8_support(self.device)  # before any heavy work
-            except fp8.Fp8UnsupportedError as e:
-                fail(str(e))
-        if args.device_batch_size == "auto":
-            args.device_batch_size = self.auto_device_batch_size()
-        world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * self.world_size
-        if args.total_batch_size != -1 and args.total_batch_size % world_tokens_per_fwdbwd:
-            fail(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of --device-batch-size "
-                 f"x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
-        self.checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
-        self.resuming = args.resume_from_step >= 0
-        self.resume_meta = check_resume(args, self.checkpoint_dir, self.world_size, self.user_config) if self.resuming else None
-        self.wandb_run = init_wandb("nanochat", args.run, self.user_config, self.rank == 0)
-        self.tokenizer = get_tokenizer()
-        print0(f"Vocab size: {self.tokenizer.get_vocab_size():,}")
-        self.plan = training_plan(args, self.tokenizer.get_vocab_size(), world_tokens_per_fwdbwd, print0)
-        if args.resume_from_step > self.plan.num_iterations:
-            fail(f"--resume-from-step={args.resume_from_step} is past the end of this run ({self.plan.num_iterations} steps)")
-        self.peak_flops = print_hardware(self.device_type, args.window_pattern)
-
-    def auto_device_batch_size(self):
-        """The largest micro-batch that fits, of those that split the total batch (planned with one sequence per
-        micro-step, which leaves it as planned) evenly."""
-        args, row_tokens = self.args, self.args.max_seq_len * self.world_size
-        plan = training_plan(argparse.Namespace(**{**vars(args), "device_batch_size": 1}), get_tokenizer().get_vocab_size(),
-                             row_tokens, print0=lambda *a, **k: None)
-        return auto_device_batch_size(plan.model_config, self.device, args.max_seq_len, plan.total_batch_size // row_tokens,
-                                      should_compile(self.device_type, args.compile, plan.num_iterations),
-                                      args.fp8_recipe if args.fp8 else None)
-
-    def build(self):
-        """Model and optimizer (restored when resuming), the loop state and the train loader."""
-        args, plan = self.args, self.plan
-        use_compile = should_compile(self.device_type, args.compile, plan.num_iterations)  # the whole horizon: a resume decides alike
-        self.orig_model, self.optimizer = build_model(args, plan, self.device, self.checkpoint_dir, self.rank, use_compile)
-        self.model = torch.compile(self.orig_model, dynamic=False, fullgraph=True) if use_compile else self.orig_model
-        for key, value in plan.param_counts.items():
-            print0(f"{key:24s}: {value:,}")
-        print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
-        self.scaler = make_grad_scaler(self.device_type)
-        self.token_bytes = get_token_bytes(device=self.device)
-        self.val_batches = None
-        self.state, loader_state = restore_loop_state(self.resume_meta, self.rank, self.device_type) if self.resuming else (LoopState(), None)
-        loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-            self.tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=self.device, resume_state_dict=loader_state)
-        self.batches = with_resume_states(loader, loader_state)
-
-    def on_signal(self, signum, frame):
-        if not self.signals:
-            print(f"[rank {self.rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step "
-                  "boundary", flush=True)
-        self.signals.append(signum)
-
-    def loop(self):
-        """At every step boundary: the signal check, evaluations and checkpoints; then one optimization step.
-        Returns False when a signal stopped it (after a checkpoint), True at the end of the horizon."""
-        args, state, N = self.args, self.state, self.plan.num_iterations
-        start_step = state.step
-        print0(f"Starting training at step {start_step} of {N} (checkpoints: {self.checkpoint_dir})")
-        batch = next(self.batches)
+    # --- the loop: at each step boundary the signal check, evaluations and checkpoints; then one optimizer step ---
+    # SIGTERM/SIGINT (a preempted job, Ctrl-C) only set a flag; the finally below puts the previous handlers back
+    signals = []  # SIGTERM/SIGINT received (stop_signal_handler)
+    previous_handlers = {s: signal.signal(s, stop_signal_handler(signals, rank)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start_step = state.step  # 0, or the resumed step
+        print0(f"Starting training at step {start_step} of {N} (checkpoints: {checkpoint_dir})")
+        # the loop always holds the next batch (prefetched), so the data loader works while the device computes
+        batch = next(batches)
         while True:
             step = state.step
             last_step = step == N
-            resumed_here = self.resuming and step == start_step  # this checkpoint is already on disk
-            if any_rank(bool(self.signals), self.device):
+            resumed_here = resuming and step == start_step  # this step's checkpoint is the one we resumed from
+            # a signal is acted on by every rank at the same boundary (any_rank), or a collective would hang
+            stopped = any_rank(bool(signals), device)
+            if stopped:
                 if step > 0 and not resumed_here:
-                    self.save(batch[2])
+                    save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank, world_size, device)
                 if step > 0:
                     print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
                 else:
                     print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
-                return False
-            self.evaluate(last_step)
+                break
+            # evaluations: validation bpb on the compiled model (all ranks), CORE (all ranks) and samples (rank 0)
+            # on the uncompiled one, whose input shapes vary
+            flops_so_far = plan.flops_per_token * plan.total_batch_size * step
+            if is_due(step, args.eval_every, last_step, at_step_zero=True):
+                if val_batches is None:
+                    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+                    val_batches = keep_batches(tokenizing_distributed_data_loader_bos_bestfit(
+                        tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device), eval_steps)
+                # bits per byte of text: unlike the loss in nats per token, comparable across vocabularies
+                with evaluating(orig_model, args.fp8):
+                    state.val_bpb = evaluate_bpb(model, val_batches, len(val_batches), token_bytes)
+                print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
+                state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+                state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
+                wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                               "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
+            if is_due(step, args.core_metric_every, last_step):
+                results = evaluate_core_metric(orig_model, tokenizer, device, args, step)
+                if results is not None:
+                    state.core_results = results
+                    wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                                   "centered_results": results.get("centered_results")})
+            if rank == 0 and is_due(step, args.sample_every, last_step):
+                print_samples(orig_model, tokenizer, args.fp8)
+            # checkpoint (the step we resumed from is on disk already); the last step always saves
             if (last_step or is_due(step, args.save_every, last_step)) and not resumed_here:
-                self.save(batch[2])
+                save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank, world_size, device)
             if last_step:
-                return True
-            batch = self.train_step(batch)
+                break
+
+            # one optimization step, timed between device synchronizations so dt is the step's own work
+            synchronize(device_type)
+            t0 = time.time()
+            losses, batch = train_step(model, batches, batch, plan.grad_accum_steps, scaler)
+            lrm = get_lr_multiplier(step, N, plan.warmup_iters, args.warmdown_ratio, args.final_lr_frac)
+            finish_step(optimizer, scaler, lrm, momentum=get_muon_momentum(step, N, args.warmdown_ratio),
+                        weight_decay=get_weight_decay(step, N, plan.weight_decay_scaled))
+            train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
+            synchronize(device_type)
+            dt = time.time() - t0
+            # a non-finite loss on any rank stops every rank (under fp16 the GradScaler skips such steps instead)
+            if scaler is None and any_rank(not bool(torch.isfinite(losses).all()), device):
+                stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)", state.last_good_step, checkpoint_dir)
+
+            # the step's log line: an EMA of the loss (debiased like Adam's moments, for the first steps) and
+            # throughput; the first 10 steps (compilation, warm-up) are left out of the training time and the ETA
+            ema_beta = 0.9
+            state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
+            debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
+            tok_per_sec = int(plan.total_batch_size / dt)
+            if peak_flops:
+                state.mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (peak_flops * world_size)
+            eta = ""
+            if step > 10:
+                state.total_training_time += dt
+                eta = f" | eta: {(N - step) * state.total_training_time / (step - 10) / 60:.1f}m"
+            epoch = batch[2]["epoch"]
+            print0(f"step {step:05d}/{N:05d} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+                   f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if state.mfu is None else f'{state.mfu:.2f}'} | "
+                   f"epoch: {epoch} | total time: {state.total_training_time / 60:.2f}m{eta}")
+            state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
+            if step % 100 == 0:
+                wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                               "total_training_time": state.total_training_time, "train/loss": debiased, "train/lrm": lrm,
+                               "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": state.mfu, "train/epoch": epoch})
             state.step += 1
+            # the GC policy: after this run's first step freeze what it built, then collect only every 5000 steps
             manage_gc(state.step == start_step + 1, state.step)
 
-    @contextlib.contextmanager
-    def evaluating(self):
-        """The block runs in eval mode and, with --fp8, in bf16; training mode after it."""
-        self.orig_model.eval()  # the compiled model wraps this module: one switch for both
-        try:
-            with fp8.disable_fp8(self.orig_model) if self.args.fp8 else contextlib.nullcontext():
-                yield
-        finally:
-            self.orig_model.train()
-
-    def evaluate(self, last_step):
-        """Validation bpb (all ranks), the CORE metric (all ranks) and greedy samples (rank 0), each at its cadence.
-        CORE and the samples use the uncompiled model."""
-        args, state, tokenizer, step = self.args, self.state, self.tokenizer, self.state.step
-        flops_so_far = self.plan.flops_per_token * self.plan.total_batch_size * step
-        if is_due(step, args.eval_every, last_step, at_step_zero=True):
-            if self.val_batches is None:  # tokenized once, replayed at every evaluation
-                eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world_size))
-                self.val_batches = keep_batches(tokenizing_distributed_data_loader_bos_bestfit(
-                    tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=self.device), eval_steps)
-            with self.evaluating():
-                state.val_bpb = evaluate_bpb(self.model, self.val_batches, len(self.val_batches), self.token_bytes)
-            print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
-            state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-            state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
-            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                                "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
-        if is_due(step, args.core_metric_every, last_step):
-            try:
-                with self.evaluating():
-                    results = evaluate_core(self.orig_model, tokenizer, self.device, max_per_task=args.core_metric_max_per_task)
-                state.core_results = results
-                print0(f"Step {step:05d} | CORE metric: {format_core(results)}")
-                self.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
-                                    "centered_results": results.get("centered_results")})
-            except (Exception, SystemExit) as e:  # e.g. the CORE bundle cannot be had offline: training goes on
-                print0(f"Step {step:05d} | CORE metric skipped: {e}")
-        if self.rank == 0 and is_due(step, args.sample_every, last_step):
-            engine = Engine(self.orig_model, tokenizer)
-            with self.evaluating():
-                for prompt in SAMPLE_PROMPTS:
-                    tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                    sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-                    print0(tokenizer.decode(sample[0]))
-
-    def stop_diverged(self, what):
-        """One error line naming the last good checkpoint, exit 1 (run() still cleans up)."""
-        if self.state.last_good_step is not None:
-            last_good = (f"the last good checkpoint is step {self.state.last_good_step} in {self.checkpoint_dir} "
-                         f"(resume from it with lower learning rates)")
-        else:
-            last_good = "no checkpoint of this run was saved (lower the learning rates)"
-        print0(f"error: {what}; stopping without saving it; {last_good}")
-        raise SystemExit(1)
-
-    def save(self, resume_state):
-        """Checkpoint after state.step updates (never a non-finite one); resume_state is where the loader resumes."""
-        state, args = self.state, self.args
-        if any_rank(not ckpt.is_finite_state([self.orig_model.state_dict(), self.optimizer.state_dict()]), self.device):
-            self.stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}")
-        loader_states = gather_objects(resume_state, self.world_size)
-        rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
-            torch.cuda.get_rng_state()) if self.device_type == "cuda" else None}, self.world_size)
-        meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(self.plan.model_config),
-                "user_config": self.user_config, "device_batch_size": args.device_batch_size,
-                "max_seq_len": args.max_seq_len, "total_batch_size": self.plan.total_batch_size, "world_size": self.world_size,
-                "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
-                "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
-        try:
-            ckpt.save_checkpoint(self.checkpoint_dir, state.step, self.orig_model.state_dict(),
-                                 self.optimizer.state_dict(), meta, rank=self.rank, sync_ranks=True)
-        except ckpt.CheckpointSaveError as e:  # e.g. a full disk
-            raise SystemExit(f"error: {e}")
-        state.last_good_step = state.step
-        if self.rank == 0 and args.keep_last > 0:
-            ckpt.prune_checkpoints(self.checkpoint_dir, args.keep_last)
-
-    def train_step(self, batch):
-        """One optimization step over grad_accum_steps micro-batches from the prefetched batch on; logs it and returns
-        the next prefetched batch. A non-finite loss stops the run (under fp16 the GradScaler skips such steps)."""
-        args, plan, step, N = self.args, self.plan, self.state.step, self.plan.num_iterations
-        synchronize(self.device_type)
-        t0 = time.time()
-        micro_losses = []
-        for _ in range(plan.grad_accum_steps):
-            x, y, _ = batch
-            loss = self.model(x, y)
-            micro_losses.append(loss.detach())
-            loss = loss / plan.grad_accum_steps
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            batch = next(self.batches)  # prefetch while the device works
-        lrm = get_lr_multiplier(step, N, plan.warmup_iters, args.warmdown_ratio, args.final_lr_frac)
-        finish_step(self.optimizer, self.scaler, lrm, momentum=get_muon_momentum(step, N, args.warmdown_ratio),
-                    weight_decay=get_weight_decay(step, N, plan.weight_decay_scaled))
-        losses = torch.stack(micro_losses)
-        train_loss = losses[-1].item()  # rank 0's last micro-batch is what gets logged
-        synchronize(self.device_type)
-        dt = time.time() - t0
-        if self.scaler is None and any_rank(not bool(torch.isfinite(losses).all()), self.device):
-            self.stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)")
-        self.log_step(train_loss, lrm, dt, epoch=batch[2]["epoch"])
-        return batch
-
-    def log_step(self, train_loss, lrm, dt, epoch):
-        plan, state, step, N = self.plan, self.state, self.state.step, self.plan.num_iterations
-        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
-        ema_beta = 0.9
-        state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * train_loss
-        debiased = state.smooth_train_loss / (1 - ema_beta ** (step + 1))
-        tok_per_sec = int(plan.total_batch_size / dt)
-        if self.peak_flops:
-            state.mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak_flops * self.world_size)
-        eta = ""
-        if step > 10:
-            state.total_training_time += dt  # the first steps (compilation warm-up) do not count
-            eta = f" | eta: {(N - step) * state.total_training_time / (step - 10) / 60:.1f}m"
-        print0(f"step {step:05d}/{N:05d} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {'n/a' if state.mfu is None else f'{state.mfu:.2f}'} | "
-               f"epoch: {epoch} | total time: {state.total_training_time / 60:.2f}m{eta}")
-        state.record("train", {"step": step, "loss": debiased, "flops": flops_so_far})
-        if step % 100 == 0:
-            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                                "total_training_time": state.total_training_time, "train/loss": debiased, "train/lrm": lrm,
-                                "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": state.mfu, "train/epoch": epoch})
-
-    def wrap_up(self):
-        """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
-        args, plan, state, device_type = self.args, self.plan, self.state, self.device_type
-        peak_mib = peak_memory_mib(device_type)
-        print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if device_type == "cuda" else " (process max RSS)"))
-        print0(f"Total training time: {state.total_training_time / 60:.2f}m")
-        min_val_bpb = None if state.min_val_bpb == float("inf") else state.min_val_bpb
-        if min_val_bpb is not None:
-            print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
-        if self.rank != 0:
-            return
-        total_flops = plan.flops_per_token * plan.total_tokens
-        core, mfu = state.core_results, state.mfu
-        core_score = core["core_metric"] if core else None
-        ratio = plan.total_tokens / plan.num_scaling_params
-        summary = {
-            "model_tag": os.path.basename(self.checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
-            "num_heads": plan.model_config.n_head, "max_seq_len": args.max_seq_len,
-            "vocab_size": self.tokenizer.get_vocab_size(), "num_params": plan.param_counts["total"],
-            "num_scaling_params": plan.num_scaling_params, "param_counts": plan.param_counts,
-            "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
-            "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
-            "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
-            "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
-            "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
-            "world_size": self.world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": self.checkpoint_dir,
-        }
-        summary_path = os.path.join(self.checkpoint_dir, "summary.json")  # beside the last step's checkpoint
-        atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2), mode="w")
-        print0(f"Wrote run summary to {summary_path}")
-        setup = {"Number of parameters": plan.param_counts["total"], "Number of scaling parameters": plan.num_scaling_params,
-                 "Number of FLOPs per token": f"{plan.flops_per_token:e}", "Calculated number of iterations": plan.num_iterations,
-                 "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
-                 "Total batch size": plan.total_batch_size, "DDP world size": self.world_size,
-                 "warmup_iters": plan.warmup_iters, "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
-        results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
-                   "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
-                   "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
-        report = get_report()
-        report.log(section="Base model training", data=[self.user_config, setup, results])
-        report.log_history("base-training", state.history)
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_args(args)  # everything that needs nothing but the flags, before any heavy work
-    return Training(args).run()
+        # --- wrap-up: a run stopped by a signal is not finished, so it writes no summary and no report ------------
+        if not stopped:
+            wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, world_size, device_type)
+        wandb_run.finish()
+    finally:  # also after an error or a divergence: an in-process caller gets its handlers and GC back
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+        release_gc()
+        compute_cleanup()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -11,11 +11,11 @@ import argparse
 from functools import partial
 
 from nanochat.chat import ROLE_TOKENS, message_chunks, fit_prompt, stream_reply, warm_up
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.cli import run
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
-from nanochat.errors import NanochatError
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 # -----------------------------------------------------------------------------
 # Terminal chat
@@ -55,7 +55,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+    model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)
     context = model.config.sequence_len

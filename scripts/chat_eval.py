@@ -18,12 +18,12 @@ saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it 
 
 import argparse
 
-from nanochat.checkpoint_manager import add_model_flags, check_checkpoint_exists, load_model_or_exit
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+from nanochat.cli import add_model_flags, run
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
                              compute_cleanup, compute_init, print0)
-from nanochat.errors import NanochatError
-from nanochat.cli import run
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 from nanochat.execution import isolation
 from nanochat.report import get_report
 from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, run_chat_evals
@@ -51,15 +51,14 @@ def main(argv=None):
     unknown = [t for t in task_names if t not in BASELINES]
     if unknown:
         raise NanochatError(f"unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
-    check_checkpoint_exists(args.source, args.model_tag, args.step)
+    checkpoint = resolve_checkpoint(args.source, args.model_tag, args.step)
 
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if "HumanEval" in task_names:
         print0(f"HumanEval code sandbox: {isolation()} isolation")  # SandboxUnavailable: one error line (cli.run)
 
-    model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
-                                                step=args.step)
+    model, tokenizer, meta = build_model(*checkpoint, device, phase="eval")
     engine = Engine(model, tokenizer)
 
     results, skipped = run_chat_evals(task_names, model, tokenizer, engine, max_problems=args.max_problems,

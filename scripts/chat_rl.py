@@ -13,6 +13,11 @@ Every --eval-every steps pass@1..k is measured on GSM8K test; checkpoints go to 
 """
 
 import os
+# The allocator policy on CUDA: growable segments instead of fixed blocks, so that memory does not fragment as the
+# sampled batches change length from step to step. Set before any import: the CUDA caching allocator reads it once,
+# when CUDA starts, which can be as early as nanochat.common's import.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
 import time
 import argparse
 import itertools
@@ -21,24 +26,25 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, any_rank,
-                             init_wandb, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
-                             make_grad_scaler, finish_step, scale_initial_lrs, is_due)
-from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, save_checkpoint, is_finite_state,
-                                         CheckpointSaveError)
+from nanochat.checkpoint_manager import resolve_checkpoint, build_model, checkpoint_dir_for, save_checkpoint, is_finite_state
 from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
+from nanochat.cli import run
+from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, autodetect_device_type, int_in,
+                             float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized)
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_gc, make_grad_scaler, finish_step,
+                               scale_initial_lrs, is_due, any_rank, init_wandb)
 from tasks.gsm8k import GSM8K
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="RL (REINFORCE with group-mean baseline) on GSM8K")
     # logging and runtime
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    # which model to start from
+    # which model to start from: the SFT model by default (it already answers in the format the reward reads)
     parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl"],
                         help="checkpoint family to start from")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: largest d<N>)")
@@ -47,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-epochs", type=int_in("[1, inf)"), default=1, help="passes over GSM8K train")
     parser.add_argument("--num-steps", type=int_in("[1, inf)", -1), default=-1,
                         help="override the number of optimizer steps (-1 = derived from --num-epochs)")
-    # rollouts
+    # rollouts: one group of --num-samples completions per prompt; a step's groups are decoded together
     parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=8,
                         help="rows per training forward, or auto: the largest that fits (sampling decodes a step's rows together)")
     parser.add_argument("--examples-per-step", type=int_in("[1, inf)"), default=16, help="prompts per optimizer step, all ranks")
@@ -55,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per sampled completion")
     parser.add_argument("--temperature", type=float_in("[0, inf)"), default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int_in("[0, inf)"), default=50, help="top-k sampling (0 disables)")
-    # optimization
+    # optimization: small LRs (x --init-lr-frac) on a finished chat model, decayed linearly to zero over the run
     parser.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=0.2, help="AdamW LR of the embeddings")
     parser.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=0.004, help="AdamW LR of lm_head")
     parser.add_argument("--matrix-lr", type=float_in("[0, inf)"), default=0.02, help="Muon LR of the matrices")
@@ -65,11 +71,18 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int_in("[1, inf)"), default=60, help="pass@k evaluation every N steps (and step 0)")
     parser.add_argument("--eval-examples", type=int_in("[1, inf)"), default=400, help="GSM8K test problems for pass@k")
     parser.add_argument("--save-every", type=int_in("[1, inf)"), default=60, help="checkpoint every N steps (and at the end)")
-    args = parser.parse_args(argv)
-    if args.device_batch_size != "auto" and args.num_samples % args.device_batch_size != 0:
-        parser.error(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
-    return args
+    return parser
 
+# -----------------------------------------------------------------------------
+# Checks that need nothing but the flags (main runs them before any heavy work)
+
+def check_args(args):
+    # a group is sampled in whole passes of --device-batch-size rows, and trained the same way
+    if args.device_batch_size != "auto" and args.num_samples % args.device_batch_size != 0:
+        raise NanochatError(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
+
+# -----------------------------------------------------------------------------
+# Rollouts: sampling a group of completions and turning it into training rows
 
 def rollout_seed(step, example_index, sampling_step):
     """Deterministic, distinct seed per (step, example, sampling call); ints hash the same in every process."""
@@ -108,6 +121,8 @@ def sample_groups(engine, tokenizer, task, examples, args, step):
         groups.append((ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float, device=device), [len(s) for s in sequences]))
     return groups
 
+# -----------------------------------------------------------------------------
+# The loop body's helpers: each takes what it needs as arguments
 
 def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1):
     """-sum_{b,t} logp[b,t] * A[b] / (valid tokens in this pass x extra_normalizer). Ignored targets give logp 0."""
@@ -115,6 +130,32 @@ def policy_gradient_loss(model, inputs, targets, advantages, extra_normalizer=1)
     objective = (logp * advantages.unsqueeze(-1)).sum()
     num_valid = (targets >= 0).sum().clamp(min=1)
     return -objective / (num_valid * extra_normalizer)
+
+
+def train_step(model, engine, tokenizer, task, example_indices, args, step, num_steps, examples_per_rank, scaler):
+    """Forward and backward of one optimizer step: rollouts for this rank's examples_per_rank problems and the policy
+    gradient of each group, the gradients accumulating (the update is the caller's finish_step). Returns (the mean
+    reward of each group, the length of every sample)."""
+    num_passes = args.num_samples // args.device_batch_size
+    step_rewards, step_lengths = [], []
+    model.eval()  # sampling: the model as it is now (on-policy)
+    examples = [(i, task[i]) for i in itertools.islice(example_indices, examples_per_rank)]
+    groups = sample_groups(engine, tokenizer, task, examples, args, step)  # all of the step's rollouts decoded together
+    model.train()
+    for example_step, (inputs, targets, rewards, lengths) in enumerate(groups):
+        step_rewards.append(rewards.mean().item())
+        step_lengths.extend(lengths)
+        # group-mean baseline, no std scaling: a group that is all right or all wrong has zero advantage and teaches
+        # nothing, and dividing by the group's std would weight nearly-solved and nearly-failed problems up
+        advantages = rewards - rewards.mean()
+        for p in range(num_passes):
+            rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
+            # every pass of every example adds its share of the step's mean (hence the extra normalizer)
+            loss = policy_gradient_loss(model, inputs[rows], targets[rows], advantages[rows], num_passes * examples_per_rank)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            print0(f"Step {step}/{num_steps} | Example step {example_step} | Pass {p} | loss: {loss.item():.6f} "
+                   f"| Average reward: {rewards.mean().item()}")
+    return step_rewards, step_lengths
 
 
 @torch.no_grad()
@@ -128,67 +169,76 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
     for i, seqs, _ in engine.generate_many(prompts, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
                                            top_k=top_k if top_k > 0 else None, max_rows=max_rows):
         outcomes = [bool(task.evaluate(conversations[i], tokenizer.decode(s[len(prompts[i]):]))) for s in seqs]
+        # pass@j: any of the first j samples is right (the same k samples give every j)
         counts += torch.tensor([int(any(outcomes[:j + 1])) for j in range(k)] + [1], device=counts.device)
     if is_ddp_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return [passed / max(counts[k].item(), 1) for passed in counts[:k].tolist()]
 
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
+    # --- flags; the starting checkpoint must exist before any heavy work ----------------------------------------
+    args = build_parser().parse_args(argv)
+    check_args(args)
     user_config = dict(vars(args))
-    check_checkpoint_exists(args.source, args.model_tag, args.model_step)
+    # which checkpoint to start from (tag and step), checked now; its files are read once the device is known
+    start_checkpoint = resolve_checkpoint(args.source, args.model_tag, args.model_step)
 
+    # --- setup: runtime policies, device and processes, the checks that need the world size, wandb --------------
+    freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, _, world_size, device = compute_init(device_type)
+    keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    # every rank takes the same number of prompts per step, so their gradients average with equal weight
     if args.examples_per_step % world_size != 0:
-        raise SystemExit(f"error: --examples-per-step={args.examples_per_step} must be divisible by the number of "
-                         f"processes ({world_size})")
-
+        raise NanochatError(f"--examples-per-step={args.examples_per_step} must be divisible by the number of "
+                            f"processes ({world_size})")
     wandb_run = init_wandb("nanochat-rl", args.run, user_config, rank == 0)
 
-    # data first: a missing dataset should fail before the model is loaded
+    # --- build: the data first (a missing dataset should fail before the model is loaded), model, optimizer -------
     try:
         train_task = GSM8K(subset="main", split="train")
         val_task = GSM8K(subset="main", split="test")
     except RuntimeError as e:
-        raise SystemExit(f"error: GSM8K is needed for RL but unavailable: {e}")
+        raise NanochatError(f"GSM8K is needed for RL but unavailable: {e}") from None
     if len(train_task) == 0:
-        raise SystemExit("error: GSM8K train is empty")
-
-    model, tokenizer, meta = load_model_or_exit(args.source, device, phase="eval", model_tag=args.model_tag,
-                                                step=args.model_step)
+        raise NanochatError("GSM8K train is empty")
+    model, tokenizer, meta = build_model(*start_checkpoint, device, phase="eval")
     engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
     if args.device_batch_size == "auto":
         args.device_batch_size = auto_device_batch_size(model.config, device, model.config.sequence_len, args.num_samples)
 
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
-        raise SystemExit(f"error: GSM8K train has {len(train_task)} problems, fewer than --examples-per-step="
-                         f"{args.examples_per_step}; lower it or pass --num-steps")
+        raise NanochatError(f"GSM8K train has {len(train_task)} problems, fewer than --examples-per-step="
+                            f"{args.examples_per_step}; lower it or pass --num-steps")
     examples_per_rank = args.examples_per_step // world_size
-    num_passes = args.num_samples // args.device_batch_size
     print0(f"Calculated number of steps: {num_steps}")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
     print0(f"Calculated examples per rank: {examples_per_rank}")
 
+    # a fresh optimizer: RL starts from the weights alone (and its checkpoints save no optimizer state either)
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     scale_initial_lrs(optimizer, args.init_lr_frac)
-    scaler = make_grad_scaler(device_type)
+    scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
 
     # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
     example_indices = itertools.cycle(range(rank, len(train_task), world_size))
-    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", args.model_tag or f"d{model.config.n_layer}")
+    # the RL model keeps the tag of the model it started from (d<depth> unless --model-tag named another)
+    checkpoint_dir = checkpoint_dir_for("rl", args.model_tag or f"d{model.config.n_layer}")
+
+    # --- the loop: evaluation and checkpoint at step boundaries, then one optimizer step -------------------------
     history = {"train": [], "val": [], "pass_at_k": []}
     pass_at_k = None
     mean_reward = mean_length = float("nan")
     t_start = time.time()
-
     for step in range(num_steps + 1):
         last_step = step == num_steps
-        # pass@k on GSM8K test (step 0, every eval_every, and at the end)
+        # pass@k on GSM8K test (step 0, every eval_every, and at the end), sampled at temperature 1 so that the k
+        # samples differ (pass@1 is then the expected accuracy of one sample, not greedy accuracy)
         if is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
             pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size,
@@ -198,40 +248,23 @@ def main(argv=None):
             named = {f"pass@{k + 1}": v for k, v in enumerate(pass_at_k)}
             wandb_run.log({"step": step, **named})
             history["pass_at_k"].append(dict(step=step, **named))
-        # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model
+        # checkpoint (model only: RL always starts from fresh optimizer state); never a diverged model, a decision
+        # every rank takes together
         if is_due(step, args.save_every, last_step):
             if any_rank(not is_finite_state(model.state_dict()), device):
-                raise SystemExit(f"error: RL diverged: the weights are non-finite at step {step}; not saving it "
-                                 f"(lower the learning rates or --init-lr-frac)")
-            if rank == 0:
+                raise NanochatError(f"RL diverged: the weights are non-finite at step {step}; not saving it "
+                                    f"(lower the learning rates or --init-lr-frac)")
+            if rank == 0:  # the weights are the same on every rank: one writer
                 meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
                                  pass_at_k=pass_at_k, source=args.source)
-                try:
-                    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
-                except CheckpointSaveError as e:  # e.g. a full disk
-                    raise SystemExit(f"error: {e}")
+                save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
                 print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
         if last_step:
             break
 
-        # rollouts of every example of the step, decoded together; then policy gradient, one example at a time
-        # (gradients accumulate)
-        step_rewards, step_lengths = [], []
-        model.eval()
-        examples = [(i, train_task[i]) for i in itertools.islice(example_indices, examples_per_rank)]
-        groups = sample_groups(engine, tokenizer, train_task, examples, args, step)
-        model.train()
-        for example_step, (inputs, targets, rewards, lengths) in enumerate(groups):
-            step_rewards.append(rewards.mean().item())
-            step_lengths.extend(lengths)
-            advantages = rewards - rewards.mean()  # group-mean baseline, no std scaling
-            for p in range(num_passes):
-                rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
-                loss = policy_gradient_loss(model, inputs[rows], targets[rows], advantages[rows], num_passes * examples_per_rank)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                print0(f"Step {step}/{num_steps} | Example step {example_step} | Pass {p} | loss: {loss.item():.6f} "
-                       f"| Average reward: {rewards.mean().item()}")
-
+        # one optimization step: rollouts + policy gradient, one example at a time (gradients accumulate)
+        step_rewards, step_lengths = train_step(model, engine, tokenizer, train_task, example_indices, args, step,
+                                                num_steps, examples_per_rank, scaler)
         # step statistics, averaged over ranks
         stats = torch.tensor([sum(step_rewards) / len(step_rewards), sum(step_lengths) / len(step_lengths)],
                              dtype=torch.float, device=device)
@@ -246,7 +279,11 @@ def main(argv=None):
         finish_step(optimizer, scaler, lrm)
         wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm})
         history["train"].append(dict(step=step + 1, reward=mean_reward, sequence_length=mean_length))
+        # the GC policy: after the first step freeze what it built, then collect only every 5000 steps
+        manage_gc(step == 0, step + 1)
+    release_gc()  # the loop is over: an in-process caller gets its collector back
 
+    # --- wrap up: the report ----------------------------------------------------------------------------------------
     elapsed = time.time() - t_start
     print0(f"Total RL time: {elapsed / 60:.2f}m")
     stats = {"Number of steps": num_steps, "DDP world size": world_size, "Final average reward": mean_reward,
@@ -256,8 +293,9 @@ def main(argv=None):
     get_report().log(section="Chat RL", data=[user_config, stats])
     wandb_run.finish()
     compute_cleanup()
+    # what the run measured, for an in-process caller (the tests)
     return dict(num_steps=num_steps, mean_reward=mean_reward, pass_at_k=pass_at_k, history=history)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

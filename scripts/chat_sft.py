@@ -23,7 +23,11 @@ What it does:
 """
 
 import os
+# The allocator policy on CUDA: growable segments instead of fixed blocks, so that memory does not fragment as the
+# packed rows, evaluations and generations change tensor sizes. Set before any import: the CUDA caching allocator
+# reads it once, when CUDA starts, which can be as early as nanochat.common's import.
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
 import math
 import time
 import argparse
@@ -33,17 +37,19 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir, is_offline,
-                             get_peak_flops, init_wandb, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
-                             synchronize, peak_memory_mib, any_rank, make_grad_scaler, finish_step, manage_gc, release_gc,
-                             is_due, int_in, float_in, scale_initial_lrs, should_compile)
-from nanochat.checkpoint_manager import (load_model_or_exit, check_checkpoint_exists, load_optimizer_state, save_checkpoint,
-                                         is_finite_state, CheckpointError, CheckpointSaveError)
+from nanochat.checkpoint_manager import (resolve_checkpoint, build_model, checkpoint_dir_for, load_optimizer_state,
+                                         save_checkpoint, is_finite_state, CheckpointError)
 from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
+from nanochat.cli import run
+from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
+                             is_offline, get_peak_flops, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
+                             synchronize, peak_memory_mib, int_in, float_in, should_compile)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss, keep_batches
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_gc, make_grad_scaler, finish_step,
+                               scale_initial_lrs, is_due, any_rank, init_wandb)
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, identity_conversations_path
 from tasks.evaluate import ALL_TASKS, BASELINES, run_chat_evals, chatcore_from_results
@@ -52,12 +58,13 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-# Fallbacks when neither the command line nor the base checkpoint gives a value
+# Fallbacks when neither the command line nor the base checkpoint gives a value (a base run's batch geometry fits the
+# hardware it ran on, and its learning rates are what the model is used to: both are the better default)
 FALLBACKS = dict(max_seq_len=2048, device_batch_size=32, total_batch_size=524288,
                  embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02)
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Supervised finetuning of a base model into a chat model")
     # logging and runtime
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
@@ -77,14 +84,16 @@ def parse_args(argv=None):
                         help="copies of the identity conversations (who the model says it is)")
     parser.add_argument("--simple-spelling-size", type=int_in("[0, inf)"), default=200000, help="SimpleSpelling rows (spell a word)")
     parser.add_argument("--spelling-bee-size", type=int_in("[0, inf)"), default=80000, help="SpellingBee rows (count letters in a word)")
-    # horizon and batch geometry (None = inherit from the base checkpoint)
+    # horizon and batch geometry (None = inherit from the base checkpoint). By default one pass over the mixture: the
+    # parts are oversampled by their --*-epochs instead, so the horizon follows the mixture
     parser.add_argument("--num-iterations", type=int_in("[1, inf)", -1), default=-1,
                         help="optimizer steps to train (-1 = one full pass over the mixture)")
     parser.add_argument("--max-seq-len", type=int_in("[1, inf)"), default=None, help="row length T (default: inherited)")
     parser.add_argument("--device-batch-size", type=positive_int_or_auto, default=None,
                         help="rows per micro-batch per rank, or auto: the largest that fits (default: inherited)")
     parser.add_argument("--total-batch-size", type=int_in("[1, inf)"), default=None, help="tokens per optimizer step (default: inherited)")
-    # optimization
+    # optimization: the base run's LRs (inherited), scaled by --init-lr-frac and decayed to 0 over the second half;
+    # the base optimizer's momentum buffers carry over, so finetuning starts where pretraining's updates pointed
     parser.add_argument("--embedding-lr", type=float_in("[0, inf)"), default=None, help="AdamW LR of the embeddings (default: inherited)")
     parser.add_argument("--unembedding-lr", type=float_in("[0, inf)"), default=None, help="AdamW LR of lm_head (default: inherited)")
     parser.add_argument("--matrix-lr", type=float_in("[0, inf)"), default=None, help="Muon LR of the matrices (default: inherited)")
@@ -94,7 +103,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-ratio", type=float_in("[0, 1]"), default=0.0, help="fraction of training spent warming up the LR")
     parser.add_argument("--warmdown-ratio", type=float_in("[0, 1]"), default=0.5, help="fraction of training spent decaying the LR")
     parser.add_argument("--final-lr-frac", type=float_in("[0, 1]"), default=0.0, help="LR multiplier at the end of the warmdown")
-    # evaluation
+    # evaluation: validation loss on held-out conversations (cheap), ChatCORE on the chat tasks (generation: slow, so
+    # the generative tasks are capped harder than the multiple-choice ones)
     parser.add_argument("--eval-every", type=int_in("[1, inf)", -1), default=200, help="val loss/bpb every N steps (-1 = only at the end)")
     parser.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=40 * 524288, help="tokens per validation evaluation")
     parser.add_argument("--chatcore-every", type=int_in("[1, inf)", -1), default=200, help="ChatCORE every N steps and at the end (-1 = off)")
@@ -103,12 +113,92 @@ def parse_args(argv=None):
     parser.add_argument("--chatcore-max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per generative answer")
     # output
     parser.add_argument("--dry-run", type=int_in("[0, 1]"), default=0, help="1 = do not save a checkpoint or write the report")
-    args = parser.parse_args(argv)
-    return args
+    return parser
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """LR multiplier on progress p in [0, 1]: linear warmup, constant, linear warmdown to final_lr_frac."""
+    # on progress, not on steps: with one pass over the mixture the number of steps is only known at its end
+    p = min(max(progress, 0.0), 1.0)
+    if warmup_ratio > 0 and p < warmup_ratio:
+        return (p + 1e-8) / warmup_ratio
+    if p <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = (p - (1.0 - warmdown_ratio)) / max(warmdown_ratio, 1e-8)
+    return 1.0 * (1 - decay) + final_lr_frac * decay
+
+
+def muon_momentum(step):
+    # 0.85 -> 0.95 over the first 300 steps, then held: right after the data changes, a lower momentum lets the new
+    # gradients steer sooner than the averaged pretraining directions in the warm-started buffers
+    f = min(step / 300, 1.0)
+    return (1 - f) * 0.85 + f * 0.95
+
+# -----------------------------------------------------------------------------
+# Build: settings inherited from the base run, the optimizer warm-started from it
+
+def resolve_inherited(args, meta):
+    """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
+    printing where each value came from."""
+    # the meta holds what the base run used (e.g. the batch size its auto rule chose); its flags only what was typed
+    base_flags = meta.get("user_config") or {}
+    for name, fallback in FALLBACKS.items():
+        base_value = meta.get(name, base_flags.get(name))
+        if base_value is not None and base_value <= 0:
+            base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
+        given = getattr(args, name)
+        if given is None and base_value is not None:
+            print0(f"Inherited {name}={base_value} from pretrained checkpoint")
+            setattr(args, name, base_value)
+        elif given is None:
+            print0(f"Using fallback {name}={fallback}")
+            setattr(args, name, fallback)
+        elif base_value is not None and given != base_value:
+            print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
+        else:
+            print0(f"Using {name}={given}")
+        # a larger micro-batch than pretraining used probably does not fit the same GPU memory
+        if name == "device_batch_size" and base_value and given != "auto" and args.device_batch_size > base_value:
+            print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
+                   f"did you pass in a good --device-batch-size to this script?")
+
+
+def build_optimizer(model, args, device, rank, world_size, use_compile):
+    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
+    (every rank warm-starts or none does)."""
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
+    base_state = None
+    if args.load_optimizer:
+        try:
+            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
+        except CheckpointError as e:
+            print0(f"WARNING: could not read the base optimizer state ({e})")
+    # all ranks or none: ranks with different optimizer states would apply different updates to one model
+    if args.load_optimizer and any_rank(base_state is None, device):
+        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
+    elif args.load_optimizer:
+        # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
+        hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(base_state)  # validates before it changes anything
+            for group, hyper in zip(optimizer.param_groups, hyperparams):
+                group.update(hyper)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+        except (ValueError, KeyError, RuntimeError) as e:
+            print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
+    scale_initial_lrs(optimizer, args.init_lr_frac)
+    return optimizer
 
 # -----------------------------------------------------------------------------
 # The mixture: one list of parts, each used when its data can be had
 
+# What each training part teaches: conversation (SmolTalk), answering multiple choice (MMLU), arithmetic with the
+# calculator tool (GSM8K), who the model is (identity), and spelling and counting letters, which a BPE model cannot
+# see inside its tokens (SimpleSpelling, SpellingBee). The val parts are held-out slices of the same kinds, capped so
+# that an evaluation stays short.
 SFT_PARTS = [  # (name, split, copies from the flags, how to build it)
     ("SmolTalk train", "train", lambda a: 1, lambda a: SmolTalk(split="train")),
     ("MMLU auxiliary_train", "train", lambda a: a.mmlu_epochs, lambda a: MMLU(subset="all", split="auxiliary_train")),
@@ -126,6 +216,7 @@ SFT_PARTS = [  # (name, split, copies from the flags, how to build it)
 
 
 def identity_conversations():
+    # an OSError (not a NanochatError) when missing: build_mixture leaves the part out like any unavailable data
     path, source = identity_conversations_path()
     if path is None:
         raise OSError(f"no identity_conversations.jsonl (looked in NANOCHAT_LOCAL_DATA, {get_base_dir()} and data/)")
@@ -137,6 +228,8 @@ def build_mixture(args):
     """Returns (train_task, val_task, description, unavailable_parts); a part that cannot be loaded is left out."""
     if is_offline():
         print0("NANOCHAT_OFFLINE/HF_HUB_OFFLINE is set: OFFLINE, the SFT mixture uses only data already on disk")
+    # A part that cannot be had is left out instead of failing the run: finetuning on what is there beats none, and
+    # the banner below and the report make the gap hard to miss. Only an empty split stops the run.
     parts = {"train": [], "val": []}
     unavailable = []
     for name, split, copies, build in SFT_PARTS:
@@ -144,8 +237,8 @@ def build_mixture(args):
             continue
         try:
             task = build(args)
-        except (ImportError, OSError, RuntimeError, SystemExit) as e:  # offline and not on disk, or no such file
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        except (ImportError, OSError, RuntimeError, NanochatError) as e:  # offline and not on disk, or no such file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # one line, capped: it goes in the report
             unavailable.append(f"{name} ({reason if len(reason) <= 240 else reason[:240] + ' ...'})")
             continue
         parts[split] += [(name, task)] * copies(args)
@@ -158,7 +251,7 @@ def build_mixture(args):
         print0("!" * 100)
     for split, rows in parts.items():
         if sum(len(t) for _, t in rows) == 0:
-            raise SystemExit(f"error: the SFT {split} mixture is empty (no part could be loaded); see the lines above")
+            raise NanochatError(f"the SFT {split} mixture is empty (no part could be loaded); see the lines above")
     train_task = TaskMixture([t for _, t in parts["train"]])
     val_task = TaskMixture([t for _, t in parts["val"]])
     counts = Counter()
@@ -180,6 +273,7 @@ def rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats
     """Yields (ids, mask) of this rank's conversations (rank, rank + W, ... wrapping around) forever, each truncated to
     one row of `capacity` tokens, with the epoch it was fetched in; (None, epoch) for a conversation of which nothing
     the assistant says survives: it is skipped (a conversation that never fits would clog the packing buffer)."""
+    # rank r renders conversations r, r + W, ...: the ranks share no row, and together they see each once per epoch
     cursor, epoch, skipped_in_a_row = rank, 1, 0
     while True:
         index = cursor
@@ -190,15 +284,16 @@ def rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats
         try:
             ids, mask = tokenizer.render_conversation(dataset[index])
         except (AssertionError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: conversation #{index} of the SFT mixture is malformed ({e!r}); "
-                             f"fix or remove that row in its source file") from e
+            raise NanochatError(f"conversation #{index} of the SFT mixture is malformed ({e!r}); "
+                                f"fix or remove that row in its source file") from e
         stats["conversations"] += 1
         if not any(mask[1:capacity]):
             stats["skipped"] += 1
             skipped_in_a_row += 1
+            # a whole pass without a trainable conversation means there is none: stop instead of looping forever
             if skipped_in_a_row > len(dataset):
-                raise SystemExit("error: no conversation in the mixture has any assistant token to train on "
-                                 f"(with --max-seq-len={capacity - 1}); check the data or use a longer --max-seq-len")
+                raise NanochatError("no conversation in the mixture has any assistant token to train on "
+                                    f"(with --max-seq-len={capacity - 1}); check the data or use a longer --max-seq-len")
             yield None, epoch
             continue
         skipped_in_a_row = 0
@@ -214,11 +309,15 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
     Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
     fits, the first among equals), then BOS padding.
     """
+    # Best fit from a buffer of buffer_size conversations keeps padding low while staying close to the data order.
+    # Every row starts at a conversation's BOS, so no row opens mid-conversation, and padding only ever sits at the
+    # end of a row, where causal attention cannot let it change a real token.
     stats = stats if stats is not None else new_packing_stats()
-    capacity, bos = T + 1, tokenizer.get_bos_token_id()
+    capacity, bos = T + 1, tokenizer.get_bos_token_id()  # T + 1 tokens: inputs are the first T, targets the last T
     conversations = rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats)
     consumed, buffer = rank, []
     use_pinned = torch.device(device).type == "cuda"
+    # (the buffer refills before each choice, so the best fit is over buffer_size candidates every time)
     while True:
         rows_ids, rows_mask = [], []
         for _ in range(B):
@@ -249,6 +348,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=No
         targets = torch.where(torch.tensor(rows_mask, dtype=torch.bool), ids, -1)
         batch = torch.stack([ids[:, :-1], targets[:, 1:]])  # inputs and targets in one host-to-device copy
         stats["tokens"] += B * capacity
+        # pinned memory lets the copy to the GPU run while the host packs the next batch
         inputs, targets = (batch.pin_memory() if use_pinned else batch).to(device, non_blocking=use_pinned)
         yield inputs, targets, dict(consumed=consumed, epoch=epoch)
 
@@ -275,14 +375,17 @@ def backward_token_mean(model, micro_batches, num_supervised, world_size=1, scal
 
 
 def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
-    """The forward/backward of one optimizer step. All micro-batches are fetched first, so that the loss can be
-    normalized by the step's supervised-token count (all ranks), which keeps zero-token micro-batches from producing
-    0/0. Returns (loss sum, supervised tokens, conversations consumed by the furthest rank), all ranks, and the epoch."""
+    """Forward and backward of one optimizer step: grad_accum_steps micro-batches, the gradients accumulating (the
+    update is the caller's finish_step). All micro-batches are fetched first, so that the loss can be normalized by
+    the step's supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0. Returns
+    (loss sum, supervised tokens, conversations consumed by the furthest rank), all ranks, and the epoch."""
     fetched = [next(batches) for _ in range(grad_accum_steps)]
     micro_batches = [(x, y) for x, y, _ in fetched]
     position = fetched[-1][2]  # where the loader stands after the last micro-batch
     num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
     consumed = torch.tensor(float(position["consumed"]), device=device)
+    # every rank divides by the same global count (so the averaged gradient is the mean over all tokens), and takes
+    # the furthest rank's position as the progress (so every rank reaches the end of the mixture at the same step)
     if is_ddp_initialized():
         dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
         dist.all_reduce(consumed, op=dist.ReduceOp.MAX)
@@ -296,6 +399,7 @@ def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
     """ChatCORE over the chat tasks whose data is available; a task found unavailable is skipped from then on."""
     model.eval()
+    # generation is what makes ChatCORE slow: the generative tasks get their own, smaller cap
     max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
     # the categorical (MC) tasks are the ones with a chance baseline
     caps = {t: max_cat if BASELINES[t] > 0 else args.chatcore_max_sample for t in ALL_TASKS}
@@ -307,6 +411,7 @@ def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
         print0(f"  {task_name}: {100 * accuracy:.2f}%")
     chatcore, label = chatcore_from_results(results)
     chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
+    # NaN when no task of a kind was available: printed and logged as such, never as a misleading 0
     chatcore = float("nan") if chatcore is None else chatcore
     chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
     partial = "" if label == "full" else f" {label}"
@@ -315,133 +420,72 @@ def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
     return chatcore, results
 
 # -----------------------------------------------------------------------------
-# Schedules
-
-def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """LR multiplier on progress p in [0, 1]: linear warmup, constant, linear warmdown to final_lr_frac."""
-    p = min(max(progress, 0.0), 1.0)
-    if warmup_ratio > 0 and p < warmup_ratio:
-        return (p + 1e-8) / warmup_ratio
-    if p <= 1.0 - warmdown_ratio:
-        return 1.0
-    decay = (p - (1.0 - warmdown_ratio)) / max(warmdown_ratio, 1e-8)
-    return 1.0 * (1 - decay) + final_lr_frac * decay
-
-
-def muon_momentum(step):
-    f = min(step / 300, 1.0)
-    return (1 - f) * 0.85 + f * 0.95
-
-# -----------------------------------------------------------------------------
-# Build: settings inherited from the base run, the optimizer warm-started from it
-
-def resolve_inherited(args, meta):
-    """Fill the None flags of FALLBACKS from the base checkpoint (its meta, else its flags), else the fallback,
-    printing where each value came from."""
-    base_flags = meta.get("user_config") or {}
-    for name, fallback in FALLBACKS.items():
-        base_value = meta.get(name, base_flags.get(name))
-        if base_value is not None and base_value <= 0:
-            base_value = None  # e.g. total_batch_size=-1 (auto) in the base run's flags: not a usable value
-        given = getattr(args, name)
-        if given is None and base_value is not None:
-            print0(f"Inherited {name}={base_value} from pretrained checkpoint")
-            setattr(args, name, base_value)
-        elif given is None:
-            print0(f"Using fallback {name}={fallback}")
-            setattr(args, name, fallback)
-        elif base_value is not None and given != base_value:
-            print0(f"NOTE: --{name.replace('_', '-')}={given} overrides pretrained value of {base_value}")
-        else:
-            print0(f"Using {name}={given}")
-        if name == "device_batch_size" and base_value and given != "auto" and args.device_batch_size > base_value:
-            print0(f"FOOTGUN WARNING: base model training used device_batch_size {base_value}, "
-                   f"did you pass in a good --device-batch-size to this script?")
-
-
-def build_optimizer(model, args, device, rank, world_size, use_compile):
-    """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
-    (every rank warm-starts or none does)."""
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
-    base_state = None
-    if args.load_optimizer:
-        try:
-            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
-        except CheckpointError as e:
-            print0(f"WARNING: could not read the base optimizer state ({e})")
-    if args.load_optimizer and any_rank(base_state is None, device):
-        print0("WARNING: no usable optimizer state in the base checkpoint; starting with a fresh optimizer")
-    elif args.load_optimizer:
-        # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
-        hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(base_state)  # validates before it changes anything
-            for group, hyper in zip(optimizer.param_groups, hyperparams):
-                group.update(hyper)
-            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-        except (ValueError, KeyError, RuntimeError) as e:
-            print0(f"WARNING: base optimizer state does not match this model ({e}); starting fresh")
-    scale_initial_lrs(optimizer, args.init_lr_frac)
-    return optimizer
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
-    # --- flags; the base checkpoint must exist before any heavy work ------------------------------------------
-    args = parse_args(argv)
+    # --- flags; the base checkpoint must exist before any heavy work ---------------------------------------------
+    args = build_parser().parse_args(argv)
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
-    check_checkpoint_exists("base", args.model_tag, args.model_step)
+    # which base checkpoint (tag and step), checked now; its files are read once the device is known
+    base_checkpoint = resolve_checkpoint("base", args.model_tag, args.model_step)
 
-    # --- setup: device, processes, wandb ------------------------------------------------------------------------
+    # --- setup: runtime policies, device and processes, wandb ---------------------------------------------------
+    freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, _, world_size, device = compute_init(device_type)
+    keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     wandb_run = init_wandb("nanochat-sft", args.run, user_config, rank == 0)
 
     # --- build: the base model and the settings it passes on, batch geometry, optimizer, data ---------------------
-    orig_model, tokenizer, meta = load_model_or_exit("base", device, phase="train", model_tag=args.model_tag,
-                                                     step=args.model_step)  # uncompiled: saving, the Engine
-    resolve_inherited(args, meta)
+    orig_model, tokenizer, meta = build_model(*base_checkpoint, device, phase="train")  # uncompiled: saving, the Engine
+    resolve_inherited(args, meta)  # the batch geometry and learning rates the flags left open come from the base run
+    # one pass over the mixture has no step count known in advance: counted as a long run (compile on CPU too)
     use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
-    if args.device_batch_size == "auto":
+    if args.device_batch_size == "auto":  # the largest that fits, of those that split the total batch evenly
         args.device_batch_size = auto_device_batch_size(orig_model.config, device, args.max_seq_len,
                                                         args.total_batch_size // (args.max_seq_len * world_size), use_compile)
     B, T = args.device_batch_size, args.max_seq_len
+    # one forward/backward of every rank; an optimizer step is a whole number of them (gradient accumulation)
     world_tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-        raise SystemExit(f"error: --total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
-                         f"--max-seq-len x world size = {B} x {T} x {world_size} = {world_tokens_per_fwdbwd}")
+        raise NanochatError(f"--total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
+                            f"--max-seq-len x world size = {B} x {T} x {world_size} = {world_tokens_per_fwdbwd}")
     grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
     print0(f"Tokens / micro-batch / rank: {B} x {T} = {B * T:,}")
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
     print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    # allowed (the rotary cache covers a multiple of sequence_len), but pretraining never saw positions that far
     if T > orig_model.config.sequence_len:
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
+    # the loop trains the compiled model; ChatCORE (varying shapes) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
-    scaler = make_grad_scaler(device_type)
+    scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
-    train_stats = new_packing_stats()
+    train_stats = new_packing_stats()  # what packing truncated, skipped and padded: printed and reported at the end
     train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device)  # bytes of text per token id, for bits per byte
+    # MFU: the model's FLOPs per token x tokens per step, against the GPU's peak (known only on CUDA)
     flops_per_step = orig_model.estimate_flops() * args.total_batch_size
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device) if device_type == "cuda" else device_type)
 
     # --- the loop: evaluations at step boundaries, then one optimizer step ---------------------------------------
+    # the loop's state, all of it local: an SFT run is short and does not resume
     step, progress, smooth_train_loss, ema_beta, total_training_time = 0, 0.0, 0.0, 0.9, 0.0
     min_val_bpb, val_bpb, val_loss = float("inf"), None, None
-    chatcore, unavailable_eval = None, set()
+    chatcore, unavailable_eval = None, set()  # chat tasks found unavailable are not retried at later evaluations
     val_batches = None
-    history = {"train": [], "val": [], "chatcore": []}
+    history = {"train": [], "val": [], "chatcore": []}  # the report's curves
     zero_supervised_steps = 0
     while True:
+        # the end: the step count when given, else the first step boundary at which the mixture is used up
         last_step = step >= args.num_iterations if args.num_iterations > 0 else progress >= 1.0
         if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
             model.eval()
             if val_batches is None:  # rendered once, replayed at every evaluation
                 eval_steps = max(1, args.eval_tokens // (B * T * world_size))
                 val_batches = keep_batches(sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size), eval_steps)
+            # the loss on the assistant's tokens only (the same mask as training); bpb also counts their bytes
             val_bpb, val_loss, val_tokens = evaluate_loss(model, val_batches, len(val_batches), token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
@@ -456,9 +500,12 @@ def main(argv=None):
         if last_step:
             break
 
+        # one optimization step, timed between device synchronizations so dt is the step's own work
         synchronize(device_type)
         t0 = time.time()
         loss_sum, num_supervised, consumed, epoch = train_step(model, train_loader, grad_accum_steps, scaler, device, world_size)
+        # with no supervised token anywhere the gradients are all zero: skip the update, or momentum and weight decay
+        # would still move the weights on a step that saw no data
         if num_supervised == 0:
             zero_supervised_steps += 1
             print0(f"WARNING: step {step} has no supervised (assistant) tokens in any micro-batch; skipping its update")
@@ -469,8 +516,11 @@ def main(argv=None):
         synchronize(device_type)
         dt = time.time() - t0
         step += 1
+        # progress in [0, 1]: by steps when --num-iterations is given, else by conversations used (furthest rank)
         progress = step / args.num_iterations if args.num_iterations > 0 else consumed / len(train_dataset)
 
+        # the step's log line: an EMA of the per-token loss (debiased like Adam's moments, for the first steps) and
+        # throughput; the first 10 steps (compilation, warm-up) are left out of the training time
         if num_supervised > 0:
             smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * loss_sum / num_supervised
         debiased = smooth_train_loss / (1 - ema_beta ** step)
@@ -486,8 +536,9 @@ def main(argv=None):
             wandb_run.log({"step": step, "total_training_flops": flops_per_step * step,
                            "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
+        # the GC policy: after the first step freeze what it built, then collect only every 5000 steps
         manage_gc(step == 1, step)
-    release_gc()
+    release_gc()  # the loop is over: an in-process caller gets its collector back
 
     # --- wrap up: summary lines, the checkpoint (never a non-finite one) and the report --------------------------
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f}MiB")
@@ -500,18 +551,17 @@ def main(argv=None):
     if zero_supervised_steps:
         print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
     if not args.dry_run:
+        # checked on every rank (each holds its own optimizer shard) and decided together, before anything is written
         if any_rank(not is_finite_state([orig_model.state_dict(), optimizer.state_dict()]), device):
-            raise SystemExit(f"error: SFT diverged: the weights or optimizer state are non-finite after step {step}; "
-                             f"nothing was saved (lower the learning rates)")
-        checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
-        try:
-            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                            dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
-                                 user_config=user_config, max_seq_len=T, device_batch_size=B,
-                                 total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
-                            rank=rank, sync_ranks=ddp)
-        except CheckpointSaveError as e:  # e.g. a full disk
-            raise SystemExit(f"error: {e}")
+            raise NanochatError(f"SFT diverged: the weights or optimizer state are non-finite after step {step}; "
+                                f"nothing was saved (lower the learning rates)")
+        # the SFT model keeps the base model's tag (d<depth> unless --model-tag named another)
+        checkpoint_dir = checkpoint_dir_for("sft", args.model_tag or f"d{orig_model.config.n_layer}")
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                        dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
+                             user_config=user_config, max_seq_len=T, device_batch_size=B,
+                             total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
+                        rank=rank, sync_ranks=ddp)  # every rank writes its optimizer shard, rank 0 the rest
         stats = {"Training mixture": mixture_description,
                  "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
                  "Training rows": len(train_dataset), "Number of iterations": step, "DDP world size": world_size,
@@ -519,16 +569,17 @@ def main(argv=None):
                  "Conversations truncated to fit": train_stats["truncated"],
                  "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
                  "Padding fraction": padding_fraction, "Total training time (m)": total_training_time / 60}
-        if chatcore is not None:
+        if chatcore is not None:  # (--chatcore-every=-1: no ChatCORE ran)
             stats["ChatCORE during SFT"] = chatcore
         report = get_report()
         report.log(section="Chat SFT", data=[user_config, stats])
         report.log_history("chat-sft", history)
     wandb_run.finish()
     compute_cleanup()
+    # what the run measured, for an in-process caller (the tests)
     return dict(step=step, val_bpb=val_bpb, val_loss=val_loss, min_val_bpb=min_val_bpb, chatcore=chatcore,
                 stats=train_stats, history=history)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

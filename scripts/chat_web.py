@@ -46,11 +46,11 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.chat import Reply, message_chunks, fit_prompt, warm_up
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.cli import run
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
-from nanochat.errors import NanochatError
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 logger = logging.getLogger("nanochat.web")
 UI_HTML = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
@@ -164,7 +164,7 @@ def load_workers(args):
     for gpu_id in range(args.num_gpus):
         device = torch.device("cuda", gpu_id) if device_type == "cuda" else torch.device(device_type)
         print(f"Loading model on {device}...")
-        model, tokenizer, _ = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+        model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step)
         engine = Engine(model, tokenizer)
         warm_up(engine, tokenizer)  # the first request should not pay for one-time set-up
         try:  # the KV cache of every row must fit: fail now rather than at the first request

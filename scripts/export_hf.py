@@ -12,8 +12,8 @@ Needs the optional dependencies: pip install -e .[hf]
 import argparse
 import os
 
+from nanochat.checkpoint_manager import load_model
 from nanochat.cli import run
-from nanochat.checkpoint_manager import load_model_or_exit
 from nanochat.common import get_base_dir, int_in
 from nanochat.hf import export_hf  # its optional dependencies are checked when it is called
 
@@ -29,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     args = parser.parse_args(argv)
 
-    model, tokenizer, meta = load_model_or_exit(args.source, "cpu", "eval", args.model_tag, args.step)
+    model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.step)
     output_dir = args.output_dir or os.path.join(get_base_dir(), "hf_export", args.source)
     export_hf(model, tokenizer, output_dir, args.dtype)
     print(f"Exported {args.source} checkpoint (step {meta.get('step')}) as {args.dtype} to {output_dir}")

@@ -18,12 +18,12 @@ from collections import Counter
 
 import torch
 
-from nanochat.checkpoint_manager import add_model_flags, load_model_or_exit
-from nanochat.cli import run
+from nanochat.checkpoint_manager import load_model
+from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
-from nanochat.errors import NanochatError
 from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 # Natural text keeps greedy decoding from collapsing into a loop of one token.
 PARAGRAPH = ("The history of science is the study of how people came to understand the natural world. "
@@ -90,7 +90,7 @@ def main(argv=None):
         raise NanochatError("infer_bench runs on a single device; start it with python, not torchrun")
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, meta = load_model_or_exit(args.source, device, "eval", args.model_tag, args.step)
+    model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     cfg = model.config
 

@@ -7,17 +7,12 @@ bad-input paths (missing checkpoint, unknown task, a sandbox that refuses to run
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import RowCounter
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_tiny_checkpoint(base_dir, tokenizer, make_tiny_model, family="chatsft_checkpoints", tag="d2", step=3):
@@ -199,31 +194,23 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
     assert "- ChatCORE-5 metric: " in report and "partial (2/5 tasks)" in report
 
 
-def test_rows_out_of_range_is_argparse_error(base_dir, capsys):
+def test_missing_checkpoint_is_a_clear_error(base_dir, capsys):
+    from nanochat.errors import NanochatError
     from scripts import chat_eval
     with pytest.raises(SystemExit) as excinfo:
         chat_eval.main(["-i", "rl", "-r", "0", "--device-type", "cpu"])
     assert excinfo.value.code == 2 and "argument -r/--rows: must be" in capsys.readouterr().err
+    with pytest.raises(NanochatError) as excinfo:
+        chat_eval.main(["-i", "rl", "--device-type", "cpu"])
+    assert "no rl checkpoint found" in str(excinfo.value)
 
 
-def chat_eval_cli(*argv):
-    """python -m scripts.chat_eval: (exit status, stderr lines)."""
-    proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", *argv, "--device-type", "cpu"], cwd=REPO_ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, proc.stderr.strip().splitlines()
-
-
-def test_missing_checkpoint_and_tag_are_one_error_line(eval_env):
-    code, lines = chat_eval_cli("-i", "rl")
-    assert code == 1 and lines[-1].startswith("error: no rl checkpoint found"), lines
-    code, lines = chat_eval_cli("-i", "sft", "-g", "d99")
-    assert code == 1 and lines[-1].startswith("error: ") and "d99" in lines[-1] and "d2" in lines[-1], lines
-
-
-def test_unknown_task_is_a_clear_error(base_dir):
+def test_missing_tag_and_unknown_task_are_clear_errors(eval_env):
     from nanochat.errors import NanochatError
     from scripts import chat_eval
+    with pytest.raises(NanochatError) as excinfo:
+        chat_eval.main(["-i", "sft", "-g", "d99", "--device-type", "cpu"])
+    assert "d99" in str(excinfo.value) and "d2" in str(excinfo.value)
     with pytest.raises(NanochatError, match=r"^unknown task\(s\) NotATask in -a/--task-name; choose from ARC-Easy\|"):
         chat_eval.main(["-i", "sft", "-a", "NotATask", "--device-type", "cpu"])
 

@@ -45,10 +45,10 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from tasks.gsm8k import GSM8K
-    from scripts.chat_rl import sample_groups, parse_args, rollout_seed
+    from scripts.chat_rl import sample_groups, build_parser, rollout_seed
     model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
     task = GSM8K("main", "train")
-    args = parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6"])
+    args = build_parser().parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6"])
     conversation = task[0]
     prompt = tokenizer.render_for_completion(conversation)
     [(inputs, targets, rewards, lengths)] = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)
@@ -69,12 +69,12 @@ def test_a_step_samples_its_examples_together(rl_env):
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from tasks.gsm8k import GSM8K
-    from scripts.chat_rl import sample_groups, parse_args
+    from scripts.chat_rl import sample_groups, build_parser
     model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
     task = GSM8K("main", "train")
     examples = [(i, task[i]) for i in (0, 3, 5)]
     for temperature in ("0", "1"):
-        args = parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6", f"--temperature={temperature}"])
+        args = build_parser().parse_args(["--device-batch-size=2", "--num-samples=4", "--max-new-tokens=6", f"--temperature={temperature}"])
         counter = RowCounter(model)
         together = sample_groups(Engine(counter, tokenizer), tokenizer, task, examples, args, step=1)
         assert max(counter.rows) == 12  # 3 examples x 4 samples in one batch
@@ -126,23 +126,37 @@ def test_policy_gradient_follows_advantage(tiny_tokenizer, tiny_model_factory):
 
 def test_bad_flags_and_missing_checkpoint(base_dir, capsys):
     from scripts import chat_rl
-    with pytest.raises(SystemExit):
-        chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # argparse error, exit code 2
+    from nanochat.common import NanochatError
+    with pytest.raises(NanochatError, match="--num-samples=6 must be a multiple of --device-batch-size=4"):
+        chat_rl.main(["--num-samples=6", "--device-batch-size=4"])  # a value check: cli.run's error line, exit 1
     with pytest.raises(SystemExit) as excinfo:  # one error line, not a ZeroDivisionError
         chat_rl.main(["--device-batch-size=0"])
     assert excinfo.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: argument --device-batch-size: must be an integer in [1, inf), got 0")
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         chat_rl.main(["--device-type=cpu"])
     assert "no sft checkpoint found" in str(excinfo.value)
 
 
 def test_full_disk_at_a_save_is_one_clear_line(rl_env, full_disk):
     from scripts import chat_rl
-    with pytest.raises(SystemExit) as excinfo:
+    from nanochat.checkpoint_manager import CheckpointSaveError
+    with pytest.raises(CheckpointSaveError) as excinfo:
         chat_rl.main(["--device-type=cpu", "--num-steps=1", "--device-batch-size=2", "--num-samples=2",
                       "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=2", "--save-every=1"])
-    message = str(excinfo.value.code)
-    assert message.startswith("error: could not save the checkpoint of step 1") and "\n" not in message, message
+    message = str(excinfo.value)
+    assert message.startswith("could not save the checkpoint of step 1") and "\n" not in message, message
     assert "No space left on device" in message
     assert os.listdir(rl_env / "chatrl_checkpoints" / "d2") == []
+
+
+def test_command_line_turns_a_bad_value_into_one_error_line(base_dir):
+    """`python -m scripts.chat_rl` runs main through cli.run: a value check is one `error:` line and exit 1."""
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_rl", "--num-samples=6", "--device-batch-size=4"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --num-samples=6 must be a multiple of --device-batch-size=4"]

@@ -209,14 +209,16 @@ def test_chat_sft_end_to_end_offline(chat_env, capsys):
 
 def test_missing_base_checkpoint_is_a_clear_error(base_dir):
     from scripts import chat_sft
-    with pytest.raises(SystemExit) as excinfo:
+    from nanochat.common import NanochatError
+    with pytest.raises(NanochatError) as excinfo:
         chat_sft.main(["--device-type=cpu"])
     assert "no base checkpoint found" in str(excinfo.value)
 
 
 def test_indivisible_total_batch_size_is_a_clear_error(chat_env):
     from scripts import chat_sft
-    with pytest.raises(SystemExit) as excinfo:
+    from nanochat.common import NanochatError
+    with pytest.raises(NanochatError) as excinfo:
         chat_sft.main(["--device-type=cpu", "--total-batch-size=100", "--dry-run=1"])
     assert "must be a multiple of" in str(excinfo.value)
 
@@ -224,11 +226,11 @@ def test_indivisible_total_batch_size_is_a_clear_error(chat_env):
 def test_mixture_with_nothing_but_the_checkout(tmp_path, monkeypatch, capsys):
     """Offline with no local data: the parts that need downloads are left out and named; identity conversations and
     the spelling tasks (bundled data) remain, in the same order every time."""
-    from scripts.chat_sft import parse_args, build_mixture
+    from scripts.chat_sft import build_parser, build_mixture
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.delenv("NANOCHAT_LOCAL_DATA", raising=False)
     monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
-    args = parse_args(["--simple-spelling-size=50", "--spelling-bee-size=30"])
+    args = build_parser().parse_args(["--simple-spelling-size=50", "--spelling-bee-size=30"])
     train, val, description, unavailable = build_mixture(args)
     assert [u.split(" (")[0] for u in unavailable] == ["SmolTalk train", "MMLU auxiliary_train", "GSM8K train",
                                                       "SmolTalk test", "MMLU test[:5200]", "GSM8K test[:420]"]
@@ -240,30 +242,33 @@ def test_mixture_with_nothing_but_the_checkout(tmp_path, monkeypatch, capsys):
     assert [json.dumps(train[i]) for i in range(len(train))] == [json.dumps(again[i]) for i in range(len(again))]
 
 
-def test_truncated_base_checkpoint_is_one_clear_line(chat_env):
+def test_truncated_base_checkpoint_is_one_clear_line(chat_env, capsys):
+    from nanochat.cli import run
     from scripts import chat_sft
     model_file = chat_env / "base_checkpoints" / "d2" / "model_000005.pt"
     model_file.write_bytes(model_file.read_bytes()[:500])
-    with pytest.raises(SystemExit) as excinfo:
-        chat_sft.main(["--device-type=cpu", "--dry-run=1"])
-    message = str(excinfo.value.code)
-    assert message.startswith("error:") and "\n" not in message and str(model_file) in message
+    with pytest.raises(SystemExit) as excinfo:  # through cli.run, as `python -m scripts.chat_sft` runs main
+        run(lambda: chat_sft.main(["--device-type=cpu", "--dry-run=1"]))
+    message = capsys.readouterr().err.strip()
+    assert excinfo.value.code == 1 and message.startswith("error:") and "\n" not in message and str(model_file) in message
     assert "no earlier complete step" in message
 
 
 def test_model_tag_is_a_plain_name(chat_env):
     from scripts import chat_sft
-    with pytest.raises(SystemExit) as excinfo:
+    from nanochat.common import NanochatError
+    with pytest.raises(NanochatError) as excinfo:
         chat_sft.main(["--device-type=cpu", "--model-tag=../../x", "--dry-run=1"])
-    assert str(excinfo.value.code).startswith("error: --model-tag=")
+    assert str(excinfo.value).startswith("--model-tag=")
 
 
 def test_full_disk_at_the_save_is_one_clear_line(chat_env, full_disk):
     from scripts import chat_sft
-    with pytest.raises(SystemExit) as excinfo:
+    from nanochat.checkpoint_manager import CheckpointSaveError
+    with pytest.raises(CheckpointSaveError) as excinfo:
         chat_sft.main(["--device-type=cpu", "--num-iterations=1", "--device-batch-size=2", "--eval-tokens=256",
                        "--chatcore-every=-1", "--simple-spelling-size=20", "--spelling-bee-size=20"])
-    message = str(excinfo.value.code)
-    assert message.startswith("error: could not save the checkpoint of step 1") and "\n" not in message, message
+    message = str(excinfo.value)
+    assert message.startswith("could not save the checkpoint of step 1") and "\n" not in message, message
     assert "No space left on device" in message
     assert os.listdir(chat_env / "chatsft_checkpoints" / "d2") == []

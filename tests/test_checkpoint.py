@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from nanochat import common
-from nanochat.common import atomic_write
+from nanochat.cli import run
+from nanochat.common import NanochatError, atomic_write
 from nanochat import checkpoint_manager as ckpt
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss, keep_batches
 
@@ -184,7 +185,7 @@ def _saved_model(base_dir, tiny_tokenizer, tiny_model_factory, steps=(2, 4)):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "meta_truncated", "meta_foreign", "garbage",
                                     "tampered", "text", "nan"])
-def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_model_factory, damage):
+def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_model_factory, damage, capsys):
     d = _saved_model(base_dir, tiny_tokenizer, tiny_model_factory)
     model_file, meta_file = os.path.join(d, "model_000004.pt"), os.path.join(d, "meta_000004.json")
     if damage == "truncated":
@@ -213,9 +214,10 @@ def test_unusable_checkpoint_is_one_clear_line(base_dir, tiny_tokenizer, tiny_mo
     with pytest.raises(FileNotFoundError) as excinfo:  # what every loader already handles
         ckpt.load_model("base", "cpu", phase="eval")
     assert bad_file in str(excinfo.value) and "previous complete step is 2" in str(excinfo.value)
-    with pytest.raises(SystemExit) as excinfo:
-        ckpt.load_model_or_exit("base", "cpu", phase="eval")
-    message = str(excinfo.value.code)
+    with pytest.raises(SystemExit) as excinfo:  # what an entry point prints: one error line, exit 1
+        run(lambda: ckpt.load_model("base", "cpu", phase="eval"))
+    message = capsys.readouterr().err.strip()
+    assert excinfo.value.code == 1
     assert message.startswith("error:") and "\n" not in message and bad_file in message and "step is 2" in message
     assert "weights_only" not in message  # never the advice to unpickle a file that may be tampered with
     if damage == "nan":
@@ -306,7 +308,47 @@ def test_prune_keeps_last_k(tmp_path):
 
 @pytest.mark.parametrize("tag", ["../../x", "a/b", "..", "/abs", ""])
 def test_model_tag_must_be_a_plain_name(tag):
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         ckpt.check_model_tag(tag)
-    assert str(excinfo.value.code).startswith("error: --model-tag=")
+    assert str(excinfo.value).startswith("--model-tag=")
     assert ckpt.check_model_tag("d12_run-2.b") == "d12_run-2.b"
+
+
+# -----------------------------------------------------------------------------
+# Where checkpoints live, and resolving which one to load
+
+def test_resolve_checkpoint_is_the_one_check_and_says_what_to_do(base_dir):
+    stage = base_dir / "base_checkpoints"
+    with pytest.raises(ckpt.CheckpointError, match=r"no base checkpoint found: .* is missing or empty; train one "
+                                                   r"first with `python -m scripts.base_train`"):
+        ckpt.resolve_checkpoint("base")
+    for tag, steps in (("d2", [1, 3]), ("d4", [2])):
+        for step in steps:
+            ckpt.save_checkpoint(ckpt.checkpoint_dir_for("base", tag), step, {"w": torch.ones(1)}, None, {}, rank=0)
+    assert ckpt.checkpoint_dir_for("base", "d2") == str(stage / "d2")
+    assert ckpt.resolve_checkpoint("base") == (str(stage / "d4"), 2)  # the deepest model, its latest complete step
+    assert ckpt.resolve_checkpoint("base", "d2") == (str(stage / "d2"), 3)
+    assert ckpt.resolve_checkpoint("base", "d2", 1) == (str(stage / "d2"), 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"model tag 'd9' not found in .* \(available: d2, d4\)"):
+        ckpt.resolve_checkpoint("base", "d9")
+    os.remove(ckpt.marker_path(str(stage / "d2"), 1))  # an incomplete step is not there for loading
+    for step in (1, 2):
+        with pytest.raises(ckpt.CheckpointError, match=f"no checkpoint at step {step}: .*model_00000{step}.pt"):
+            ckpt.resolve_checkpoint("base", "d2", step)
+    with pytest.raises(NanochatError, match=r"--model-tag='\.\./x' must be a plain name"):
+        ckpt.checkpoint_dir_for("sft", "../x")
+    assert issubclass(ckpt.CheckpointError, NanochatError) and issubclass(ckpt.CheckpointError, FileNotFoundError)
+    assert issubclass(ckpt.CheckpointSaveError, NanochatError)
+
+
+def test_training_scripts_take_checkpoint_locations_from_checkpoint_manager():
+    """No script spells out a <stage>_checkpoints directory: writers and readers agree through checkpoint_dir_for."""
+    import ast
+    import pathlib
+    stage_dirs = set(ckpt.CHECKPOINT_SOURCES.values())
+    scripts = sorted((pathlib.Path(ckpt.__file__).resolve().parents[1] / "scripts").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in stage_dirs]
+        assert not literals, f"{path.name} writes {literals} by hand; use checkpoint_manager.checkpoint_dir_for"

@@ -339,7 +339,8 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
 
 
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
-    from nanochat.core_eval import BundleError, evaluate_core
+    from nanochat.core_eval import evaluate_core
+    from nanochat.eval_bundle import BundleError
     bundle = make_bundle(tmp_path / "b", small_tasks()[:3], bad_line=("schema_task", '{"context_options": ['))
     with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: not valid JSON"):
         evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
@@ -523,19 +524,21 @@ def test_cli_unknown_eval_mode(base_dir):
 
 
 def test_cli_no_checkpoint(base_dir):
-    result = run_cli(["--eval", "bpb"], base_dir)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no base checkpoint found") and "base_train" in last
+    from nanochat.errors import NanochatError
+    from scripts.base_eval import main  # noqa
+    with pytest.raises(NanochatError) as e:
+        main(["--eval", "bpb"])
+    assert str(e.value).startswith("no base checkpoint found") and "base_train" in str(e.value)
 
 
 def test_cli_bundle_missing_offline(base_dir, monkeypatch):
-    # a checkpoint directory exists, so the bundle is the first problem found (before loading anything)
+    # a (complete) checkpoint exists, so the bundle is the first problem found (before loading anything)
     from nanochat import eval_bundle
     from scripts import base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "base_checkpoints" / "d2").mkdir(parents=True)
     (base_dir / "base_checkpoints" / "d2" / "model_000001.pt").write_bytes(b"")
+    (base_dir / "base_checkpoints" / "d2" / "complete_000001.json").write_text("{}")
     monkeypatch.setattr(eval_bundle, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
     with pytest.raises(eval_bundle.BundleUnavailable) as e:
         base_eval.main(["--eval", "core"])
@@ -546,7 +549,8 @@ def test_cli_bundle_missing_offline(base_dir, monkeypatch):
 
 def test_cli_corrupt_jsonl_before_model_work(tmp_path, base_dir):
     bundle = make_bundle(tmp_path / "b", small_tasks()[:1], bad_line=("mc_task", "not json"))
-    from nanochat.core_eval import BundleError, load_core_tasks, load_jsonl
+    from nanochat.core_eval import load_core_tasks, load_jsonl
+    from nanochat.eval_bundle import BundleError
     tasks, _ = load_core_tasks(str(bundle))
     with pytest.raises(BundleError, match=r"mc_task\.jsonl:8"):
         load_jsonl(tasks[0][2], "multiple_choice")

@@ -175,7 +175,7 @@ def test_positive_ints_states_its_range(capsys):
 
 @pytest.mark.parametrize("where", ["under a file", "in a read-only directory"])
 def test_uncreatable_base_dir_is_one_error_line(tmp_path, monkeypatch, where):
-    from nanochat.common import get_base_dir
+    from nanochat.common import NanochatError, get_base_dir
     if where == "under a file":
         (tmp_path / "file").write_text("x")
         base = tmp_path / "file" / "base"
@@ -185,10 +185,10 @@ def test_uncreatable_base_dir_is_one_error_line(tmp_path, monkeypatch, where):
         (tmp_path / "ro").mkdir(mode=0o555)
         base = tmp_path / "ro" / "base"
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(NanochatError) as excinfo:
         get_base_dir()
-    message = str(excinfo.value.code)
-    assert message.startswith(f"error: cannot create the base dir {base} (NANOCHAT_BASE_DIR): ") and "\n" not in message
+    message = str(excinfo.value)
+    assert message.startswith(f"cannot create the base dir {base} (NANOCHAT_BASE_DIR): ") and "\n" not in message
 
 
 def test_entry_point_with_uncreatable_base_dir_exits_with_one_line(tmp_path):

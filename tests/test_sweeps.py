@@ -403,8 +403,8 @@ def test_run_scripts_use_flags_the_stage_scripts_define(script):
         source_path = REPO_ROOT / (module.replace(".", "/") + ".py")
         assert source_path.exists(), f"{script} launches {module}, which does not exist"
         source = source_path.read_text()
-        if "add_model_flags(" in source:  # the model-loading flags are defined once, in checkpoint_manager
-            from nanochat.checkpoint_manager import add_model_flags
+        if "add_model_flags(" in source:  # the model-loading flags are defined once, in nanochat.cli
+            from nanochat.cli import add_model_flags
             source += inspect.getsource(add_model_flags)
         for flag in flags:
             assert f'"{flag}"' in source, f"{script}: {module} has no flag {flag}"
