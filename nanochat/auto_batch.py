@@ -20,7 +20,8 @@ import gc
 import psutil
 import torch
 
-from nanochat.common import print0, any_rank, peak_memory_mib, is_ddp_initialized, int_in
+from nanochat.common import print0, peak_memory_mib, is_ddp_initialized, int_in
+from nanochat.training import any_rank
 from nanochat.errors import NanochatError
 from nanochat.gpt import GPT
 
