@@ -47,7 +47,7 @@ if (args.input_dir is None) == (args.hf_dataset is None):
 
 # 1-2. documents in shuffled order
 if args.input_dir:
-    from nanochat.dataset import read_text_dir
+    from nanochat.local_data import read_text_dir
     docs = read_text_dir(args.input_dir, args.max_doc_chars)
     random.Random(args.seed).shuffle(docs)
     documents = iter(docs)

@@ -22,6 +22,7 @@ import torch
 
 from nanochat.common import print0, peak_memory_mib, is_ddp_initialized, int_in
 from nanochat.training import any_rank
+from nanochat.errors import NanochatError
 from nanochat.gpt import GPT
 
 LADDER = (64, 32, 16, 8, 4, 2, 1)
@@ -60,8 +61,8 @@ def search_device_batch_size(config, device, seq_len, sizes, use_compile=False, 
     del model, optimizer, step_model
     _release_memory(device, use_compile)
     if chosen is None:
-        raise SystemExit(f"error: --device-batch-size=auto: even 1 sequence of {seq_len} tokens per micro-step runs "
-                         "out of memory on this device; use a smaller model (--depth) or a shorter --max-seq-len")
+        raise NanochatError(f"--device-batch-size=auto: even 1 sequence of {seq_len} tokens per micro-step runs "
+                            "out of memory on this device; use a smaller model (--depth) or a shorter --max-seq-len")
     total = f" of {torch.cuda.get_device_properties(device).total_memory / 2**20:,.0f}" if device.type == "cuda" else ""
     print0(f"Device batch size: auto -> {chosen} (the largest of {sizes} whose forward, backward and optimizer step "
            f"fit{' compiled' if use_compile else ''}: peak {peak:,.0f}{total} MiB"

@@ -300,7 +300,7 @@ def get_peak_flops(device_name):
         except ValueError:
             flops = -1.0
         if not 0 < flops < float("inf"):
-            raise SystemExit(f"error: NANOCHAT_PEAK_FLOPS={forced!r} must be a positive number of FLOP/s, e.g. 989e12")
+            raise NanochatError(f"NANOCHAT_PEAK_FLOPS={forced!r} must be a positive number of FLOP/s, e.g. 989e12")
         print0(f"Peak FLOPS (BF16): {flops:.3e} for {device_name!r} (from NANOCHAT_PEAK_FLOPS)")
         return flops
     name = (device_name or "").lower()

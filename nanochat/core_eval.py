@@ -18,18 +18,15 @@ get_bos_token_id().
 import csv
 import os
 import random
-import shutil
-import tempfile
 import time
-import zipfile
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import (DownloadError, atomic_write, download_file_with_lock, get_base_dir, is_ddp_initialized,
-                             iter_jsonl, print0)
+from nanochat.common import atomic_write, is_ddp_initialized, iter_jsonl, print0
+from nanochat.eval_bundle import BundleError, resolve_bundle_dir
 
 # The 22 tasks that define CORE (DCLM "core", minus MMLU). A run that evaluates fewer is a partial score.
 CORE_TASK_LABELS = (
@@ -237,72 +234,11 @@ def core_label(labels, max_per_task=-1):
     return f"{'full' if k == len(CORE_TASK_LABELS) else 'partial'} ({k}/{len(CORE_TASK_LABELS)} tasks{per_task})"
 
 # -----------------------------------------------------------------------------
-# The eval bundle: --bundle-dir, else env NANOCHAT_EVAL_BUNDLE, else <base_dir>/eval_bundle (downloaded once)
+# Reading the bundle
 
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-SAMPLE_PROMPTS = [
-    "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 # Two of the GPT-2 results tables that ship with the bundle: the smallest and the largest GPT-2
 GPT2_TABLES = {"openai-community-gpt2.csv": "GPT-2 124M", "openai-community-gpt2-xl.csv": "GPT-2 1.5B"}
 
-
-class BundleError(RuntimeError):
-    """The eval bundle is missing, unreadable or malformed. The message says which file and what to do."""
-
-
-def _bundle_ready(path):
-    return os.path.isfile(os.path.join(path, "core.yaml"))
-
-
-def _extract_bundle(zip_path, target):
-    """Unpack the zip as target, atomically (extract to a temp dir, then rename)."""
-    tmp_dir = tempfile.mkdtemp(prefix="eval_bundle_tmp_", dir=os.path.dirname(zip_path))
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(tmp_dir)
-        source = os.path.join(tmp_dir, "eval_bundle")
-        if not _bundle_ready(source):
-            raise BundleError(f"{zip_path} has no eval_bundle/core.yaml inside; delete it and run again to re-download")
-        try:
-            os.replace(source, target)
-        except OSError:
-            if not _bundle_ready(target):  # another rank's finished copy is fine; anything else is a real error
-                raise
-    except zipfile.BadZipFile:
-        raise BundleError(f"{zip_path} is not a valid zip; delete it and run again to re-download") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    print0(f"Placed eval bundle at {target}")
-
-
-def resolve_bundle_dir(bundle_dir=None):
-    """Return a directory holding core.yaml. Raises BundleError with a what-to-do message."""
-    source = "--bundle-dir" if bundle_dir else "NANOCHAT_EVAL_BUNDLE"
-    bundle_dir = bundle_dir or os.environ.get("NANOCHAT_EVAL_BUNDLE")
-    if bundle_dir:
-        if not _bundle_ready(bundle_dir):
-            raise BundleError(f"{source}={bundle_dir}: no core.yaml there; point it at the unzipped eval_bundle folder")
-        return os.path.abspath(bundle_dir)
-    target = os.path.join(get_base_dir(), "eval_bundle")
-    if _bundle_ready(target):
-        return target
-    try:
-        zip_path = download_file_with_lock(EVAL_BUNDLE_URL, "eval_bundle.zip")
-    except DownloadError as e:
-        raise BundleError(
-            f"CORE eval bundle not found at {target} and the download failed ({e}). Copy an unzipped eval_bundle "
-            f"there, or pass --bundle-dir DIR / set NANOCHAT_EVAL_BUNDLE, or run without CORE (--eval=bpb,sample)"
-        ) from None
-    if not _bundle_ready(target):  # fresh download, or a zip whose folder was deleted
-        _extract_bundle(zip_path, target)
-    return target
-
-
-# -----------------------------------------------------------------------------
-# Reading the bundle
 
 def load_jsonl(path, task_type):
     """Read one task's examples, checking every line; a bad line is an error naming file and line."""

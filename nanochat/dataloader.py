@@ -22,7 +22,7 @@ import itertools
 import torch
 
 from nanochat.common import get_dist_info, print0
-from nanochat.dataset import get_split_files, open_parquet, read_row_group_texts
+from nanochat.dataset import DataError, get_split_files, open_parquet, read_row_group_texts
 
 
 class _DocumentStream:
@@ -42,8 +42,8 @@ class _DocumentStream:
 
     def file_index(self, name):
         if name not in self.names:
-            raise SystemExit(f"error: the dataloader state refers to shard {name}, which is no longer in the "
-                             f"{self.split} split; restore that file or start without resuming")
+            raise DataError(f"the dataloader state refers to shard {name}, which is no longer in the "
+                            f"{self.split} split; restore that file or start without resuming")
         return self.names.index(name)
 
     def _normalize(self):
@@ -63,9 +63,9 @@ class _DocumentStream:
                 self.pq_idx = 0
                 self.epoch += 1
             if empty_files > len(self.files):
-                raise SystemExit(f"error: rank {self.rank} has no {self.split} data: the split's shards have fewer row "
-                                 f"groups than the world size {self.world_size}; use fewer processes or rebuild the "
-                                 f"shards with smaller row groups")
+                raise DataError(f"rank {self.rank} has no {self.split} data: the split's shards have fewer row "
+                                f"groups than the world size {self.world_size}; use fewer processes or rebuild the "
+                                f"shards with smaller row groups")
 
     def next_slice(self, max_docs):
         """Up to max_docs texts from the current row group, with their coordinates; advances the position."""

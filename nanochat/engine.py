@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nanochat.cli import run
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, int_in
+from nanochat.errors import NanochatError
 from nanochat.checkpoint_manager import load_model
 
 
@@ -383,15 +384,24 @@ class Engine:
 
 
 # -----------------------------------------------------------------------------------------------------
+# Prompts whose greedy completions show at a glance what a base model knows (base_train's samples, base_eval)
+
+SAMPLE_PROMPTS = [
+    "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+# -----------------------------------------------------------------------------------------------------
 # self-test: naive model.generate vs the engine, greedy, must match token for token
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Compare naive generation with the KV-cache engine on a base model")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest)")
     parser.add_argument("--step", type=int_in("[0, inf)"), default=None, help="checkpoint step (default: last)")
     parser.add_argument("--max-tokens", type=int_in("[1, inf)"), default=64, help="tokens to generate")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device_type or autodetect_device_type())
     model, tokenizer, _ = load_model("base", device, "eval", args.model_tag, args.step)
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
@@ -402,7 +412,7 @@ def main():
     # the engine stops at <|assistant_end|>/BOS; compare over the common length
     mismatch = next((i for i, (a, b) in enumerate(zip(naive, cached)) if a != b), None)
     if mismatch is not None:
-        raise SystemExit(f"error: mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
+        raise NanochatError(f"mismatch at generated token {mismatch}: naive {naive[mismatch]} vs engine {cached[mismatch]}")
     print(f"Match: the engine reproduces naive greedy generation ({min(len(naive), len(cached))} tokens)")
 
 if __name__ == "__main__":

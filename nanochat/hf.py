@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import is_offline
+from nanochat.errors import NanochatError
 from nanochat.gpt import compute_window_sizes, has_value_embedding
 from nanochat.tokenizer import SPECIAL_TOKENS
 
-try:
+try:  # optional: without them this module still imports, and export_hf / load_hf_model say what to install
     import tokenizers
     import transformers
     from safetensors.torch import save_file
 
     from nanochat.hf_modeling import NanochatConfig
 except ImportError:
-    raise SystemExit("error: Hugging Face interop needs the optional dependencies: pip install -e .[hf]") from None
+    transformers = None
 
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "hf_modeling.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,6 +43,11 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
 )
+
+
+def require_hf():
+    if transformers is None:
+        raise NanochatError("Hugging Face interop needs the optional dependencies: pip install -e .[hf]")
 
 
 # -----------------------------------------------------------------------------
@@ -92,6 +98,7 @@ def export_tokenizer(tokenizer, out_dir):
 
 def export_hf(model, tokenizer, out_dir, dtype="float32"):
     """Write model.safetensors, config.json, the modeling file and the tokenizer files into out_dir."""
+    require_hf()
     c = model.config
     config = NanochatConfig(
         vocab_size=c.vocab_size, padded_vocab_size=model.padded_vocab_size, n_layer=c.n_layer, n_head=c.n_head,
@@ -188,14 +195,15 @@ class HFEngine:
 
 
 def load_hf_model(path, device):
-    """-> (HFModel, HFTokenizer) from a local directory or a hub name; one clear line when it cannot be loaded."""
+    """-> (HFModel, HFTokenizer) from a local directory or a hub name; NanochatError when it cannot be loaded."""
+    require_hf()
     local = os.path.isdir(path)  # run a model's own code only from a directory the user chose, never from the hub
     if not local and is_offline():
-        raise SystemExit(f"error: --hf-path={path}: no such local directory, and the hub is offline "
-                         f"(HF_HUB_OFFLINE/NANOCHAT_OFFLINE); pass a directory written by save_pretrained")
+        raise NanochatError(f"--hf-path={path}: no such local directory, and the hub is offline "
+                            f"(HF_HUB_OFFLINE/NANOCHAT_OFFLINE); pass a directory written by save_pretrained")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=local, dtype="auto")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --hf-path={path}: could not load it with transformers: {str(e).splitlines()[0]}") from None
+        raise NanochatError(f"--hf-path={path}: could not load it with transformers: {str(e).splitlines()[0]}") from None
     return HFModel(model.to(device).eval()), HFTokenizer(tokenizer)

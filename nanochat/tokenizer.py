@@ -14,6 +14,7 @@ import rustbpe
 import tiktoken
 
 from nanochat.common import get_base_dir, atomic_write
+from nanochat.errors import NanochatError
 
 SPECIAL_TOKENS = [
     "<|bos|>",              # delimits documents: every document / conversation starts with it
@@ -178,10 +179,10 @@ def get_tokenizer_dir():
 
 
 def open_saved(filename, what):
-    """A file scripts.tok_train saved into the tokenizer dir, opened for reading; one clear line when missing."""
+    """A file scripts.tok_train saved into the tokenizer dir, opened for reading; NanochatError when missing."""
     path = os.path.join(get_tokenizer_dir(), filename)
     if not os.path.exists(path):
-        raise SystemExit(f"error: no {what} at {path}; train a tokenizer first with: python -m scripts.tok_train")
+        raise NanochatError(f"no {what} at {path}; train a tokenizer first with: python -m scripts.tok_train")
     return open(path, "rb")
 
 

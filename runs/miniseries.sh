@@ -50,7 +50,7 @@ fi
 log "Miniseries '$SERIES_NAME': depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per node; results: $RESULTS_FILE"
 
 for d in "${DEPTH_LIST[@]}"; do
-    if python dev/sweep_results.py done --kind miniseries --csv "$RESULTS_FILE" --depth "$d"; then
+    if python -m scripts.sweep_results done --kind miniseries --csv "$RESULTS_FILE" --depth "$d"; then
         log "Skipping d=$d (already in results)"
         continue
     fi
@@ -69,10 +69,10 @@ for d in "${DEPTH_LIST[@]}"; do
         exit 1
     fi
     END=$(date +%s)
-    python dev/sweep_results.py append --kind miniseries --csv "$RESULTS_FILE" \
+    python -m scripts.sweep_results append --kind miniseries --csv "$RESULTS_FILE" \
         --summary "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG/summary.json" \
         --wall-time "$((END - START))" --since "$START"
 done
 
 log "Miniseries '$SERIES_NAME' complete. Results saved to: $RESULTS_FILE"
-python dev/sweep_results.py report --kind miniseries --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/miniseries.png"
+python -m scripts.sweep_results report --kind miniseries --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/miniseries.png"

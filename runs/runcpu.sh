@@ -37,7 +37,7 @@ if [ "${NANOCHAT_DATASET:-}" = "offline" ] || ! python -m nanochat.dataset -n 4;
     echo "No downloaded shards: building the OFFLINE corpus from the installed Python docs (~36M chars) instead;"
     echo "every later stage reads it (NANOCHAT_DATASET=offline) and stays off the network (NANOCHAT_OFFLINE=1)."
     export NANOCHAT_DATASET=offline NANOCHAT_OFFLINE=1
-    python -m dev.offline_corpus
+    python -m scripts.offline_corpus
 fi
 
 step "tokenizer: train and evaluate"

@@ -49,7 +49,7 @@ log "Scaling laws '$LABEL': budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]};
 
 for flops in "${BUDGET_LIST[@]}"; do
     for d in "${DEPTH_LIST[@]}"; do
-        if python dev/sweep_results.py done --kind scaling --csv "$RESULTS_FILE" --depth "$d" --flops-budget "$flops"; then
+        if python -m scripts.sweep_results done --kind scaling --csv "$RESULTS_FILE" --depth "$d" --flops-budget "$flops"; then
             log "Skipping d=$d at $flops FLOPs (already in results)"
             continue
         fi
@@ -68,11 +68,11 @@ for flops in "${BUDGET_LIST[@]}"; do
             exit 1
         fi
         END=$(date +%s)
-        python dev/sweep_results.py append --kind scaling --csv "$RESULTS_FILE" --flops-budget "$flops" \
+        python -m scripts.sweep_results append --kind scaling --csv "$RESULTS_FILE" --flops-budget "$flops" \
             --summary "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG/summary.json" \
             --wall-time "$((END - START))" --since "$START"
     done
 done
 
 log "Scaling laws '$LABEL' complete. Results saved to: $RESULTS_FILE"
-python dev/sweep_results.py report --kind scaling --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/scaling_laws.png"
+python -m scripts.sweep_results report --kind scaling --csv "$RESULTS_FILE" --plot "$RESULTS_DIR/scaling_laws.png"

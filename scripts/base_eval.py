@@ -20,10 +20,11 @@ import os
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.cli import run
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
-from nanochat.core_eval import (SAMPLE_PROMPTS, BundleError, evaluate_core, format_core, resolve_bundle_dir,
-                                write_core_csv)
+from nanochat.core_eval import evaluate_core, format_core, write_core_csv
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-from nanochat.engine import Engine
+from nanochat.engine import SAMPLE_PROMPTS, Engine
+from nanochat.errors import NanochatError
+from nanochat.eval_bundle import resolve_bundle_dir
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -36,8 +37,8 @@ def parse_eval_modes(value):
     modes = [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in modes if m not in EVAL_MODES]
     if unknown or not modes:
-        raise SystemExit(f"error: --eval={value!r}: unknown mode(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose a comma-separated subset of {','.join(EVAL_MODES)}")
+        raise NanochatError(f"--eval={value!r}: unknown mode(s) {', '.join(unknown) or '(none given)'}; "
+                            f"choose a comma-separated subset of {','.join(EVAL_MODES)}")
     return modes
 
 
@@ -62,8 +63,8 @@ def run_samples(model, tokenizer, engine=None):
 def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size, token_bytes=None):
     tokens_per_step = device_batch_size * sequence_len * world_size
     if split_tokens < tokens_per_step:
-        raise SystemExit(f"error: --split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
-                         f"(device batch {device_batch_size} x sequence {sequence_len} x world {world_size})")
+        raise NanochatError(f"--split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
+                            f"(device batch {device_batch_size} x sequence {sequence_len} x world {world_size})")
     steps = split_tokens // tokens_per_step
     if split_tokens != steps * tokens_per_step:
         print0(f"Adjusting split_tokens from {split_tokens} to {steps * tokens_per_step} (a multiple of {tokens_per_step})")
@@ -100,12 +101,7 @@ def main(argv=None):
     modes = parse_eval_modes(args.eval)
     if not args.hf_path:
         checkpoint = resolve_checkpoint("base", args.model_tag, args.step)
-    bundle_dir = None
-    if "core" in modes:
-        try:
-            bundle_dir = resolve_bundle_dir(args.bundle_dir)
-        except BundleError as e:
-            raise SystemExit(f"error: {e}") from None
+    bundle_dir = resolve_bundle_dir(args.bundle_dir) if "core" in modes else None
 
     _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
 
@@ -137,10 +133,7 @@ def main(argv=None):
         summary.update({f"{split} bpb": value for split, value in bpb.items()})
     if "core" in modes:
         print0(RULE + "\nCORE Evaluation\n" + RULE)
-        try:
-            core_out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, bundle_dir=bundle_dir)
-        except BundleError as e:
-            raise SystemExit(f"error: {e}") from None
+        core_out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, bundle_dir=bundle_dir)
         if rank == 0:
             csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_slug}.csv")
             write_core_csv(csv_path, core_out)

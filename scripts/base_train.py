@@ -42,9 +42,10 @@ from nanochat.cli import run
 from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, print_banner, autodetect_device_type,
                              get_peak_flops, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
                              synchronize, peak_memory_mib, should_compile)
-from nanochat.core_eval import BundleError, evaluate_core, format_core, SAMPLE_PROMPTS
+from nanochat.core_eval import evaluate_core, format_core
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SAMPLE_PROMPTS
+from nanochat.eval_bundle import BundleUnavailable
 from nanochat.flash_attention import get_backend
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, keep_batches
@@ -483,7 +484,7 @@ def evaluate_core_metric(orig_model, tokenizer, device, args, step):
     try:
         with evaluating(orig_model, args.fp8):
             results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-    except BundleError as e:  # no eval bundle here and none to be had: the expected cause
+    except BundleUnavailable as e:  # no eval bundle here and none to be had: the expected cause
         print0(f"Step {step:05d} | CORE metric skipped: {e}")
         return None
     except Exception as e:  # a bug in an evaluation must not cost the run (the final checkpoint is saved after it)

@@ -15,6 +15,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 # -----------------------------------------------------------------------------
 # Terminal chat
@@ -77,10 +78,10 @@ def main(argv=None):
         chunks += message_chunks(tokenizer, [{"role": "user", "content": user_input}])
         prompt, dropped, max_tokens = fit_prompt(tokenizer, chunks, context, args.max_tokens)
         if prompt is None:
+            if args.prompt:
+                raise NanochatError(f"-p/--prompt is too long for the model's {context}-token context; try a shorter one")
             chunks.pop()
             print(f"\n(That message is too long for the model's {context}-token context; try a shorter one.)")
-            if args.prompt:
-                raise SystemExit(1)
             continue
         if dropped:
             chunks = chunks[dropped:]

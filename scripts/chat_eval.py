@@ -22,8 +22,8 @@ from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.cli import add_model_flags, run
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type, int_in, float_in,
                              compute_cleanup, compute_init, print0)
-from nanochat.cli import run
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 from nanochat.execution import isolation
 from nanochat.report import get_report
 from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, run_chat_evals
@@ -50,7 +50,7 @@ def main(argv=None):
     task_names = ALL_TASKS if args.task_name is None else [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in task_names if t not in BASELINES]
     if unknown:
-        raise SystemExit(f"error: unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
+        raise NanochatError(f"unknown task(s) {', '.join(unknown)} in -a/--task-name; choose from {'|'.join(ALL_TASKS)}")
     checkpoint = resolve_checkpoint(args.source, args.model_tag, args.step)
 
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())

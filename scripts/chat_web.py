@@ -50,6 +50,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, int_in, float_in
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 logger = logging.getLogger("nanochat.web")
 UI_HTML = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
@@ -93,11 +94,11 @@ def check_args(args):
     ]
     for flag, value, low, high in ranges:
         if not low <= value <= high:
-            raise SystemExit(f"error: {flag} {value} must be in [{low}, {high}]")
+            raise NanochatError(f"{flag} {value} must be in [{low}, {high}]")
     # the key travels in an HTTP header, which loses surrounding spaces and is not UTF-8: such a key could never match
     key = args.api_key
     if key is not None and not (key and key == key.strip() and key.isascii() and key.isprintable()):
-        raise SystemExit(f"error: --api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
+        raise NanochatError(f"--api-key {key!r} must be printable ASCII, not empty, with no leading or trailing spaces")
 
 # -----------------------------------------------------------------------------
 # Worker pool: one model replica per device, each decoding up to rows_per_replica requests together
@@ -156,8 +157,8 @@ def load_workers(args):
     device_type = args.device_type or autodetect_device_type()
     usable = torch.cuda.device_count() if device_type == "cuda" else 1
     if args.num_gpus > usable:
-        raise SystemExit(f"error: -n/--num-gpus {args.num_gpus} but only {usable} {device_type} device(s) can hold a replica "
-                         "(more than one needs CUDA)")
+        raise NanochatError(f"-n/--num-gpus {args.num_gpus} but only {usable} {device_type} device(s) can hold a replica "
+                            "(more than one needs CUDA)")
     compute_init(device_type)
     workers = []
     for gpu_id in range(args.num_gpus):
@@ -169,8 +170,8 @@ def load_workers(args):
         try:  # the KV cache of every row must fit: fail now rather than at the first request
             cache = engine.new_batch(args.rows_per_replica).cache
         except (torch.OutOfMemoryError, RuntimeError) as e:  # a CPU allocation fails with a RuntimeError
-            raise SystemExit(f"error: the KV cache of {args.rows_per_replica} rows does not fit on {device} "
-                             f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
+            raise NanochatError(f"the KV cache of {args.rows_per_replica} rows does not fit on {device} "
+                                f"({str(e).splitlines()[0][:120]}); lower --rows-per-replica")
         print(f"KV cache: {args.rows_per_replica} rows x {cache.seq_len} tokens = "
               f"{(cache.k_cache.nbytes + cache.v_cache.nbytes) / 2**20:.1f} MiB")
         del cache

@@ -15,7 +15,7 @@ import os
 from nanochat.checkpoint_manager import load_model
 from nanochat.cli import run
 from nanochat.common import get_base_dir, int_in
-from nanochat.hf import export_hf  # exits with one clear line when the optional dependencies are missing
+from nanochat.hf import export_hf  # its optional dependencies are checked when it is called
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ from nanochat.cli import add_model_flags, run
 from nanochat.common import compute_init, autodetect_device_type, get_peak_flops, get_dist_info, COMPUTE_DTYPE
 from nanochat.common import synchronize, peak_memory_mib, positive_ints, int_in, float_in
 from nanochat.engine import Engine
+from nanochat.errors import NanochatError
 
 # Natural text keeps greedy decoding from collapsing into a loop of one token.
 PARAGRAPH = ("The history of science is the study of how people came to understand the natural world. "
@@ -86,7 +87,7 @@ def main(argv=None):
     parser.add_argument("-t", "--temperature", type=float_in("[0, inf)"), default=0.0, help="sampling temperature (0 = greedy)")
     args = parser.parse_args(argv)
     if get_dist_info()[3] != 1:
-        raise SystemExit("error: infer_bench runs on a single device; start it with python, not torchrun")
+        raise NanochatError("infer_bench runs on a single device; start it with python, not torchrun")
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
@@ -95,7 +96,7 @@ def main(argv=None):
 
     prompt_len = min(args.prompt_tokens, cfg.sequence_len - args.decode_tokens)
     if prompt_len < 1:
-        raise SystemExit(f"error: --decode-tokens {args.decode_tokens} leaves no room for a prompt in the {cfg.sequence_len}-token context")
+        raise NanochatError(f"--decode-tokens {args.decode_tokens} leaves no room for a prompt in the {cfg.sequence_len}-token context")
     if prompt_len < args.prompt_tokens:
         print(f"Note: prompt clamped from {args.prompt_tokens} to {prompt_len} tokens (sequence_len {cfg.sequence_len} - decode {args.decode_tokens})")
     prompt = tokenizer.encode(PARAGRAPH * max(1, prompt_len // 10), prepend=tokenizer.get_bos_token_id())[:prompt_len]

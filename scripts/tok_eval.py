@@ -7,12 +7,11 @@ GPT-2 and GPT-4 tokenizers when tiktoken can load them (it downloads them once; 
 
 import argparse
 
+from nanochat.cli import run
 from nanochat.common import print0, is_offline
 from nanochat.report import get_report
 from nanochat.dataset import get_dataset_name, get_split_files, open_parquet, read_row_group_texts
 from nanochat.tokenizer import get_tokenizer, RustBPETokenizer
-
-argparse.ArgumentParser(description="Compare the tokenizer's compression with GPT-2's and GPT-4's").parse_args()
 
 # -----------------------------------------------------------------------------
 # Sample texts (our own), one per kind of content
@@ -55,49 +54,56 @@ Electrons derived from NADH and FADH2 pass along the electron transport chain, a
 into the intermembrane space; the resulting electrochemical gradient drives ATP synthase, a rotary enzyme.
 """.strip()
 
-all_text = [("news", news_text), ("korean", korean_text), ("code", code_text), ("math", math_text), ("science", science_text)]
+SAMPLE_TEXTS = [("news", news_text), ("korean", korean_text), ("code", code_text), ("math", math_text), ("science", science_text)]
 
-# two samples from the pretraining data itself: the first row group of the first train shard and of the val shard
-dataset = get_dataset_name()
-for split in ("train", "val"):
-    path = get_split_files(split)[0]
-    sample = "\n".join(read_row_group_texts(open_parquet(path), 0, path))
-    if sample:
-        all_text.append((f"{dataset}-{split}", sample))
 
-# -----------------------------------------------------------------------------
-# Tokenizers: ours, and GPT-2 / GPT-4 for comparison when tiktoken can load them (it downloads them once)
+def main(argv=None):
+    argparse.ArgumentParser(description="Compare the tokenizer's compression with GPT-2's and GPT-4's").parse_args(argv)
+    all_text = list(SAMPLE_TEXTS)
 
-tokenizers = {"ours": get_tokenizer()}  # first: a missing tokenizer is the likelier error
-skipped = []
-for name, tiktoken_name in (("GPT-2", "gpt2"), ("GPT-4", "cl100k_base")):
-    try:
-        if is_offline():
-            raise RuntimeError("NANOCHAT_OFFLINE is set")
-        tokenizers[name] = RustBPETokenizer.from_pretrained(tiktoken_name)
-    except Exception:  # offline tiktoken cannot fetch the encodings
-        skipped.append(name)
-if skipped:
-    print0(f"Note: comparison with {' and '.join(skipped)} skipped (tiktoken could not load their encodings, "
-           f"probably offline); showing our tokenizer's own ratios.")
-print0("Vocab sizes: " + ", ".join(f"{name}: {tok.get_vocab_size()}" for name, tok in tokenizers.items()))
+    # two samples from the pretraining data itself: the first row group of the first train shard and of the val shard
+    dataset = get_dataset_name()
+    for split in ("train", "val"):
+        path = get_split_files(split)[0]
+        sample = "\n".join(read_row_group_texts(open_parquet(path), 0, path))
+        if sample:
+            all_text.append((f"{dataset}-{split}", sample))
 
-# -----------------------------------------------------------------------------
-# Compression: bytes per token of every tokenizer on every text, one table (console and markdown)
+    # Tokenizers: ours, and GPT-2 / GPT-4 for comparison when tiktoken can load them (it downloads them once)
 
-header = ["Text Type", "Bytes"] + [f"{name} {col}" for name in tokenizers for col in ("Tokens", "Ratio")]
-rows = []
-for text_name, text in all_text:
-    num_bytes = len(text.encode("utf-8"))
-    row = [text_name, str(num_bytes)]
-    for name, tok in tokenizers.items():
-        ids = tok.encode(text)
-        assert tok.decode(ids) == text, f"{name} does not round-trip the {text_name} text"
-        row += [str(len(ids)), f"{num_bytes / len(ids):.2f}"]
-    rows.append(row)
+    tokenizers = {"ours": get_tokenizer()}  # first: a missing tokenizer is the likelier error
+    skipped = []
+    for name, tiktoken_name in (("GPT-2", "gpt2"), ("GPT-4", "cl100k_base")):
+        try:
+            if is_offline():
+                raise RuntimeError("NANOCHAT_OFFLINE is set")
+            tokenizers[name] = RustBPETokenizer.from_pretrained(tiktoken_name)
+        except Exception:  # offline tiktoken cannot fetch the encodings
+            skipped.append(name)
+    if skipped:
+        print0(f"Note: comparison with {' and '.join(skipped)} skipped (tiktoken could not load their encodings, "
+               f"probably offline); showing our tokenizer's own ratios.")
+    print0("Vocab sizes: " + ", ".join(f"{name}: {tok.get_vocab_size()}" for name, tok in tokenizers.items()))
 
-widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-for r in [header] + rows:
-    print0("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
-markdown = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows) + "\n"
-get_report().log(section="Tokenizer evaluation", data=[markdown])
+    # Compression: bytes per token of every tokenizer on every text, one table (console and markdown)
+
+    header = ["Text Type", "Bytes"] + [f"{name} {col}" for name in tokenizers for col in ("Tokens", "Ratio")]
+    rows = []
+    for text_name, text in all_text:
+        num_bytes = len(text.encode("utf-8"))
+        row = [text_name, str(num_bytes)]
+        for name, tok in tokenizers.items():
+            ids = tok.encode(text)
+            assert tok.decode(ids) == text, f"{name} does not round-trip the {text_name} text"
+            row += [str(len(ids)), f"{num_bytes / len(ids):.2f}"]
+        rows.append(row)
+
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        print0("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    markdown = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows) + "\n"
+    get_report().log(section="Tokenizer evaluation", data=[markdown])
+
+
+if __name__ == "__main__":
+    run(main)

@@ -20,14 +20,16 @@ import random
 from pathlib import Path
 
 from nanochat.common import DownloadError, iter_jsonl
+from nanochat.errors import NanochatError
 from nanochat.hub import HubDataset, load_hub_dataset, hub_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA_DIR = REPO_ROOT / "data"  # our own small offline data (identity conversations)
 
 
-class TaskDataError(RuntimeError):
-    """A task's data is unavailable or malformed. The message says which file/row and what to do."""
+class TaskDataError(NanochatError, RuntimeError):
+    """A task's data is unavailable or malformed. The message says which file/row and what to do. (Also a
+    RuntimeError: the training scripts catch a data source that cannot be had as one.)"""
 
 
 # -----------------------------------------------------------------------------

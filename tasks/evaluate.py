@@ -6,7 +6,8 @@ Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, is_ddp_initialized, print0
+from nanochat.common import DownloadError, get_dist_info, is_ddp_initialized, print0
+from nanochat.errors import NanochatError
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -30,7 +31,7 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
 CHATCORE_VARIANTS = {"ChatCORE metric": ALL_TASKS, "ChatCORE-5 metric": [t for t in ALL_TASKS if t != "SpellingBee"]}
 
 
-class TaskUnavailable(RuntimeError):
+class TaskUnavailable(NanochatError):
     """The task's data could not be loaded (offline and not cached, or no local copy)."""
 
 # -----------------------------------------------------------------------------
@@ -97,9 +98,8 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
     """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
     try:
         task_object = TASK_BUILDERS[task_name]()
-    except (OSError, RuntimeError, SystemExit) as e:
-        # task loaders raise on an unreachable hub or a missing local copy; SystemExit is the project's clear-error
-        # style. The loader's own message says what is missing.
+    except (OSError, DownloadError, NanochatError) as e:
+        # an unreachable hub or a missing local copy (TaskDataError): the loader's message says what is missing
         raise TaskUnavailable(str(e).strip() or type(e).__name__) from e
     if task_object.eval_type == "generative":
         return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,

@@ -123,6 +123,7 @@ def ckpt_dir(base_dir, tag="d2"):
 
 # -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(train_dir):
     args = TINY + ["--num-iterations=6", "--save-every=3", "--eval-every=3"]
     full = run_train(train_dir, args)
@@ -155,6 +156,7 @@ def test_resume_is_bit_exact(train_dir):
     assert meta["world_size"] == 1 and meta["loop_state"]["history"]["val"][-1]["step"] == 6
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
     import shutil
     single_dir = tmp_path / "single"
@@ -191,6 +193,7 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --resume-from-step=4") and "2 process" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_zero(train_dir):
     proc = subprocess.Popen(base_train_cmd(TINY + ["--num-iterations=100000", "--eval-every=-1"]), cwd=REPO,
                             env=env_for(train_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -215,6 +218,7 @@ def test_sigterm_saves_checkpoint_and_exits_zero(train_dir):
     assert not (ckpt_dir(train_dir) / "summary.json").exists()  # a preempted run is not a finished run
 
 
+@pytest.mark.slow
 def test_divergence_never_saves_a_non_finite_checkpoint(train_dir):
     """A real divergence (every LR x1e12): the update of step 1 makes the weights non-finite while every logged loss
     is finite; no checkpoint with non-finite weights or optimizer state is written, and one line names the last good
@@ -242,6 +246,7 @@ def test_divergence_never_saves_a_non_finite_checkpoint(train_dir):
     assert not (d / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_keep_last_prunes_periodic_checkpoints(train_dir):
     proc = run_train(train_dir, TINY + ["--num-iterations=6", "--save-every=1", "--eval-every=-1", "--keep-last=2"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -251,6 +256,7 @@ def test_keep_last_prunes_periodic_checkpoints(train_dir):
     assert not any("000004" in n or "000001" in n for n in os.listdir(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "nan"])
 def test_unreadable_resume_checkpoint_is_one_clear_line(train_dir, damage):
     args = TINY + ["--num-iterations=4", "--save-every=2", "--eval-every=-1"]
@@ -269,6 +275,7 @@ def test_unreadable_resume_checkpoint_is_one_clear_line(train_dir, damage):
     assert "step 00004/" not in proc.stdout and "last good checkpoint" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_one_line_and_leaves_nothing(train_dir):
     """A file size limit makes every write past 64 KiB fail the way a full disk does (EFBIG instead of ENOSPC)."""
     import resource
@@ -363,14 +370,7 @@ def test_head_recipe_plan_matches_spec(depth, batch, wd, steps):
     assert abs(plan.batch_lr_scale - (batch / 2 ** 19) ** 0.5) < 1e-12
 
 
-def test_bench_train_smoke(capsys):
-    from dev.bench_train import main
-    result = main(["--device-type=cpu", "--depth=1", "--aspect-ratio=64", "--head-dim=32", "--max-seq-len=32",
-                   "--vocab-size=256", "--device-batch-size=1", "--steps=2", "--warmup-steps=0"])
-    assert result["tok_per_sec"] > 0 and result["mfu"] is None
-    assert "tok/sec:" in capsys.readouterr().out
-
-
+@pytest.mark.slow
 def test_compile_on_trains_like_eager(train_dir):
     # --compile=on compiles the model (fullgraph) and the optimizer math; the losses match eager's closely
     common = TINY + ["--num-iterations=3", "--eval-every=-1"]
@@ -385,6 +385,7 @@ def test_compile_on_trains_like_eager(train_dir):
         assert abs(float(eager_losses[step].split()[1]) - float(compiled_losses[step].split()[1])) < 1e-3
 
 
+@pytest.mark.slow
 def test_compile_auto_is_eager_for_a_short_cpu_run(train_dir):
     proc = run_train(train_dir, TINY + ["--num-iterations=2", "--eval-every=-1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -395,7 +396,7 @@ def test_core_failing_in_training_is_reported_with_its_type(monkeypatch, capsys)
     """Only the expected cause, no eval bundle to be had (offline), is skipped quietly; any other CORE failure is
     reported with its error type (never passed off as 'skipped'). Training goes on either way."""
     from scripts import base_train
-    from nanochat.core_eval import BundleError
+    from nanochat.eval_bundle import BundleError, BundleUnavailable
     args = base_train.build_parser().parse_args([])
     model = torch.nn.Linear(2, 2)
 
@@ -403,9 +404,12 @@ def test_core_failing_in_training_is_reported_with_its_type(monkeypatch, capsys)
         def evaluate_core(*args, **kwargs):
             raise error
         return evaluate_core
-    monkeypatch.setattr(base_train, "evaluate_core", raising(BundleError("CORE eval bundle not found (offline)")))
+    monkeypatch.setattr(base_train, "evaluate_core", raising(BundleUnavailable("CORE eval bundle not found (offline)")))
     assert base_train.evaluate_core_metric(model, None, "cpu", args, 7) is None
     assert capsys.readouterr().out == "Step 00007 | CORE metric skipped: CORE eval bundle not found (offline)\n"
+    monkeypatch.setattr(base_train, "evaluate_core", raising(BundleError("core.yaml: cannot read the task list")))
+    assert base_train.evaluate_core_metric(model, None, "cpu", args, 9) is None  # a broken bundle is not "skipped"
+    assert capsys.readouterr().out.startswith("Step 00009 | CORE metric failed (BundleError: core.yaml: cannot read")
     monkeypatch.setattr(base_train, "evaluate_core", raising(KeyError("centered_results")))
     assert base_train.evaluate_core_metric(model, None, "cpu", args, 8) is None
     out = capsys.readouterr().out

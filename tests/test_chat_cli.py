@@ -97,6 +97,14 @@ def test_missing_checkpoint_is_one_clear_line(base_dir, capsys):
     assert excinfo.value.code == 1 and message.startswith("error:") and "scripts.chat_sft" in message and "\n" not in message
 
 
+def test_one_shot_prompt_longer_than_the_context_is_an_error(base_dir, tiny_tokenizer, capsys):
+    from nanochat.errors import NanochatError
+    save_tiny_checkpoint(base_dir, tiny_tokenizer)  # context 256 tokens
+    with pytest.raises(NanochatError, match=r"^-p/--prompt is too long for the model's 256-token context"):
+        chat_cli.main(["--device-type", "cpu", "-p", "word " * 400])
+    assert "Assistant:" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("damage", ["nan", "garbage"])
 def test_unusable_checkpoint_is_one_line_and_no_reply(base_dir, tiny_tokenizer, damage):
     import torch

@@ -83,6 +83,7 @@ def test_a_step_samples_its_examples_together(rl_env):
             assert all(torch.equal(a, b) for a, b in zip(group[:3], alone[:3])) and group[3] == alone[3]
 
 
+@pytest.mark.slow
 def test_chat_rl_end_to_end(rl_env, capsys):
     from scripts import chat_rl
     result = chat_rl.main(["--device-type=cpu", "--num-steps=2", "--device-batch-size=2", "--num-samples=4",

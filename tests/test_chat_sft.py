@@ -176,6 +176,7 @@ def test_zero_supervised_micro_batch_gives_no_nan(tiny_tokenizer, tiny_model_fac
 # End to end
 
 
+@pytest.mark.slow
 def test_chat_sft_end_to_end_offline(chat_env, capsys):
     from scripts import chat_sft
     result = chat_sft.main(["--device-type=cpu", "--num-iterations=3", "--device-batch-size=2",

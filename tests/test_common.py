@@ -35,6 +35,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     """Steps that allocate and free the same 64 MiB buffers: glibc alone maps each afresh (16k page faults per

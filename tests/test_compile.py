@@ -34,6 +34,7 @@ def test_should_compile_decision(capsys):
         should_compile("cpu", "maybe", 1)
 
 
+@pytest.mark.slow
 def test_model_compiles_fullgraph_equal_to_eager_without_recompiles():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -70,6 +71,7 @@ def test_model_compiles_fullgraph_equal_to_eager_without_recompiles():
         flash_attention.set_backend_override(None)
 
 
+@pytest.mark.slow
 def test_a_fresh_process_compiles_without_resolving_the_backend_inside_the_graph(monkeypatch):
     """In a new process the attention backend is not chosen yet, and choosing it prints a line: GPT.init_weights
     must make that choice, or the first compiled forward would trace the print and break the full graph."""
@@ -98,6 +100,7 @@ print("compiler imported:", "torch._dynamo" in sys.modules, "| sympy imported:",
 """
 
 
+@pytest.mark.perf
 def test_an_eager_training_step_never_imports_the_compiler():
     """Importing torch._dynamo is ~2 s of an eager run's start-up, sympy ~0.7 s. Torch's default init on the meta
     device and the tracing guard on Optimizer.zero_grad / state_dict / load_state_dict / add_param_group imported

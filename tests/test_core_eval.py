@@ -339,7 +339,8 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
 
 
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
-    from nanochat.core_eval import BundleError, evaluate_core
+    from nanochat.core_eval import evaluate_core
+    from nanochat.eval_bundle import BundleError
     bundle = make_bundle(tmp_path / "b", small_tasks()[:3], bad_line=("schema_task", '{"context_options": ['))
     with pytest.raises(BundleError, match=r"schema_task\.jsonl:6: not valid JSON"):
         evaluate_core(BigramModel(), TOK, "cpu", bundle_dir=str(bundle))
@@ -386,7 +387,7 @@ def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
 
 
 def test_env_var_bundle_and_bad_bundle_dir(tmp_path, base_dir, monkeypatch):
-    from nanochat.core_eval import BundleError, resolve_bundle_dir
+    from nanochat.eval_bundle import BundleError, resolve_bundle_dir
     bundle = make_bundle(tmp_path / "b", small_tasks()[:1])
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
     assert resolve_bundle_dir() == str(bundle)
@@ -404,16 +405,16 @@ def _zip_bundle(bundle_dir):
 
 
 def test_zip_present_but_folder_deleted_is_reextracted(tmp_path, base_dir, monkeypatch):
-    from nanochat import core_eval as base_eval
+    from nanochat import eval_bundle
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "eval_bundle.zip").write_bytes(_zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:1])))
-    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/never-used")
-    assert base_eval.resolve_bundle_dir() == str(base_dir / "eval_bundle")
+    monkeypatch.setattr(eval_bundle, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/never-used")
+    assert eval_bundle.resolve_bundle_dir() == str(base_dir / "eval_bundle")
     assert (base_dir / "eval_bundle" / "eval_data" / "t" / "mc_task.jsonl").is_file()
 
 
 def test_bundle_download_from_local_server(tmp_path, base_dir, monkeypatch):
-    from nanochat import core_eval as base_eval
+    from nanochat import eval_bundle
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     payload = _zip_bundle(make_bundle(tmp_path / "b", small_tasks()[:2]))
 
@@ -430,12 +431,12 @@ def test_bundle_download_from_local_server(tmp_path, base_dir, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_port}/eval_bundle.zip")
-        path = base_eval.resolve_bundle_dir()
+        monkeypatch.setattr(eval_bundle, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_port}/eval_bundle.zip")
+        path = eval_bundle.resolve_bundle_dir()
     finally:
         server.shutdown()
     assert path == str(base_dir / "eval_bundle") and (base_dir / "eval_bundle" / "core.yaml").is_file()
-    tasks, skipped = base_eval.load_core_tasks(path)
+    tasks, skipped = core_eval.load_core_tasks(path)
     assert [t[0] for t in tasks] == ["mc_task", "schema_task"] and skipped == []
 
 
@@ -448,11 +449,11 @@ def _closed_port():
 
 
 def test_bundle_missing_offline_is_one_clear_error(base_dir, monkeypatch):
-    from nanochat import core_eval as base_eval
+    from nanochat import eval_bundle
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-    monkeypatch.setattr(base_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
-    with pytest.raises(base_eval.BundleError, match="--bundle-dir"):
-        base_eval.resolve_bundle_dir()
+    monkeypatch.setattr(eval_bundle, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
+    with pytest.raises(eval_bundle.BundleUnavailable, match="--bundle-dir"):
+        eval_bundle.resolve_bundle_dir()
     assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
 
 
@@ -504,7 +505,7 @@ def test_distributed_equals_single_process(tmp_path, base_dir):
 
 
 # -----------------------------------------------------------------------------
-# Command line: bad input gives one clear line and a non-zero exit
+# Command line: bad input is one typed error, which the command line prints as one clear line with exit status 1
 
 def run_cli(args, base_dir, extra_env=None):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
@@ -515,14 +516,15 @@ def run_cli(args, base_dir, extra_env=None):
 
 
 def test_cli_unknown_eval_mode(base_dir):
+    from nanochat.errors import NanochatError
     from scripts.base_eval import main  # noqa
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanochatError) as e:
         main(["--eval", "core,bogus"])
-    assert str(e.value).startswith("error: --eval='core,bogus': unknown mode(s) bogus")
+    assert str(e.value).startswith("--eval='core,bogus': unknown mode(s) bogus")
 
 
 def test_cli_no_checkpoint(base_dir):
-    from nanochat.common import NanochatError
+    from nanochat.errors import NanochatError
     from scripts.base_eval import main  # noqa
     with pytest.raises(NanochatError) as e:
         main(["--eval", "bpb"])
@@ -531,23 +533,24 @@ def test_cli_no_checkpoint(base_dir):
 
 def test_cli_bundle_missing_offline(base_dir, monkeypatch):
     # a (complete) checkpoint exists, so the bundle is the first problem found (before loading anything)
-    from nanochat import core_eval
+    from nanochat import eval_bundle
     from scripts import base_eval
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     (base_dir / "base_checkpoints" / "d2").mkdir(parents=True)
     (base_dir / "base_checkpoints" / "d2" / "model_000001.pt").write_bytes(b"")
     (base_dir / "base_checkpoints" / "d2" / "complete_000001.json").write_text("{}")
-    monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
-    with pytest.raises(SystemExit) as e:
+    monkeypatch.setattr(eval_bundle, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_closed_port()}/eval_bundle.zip")
+    with pytest.raises(eval_bundle.BundleUnavailable) as e:
         base_eval.main(["--eval", "core"])
     message = str(e.value)
-    assert message.startswith("error: CORE eval bundle not found") and "--bundle-dir" in message
+    assert message.startswith("CORE eval bundle not found") and "--bundle-dir" in message
     assert "\n" not in message
 
 
 def test_cli_corrupt_jsonl_before_model_work(tmp_path, base_dir):
     bundle = make_bundle(tmp_path / "b", small_tasks()[:1], bad_line=("mc_task", "not json"))
-    from nanochat.core_eval import BundleError, load_core_tasks, load_jsonl
+    from nanochat.core_eval import load_core_tasks, load_jsonl
+    from nanochat.eval_bundle import BundleError
     tasks, _ = load_core_tasks(str(bundle))
     with pytest.raises(BundleError, match=r"mc_task\.jsonl:8"):
         load_jsonl(tasks[0][2], "multiple_choice")
@@ -561,11 +564,12 @@ def test_fewer_items_than_shots_uses_what_there_is():
     assert evaluate_task(ConstantModel(), TOK, data, "cpu", meta) == 0.5
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_factory, request):
     """tokenizer + shards + a tiny GPT checkpoint -> python -m scripts.base_eval runs samples, bpb and CORE."""
     import dataclasses
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.dataset import build_from_dir
+    from nanochat.local_data import build_from_dir
     from nanochat.tokenizer import compute_token_bytes
     tokenizer = request.getfixturevalue("tiny_tokenizer")
     tokenizer.save(str(base_dir / "tokenizer"))

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from nanochat import dataset
+from nanochat.dataset import DataError
+from nanochat.local_data import write_shards
 from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_with_state,
                                  tokenizing_distributed_data_loader_bos_bestfit)
 
@@ -32,8 +34,8 @@ def local_data(base_dir, monkeypatch):
     """Shards of unique numbered documents in the 'local' dataset; returns a builder."""
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
     def build(n=600, seed=0, max_words=120):
-        return dataset.write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
-                                     shard_chars=n * max_words * 2)  # ~3 train shards
+        return write_shards(make_docs(n, seed, max_words), dataset.get_data_dir("local"), "local", "test",
+                            shard_chars=n * max_words * 2)  # ~3 train shards
     return build
 
 
@@ -148,13 +150,17 @@ def test_val_split_and_approximate_resume(local_data, tiny_tokenizer, capsys):
 
 
 def test_bad_input(local_data, base_dir, tiny_tokenizer, monkeypatch):
-    with pytest.raises(SystemExit, match="no parquet shards in .*--from-dir"):
+    with pytest.raises(DataError, match="no parquet shards in .*--from-dir"):
         next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu"))
     manifest = local_data(n=100)
+    gone = {"file": "shard_09999.parquet", "pq_idx": 0, "rg_idx": 0, "epoch": 1}  # a resume state naming a lost shard
+    with pytest.raises(DataError, match="^the dataloader state refers to shard shard_09999.parquet, which is no longer "
+                                        "in the train split; restore that file or start without resuming$"):
+        next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", resume_state_dict=gone))
     with open(os.path.join(dataset.get_data_dir(), manifest["train"][0]), "r+b") as f:
         f.seek(-20, os.SEEK_END)
         f.write(b"\0" * 20)  # destroy the footer
-    with pytest.raises(SystemExit, match=f"cannot read parquet file .*{manifest['train'][0]}"):
+    with pytest.raises(DataError, match=f"cannot read parquet file .*{manifest['train'][0]}"):
         next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu"))
 
 
@@ -180,6 +186,7 @@ def _ddp_worker(rank, world_size, port, base_dir, result_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ranks_see_disjoint_data(local_data, base_dir, tiny_tokenizer, tmp_path):
     local_data()
     tiny_tokenizer.save(os.path.join(base_dir, "tokenizer"))

@@ -1,6 +1,7 @@
 """
 Pretraining shards: the downloader against a flaky local HTTP server (500s, truncated bodies, garbage),
-offline failure, pinned val shard, --from-dir, the offline demo corpus (dev/offline_corpus.py), and bad input.
+offline failure, pinned val shard, --from-dir (nanochat/local_data.py), the offline demo corpus
+(scripts/offline_corpus.py), and bad input.
 No network.
 """
 
@@ -19,8 +20,9 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat import dataset
-from dev import offline_corpus
+from nanochat import dataset, local_data
+from nanochat.dataset import DataError
+from scripts import offline_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,11 +137,11 @@ def test_offline_fails_fast(base_dir, monkeypatch):
     real_urlopen = nanochat.common.urllib.request.urlopen
     monkeypatch.setattr(nanochat.common.urllib.request, "urlopen", lambda *a, **k: attempts.append(1) or real_urlopen(*a, **k))
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(DataError) as exc:
         dataset.main(["-n", "2"])
     assert len(attempts) <= 2 and sum(sleeps) <= 2, "an unreachable host is given up after two quick tries"
     message = str(exc.value)
-    assert message.startswith("error:") and "--from-dir" in message and "\n" not in message
+    assert message.startswith("could not download") and "--from-dir" in message and "\n" not in message
     assert not [n for n in os.listdir(base_dir / "base_data_climbmix") if n.endswith(".parquet")]
 
 
@@ -148,28 +150,31 @@ def test_cli_offline_exit_code(base_dir):
     result = run_module("nanochat.dataset", "-n", "2", env=env, timeout=120)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "--from-dir" in last
+    assert result.returncode == 1 and last.startswith("error: could not download") and "--from-dir" in last
+    assert "Traceback" not in result.stderr
 
 
 def test_failed_shard_exit(base_dir, monkeypatch):
     with FlakyServer(failures=(), always_fail={"shard_00000.parquet"}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        with pytest.raises(SystemExit, match="1 shards failed to download; run the same command again"):
+        with pytest.raises(DataError, match="1 shards failed to download; run the same command again"):
             dataset.main(["-n", "2", "--dataset", "fineweb-edu", "--retries", "2"])
     assert sorted(os.listdir(base_dir / "base_data")) == ["shard_00001.parquet", "shard_01822.parquet"]
 
 
 def test_unknown_dataset_and_empty_dir(base_dir, monkeypatch):
     result = run_module("nanochat.dataset", "--dataset", "nope", env={"NANOCHAT_BASE_DIR": str(base_dir)})
-    assert result.returncode != 0 and "unknown dataset 'nope'" in result.stderr
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: unknown dataset 'nope' (from --dataset or NANOCHAT_DATASET); choose one of: "
+        "climbmix, fineweb-edu, offline, local")
     monkeypatch.setenv("NANOCHAT_DATASET", "nope")
-    with pytest.raises(SystemExit, match="unknown dataset"):
+    with pytest.raises(DataError, match="unknown dataset"):
         dataset.get_data_dir()
     monkeypatch.setenv("NANOCHAT_DATASET", "climbmix")
-    with pytest.raises(SystemExit, match="no parquet shards in .*nanochat.dataset -n 8"):
+    with pytest.raises(DataError, match="no parquet shards in .*nanochat.dataset -n 8"):
         dataset.get_split_files("train")
     monkeypatch.setenv("NANOCHAT_DATASET", "offline")
-    with pytest.raises(SystemExit, match="python -m dev.offline_corpus"):
+    with pytest.raises(DataError, match="python -m scripts.offline_corpus"):
         dataset.get_split_files("val")
 
 
@@ -179,7 +184,7 @@ def test_corrupt_parquet_is_one_clear_line(base_dir, monkeypatch):
     (data_dir / "shard_00000.parquet").write_bytes(b"PAR1 this is not really parquet")
     (data_dir / "shard_06542.parquet").write_bytes(parquet_bytes(["val doc"]))
     monkeypatch.setenv("NANOCHAT_DATASET", "climbmix")
-    with pytest.raises(SystemExit, match="cannot read parquet file .*shard_00000.parquet"):
+    with pytest.raises(DataError, match="cannot read parquet file .*shard_00000.parquet"):
         list(dataset.parquets_iter_batched("train"))
     assert list(dataset.parquets_iter_batched("val")) == [["val doc"]]
 
@@ -209,19 +214,19 @@ def test_from_dir(base_dir, tmp_path, capsys):
 
 
 def test_from_dir_bad_input(base_dir, tmp_path):
-    with pytest.raises(SystemExit, match="is not a directory"):
+    with pytest.raises(DataError, match="is not a directory"):
         dataset.main(["--from-dir", str(tmp_path / "missing")])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="no .txt, .md, .jsonl or .parquet files"):
+    with pytest.raises(DataError, match="no .txt, .md, .jsonl or .parquet files"):
         dataset.main(["--from-dir", str(empty)])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    with pytest.raises(SystemExit, match="x.jsonl:2: not valid JSON .*; fix or remove that line"):
+    with pytest.raises(DataError, match="x.jsonl:2: not valid JSON .*; fix or remove that line"):
         dataset.main(["--from-dir", str(bad)])
     (bad / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(SystemExit, match="x.jsonl:2 has no string 'text' field"):
+    with pytest.raises(DataError, match="x.jsonl:2 has no string 'text' field"):
         dataset.main(["--from-dir", str(bad)])
     assert not (base_dir / "base_data_local").exists(), "nothing written half-way"
 
@@ -233,7 +238,7 @@ def test_from_dir_skips_binary_files_with_a_count(base_dir, tmp_path, capsys):
     (src / "other.md").write_text("Another real document, about clouds.")
     (src / "random.txt").write_bytes(bytes(range(256)) * 40)  # not UTF-8
     (src / "nul.txt").write_bytes(b"ELF\x00\x00\x01 binary with NUL bytes but valid UTF-8")
-    manifest = dataset.build_from_dir(str(src))
+    manifest = local_data.build_from_dir(str(src))
     assert manifest["num_documents"] == 2
     assert "Skipped 2 files that are not UTF-8 text" in capsys.readouterr().out
 
@@ -249,8 +254,8 @@ def test_from_dir_skips_what_is_not_a_regular_file_and_caps_file_size(base_dir, 
     (src / "link.md").symlink_to(src / "other.md")  # a link to a regular file is read
     (src / "huge.txt").write_text("x" * 2000)
     (src / "huge.parquet").write_bytes(parquet_bytes(["y" * 2000]))
-    monkeypatch.setattr(dataset, "MAX_FILE_BYTES", 1000)
-    manifest = dataset.build_from_dir(str(src))
+    monkeypatch.setattr(local_data, "MAX_FILE_BYTES", 1000)
+    manifest = local_data.build_from_dir(str(src))
     assert manifest["num_documents"] == 2  # real.txt, other.md (link.md is the same text)
     out = capsys.readouterr().out
     assert "Skipped 3 files that are not regular files (broken links, pipes, devices): dangling.txt, pipe.txt, zeros.txt" in out
@@ -260,11 +265,11 @@ def test_from_dir_skips_what_is_not_a_regular_file_and_caps_file_size(base_dir, 
 def test_from_dir_reads_at_most_the_cap_of_a_growing_file(tmp_path, monkeypatch):
     path = tmp_path / "growing.txt"
     path.write_text("x" * 100)
-    monkeypatch.setattr(dataset, "MAX_FILE_BYTES", 1000)
-    monkeypatch.setattr(dataset.os.path, "getsize", lambda p: 10)  # it was small when its size was checked
+    monkeypatch.setattr(local_data, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(local_data.os.path, "getsize", lambda p: 10)  # it was small when its size was checked
     path.write_text("x" * 5000)
-    with pytest.raises(dataset.SkippedFile, match="larger than"):
-        dataset.read_user_file(str(path))
+    with pytest.raises(local_data.SkippedFile, match="larger than"):
+        local_data.read_user_file(str(path))
 
 
 def test_full_disk_during_from_dir_is_one_line_and_leaves_nothing(base_dir, tmp_path, monkeypatch):
@@ -272,7 +277,7 @@ def test_full_disk_during_from_dir_is_one_line_and_leaves_nothing(base_dir, tmp_
     src.mkdir()
     for i in range(40):
         (src / f"{i}.txt").write_text(f"Document number {i} about the weather. " * 5)
-    dataset.build_from_dir(str(src), shard_chars=1000)  # the previous build, which must survive
+    local_data.build_from_dir(str(src), shard_chars=1000)  # the previous build, which must survive
     data_dir = base_dir / "base_data_local"
     before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
     write_table, written = pq.write_table, []
@@ -283,12 +288,12 @@ def test_full_disk_during_from_dir_is_one_line_and_leaves_nothing(base_dir, tmp_
             raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
         written.append(where)
         write_table(table, where, **kwargs)
-    monkeypatch.setattr(dataset.pq, "write_table", write_until_full)
+    monkeypatch.setattr(local_data.pq, "write_table", write_until_full)
     (src / "new.txt").write_text("A new document.")
-    with pytest.raises(SystemExit) as excinfo:
-        dataset.build_from_dir(str(src), shard_chars=1000)
-    message = str(excinfo.value.code)
-    assert message.startswith("error:") and "\n" not in message and "No space left on device" in message, message
+    with pytest.raises(DataError) as excinfo:
+        local_data.build_from_dir(str(src), shard_chars=1000)
+    message = str(excinfo.value)
+    assert message.startswith("could not write the shards under") and "\n" not in message and "No space left on device" in message, message
     assert sorted(os.listdir(base_dir)) == ["base_data_local"]  # no base_data_local.tmp-<pid> left behind
     assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
 
@@ -318,7 +323,7 @@ def test_split_long_document_matches_the_reference():
     for _ in range(3000):
         text = "".join(rng.choice(parts) for _ in range(rng.randrange(0, 120)))
         max_chars = rng.randrange(1, 40)
-        assert dataset.split_long_document(text, max_chars) == split_reference(text, max_chars), (text, max_chars)
+        assert local_data.split_long_document(text, max_chars) == split_reference(text, max_chars), (text, max_chars)
 
 
 class CountingStr(str):
@@ -341,11 +346,11 @@ def test_split_long_document_copies_each_character_a_bounded_number_of_times(mon
     """A single 200k-char line cut into 2000 pieces: linear work copies ~200k chars; re-slicing the rest of the
     line for every piece (the old way) copied ~200M."""
     split = re.split
-    monkeypatch.setattr(dataset, "re", type("re", (), {"split": staticmethod(
+    monkeypatch.setattr(local_data, "re", type("re", (), {"split": staticmethod(
         lambda pattern, text: [CountingStr(p) for p in split(pattern, text)])}))
     text = "0123456789" * 20_000
     CountingStr.copied = 0
-    pieces = dataset.split_long_document(text, 100)
+    pieces = local_data.split_long_document(text, 100)
     assert "".join(pieces) == text and len(pieces) == 2000
     assert CountingStr.copied <= 3 * len(text), CountingStr.copied
 
@@ -362,9 +367,9 @@ def test_null_texts_in_a_shard_are_skipped(base_dir, monkeypatch, tmp_path):
     src = tmp_path / "user"
     src.mkdir()
     pq.write_table(pa.Table.from_pydict({"text": ["user doc one", None, "user doc two"]}), src / "u.parquet")
-    assert dataset.build_from_dir(str(src))["num_documents"] == 2
+    assert local_data.build_from_dir(str(src))["num_documents"] == 2
     pq.write_table(pa.Table.from_pydict({"text": [1, 2]}), data_dir / "shard_00000.parquet")
-    with pytest.raises(SystemExit, match="'text' column of parquet file .* holds int64, not strings"):
+    with pytest.raises(DataError, match="'text' column of parquet file .* holds int64, not strings"):
         list(dataset.parquets_iter_batched("train"))
 
 

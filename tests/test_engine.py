@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanochat import flash_attention as fa
+from nanochat.errors import NanochatError
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from conftest import make_tiny_model
 
@@ -418,7 +419,6 @@ def test_engine_sampling_on_real_model_is_seeded():
 def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkeypatch, capsys):
     """`python -m nanochat.engine`: loads the latest base checkpoint and checks engine == naive generation."""
     import dataclasses
-    import sys
     from nanochat import engine as engine_module
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.tokenizer import get_tokenizer_dir
@@ -426,11 +426,20 @@ def test_module_self_test_on_a_saved_checkpoint(base_dir, tiny_tokenizer, monkey
     model = tiny_gpt(vocab=tiny_tokenizer.get_vocab_size())
     save_checkpoint(str(base_dir / "base_checkpoints" / "d3"), 7, model.state_dict(), None,
                     {"step": 7, "model_config": dataclasses.asdict(model.config)})
-    monkeypatch.setattr(sys, "argv", ["engine", "--device-type", "cpu", "--max-tokens", "20"])
-    engine_module.main()
+    engine_module.main(["--device-type", "cpu", "--max-tokens", "20"])
     out = capsys.readouterr().out
-    assert "Match: the engine reproduces naive greedy generation" in out
+    assert "Match: the engine reproduces naive greedy generation (20 tokens)" in out
+    # an engine that strays from naive generation is a typed error naming the first differing token
+    generate_batch = Engine.generate_batch
+    def off_by_one(self, tokens, **kwargs):
+        results, masks = generate_batch(self, tokens, **kwargs)
+        first = len(tokens)  # the first generated token, changed to another byte
+        results[0][first] = (results[0][first] + 1) % 256
+        return results, masks
+    monkeypatch.setattr(Engine, "generate_batch", off_by_one)
+    with pytest.raises(NanochatError, match="^mismatch at generated token 0: naive "):
+        engine_module.main(["--device-type", "cpu", "--max-tokens", "20"])
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir / "empty"))
     from nanochat.checkpoint_manager import CheckpointError
     with pytest.raises(CheckpointError, match="^no base checkpoint found"):
-        engine_module.main()
+        engine_module.main(["--device-type", "cpu"])

@@ -3,13 +3,13 @@ Flags of every entry point: each numeric flag rejects NaN, inf, negative and out
 `error:` line and exit code 2, the sentinels the flags document (-1 = off/auto/all) still parse, and every numeric
 flag is typed by the shared common.int_in/float_in (none is a bare int or float). Parse-only and in-process: each
 entry point runs until its parse_args returns, which the tests turn into an exception, so nothing trains, loads a
-model or downloads. Also: a NANOCHAT_BASE_DIR that cannot be created is one error line, not a traceback.
+model or downloads. Also: a NANOCHAT_BASE_DIR that cannot be created is one error line, not a traceback, and
+the Hugging Face module imports without its optional dependencies and says what to install when used.
 """
 
 import argparse
 import importlib
 import os
-import runpy
 import subprocess
 import sys
 
@@ -28,21 +28,6 @@ class Parsed(Exception):
 
 def call_main(module):
     return lambda argv: importlib.import_module(module).main(argv)
-
-
-def with_sys_argv(module, run_module):
-    """Entry points that read sys.argv: tok_train and tok_eval parse at import time, engine's main takes no argv."""
-    def run(argv):
-        old_argv = sys.argv
-        sys.argv = [module, *argv]
-        try:
-            if run_module:
-                runpy.run_module(module, run_name="__main__", alter_sys=False)
-            else:
-                importlib.import_module(module).main()
-        finally:
-            sys.argv = old_argv
-    return run
 
 
 # Every entry point: (name, how to run it, argv it needs anyway, {numeric flag: bad values besides nan, +-inf, -5}).
@@ -84,16 +69,16 @@ ENTRY_POINTS = [
     ("scripts.export_hf", call_main("scripts.export_hf"), [], {"--step": "-1"}),
     ("scripts.infer_bench", call_main("scripts.infer_bench"), [], {
         "--step": "-1", "--prompt-tokens": "0", "--decode-tokens": "1", "--temperature": "-1"}),
-    ("scripts.tok_train", with_sys_argv("scripts.tok_train", run_module=True), [], {
+    ("scripts.tok_train", call_main("scripts.tok_train"), [], {
         "--max-chars": "0", "--doc-cap": "0", "--vocab-size": "0 264"}),
-    ("scripts.tok_eval", with_sys_argv("scripts.tok_eval", run_module=True), [], {}),
+    ("scripts.tok_eval", call_main("scripts.tok_eval"), [], {}),
     ("nanochat.dataset", call_main("nanochat.dataset"), [], {
         "--num-files": "-2", "--num-workers": "0", "--retries": "0", "--max-doc-chars": "0"}),
     ("nanochat.report", call_main("nanochat.report"), [], {}),
-    ("nanochat.engine", with_sys_argv("nanochat.engine", run_module=False), [], {"--step": "-1", "--max-tokens": "0"}),
-    ("dev.offline_corpus", call_main("dev.offline_corpus"), [], {
+    ("nanochat.engine", call_main("nanochat.engine"), [], {"--step": "-1", "--max-tokens": "0"}),
+    ("scripts.offline_corpus", call_main("scripts.offline_corpus"), [], {
         "--max-chars": "0", "--max-doc-chars": "0", "--num-workers": "0"}),
-]  # not dev/sweep_results.py: the sweeps call it twice per run and it stays free of torch (nanochat.common imports it)
+]  # not scripts/sweep_results.py: the sweeps call it twice per run and it stays free of torch (nanochat.common imports it)
 ENTRY = {name: (run, argv) for name, run, argv, _ in ENTRY_POINTS}
 BAD_VALUES = [(name, flag, ["nan", "inf", "-inf", "-5", *extra.split()])
               for name, _, _, flags in ENTRY_POINTS for flag, extra in flags.items()]
@@ -111,8 +96,6 @@ def stop_after_parsing(monkeypatch, tmp_path):
 
 
 def entry(name):
-    if name == "scripts.export_hf":
-        pytest.importorskip("transformers")  # export_hf stops at import without the optional hf dependencies
     return ENTRY[name]
 
 
@@ -125,17 +108,12 @@ def parse(name, *flags):
 
 
 def refused(name, flag, value, capsys):
-    """stderr of the entry point refusing flag=value with argparse's exit code 2."""
+    """stderr of the entry point refusing flag=value with argparse's exit code 2 (accepting it raises Parsed)."""
     run, argv = entry(name)
-    try:
+    with pytest.raises(SystemExit) as excinfo:
         run([*argv, f"{flag}={value}"])
-    except Parsed:
-        pytest.fail(f"{name} accepted {flag}={value}")
-    except SystemExit as e:
-        err = capsys.readouterr().err
-        assert e.code == 2, f"{name} {flag}={value}: exit code {e.code!r}"
-        return err
-    pytest.fail(f"{name} returned on {flag}={value}")
+    assert excinfo.value.code == 2, f"{name} {flag}={value}: exit code {excinfo.value.code!r}"
+    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,flag,values", BAD_VALUES, ids=[f"{n}:{f}" for n, f, _ in BAD_VALUES])
@@ -221,3 +199,21 @@ def test_entry_point_with_uncreatable_base_dir_exits_with_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: cannot create the base dir {tmp_path}/file/base "
                                                 "(NANOCHAT_BASE_DIR): Not a directory"]
+
+# -----------------------------------------------------------------------------
+# Optional dependencies: missing ones are an error where they are used, never at import (export_hf parses its flags)
+
+
+def test_without_the_optional_dependencies_the_module_imports_and_says_what_to_install(monkeypatch):
+    import importlib
+    import nanochat
+    import nanochat.hf  # imported as usual first, so that the copy below is dropped again afterwards
+    from nanochat.errors import NanochatError
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    monkeypatch.delitem(sys.modules, "nanochat.hf")
+    monkeypatch.setattr(nanochat, "hf", None)
+    hf = importlib.import_module("nanochat.hf")
+    for call in (lambda: hf.export_hf(None, None, "unused"), lambda: hf.load_hf_model("unused", "cpu")):
+        with pytest.raises(NanochatError, match=r"^Hugging Face interop needs the optional dependencies: "
+                                                r"pip install -e \.\[hf\]$"):
+            call()

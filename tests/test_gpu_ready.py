@@ -115,7 +115,7 @@ def test_search_steps_down_past_out_of_memory(monkeypatch, capsys):
 
 def test_search_fails_with_one_line_when_nothing_fits(monkeypatch):
     simulate_out_of_memory(monkeypatch, lambda size, done: True)
-    with pytest.raises(SystemExit, match=r"^error: --device-batch-size=auto: even 1 sequence of 16 tokens"):
+    with pytest.raises(common.NanochatError, match=r"^--device-batch-size=auto: even 1 sequence of 16 tokens"):
         auto_batch.search_device_batch_size(TINY_CONFIG, torch.device("cpu"), 16, [2, 1])
 
 
@@ -137,6 +137,7 @@ def test_auto_on_cpu_picks_by_available_ram(monkeypatch, capsys):
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_base_train_auto_keeps_the_planned_total_batch_and_reports_mfu(train_dir):
     """auto on CPU (plenty of RAM for d2): 4 sequences of 64 per micro-step make the planned 256 tokens in one
     micro-step; the checkpoint records the size used. NANOCHAT_PEAK_FLOPS gives an MFU on CPU too."""
@@ -197,7 +198,7 @@ def test_peak_flops_override(monkeypatch, capsys):
     assert capsys.readouterr().out.count("(from NANOCHAT_PEAK_FLOPS)") == 2
     for bad in ("fast", "0", "-1e12", "inf"):
         monkeypatch.setenv("NANOCHAT_PEAK_FLOPS", bad)
-        with pytest.raises(SystemExit, match=rf"^error: NANOCHAT_PEAK_FLOPS='{bad}' must be a positive number"):
+        with pytest.raises(common.NanochatError, match=rf"^NANOCHAT_PEAK_FLOPS='{bad}' must be a positive number"):
             common.get_peak_flops("cpu")
 
 # -----------------------------------------------------------------------------
@@ -240,6 +241,7 @@ def test_both_loss_kernels_give_one_loss_and_one_gradient(monkeypatch, reduction
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)  # backout_lambda: ~1e-6 itself
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["cross_entropy", "fused"])
 def test_each_loss_kernel_compiles_full_graph_like_eager(monkeypatch, kernel):
     """cross_entropy (what CUDA runs by default): the checkpointed F.cross_entropy chunks inside the full-graph compiled
@@ -268,6 +270,7 @@ def test_each_loss_kernel_compiles_full_graph_like_eager(monkeypatch, kernel):
 # -----------------------------------------------------------------------------
 # 6. The prepared GPU check
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_prints_one_table():
     out = subprocess.run([sys.executable, "-m", "dev.gpu_check", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1"), timeout=600)

@@ -11,6 +11,7 @@ import socket
 import shutil
 import subprocess
 
+import pytest
 import torch
 
 from test_base_train import TINY, REPO, env_for, step_losses, val_bpbs, ckpt_dir, template_dir, train_dir  # noqa: F401
@@ -19,6 +20,7 @@ from test_base_train import TINY, REPO, env_for, step_losses, val_bpbs, ckpt_dir
 ARGS = [a for a in TINY if not a.startswith("--device-batch-size")] + [
     "--device-type=cpu", "--device-batch-size=auto", "--num-iterations=4", "--save-every=2", "--eval-every=2"]
 TIMEOUT = 600  # a busy 2-core machine starts four Python processes per run
+pytestmark = pytest.mark.slow  # subprocess trainings under torchrun
 
 
 def free_port():

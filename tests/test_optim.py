@@ -212,6 +212,7 @@ def test_deterministic_and_state_dict_resume(tmp_path):
         assert torch.equal(p, r)  # bit-exact
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_and_schedule_never_recompiles():
     """The compiled update functions equal the eager ones while lr/momentum/betas/weight decay change every step,
     and after the first step (one graph per shape) a changing schedule triggers no recompilation."""
@@ -268,6 +269,7 @@ def _two_rank_worker(rank, world, init_file, out_dir, compile):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True])
 def test_two_process_gloo_matches_single_process(tmp_path, compile):
     """Sharded (2 ranks) == single process with averaged grads; compiled ranks against the eager single process."""

@@ -1,5 +1,5 @@
 """
-Sweep workflows: dev/sweep_results.py (CSV rows from summary.json, skip-if-done, table, plots) with fake summaries,
+Sweep workflows: scripts/sweep_results.py (CSV rows from summary.json, skip-if-done, table, plots) with fake summaries,
 and runs/miniseries.sh + runs/scaling_laws.sh end to end in a tiny CPU configuration (2 depths, a few steps).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SWEEP = REPO_ROOT / "dev" / "sweep_results.py"
+SWEEP = REPO_ROOT / "scripts" / "sweep_results.py"
 
 
 def _load_sweep_module():
@@ -30,28 +30,36 @@ sweep_results = _load_sweep_module()
 
 
 def run_sweep_tool(*args, check=True):
-    """Run dev/sweep_results.py in-process (like its CLI: exit code, stdout, stderr), much faster than a subprocess."""
+    """Run scripts/sweep_results.py in-process (like its CLI: exit code, stdout, stderr), much faster than a subprocess."""
     import contextlib
     import io
     import types
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = sweep_results.main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-            if not isinstance(e.code, int):
-                err.write(str(e.code) + "\n")
+        code = sweep_results.main([str(a) for a in args])
     proc = types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"sweep_results {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def test_cli_runs_as_a_script(tmp_path):
-    proc = subprocess.run([sys.executable, str(SWEEP), "done", "--kind", "miniseries", "--csv",
-                           str(tmp_path / "none.csv"), "--depth", "3"], capture_output=True, text=True)
+def test_cli_runs_as_the_sweeps_call_it(tmp_path):
+    def run(csv):
+        return subprocess.run([sys.executable, "-m", "scripts.sweep_results", "done", "--kind", "miniseries", "--csv",
+                               str(csv), "--depth", "3"], cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = run(tmp_path / "none.csv")
     assert proc.returncode == 1 and proc.stderr == ""  # not done yet: exit 1, silently
+    (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
+    proc = run(tmp_path / "foreign.csv")  # bad input: one error line, exit 1
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.perf
+def test_the_tool_never_imports_torch():
+    """The sweeps call it twice per training run: importing torch would cost seconds each time."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, scripts.sweep_results; print('torch' in sys.modules)"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
 
 
 def fake_summary(path, depth, val_bpb, core=0.1, flops=1e15):
@@ -172,7 +180,7 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
 
 # -----------------------------------------------------------------------------
 # The shell scripts' own logic (arguments, skipping, CSV, table, plot) with a stand-in base_train, in a copy of
-# the repo's runs/ and dev/ so the real scripts/ is untouched. Fast: no training.
+# the repo's runs/ and scripts/sweep_results.py, so the real scripts/ is untouched. Fast: no training.
 
 STUB_BASE_TRAIN = r'''
 import argparse, json, os, sys
@@ -209,9 +217,8 @@ def stub_repo(tmp_path):
     import shutil
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT / "runs", repo / "runs")
-    (repo / "dev").mkdir()
-    shutil.copy(SWEEP, repo / "dev" / "sweep_results.py")
     (repo / "scripts").mkdir()
+    shutil.copy(SWEEP, repo / "scripts" / "sweep_results.py")
     (repo / "scripts" / "__init__.py").write_text("")
     (repo / "scripts" / "base_train.py").write_text(STUB_BASE_TRAIN)
     return repo
@@ -230,6 +237,7 @@ def calls(base):
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_miniseries_script_logic_with_stub_training(stub_repo, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -260,6 +268,7 @@ def test_miniseries_script_logic_with_stub_training(stub_repo, tmp_path):
     assert len(read_csv(results / "results.csv")) == 3 and calls(base)[-1]["tag"] == "stub_miniseries_d13"
 
 
+@pytest.mark.slow
 def test_scaling_laws_script_logic_with_stub_training(stub_repo, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -295,7 +304,7 @@ TINY_TRAIN_ARGS = ("--aspect-ratio=32 --head-dim=32 --max-seq-len=64 --window-pa
 def tiny_base(tmp_path_factory):
     """A base dir with local shards built from a small English corpus and a 512-token tokenizer trained on them."""
     from conftest import tiny_corpus
-    from nanochat.dataset import write_shards
+    from nanochat.local_data import write_shards
     base = tmp_path_factory.mktemp("sweep_base")
     write_shards(tiny_corpus(), str(base / "base_data_local"), "local", "tests/conftest.py tiny_corpus")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1")
@@ -313,6 +322,7 @@ def run_real(script, base, env_extra, args=()):
                           env=env, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_miniseries_end_to_end_on_cpu(tiny_base):
     env = {"DEPTHS": "1 2", "EXTRA_ARGS": TINY_TRAIN_ARGS + " --num-iterations=4"}
     proc = run_real("miniseries.sh", tiny_base, env, ["cpu"])
@@ -337,6 +347,7 @@ def test_miniseries_end_to_end_on_cpu(tiny_base):
     assert "Training d=" not in again.stdout and len(read_csv(results / "results.csv")) == 2
 
 
+@pytest.mark.slow
 def test_scaling_laws_end_to_end_on_cpu(tiny_base):
     # 4e8 FLOPs buys a few steps of 128 tokens for these tiny models; the horizon comes from the budget alone
     env = {"LABEL": "cpu", "FLOPS_BUDGETS": "4e8", "DEPTHS": "1 2", "EVAL_TOKENS": "256",
@@ -410,4 +421,4 @@ def test_run_scripts_use_flags_the_stage_scripts_define(script):
                       "scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
                       "scripts.chat_cli"):
             assert stage in modules, f"runcpu.sh does not run {stage}"
-        assert "dev.offline_corpus" in text and "set -euo pipefail" in text
+        assert "scripts.offline_corpus" in text and "set -euo pipefail" in text

@@ -4,12 +4,14 @@ and the tok_train / tok_eval scripts end to end on locally built shards. No netw
 """
 
 import os
+import re
 import sys
 import runpy
 
 import pytest
 import torch
 
+from nanochat.errors import NanochatError
 from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, compute_token_bytes, get_tokenizer,
                                 get_token_bytes)
 
@@ -76,9 +78,9 @@ def test_token_bytes_are_raw_bytes(tok):
 
 
 def test_save_load_and_missing(tok, base_dir):
-    with pytest.raises(SystemExit, match="tok_train"):
+    with pytest.raises(NanochatError, match="^no tokenizer at .*; train a tokenizer first with: python -m scripts.tok_train$"):
         get_tokenizer()
-    with pytest.raises(SystemExit, match="tok_train"):
+    with pytest.raises(NanochatError, match="^no token bytes at .*; train a tokenizer first with: python -m scripts.tok_train$"):
         get_token_bytes()
     tok.save(os.path.join(base_dir, "tokenizer"))
     loaded = get_tokenizer()
@@ -158,9 +160,11 @@ def run_script(module, *args):
 
 def test_tok_train_and_tok_eval_scripts(base_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
-    # bad input first: no shards / bad vocab size / no tokenizer -> one clear line (SystemExit), nothing written
-    with pytest.raises(SystemExit, match="no parquet shards in .*--from-dir"):
+    # bad input first: no shards / bad vocab size / no tokenizer -> one clear line, nothing written
+    with pytest.raises(SystemExit) as excinfo:
         run_script("scripts.tok_train", "--vocab-size=300")
+    assert excinfo.value.code == 1
+    assert re.fullmatch(r"error: no parquet shards in .*--from-dir.*\n", capsys.readouterr().err)
     with pytest.raises(SystemExit):
         run_script("scripts.tok_train", "--vocab-size=100")
     assert "--vocab-size: must be an integer in [265, inf), got 100" in capsys.readouterr().err
@@ -169,10 +173,13 @@ def test_tok_train_and_tok_eval_scripts(base_dir, tmp_path, monkeypatch, capsys)
     src.mkdir()
     for i in range(40):
         (src / f"doc{i:02d}.txt").write_text(f"Document number {i}. " + " ".join(CORPUS[i % 4] for _ in range(3)))
-    from nanochat.dataset import build_from_dir
+    from nanochat.local_data import build_from_dir
     build_from_dir(str(src))
-    with pytest.raises(SystemExit, match="tok_train"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
         run_script("scripts.tok_eval")
+    assert excinfo.value.code == 1
+    assert re.fullmatch(r"error: no tokenizer at .*python -m scripts.tok_train\n", capsys.readouterr().err)
     assert not (base_dir / "tokenizer").exists()
     capsys.readouterr()
     run_script("scripts.tok_train", "--vocab-size=400", "--max-chars=100000", "--doc-cap=500")

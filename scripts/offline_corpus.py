@@ -3,7 +3,7 @@ The offline demo corpus: real English every machine with our dependencies alread
 and bundled docs of the installed Python standard library and packages), written as the pretraining dataset
 'offline' so the whole pipeline (runs/runcpu.sh) can run with no network. A demo tool, not part of the library.
 
-    python -m dev.offline_corpus          # then: export NANOCHAT_DATASET=offline
+    python -m scripts.offline_corpus          # then: export NANOCHAT_DATASET=offline
 """
 
 import os
@@ -18,8 +18,10 @@ import argparse
 import sysconfig
 import concurrent.futures
 
+from nanochat.cli import run
 from nanochat.common import int_in
-from nanochat.dataset import get_data_dir, split_long_document, write_shards, MANIFEST
+from nanochat.dataset import get_data_dir, MANIFEST
+from nanochat.local_data import split_long_document, write_shards
 
 SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "_vendor", "vendored", "node_modules", "site-packages",
              "dist-packages", "lib2to3", "idle_test", "turtledemo", "ensurepip"}
@@ -217,4 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

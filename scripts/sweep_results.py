@@ -3,15 +3,19 @@ Results bookkeeping for the training sweeps (runs/miniseries.sh and runs/scaling
 
 One small tool shared by both sweeps, so they record, skip and display results the same way:
 
-    python dev/sweep_results.py done   --kind miniseries --csv F --depth 12              # exit 0 if d12 is in F
-    python dev/sweep_results.py append --kind miniseries --csv F --summary S --wall-time 812.5
-    python dev/sweep_results.py report --kind miniseries --csv F --plot P.png             # table + PNG
+    python -m scripts.sweep_results done   --kind miniseries --csv F --depth 12         # exit 0 if d12 is in F
+    python -m scripts.sweep_results append --kind miniseries --csv F --summary S --wall-time 812.5
+    python -m scripts.sweep_results report --kind miniseries --csv F --plot P.png        # table + PNG
     (--kind scaling additionally takes --flops-budget for `done` and `append`)
 
 Rows are read from the summary.json that scripts/base_train.py writes next to its checkpoint, never scraped from the
 training log (scraped lines silently give empty columns when the wording changes).
 The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
 the plots need nothing else.
+
+The sweeps call this tool twice per training run, so it imports no torch: bad input is a NanochatError (nanochat.errors
+imports nothing), turned into the `error:` line and exit 1 by main itself rather than nanochat.cli.run, whose module
+also holds the torch-based command-line helpers of the model-loading scripts.
 """
 
 import argparse
@@ -23,6 +27,8 @@ import os
 import sys
 import tempfile
 import time
+
+from nanochat.errors import NanochatError  # imports nothing: this tool stays free of torch
 
 # Column layouts. The first block of each list is the documented contract; the rest are extras we add at the end.
 MINISERIES_COLUMNS = [
@@ -46,8 +52,6 @@ def log(msg):
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
 
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
 
 # -----------------------------------------------------------------------------
 # CSV I/O
@@ -63,8 +67,8 @@ def read_rows(csv_path, kind):
         if header is None:
             return []
         if header != COLUMNS[kind]:
-            fail(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
-                 f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
+            raise NanochatError(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
+                                f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
         return [dict(zip(header, row)) for row in reader if row]
 
 
@@ -105,14 +109,14 @@ def find_row(rows, kind, key):
 
 def load_summary(summary_path, since=None):
     if not os.path.exists(summary_path):
-        fail(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
+        raise NanochatError(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
     if since is not None and os.path.getmtime(summary_path) < since:
-        fail(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
+        raise NanochatError(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
     try:
         with open(summary_path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        fail(f"{summary_path} is not valid JSON ({e}); re-run that training run")
+        raise NanochatError(f"{summary_path} is not valid JSON ({e}); re-run that training run")
 
 
 def fmt_float(x, digits):
@@ -154,7 +158,7 @@ def format_budget(flops_budget):
     try:
         float(text)
     except ValueError:
-        fail(f"--flops-budget {text!r} is not a number (e.g. 1e18)")
+        raise NanochatError(f"--flops-budget {text!r} is not a number (e.g. 1e18)")
     return text
 
 # -----------------------------------------------------------------------------
@@ -327,19 +331,19 @@ def print_scaling_optima(rows):
 def cmd_done(args):
     key = {"depth": args.depth, "flops_budget": args.flops_budget}
     if args.kind == "scaling" and args.flops_budget is None:
-        fail("--flops-budget is required with --kind scaling")
+        raise NanochatError("--flops-budget is required with --kind scaling")
     return 0 if find_row(read_rows(args.csv, args.kind), args.kind, key) else 1
 
 
 def cmd_append(args):
     if args.kind == "scaling" and args.flops_budget is None:
-        fail("--flops-budget is required with --kind scaling")
+        raise NanochatError("--flops-budget is required with --kind scaling")
     rows = read_rows(args.csv, args.kind)
     summary = load_summary(args.summary, since=args.since)
     try:
         row = summary_to_row(summary, args.kind, wall_time=args.wall_time, flops_budget=args.flops_budget)
     except KeyError as e:
-        fail(f"{args.summary} has no {e} entry: it was not written by this version of scripts/base_train.py")
+        raise NanochatError(f"{args.summary} has no {e} entry: it was not written by this version of scripts/base_train.py")
     d = row["depth"]
     if row["core_score"] == "":
         log(f"WARNING: Could not extract CORE score for d={d} (CORE was not computed in this run); column left empty")
@@ -365,7 +369,7 @@ def cmd_append(args):
 def cmd_report(args):
     rows = read_rows(args.csv, args.kind)
     if not rows:
-        fail(f"{args.csv} has no results yet; run the sweep first")
+        raise NanochatError(f"{args.csv} has no results yet; run the sweep first")
     rows = sort_rows(rows, args.kind)
     shown = [c for c in COLUMNS[args.kind] if c != "wall_time_sec"]
     print("Results:")
@@ -401,7 +405,11 @@ def main(argv=None):
         if name == "report":
             p.add_argument("--plot", default=None, help="write the PNG plot here")
     args = parser.parse_args(argv)
-    return {"done": cmd_done, "append": cmd_append, "report": cmd_report}[args.command](args)
+    try:
+        return {"done": cmd_done, "append": cmd_append, "report": cmd_report}[args.command](args)
+    except NanochatError as e:  # what nanochat.cli.run does, without importing it (it may import torch)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
