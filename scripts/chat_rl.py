@@ -99,6 +99,7 @@ def sample_groups(engine, tokenizer, task, examples, args, step):
     passes = args.num_samples // args.device_batch_size
     calls = [(i, sampling_step) for i in range(len(examples)) for sampling_step in range(passes)]  # example by example
     sampled = [None] * len(calls)
+    # one seed per (step, example, call): a rollout does not depend on which other rows share the batch
     for call, seqs, msks in engine.generate_many([prompts[i] for i, _ in calls], num_samples=args.device_batch_size,
                                                  max_tokens=args.max_new_tokens, temperature=args.temperature,
                                                  top_k=args.top_k if args.top_k > 0 else None,
@@ -208,6 +209,7 @@ def main(argv=None):
     model, tokenizer, meta = build_model(*start_checkpoint, device, phase="eval")
     engine = Engine(model, tokenizer)  # uncompiled model: sampling has variable shapes
     if args.device_batch_size == "auto":
+        # sized for the training forwards at the longest sequence, among the sizes that split a group evenly
         args.device_batch_size = auto_device_batch_size(model.config, device, model.config.sequence_len, args.num_samples)
 
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs

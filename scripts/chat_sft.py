@@ -441,7 +441,9 @@ def main(argv=None):
     resolve_inherited(args, meta)  # the batch geometry and learning rates the flags left open come from the base run
     # one pass over the mixture has no step count known in advance: counted as a long run (compile on CPU too)
     use_compile = should_compile(device_type, args.compile, args.num_iterations if args.num_iterations > 0 else math.inf)
-    if args.device_batch_size == "auto":  # the largest that fits, of those that split the total batch evenly
+    # auto: the largest micro-batch that fits, of those that split the total batch evenly; tried compiled when the
+    # run compiles, since compiled and eager peaks differ
+    if args.device_batch_size == "auto":
         args.device_batch_size = auto_device_batch_size(orig_model.config, device, args.max_seq_len,
                                                         args.total_batch_size // (args.max_seq_len * world_size), use_compile)
     B, T = args.device_batch_size, args.max_seq_len
