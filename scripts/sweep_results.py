@@ -20,7 +20,6 @@ also holds the torch-based command-line helpers of the model-loading scripts.
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
@@ -76,14 +75,11 @@ def write_rows_atomic(csv_path, kind, rows):
     """Rewrite the whole CSV through a temp file + rename, so a crash never leaves a half-written row."""
     directory = os.path.dirname(os.path.abspath(csv_path))
     os.makedirs(directory, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS[kind], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c, "") for c in COLUMNS[kind]})
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(buffer.getvalue())
+        writer = csv.DictWriter(f, fieldnames=COLUMNS[kind], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: row.get(c, "") for c in COLUMNS[kind]} for row in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp_path, csv_path)
@@ -166,9 +162,13 @@ def format_budget(flops_budget):
 
 
 def format_table(rows, columns):
-    """A `column -t` style table: header plus rows, left-aligned, two spaces between columns."""
-    cells = [columns] + [[(row.get(c) or "-") for c in columns] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    """The header plus one line per row dict ("-" for an empty cell)."""
+    return aligned([columns] + [[(row.get(c) or "-") for c in columns] for row in rows])
+
+
+def aligned(cells):
+    """A `column -t` style table of lists of strings: left-aligned, two spaces between columns."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
 
 
@@ -182,11 +182,7 @@ def sort_rows(rows, kind):
 
 
 def numbers(rows, column):
-    out = []
-    for row in rows:
-        value = row.get(column)
-        out.append(float(value) if value not in (None, "") else float("nan"))
-    return out
+    return [float(row[column]) if row.get(column) not in (None, "") else float("nan") for row in rows]
 
 
 def fit_optimum(log_params, bpbs):
@@ -319,10 +315,8 @@ def print_scaling_optima(rows):
         else:
             fit_cols = ["n/a (<3 depths or no minimum)", "-"]
         lines.append([f"{o['budget']:.3g}", str(best_row["depth"]), f"{best_bpb:.6f}"] + fit_cols)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     print("Optimum per budget (quadratic fit of val bpb in log10 scaling params):")
-    for line in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    print(aligned(lines))
 
 # -----------------------------------------------------------------------------
 # Commands
@@ -330,14 +324,10 @@ def print_scaling_optima(rows):
 
 def cmd_done(args):
     key = {"depth": args.depth, "flops_budget": args.flops_budget}
-    if args.kind == "scaling" and args.flops_budget is None:
-        raise NanochatError("--flops-budget is required with --kind scaling")
     return 0 if find_row(read_rows(args.csv, args.kind), args.kind, key) else 1
 
 
 def cmd_append(args):
-    if args.kind == "scaling" and args.flops_budget is None:
-        raise NanochatError("--flops-budget is required with --kind scaling")
     rows = read_rows(args.csv, args.kind)
     summary = load_summary(args.summary, since=args.since)
     try:
@@ -406,6 +396,8 @@ def main(argv=None):
             p.add_argument("--plot", default=None, help="write the PNG plot here")
     args = parser.parse_args(argv)
     try:
+        if args.command != "report" and args.kind == "scaling" and args.flops_budget is None:
+            raise NanochatError("--flops-budget is required with --kind scaling")
         return {"done": cmd_done, "append": cmd_append, "report": cmd_report}[args.command](args)
     except NanochatError as e:  # what nanochat.cli.run does, without importing it (it may import torch)
         print(f"error: {e}", file=sys.stderr, flush=True)
