@@ -58,17 +58,8 @@ def extract_python_file(path, min_string_chars=300):
         tree = ast.parse(source)
     except (SyntaxError, ValueError, OSError, RecursionError, MemoryError):
         return []
-    blocks, comments, docstring_ids = [], [], set()
-    # runs of 3+ comment lines are often explanations in plain English: reflow each run into one paragraph
-    run = []
-    for line in source.decode("utf-8", errors="replace").splitlines() + [""]:
-        stripped = line.strip()
-        if stripped.startswith("#") and not stripped.startswith("#!"):
-            run.append(stripped.lstrip("#").strip())
-            continue
-        if len(run) >= 3:
-            comments.append(" ".join(w for w in run if w))
-        run = []
+    blocks, docstring_ids = [], set()
+    comments = comment_runs(source.decode("utf-8", errors="replace"), r"(?!#!)#+")  # not a #! line
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node, clean=False)
@@ -81,6 +72,21 @@ def extract_python_file(path, min_string_chars=300):
             # pydoc topic tables, shared argument docs); the prose filter drops the code/data ones
             blocks.append(node.value)
     return [b for b in (clean_block(b) for b in blocks + comments) if is_prose(b)]
+
+
+def comment_runs(source, marker):
+    """Runs of 3+ comment lines (lines that start with the regex marker), each reflowed into one paragraph: such
+    runs are often explanations in plain English."""
+    runs, run = [], []
+    for line in source.splitlines() + [""]:
+        match = re.match(marker, line.strip())
+        if match:
+            run.append(line.strip()[match.end():].strip())
+            continue
+        if len(run) >= 3:
+            runs.append(" ".join(w for w in run if w))
+        run = []
+    return runs
 
 
 def read_small_text(path, max_bytes=2_000_000):
@@ -101,15 +107,7 @@ def extract_c_header(path):
     for match in re.finditer(r"/\*(.*?)\*/", source, re.S):
         lines = [line.strip().lstrip("*").strip() for line in match.group(1).splitlines()]
         blocks.append(" ".join(line for line in lines if line))
-    run = []
-    for line in source.splitlines() + [""]:
-        stripped = line.strip()
-        if stripped.startswith("//"):
-            run.append(stripped.lstrip("/!").strip())
-            continue
-        if len(run) >= 3:
-            blocks.append(" ".join(w for w in run if w))
-        run = []
+    blocks += comment_runs(source, r"//[/!]*")
     blocks = [re.sub(r"[\\@](brief|param|return|returns|note)\b\s*", "", b) for b in blocks]
     return [b for b in blocks if len(b) >= 100 and is_prose(b)]
 
@@ -138,13 +136,7 @@ def offline_corpus_roots():
     roots = [sysconfig.get_paths()["stdlib"]]
     roots += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
     roots += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    seen, unique = set(), []
-    for r in roots:
-        real = os.path.realpath(r)
-        if os.path.isdir(real) and real not in seen:
-            seen.add(real)
-            unique.append(real)
-    return unique
+    return [real for real in dict.fromkeys(map(os.path.realpath, roots)) if os.path.isdir(real)]
 
 
 def offline_corpus_files(roots):
