@@ -91,12 +91,9 @@ def is_complete(checkpoint_dir, step):
 
 def complete_steps(checkpoint_dir):
     """Sorted steps that have a complete checkpoint (model file + completion marker) in checkpoint_dir."""
-    steps = []
-    for path in glob.glob(os.path.join(checkpoint_dir, "model_*.pt")):
-        match = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
-        if match and is_complete(checkpoint_dir, int(match.group(1))):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    names = (os.path.basename(path) for path in glob.glob(os.path.join(checkpoint_dir, "model_*.pt")))
+    steps = [int(m.group(1)) for name in names if (m := re.fullmatch(r"model_(\d+)\.pt", name))]
+    return sorted(step for step in steps if is_complete(checkpoint_dir, step))
 
 
 def find_last_step(checkpoint_dir):
@@ -289,8 +286,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
             raise CheckpointError(f"optimizer shard {path} is missing (the checkpoint was saved with a different "
                                   f"number of processes, or without optimizer state)")
         optimizer_data = _load_tensors(path, checkpoint_dir, step, device)
-    meta = load_meta(checkpoint_dir, step)
-    return model_data, optimizer_data, meta
+    return model_data, optimizer_data, load_meta(checkpoint_dir, step)
 
 
 def find_largest_model(checkpoints_dir):

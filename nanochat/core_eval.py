@@ -73,10 +73,7 @@ def render_prompts_lm(item, continuation_delimiter, fewshot_examples):
 
 def common_prefix_length(seqs):
     n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
 
 
 def batch_sequences_mc(tokenizer, prompts):

@@ -94,10 +94,7 @@ def same_number(a, b):
 
 
 def find_row(rows, kind, key):
-    for row in rows:
-        if all(same_number(row.get(c), key[c]) for c in KEY_COLUMNS[kind]):
-            return row
-    return None
+    return next((row for row in rows if all(same_number(row.get(c), key[c]) for c in KEY_COLUMNS[kind])), None)
 
 # -----------------------------------------------------------------------------
 # summary.json -> CSV row
