@@ -53,8 +53,7 @@ def user_inputs(one_shot_prompt):
 
 def main(argv=None):
     args = parse_args(argv)
-    device_type = args.device_type or autodetect_device_type()
-    _, _, _, _, device = compute_init(device_type)
+    _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
     model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
     warm_up(engine, tokenizer)

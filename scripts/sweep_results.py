@@ -170,9 +170,8 @@ def aligned(cells):
 
 
 def sort_rows(rows, kind):
-    def key(row):
-        return tuple(float(row[c]) if row.get(c) not in (None, "") else 0.0 for c in KEY_COLUMNS[kind])
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda row: tuple(float(row[c]) if row.get(c) not in (None, "") else 0.0
+                                              for c in KEY_COLUMNS[kind]))
 
 # -----------------------------------------------------------------------------
 # Plots
@@ -268,8 +267,7 @@ def plot_scaling(rows, plot_path):
     if optima:
         ax.legend(fontsize=8)
     if fitted:
-        budgets = [f[0] for f in fitted]
-        n_opt = [f[1] for f in fitted]
+        budgets, n_opt = zip(*fitted)
         ax_opt.plot(budgets, n_opt, "*-", markersize=12)
         if len(fitted) >= 2:
             slope, intercept = np.polyfit(np.log10(budgets), np.log10(n_opt), 1)

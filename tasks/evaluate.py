@@ -79,8 +79,7 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         # right-pad with BOS: attention is causal, so padding after the answer position changes nothing
         max_length = max(len(p) for p in prompts)
-        padded = [p + [bos] * (max_length - len(p)) for p in prompts]
-        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        ids = torch.tensor([p + [bos] * (max_length - len(p)) for p in prompts], dtype=torch.long, device=device)
         with torch.no_grad():
             logits = model(ids)  # (B, T, V)
         for idx, conversation in enumerate(conversations):
