@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 
 import psutil
 import torch
@@ -93,8 +94,7 @@ def run_command(cmd, cwd=None):
 
 
 def count_bytes_and_lines(path):
-    with open(path, "rb") as f:
-        data = f.read()
+    data = Path(path).read_bytes()
     return len(data), data.count(b"\n")
 
 
@@ -286,8 +286,7 @@ class Report:
         header_file = os.path.join(self.report_dir, "header.md")
         header = ""
         if os.path.isfile(header_file):
-            with open(header_file) as f:
-                header = f.read()
+            header = Path(header_file).read_text()
         else:
             print(f"Warning: {header_file} does not exist. Did you forget to run `python -m nanochat.report reset`?")
         parts = [header]
@@ -301,8 +300,7 @@ class Report:
                 if file_name not in OPTIONAL_FILES:
                     print(f"Warning: {file_name} does not exist, skipping")
                 continue
-            with open(path) as f:
-                content = f.read()
+            content = Path(path).read_text()
             parts.append(content.rstrip("\n") + "\n\n")
             stamp = parse_timestamp(find_line(r"^timestamp:(.*)$", content))
             if stamp is not None:
@@ -316,8 +314,7 @@ class Report:
         plot_files = []
         for name in sorted(os.listdir(self.report_dir)):
             if name.startswith("history-") and name.endswith(".json"):
-                with open(os.path.join(self.report_dir, name)) as f:
-                    record = json.load(f)
+                record = json.loads(Path(self.report_dir, name).read_text())
                 plot_files += plot_history(record["name"], record["history"], self.report_dir)
         if plot_files:
             parts += ["## Training curves\n\n"] + [f"![{f[:-4]}]({f})\n\n" for f in plot_files]

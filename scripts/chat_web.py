@@ -33,7 +33,7 @@ import argparse
 import functools
 import threading
 from collections import Counter, deque
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -341,10 +341,8 @@ def post(generations):
         for generation, events in ready:
             generation.deliver(events)
 
-    try:
+    with suppress(RuntimeError):  # the event loop is gone (server shutting down)
         ready[0][0].loop.call_soon_threadsafe(deliver)
-    except RuntimeError:
-        pass  # the event loop is gone (server shutting down)
 
 
 def decode_loop(worker, max_rows):
