@@ -323,8 +323,7 @@ class Batch:
 
 class Engine:
     def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         special = tokenizer.encode_special
         # a row's turn ends at <|assistant_end|>, or at BOS (a new document) for a base model
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}

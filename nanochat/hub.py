@@ -53,8 +53,7 @@ class HubDataset:
     """Rows of a pyarrow table, optionally viewed through a permutation. ds[i] -> {column: python value}."""
 
     def __init__(self, table, permutation=None):
-        self.table = table
-        self.permutation = permutation
+        self.table, self.permutation = table, permutation
 
     @classmethod
     def from_rows(cls, rows):

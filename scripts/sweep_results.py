@@ -42,6 +42,9 @@ SCALING_COLUMNS = [
     "num_scaling_params", "param_data_ratio", "total_training_flops", "wall_time_sec",
 ]
 COLUMNS = {"miniseries": MINISERIES_COLUMNS, "scaling": SCALING_COLUMNS}
+# The scaling columns of the param_counts groups in summary.json
+PARAM_GROUP_COLUMNS = {"params_wte": "wte", "params_value_embeds": "value_embeds", "params_lm_head": "lm_head",
+                       "params_transformer": "transformer_matrices", "params_scalars": "scalars", "params_total": "total"}
 # The columns that identify a run: a row with the same key is "already done".
 KEY_COLUMNS = {"miniseries": ["depth"], "scaling": ["flops_budget", "depth"]}
 
@@ -138,10 +141,7 @@ def summary_to_row(summary, kind, wall_time=None, flops_budget=None):
     }
     if kind == "scaling":
         row["flops_budget"] = format_budget(flops_budget)
-        for column, group in (("params_wte", "wte"), ("params_value_embeds", "value_embeds"),
-                              ("params_lm_head", "lm_head"), ("params_transformer", "transformer_matrices"),
-                              ("params_scalars", "scalars"), ("params_total", "total")):
-            row[column] = int(groups[group])
+        row.update({column: int(groups[group]) for column, group in PARAM_GROUP_COLUMNS.items()})
     return row
 
 
