@@ -203,9 +203,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 target = p[lo:lo + plan["rows"]].clone()  # owned slice (separate buffer: it is gathered into p)
             state = self.state[p]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(target)
-                state["exp_avg_sq"] = torch.zeros_like(target)
+                state.update(step=0, exp_avg=torch.zeros_like(target), exp_avg_sq=torch.zeros_like(target))
             state["step"] += 1
             adamw_update(target, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
                          group["eps"], group["weight_decay"])
