@@ -33,8 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("-k", "--top-k", type=int_in("[0, inf)"), default=50, help="top-k sampling (0 = no top-k filtering)")
     parser.add_argument("-m", "--max-tokens", type=int_in("[1, inf)"), default=256, help="longest reply in tokens")
     parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42, help="sampling seed (fixed, so a conversation replays the same)")
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def user_inputs(one_shot_prompt):
