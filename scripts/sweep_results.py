@@ -318,8 +318,8 @@ def print_scaling_optima(rows):
 
 
 def cmd_done(args):
-    key = {"depth": args.depth, "flops_budget": args.flops_budget}
-    return 0 if find_row(read_rows(args.csv, args.kind), args.kind, key) else 1
+    # the flags hold the key columns (depth, flops_budget)
+    return 0 if find_row(read_rows(args.csv, args.kind), args.kind, vars(args)) else 1
 
 
 def cmd_append(args):
