@@ -67,11 +67,10 @@ def _eval_count(call):
             and not call.keywords and 1 <= len(call.args) <= 3
             and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
         raise ValueError("only <string>.count(<string literal>[, start[, end]]) is supported")
-    needle = call.args[0]
     bounds = [_eval_arithmetic(a) for a in call.args[1:]]
     if not all(isinstance(b, int) for b in bounds):
         raise ValueError("count bounds must be integers")
-    return _eval_string_receiver(call.func.value).count(needle.value, *bounds)
+    return _eval_string_receiver(call.func.value).count(call.args[0].value, *bounds)
 
 
 def use_calculator(expr):
@@ -222,8 +221,7 @@ class Batch:
         if num_samples > self.cache.batch_size or len(tokens) > self.cache.seq_len:
             raise ValueError(f"{num_samples} samples of a {len(tokens)}-token prompt do not fit a batch of "
                              f"{self.cache.batch_size} rows of {self.cache.seq_len} tokens")
-        rng = torch.Generator(device=self.model.get_device())
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=self.model.get_device()).manual_seed(seed)
         request = Request(list(tokens), num_samples, max_tokens, temperature, top_k, rng)
         self.waiting.append(request)
         return request

@@ -115,10 +115,7 @@ def _dense_mask(Tq, Tk, left, device):
     """Boolean (Tq, Tk) mask: query row r sits at absolute position Tk - Tq + r (queries are the newest tokens)."""
     q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
     k_pos = torch.arange(Tk, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if left >= 0:
-        mask = mask & (q_pos - k_pos <= left)
-    return mask
+    return (k_pos <= q_pos) & (q_pos - k_pos <= left) if left >= 0 else k_pos <= q_pos
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -164,10 +161,7 @@ def _block_mask(Tq, Tk, left, device):
 
     def causal_window(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset
-        allowed = kv_idx <= q_pos
-        if left >= 0:
-            allowed = allowed & (q_pos - kv_idx <= left)
-        return allowed
+        return (kv_idx <= q_pos) & (q_pos - kv_idx <= left) if left >= 0 else kv_idx <= q_pos
 
     return create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
 
