@@ -356,9 +356,7 @@ class DummyReport(NoOp):
 
 def get_report():
     _, rank, _, _ = get_dist_info()
-    if rank == 0:
-        return Report(os.path.join(get_base_dir(), "report"))
-    return DummyReport()
+    return Report(os.path.join(get_base_dir(), "report")) if rank == 0 else DummyReport()
 
 
 def main(argv=None):

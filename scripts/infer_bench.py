@@ -117,7 +117,7 @@ def main(argv=None):
     kv_bytes_per_token = cfg.n_layer * 2 * cfg.n_kv_head * head_dim * kv_elem
     context_mid = prompt_len + args.decode_tokens // 2
     kv_read_per_step = sum(2 * cfg.n_kv_head * head_dim * kv_elem * min(context_mid, w) for w in windows)
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul_params = model.num_matmul_params()
 
     def forward_flops_per_token(context):
         # 2 FLOPs per matmul weight, plus QK^T and AV over the keys each layer's window lets it see
