@@ -193,9 +193,7 @@ def score_example(idx, model, tokenizer, data, device, task_meta):
 def evaluate_task(model, tokenizer, data, device, task_meta):
     """Accuracy over data (already shuffled/truncated). Under torch.distributed rank r scores items r, r+W, ... and
     the 0/1 results are summed across ranks, so every rank returns the same accuracy."""
-    ddp = is_ddp_initialized()
-    rank = dist.get_rank() if ddp else 0
-    world_size = dist.get_world_size() if ddp else 1
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(score_example(idx, model, tokenizer, data, device, task_meta)[0])
