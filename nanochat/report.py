@@ -104,8 +104,9 @@ def bloat_lines():
     files = [f for f in (listing or "").splitlines() if f.endswith(BLOAT_EXTENSIONS) and os.path.isfile(f)]
     sizes = [count_bytes_and_lines(path) for path in files]
     num_chars, num_lines = sum(c for c, _ in sizes), sum(n for _, n in sizes)
-    # the dependency lock file of the current directory: uv.lock, else the first other *.lock
-    lock_names = ["uv.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
+    # the dependency lock file of the current directory: uv.lock, else ours (requirements.lock, not an extra's lock),
+    # else the first other *.lock
+    lock_names = ["uv.lock", "requirements.lock"] + sorted(n for n in os.listdir(".") if n.endswith(".lock"))
     lock_file = next((name for name in lock_names if os.path.isfile(name)), None)
     dep_lines = count_bytes_and_lines(lock_file)[1] if lock_file else 0
     return [f"- Characters: {num_chars:,}", f"- Lines: {num_lines:,}", f"- Files: {len(files):,}",

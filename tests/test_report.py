@@ -195,3 +195,11 @@ def test_summary_table_widths():
     assert lines[0] == "| Metric             | BASE     | SFT      | RL       |"
     assert lines[1] == "|--------------------|----------|----------|----------|"
     assert [l.split("|")[1].strip() for l in lines[2:]] == ["CORE", "MMLU", "ChatCORE (5 tasks)"]
+
+
+def test_bloat_counts_the_main_lock_not_an_extras(tmp_path, monkeypatch):
+    from nanochat import report
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "requirements.lock").write_text("a==1\nb==2\nc==3\n")
+    (tmp_path / "requirements-gpu.lock").write_text("kernels==1\n")  # sorts first, but is an optional extra's
+    assert "- Dependencies (requirements.lock lines): 3" in report.bloat_lines()
