@@ -17,6 +17,7 @@ import gzip
 import json
 import signal
 import shutil
+import tempfile
 import threading
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -517,11 +518,11 @@ SANDBOX_UID, SANDBOX_GID, SOCKET_GID = 54320, 54320, 54321
 
 
 @pytest.fixture
-def sockets():
+def sockets(outside_the_repo):
     """Listening Unix sockets outside /tmp: one only group SOCKET_GID may open (the docker.sock pattern), one
     world-writable, one abstract."""
     import socket
-    path = Path(__file__).resolve().parent / f".sandbox_sockets_{os.getpid()}"
+    path = outside_the_repo / "sockets"
     path.mkdir()
     servers = {}
     for name, mode_bits in (("group", 0o660), ("world", 0o777)):
@@ -541,9 +542,24 @@ def sockets():
 
 
 @pytest.fixture
-def private_home():
+def outside_the_repo():
+    """A folder every user may traverse, outside /tmp and outside the repo: a clone may sit under a 0700 dir (what
+    mktemp -d makes), where another uid could reach neither its home nor the library. It holds the homes, the
+    sockets and a copy of the sandbox's modules for the probe's interpreter (lib/)."""
+    base = Path(tempfile.mkdtemp(prefix="nanochat-sandbox-test-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    base.chmod(0o755)
+    lib = base / "lib" / "nanochat"
+    lib.mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "execution.py"):  # execution imports nothing else of ours
+        shutil.copy(Path(execution.__file__).with_name(name), lib / name)
+    yield base
+    shutil.rmtree(base)
+
+
+@pytest.fixture
+def private_home(outside_the_repo):
     """A home dir closed to others (0700, like /root), outside /tmp, holding a 0600 secret; the caller chowns it."""
-    path = Path(__file__).resolve().parent / f".sandbox_home_{os.getpid()}"
+    path = outside_the_repo / "home"
     path.mkdir(mode=0o700)
     (path / ".netrc").write_text("machine example.com password hunter2")
     (path / ".netrc").chmod(0o600)
@@ -554,7 +570,7 @@ def private_home():
 def run_probe(argv, home, sockets, env=None):
     constants = dict(sockets, PRIVATE=str(home / ".netrc"), ESCAPE=str(home / "escaped.txt"), HOME=str(home))
     program = "".join(f"{name} = {value!r}\n" for name, value in constants.items()) + PROBE
-    env = dict(env or {}, PATH="/usr/bin:/bin", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    env = dict(env or {}, PATH="/usr/bin:/bin", PYTHONPATH=str(home.parent / "lib"),
                NANOCHAT_TEST_SECRET="hunter2")
     out = subprocess.run(argv + ["-c", CHILD, constants["ESCAPE"]], input=program, env=env, capture_output=True,
                          text=True, timeout=120)
