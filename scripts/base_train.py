@@ -22,12 +22,9 @@ import os
 # once, when CUDA starts, which can be as early as nanochat.common's import (it asks the GPU for its capability).
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-import sys
 import json
 import math
 import time
-import base64
-import signal
 import argparse
 import contextlib
 import dataclasses
@@ -37,6 +34,7 @@ import torch.distributed as dist
 
 from nanochat import fp8
 from nanochat import checkpoint_manager as ckpt
+from nanochat import resume
 from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.cli import run
 from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, print_banner, autodetect_device_type,
@@ -314,63 +312,13 @@ class LoopState:
 LOOP_FIELDS = ("min_val_bpb", "smooth_train_loss", "total_training_time", "history", "core_results")
 
 
-def check_resume(args, checkpoint_dir, world_size, user_config):
-    """The resume checkpoint's meta after checking it is complete, readable and from a compatible run."""
-    step = args.resume_from_step
-    if not ckpt.is_complete(checkpoint_dir, step):
-        available = ckpt.complete_steps(checkpoint_dir)
-        raise NanochatError(f"--resume-from-step={step}: no complete checkpoint for step {step} in {checkpoint_dir} "
-                            f"(complete steps there: {available if available else 'none'})")
-    try:
-        meta = ckpt.load_meta(checkpoint_dir, step)
-    except ckpt.CheckpointError as e:
-        raise NanochatError(f"--resume-from-step={step}: {e}") from None
-    # the optimizer state is one shard per rank, and the data loader state too: they only fit the same world size
-    saved_world = meta.get("world_size", 1)
-    if saved_world != world_size:
-        raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} "
-                            f"process(es) but this run has {world_size}; optimizer state is sharded per rank, "
-                            f"relaunch with {saved_world} processes")
-    # other flags may differ on purpose (a longer horizon, a new wandb run name), so they only warn
-    differing = [k for k, v in meta.get("user_config", {}).items()
-                 if k not in ("resume_from_step", "run", "keep_last") and user_config.get(k) != v]
-    if differing:
-        print0(f"WARNING: flags differ from the checkpoint's run ({', '.join('--' + k.replace('_', '-') for k in differing)}); "
-               "the schedules follow the current flags, so the resumed run will not match an uninterrupted one")
-    return meta
-
-
-# RNG states are byte tensors; base64 keeps them inside the JSON meta, one per rank
-def encode_rng_state(state):
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def decode_rng_state(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def gather_objects(obj, world_size):
-    # every rank's loader position and RNG state go into rank 0's meta file: all ranks take part in the gather
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def restore_loop_state(meta, rank, device_type):
-    """(LoopState, this rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states.
-    check_resume has made sure the checkpoint was saved by as many ranks as this run has."""
+    """(LoopState, every old rank's dataloader state) from a checkpoint's meta; also restores this rank's RNG states."""
     loop = meta["loop_state"]
     state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], last_good_step=meta["step"],
                       **{k: loop[k] for k in LOOP_FIELDS})
-    # building the model drew from the RNGs (init_weights); setting them back to the saved states makes every draw
-    # after the resume the one the uninterrupted run made
-    rng = loop["rng_states"][rank]
-    torch.set_rng_state(decode_rng_state(rng["cpu"]))
-    if device_type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]))
-    return state, meta["dataloader_state_dicts"][rank]
+    resume.restore_rng_states(meta, rank, device_type)
+    return state, meta["dataloader_state_dicts"]
 
 
 def with_resume_states(loader, resume_state):
@@ -504,53 +452,16 @@ def print_samples(orig_model, tokenizer, use_fp8):
             print0(tokenizer.decode(sample[0]))
 
 
-def stop_diverged(what, last_good_step, checkpoint_dir):
-    """One error line naming the last good checkpoint, exit 1 (main's cleanup still runs). Every rank gets here
-    together (the checks are any_rank), and rank 0 prints the line in the training log, beside the step lines."""
-    if last_good_step is not None:
-        last_good = (f"the last good checkpoint is step {last_good_step} in {checkpoint_dir} "
-                     f"(resume from it with lower learning rates)")
-    else:
-        last_good = "no checkpoint of this run was saved (lower the learning rates)"
-    print0(f"error: {what}; stopping without saving it; {last_good}")
-    sys.exit(1)
-
-
 def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, resume_state, rank, world_size, device):
-    """Checkpoint after state.step updates (never a non-finite one): every rank writes its optimizer shard, rank 0
-    the rest. resume_state is where the loader resumes."""
-    # a diverged state can have finite losses for a while (the update that broke it comes after the loss): check the
-    # state itself, on every rank (each holds its own optimizer shard), before writing anything
-    # (a rank that skipped this check would wait forever in the save's barrier)
-    if any_rank(not ckpt.is_finite_state([orig_model.state_dict(), optimizer.state_dict()]), device):
-        stop_diverged(f"the weights or optimizer state became non-finite at step {state.step}", state.last_good_step,
-                      checkpoint_dir)
-    loader_states = gather_objects(resume_state, world_size)
-    rng_states = gather_objects({"cpu": encode_rng_state(torch.get_rng_state()), "cuda": encode_rng_state(
-        torch.cuda.get_rng_state()) if device.type == "cuda" else None}, world_size)
-    meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": dataclasses.asdict(plan.model_config),
-            "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-            "total_batch_size": plan.total_batch_size, "world_size": world_size,
-            "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
-            "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
-    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank,
-                         sync_ranks=True)  # a failed save (full disk) is a CheckpointSaveError: one line, exit 1
-    state.last_good_step = state.step  # what stop_diverged points to
-    # pruning runs after the new checkpoint is complete, so there is always at least one to resume from
-    if rank == 0 and args.keep_last > 0:
-        ckpt.prune_checkpoints(checkpoint_dir, args.keep_last)
-
-
-def stop_signal_handler(signals, rank):
-    """A SIGTERM/SIGINT handler that only records the signal: the loop checkpoints at the next step boundary and
-    leaves (stopping mid-step would leave gradients and loader state out of step with each other)."""
-    def on_signal(signum, frame):
-        if not signals:
-            print(f"[rank {rank}] received {signal.Signals(signum).name}: saving a checkpoint at the next step "
-                  "boundary", flush=True)
-        signals.append(signum)
-    return on_signal
-
+    """Checkpoint after state.step updates (resume.save_resumable: never a non-finite one); resume_state is where this
+    rank's loader resumes."""
+    meta = {"val_bpb": state.val_bpb, "model_config": dataclasses.asdict(plan.model_config), "user_config": user_config,
+            "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+            "total_batch_size": plan.total_batch_size}
+    resume.save_resumable(checkpoint_dir, "base", state.step, orig_model, optimizer, meta,
+                          {k: getattr(state, k) for k in LOOP_FIELDS}, resume_state, state.last_good_step,
+                          args.keep_last, rank, world_size, device)
+    state.last_good_step = state.step  # what a divergence error points to
 
 def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, world_size, device_type):
     """Final prints, <checkpoint_dir>/summary.json (read by the sweep scripts) and the report section."""
@@ -619,9 +530,16 @@ def main(argv=None):
         raise NanochatError(f"--total-batch-size={args.total_batch_size} must be -1 (auto) or a positive multiple of "
                             f"--device-batch-size x --max-seq-len x world size = {world_tokens_per_fwdbwd}")
     checkpoint_dir = ckpt.checkpoint_dir_for("base", args.model_tag or f"d{args.depth}")
-    # the resume checkpoint is checked (complete, readable, same world size) before wandb, the tokenizer and the plan
+    # the resume checkpoint is checked (complete, readable, this stage's) before wandb, the tokenizer and the plan
     resuming = args.resume_from_step >= 0
-    resume_meta = check_resume(args, checkpoint_dir, world_size, user_config) if resuming else None
+    resume_meta = resume.check_resume("base", checkpoint_dir, args.resume_from_step, world_size, user_config) if resuming else None
+    if resuming and args.total_batch_size == -1:  # the planned batch, whatever the auto rule says for this world size
+        args.total_batch_size = resume_meta["total_batch_size"]
+        if args.total_batch_size % world_tokens_per_fwdbwd:
+            raise NanochatError(f"--resume-from-step={args.resume_from_step}: the run's total batch of "
+                                f"{args.total_batch_size} tokens is not a multiple of --device-batch-size x "
+                                f"--max-seq-len x world size = {world_tokens_per_fwdbwd}; pick a --device-batch-size "
+                                f"that divides it")
     wandb_run = init_wandb("nanochat", args.run, user_config, rank == 0)
     tokenizer = get_tokenizer()
     print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
@@ -646,7 +564,8 @@ def main(argv=None):
     token_bytes = get_token_bytes(device=device)  # bytes of text per token id, for bits per byte
     val_batches = None  # tokenized at the first evaluation, replayed at every later one
     # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs)
-    state, loader_state = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
+    state, loader_states = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
+    loader_state = loader_states[rank] if resuming else None
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
     # each batch comes with the loader state that resumes at it, which is what a checkpoint saves (see the helper)
@@ -654,8 +573,7 @@ def main(argv=None):
 
     # --- the loop: at each step boundary the signal check, evaluations and checkpoints; then one optimizer step ---
     # SIGTERM/SIGINT (a preempted job, Ctrl-C) only set a flag; the finally below puts the previous handlers back
-    signals = []  # SIGTERM/SIGINT received (stop_signal_handler)
-    previous_handlers = {s: signal.signal(s, stop_signal_handler(signals, rank)) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals, restore_signal_handlers = resume.catch_stop_signals(rank)
     try:
         start_step = state.step  # 0, or the resumed step
         print0(f"Starting training at step {start_step} of {N} (checkpoints: {checkpoint_dir})")
@@ -665,15 +583,11 @@ def main(argv=None):
             step = state.step
             last_step = step == N
             resumed_here = resuming and step == start_step  # this step's checkpoint is the one we resumed from
-            # a signal is acted on by every rank at the same boundary (any_rank), or a collective would hang
-            stopped = any_rank(bool(signals), device)
+            stopped = resume.stop_requested(signals, device)  # every rank stops at the same boundary
             if stopped:
                 if step > 0 and not resumed_here:
                     save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, batch[2], rank, world_size, device)
-                if step > 0:
-                    print0(f"Stopped by signal at step {step}; resume with --resume-from-step={step} (and the same flags)")
-                else:
-                    print0("Stopped by signal at step 0; nothing trained yet, no checkpoint written")
+                resume.print_stopped(step)
                 break
             # evaluations: validation bpb on the compiled model (all ranks), CORE (all ranks) and samples (rank 0)
             # on the uncompiled one, whose input shapes vary
@@ -717,7 +631,8 @@ def main(argv=None):
             dt = time.time() - t0
             # a non-finite loss on any rank stops every rank (under fp16 the GradScaler skips such steps instead)
             if scaler is None and any_rank(not bool(torch.isfinite(losses).all()), device):
-                stop_diverged(f"training loss became {train_loss} at step {step} (non-finite)", state.last_good_step, checkpoint_dir)
+                raise resume.diverged(f"training loss became {train_loss} at step {step} (non-finite)",
+                                      state.last_good_step, checkpoint_dir)
 
             # the step's log line: an EMA of the loss (debiased like Adam's moments, for the first steps) and
             # throughput; the first 10 steps (compilation, warm-up) are left out of the training time and the ETA
@@ -749,8 +664,7 @@ def main(argv=None):
             wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, world_size, device_type)
         wandb_run.finish()
     finally:  # also after an error or a divergence: an in-process caller gets its handlers and GC back
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
+        restore_signal_handlers()
         release_gc()
         compute_cleanup()
 

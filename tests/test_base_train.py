@@ -187,10 +187,6 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
         assert (m2[k] - m1[k]).abs().max().item() <= 1e-2 * scale + 1e-5, k
     d = ckpt_dir(train_dir)
     assert (d / "optim_000004_rank0.pt").exists() and (d / "optim_000004_rank1.pt").exists()
-    # resuming the 2-process checkpoint with 1 process is refused with one clear line
-    bad = run_train(train_dir, args + ["--resume-from-step=4"])
-    assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: --resume-from-step=4") and "2 process" in bad.stderr
 
 
 @pytest.mark.slow
@@ -227,8 +223,8 @@ def test_divergence_never_saves_a_non_finite_checkpoint(train_dir):
                    "--unembedding-lr=8e9", "--matrix-lr=2e10", "--scalar-lr=5e11"]
     proc = run_train(train_dir, args)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    errors = lines_with(proc.stdout, "error:")
-    assert len(errors) == 1 and "non-finite" in errors[0], proc.stdout[-3000:]
+    errors = lines_with(proc.stderr, "error:")
+    assert len(errors) == 1 and "non-finite" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     d = ckpt_dir(train_dir)
     steps = sorted(int(n[len("complete_"):-len(".json")]) for n in os.listdir(d) if n.startswith("complete_"))
