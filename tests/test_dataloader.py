@@ -128,7 +128,7 @@ def test_exact_resume(local_data, tiny_tokenizer, num_docs, resume_at):
     if num_docs == 40:
         assert reference[-1][2]["epoch"] > 2
     for k in resume_at:
-        resumed = take(loader_with_state(tiny_tokenizer, 2, 32, "train", resume_state_dict=reference[k][2], **kwargs), 24 - k - 1)
+        resumed = take(loader_with_state(tiny_tokenizer, 2, 32, "train", resume_states=[reference[k][2]], **kwargs), 24 - k - 1)
         for (ri, rt, rs), (xi, xt, xs) in zip(reference[k + 1:], resumed):
             assert torch.equal(ri, xi) and torch.equal(rt, xt) and rs == xs
 
@@ -143,7 +143,7 @@ def test_val_split_and_approximate_resume(local_data, tiny_tokenizer, capsys):
         assert set(doc_ids_in_rows(tiny_tokenizer, inputs)) <= val_ids
     # a position-only state (pq_idx, rg_idx, epoch) resumes approximately, with a warning
     loader = loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", buffer_size=10,
-                               resume_state_dict={"pq_idx": 1, "rg_idx": 2, "epoch": 1})
+                               resume_states=[{"pq_idx": 1, "rg_idx": 2, "epoch": 1}])
     inputs, _, state = next(loader)
     assert "resuming approximately" in capsys.readouterr().out
     assert state["pq_idx"] == 1 and state["rg_idx"] >= 3
@@ -156,7 +156,7 @@ def test_bad_input(local_data, base_dir, tiny_tokenizer, monkeypatch):
     gone = {"file": "shard_09999.parquet", "pq_idx": 0, "rg_idx": 0, "epoch": 1}  # a resume state naming a lost shard
     with pytest.raises(DataError, match="^the dataloader state refers to shard shard_09999.parquet, which is no longer "
                                         "in the train split; restore that file or start without resuming$"):
-        next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", resume_state_dict=gone))
+        next(loader_with_state(tiny_tokenizer, 2, 32, "train", device="cpu", resume_states=[gone]))
     with open(os.path.join(dataset.get_data_dir(), manifest["train"][0]), "r+b") as f:
         f.seek(-20, os.SEEK_END)
         f.write(b"\0" * 20)  # destroy the footer
