@@ -57,6 +57,6 @@ print(f"B={args.batch_size} T={args.seq_len}: {args.steps} batches in {dt:.2f}s 
 t0 = time.time()
 resumed = tokenizing_distributed_data_loader_with_state_bos_bestfit(
     tokenizer, args.batch_size, args.seq_len, args.split, tokenizer_threads=args.tokenizer_threads,
-    device=args.device, buffer_size=args.buffer_size, resume_state_dict=state)
+    device=args.device, buffer_size=args.buffer_size, resume_states=[state])
 next(resumed)
-print(f"exact resume (restore {sum(r[3] for r in state['buffer'])} buffered documents + 1 batch): {time.time() - t0:.2f}s")
+print(f"exact resume (restore {sum(sum(r[3::2]) for r in state['buffer'])} buffered documents + 1 batch): {time.time() - t0:.2f}s")
