@@ -321,9 +321,11 @@ def restore_loop_state(meta, rank, device_type):
     return state, meta["dataloader_state_dicts"]
 
 
-def with_resume_states(loader, resume_state):
+def with_resume_states(loader):
     """Yields (x, y, the loader state that resumes at this very batch). The loader's own state resumes *after* its
-    batch, so a checkpoint, which is taken before the prefetched batch is consumed, stores the previous one's."""
+    batch, so a checkpoint, which is taken before the prefetched batch is consumed, stores the previous one's. The
+    first batch has none (None): no run saves before its first step (a resumed one has that checkpoint already)."""
+    resume_state = None
     for x, y, state_after in loader:
         yield x, y, resume_state
         resume_state = state_after
@@ -565,11 +567,11 @@ def main(argv=None):
     val_batches = None  # tokenized at the first evaluation, replayed at every later one
     # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs)
     state, loader_states = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
-    loader_state = loader_states[rank] if resuming else None
+    # on another world size the loader reshards the old ranks' states (every document of the epoch once)
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_states=loader_states)
     # each batch comes with the loader state that resumes at it, which is what a checkpoint saves (see the helper)
-    batches = with_resume_states(loader, loader_state)
+    batches = with_resume_states(loader)
 
     # --- the loop: at each step boundary the signal check, evaluations and checkpoints; then one optimizer step ---
     # SIGTERM/SIGINT (a preempted job, Ctrl-C) only set a flag; the finally below puts the previous handlers back

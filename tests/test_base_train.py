@@ -158,10 +158,11 @@ def test_resume_is_bit_exact(train_dir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
+    """Also resumes each run's step-2 checkpoint on the other number of processes (2 -> 1, 1 -> 2)."""
     import shutil
     single_dir = tmp_path / "single"
     shutil.copytree(train_dir, single_dir)
-    args = TINY + ["--num-iterations=4", "--eval-every=2"]
+    args = TINY + ["--num-iterations=4", "--eval-every=2", "--save-every=2"]
     # 2 ranks x 1 micro-step and 1 process x 2 micro-steps: same 256 tokens per step
     procs = [subprocess.Popen(base_train_cmd(args, nproc), cwd=REPO, env=env_for(path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for nproc, path in ((2, train_dir), (1, single_dir))]
@@ -185,8 +186,20 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
             continue
         scale = m1[k].abs().max().item()
         assert (m2[k] - m1[k]).abs().max().item() <= 1e-2 * scale + 1e-5, k
-    d = ckpt_dir(train_dir)
-    assert (d / "optim_000004_rank0.pt").exists() and (d / "optim_000004_rank1.pt").exists()
+    # N -> M: the same total batch (gradient accumulation absorbs the change), the schedules from step 2 on, the
+    # optimizer state and the data stream resharded; the run finishes and keeps learning like the uninterrupted one
+    procs = [subprocess.Popen(base_train_cmd(args + ["--resume-from-step=2"], nproc), cwd=REPO, env=env_for(path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for nproc, path in ((1, train_dir), (2, single_dir))]
+    resumed = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err), (old_world, new_world, accum) in zip(procs, resumed, ((2, 1, 2), (1, 2, 1))):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert f"saved by {old_world} process(es), now {new_world}" in out, out[-3000:]
+        assert f"gradient accumulation steps: {accum}" in out
+        assert sorted(step_losses(out)) == [2, 3]
+        assert abs(val_bpbs(out)[4] - bpb1[4]) <= 0.02 * bpb1[4], (val_bpbs(out), bpb1)
+    assert json.loads((ckpt_dir(train_dir) / "meta_000004.json").read_text())["world_size"] == 1
+    assert json.loads((ckpt_dir(single_dir) / "meta_000004.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow
