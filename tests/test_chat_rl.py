@@ -232,9 +232,10 @@ def test_resume_is_bit_identical(rl_env, rewards_that_vary, capsys):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(rl_env):
     cmd = [sys.executable, "-m", "scripts.chat_rl", "--device-type=cpu", "--num-steps=100000", "--device-batch-size=2",
-           "--num-samples=2", "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--num-samples=2", "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=1", "--save-every=100000"]
+    # unbuffered: the line we wait for arrives when it is printed, not when a pipe buffer fills
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:  # a step's line means the handlers are in place and a step has trained
         seen.append(line)
