@@ -1,21 +1,26 @@
 """
 RL on GSM8K with a tiny model: rollouts mask the prompt (only sampled tokens are trained), advantages are
 group-mean centered, a couple of REINFORCE steps run end to end with pass@k evaluation, checkpoints land in
-chatrl_checkpoints and the "Chat RL" report section is written. Hand-made GSM8K rows, offline.
+chatrl_checkpoints and the "Chat RL" report section is written. Resume: a run resumed from step k is bit-identical
+to the uninterrupted one, SIGTERM saves and exits 0, a non-finite loss stops the run, an old checkpoint says why it
+cannot be resumed. Hand-made GSM8K rows, offline.
 """
 
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import RowCounter
+from conftest import RowCounter, REPO_ROOT
 
 
-def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4):
+def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4, stage_dir="chatsft_checkpoints"):
     from nanochat.tokenizer import compute_token_bytes
     from nanochat.checkpoint_manager import save_checkpoint
     tok_dir = os.path.join(base_dir, "tokenizer")
@@ -23,7 +28,7 @@ def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4):
     torch.save(compute_token_bytes(tokenizer), os.path.join(tok_dir, "token_bytes.pt"))
     model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=64)
     meta = dict(step=step, model_config=asdict(model.config), user_config={}, max_seq_len=64)
-    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), step, model.state_dict(), None, meta)
+    save_checkpoint(os.path.join(base_dir, stage_dir, "d2"), step, model.state_dict(), None, meta)
 
 
 @pytest.fixture
@@ -160,3 +165,133 @@ def test_command_line_turns_a_bad_value_into_one_error_line(base_dir):
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: --num-samples=6 must be a multiple of --device-batch-size=4"]
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+# 4 steps of 2 prompts (7 training problems: the prompts wrap around), 2 passes of 2 rows per prompt
+RESUME_RUN = ["--device-type=cpu", "--num-steps=4", "--device-batch-size=2", "--num-samples=4", "--examples-per-step=2",
+              "--max-new-tokens=8", "--eval-every=2", "--eval-examples=2", "--save-every=2"]
+
+
+@pytest.fixture
+def rewards_that_vary(monkeypatch):
+    """The tiny model never solves a problem, so every advantage would be 0 and nothing would train: reward the
+    completions of even length instead (a deterministic function of the sample)."""
+    from tasks.gsm8k import GSM8K
+    monkeypatch.setattr(GSM8K, "reward", lambda self, conversation, completion: float(len(completion) % 2 == 0))
+
+
+def step_lines(text):
+    """The lines the loop prints per step (losses, rewards, pass@k)."""
+    return [line for line in text.splitlines() if line.startswith("Step ")]
+
+
+def test_step_prompts_are_a_function_of_the_step(rl_env):
+    """The prompts of a step are its examples_per_step consecutive problems (cycling), dealt to the ranks: the same
+    problems on any number of processes."""
+    from scripts.chat_rl import step_example_indices
+    assert step_example_indices(0, 4, 0, 1, 7) == [0, 1, 2, 3]
+    assert step_example_indices(1, 4, 0, 1, 7) == [4, 5, 6, 0]  # wraps into the next epoch
+    for step in range(5):
+        one = step_example_indices(step, 4, 0, 1, 7)
+        two = [step_example_indices(step, 4, rank, 2, 7) for rank in (0, 1)]
+        assert sorted(two[0] + two[1]) == sorted(one) and len(two[0]) == len(two[1]) == 2
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(rl_env, rewards_that_vary, capsys):
+    """Resumed from its step-2 checkpoint, a run prints the same losses, rewards and pass@k as the uninterrupted one
+    and ends with the same weights and optimizer state (prompts, rollout seeds, optimizer, LR schedule, history)."""
+    from scripts import chat_rl
+    full = chat_rl.main(RESUME_RUN)
+    full_out = capsys.readouterr().out
+    d = rl_env / "chatrl_checkpoints" / "d2"
+    full_model, full_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004_rank0.pt")
+    assert full_model.keys() == torch.load(d / "model_000002.pt").keys()
+    assert any(not torch.equal(full_model[k], torch.load(d / "model_000002.pt")[k]) for k in full_model), "nothing trained"
+
+    resumed = chat_rl.main(RESUME_RUN + ["--resume-from-step=2"])
+    resumed_out = capsys.readouterr().out
+    assert f"Resuming from step 2 of {d}: saved by 1 process(es), now 1" in resumed_out
+    # the checkpoint of step 2 was saved after its evaluation, so the resumed run does not repeat it
+    after_2 = [line for line in step_lines(full_out) if not line.startswith(("Step 0", "Step 1", "Step 2 | Pass"))]
+    assert len(after_2) == 11 and step_lines(resumed_out) == after_2, (step_lines(full_out), step_lines(resumed_out))
+    assert resumed["history"] == full["history"] and resumed["pass_at_k"] == full["pass_at_k"]
+    resumed_model, resumed_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004_rank0.pt")
+    for k in full_model:
+        assert torch.equal(full_model[k], resumed_model[k]), k
+    assert full_optim["param_groups"] == resumed_optim["param_groups"]
+    for k, state in full_optim["state"].items():
+        for name, value in state.items():
+            other = resumed_optim["state"][k][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (k, name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(rl_env):
+    cmd = [sys.executable, "-m", "scripts.chat_rl", "--device-type=cpu", "--num-steps=100000", "--device-batch-size=2",
+           "--num-samples=2", "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=1", "--save-every=100000"]
+    # unbuffered: the line we wait for arrives when it is printed, not when a pipe buffer fills
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # a step's line means the handlers are in place and a step has trained
+        seen.append(line)
+        if line.startswith("Step 1/100000 | Average reward"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if line.startswith("Stopped by signal at step ")]
+    assert len(stopped) == 1, output[-3000:]
+    step = int(stopped[0].split()[5].rstrip(";"))
+    assert step >= 2 and stopped[0].endswith(f"resume with --resume-from-step={step} (and the same flags)")
+    from nanochat.checkpoint_manager import complete_steps, load_meta
+    d = str(rl_env / "chatrl_checkpoints" / "d2")
+    assert complete_steps(d) == [step] and os.path.exists(os.path.join(d, f"optim_{step:06d}_rank0.pt"))
+    meta = load_meta(d, step)
+    assert meta["stage"] == "rl" and len(meta["loop_state"]["history"]["train"]) == step
+    assert not (rl_env / "report" / "chat-rl.md").exists()  # a preempted run is not a finished run
+
+
+def test_non_finite_loss_stops_the_run(rl_env, monkeypatch):
+    """A loss that turns NaN at step 1 stops every rank with one line naming the last good checkpoint (step 1);
+    nothing after it is saved."""
+    from scripts import chat_rl
+    from nanochat.resume import TrainingDiverged
+    real_loss, calls = chat_rl.policy_gradient_loss, []
+
+    def loss_that_turns_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss if len(calls) == 1 else loss * float("nan")
+    monkeypatch.setattr(chat_rl, "policy_gradient_loss", loss_that_turns_nan)
+    with pytest.raises(TrainingDiverged) as excinfo:
+        chat_rl.main(["--device-type=cpu", "--num-steps=3", "--device-batch-size=2", "--num-samples=2",
+                      "--examples-per-step=1", "--max-new-tokens=4", "--eval-examples=1", "--save-every=1"])
+    message = str(excinfo.value)
+    assert message.startswith("RL loss became non-finite at step 1") and "\n" not in message, message
+    d = rl_env / "chatrl_checkpoints" / "d2"
+    assert f"the last good checkpoint is step 1 in {d}" in message
+    from nanochat.checkpoint_manager import complete_steps
+    assert complete_steps(str(d)) == [1]
+
+
+def test_resuming_an_old_checkpoint_says_why_not(rl_env, tiny_tokenizer, tiny_model_factory):
+    """An RL checkpoint written before RL could resume (weights only, no optimizer or loop state) still loads as a
+    model, and resuming from it is one clear line."""
+    from scripts import chat_rl
+    from nanochat.common import NanochatError
+    from nanochat.checkpoint_manager import load_model
+    save_tiny_sft(str(rl_env), tiny_tokenizer, tiny_model_factory, step=4, stage_dir="chatrl_checkpoints")
+    model, _, meta = load_model("rl", "cpu", phase="eval")
+    assert meta["step"] == 4 and model.config.n_layer == 2
+    with pytest.raises(NanochatError) as excinfo:
+        chat_rl.main(["--device-type=cpu", "--num-steps=6", "--device-batch-size=2", "--num-samples=2",
+                      "--resume-from-step=4"])
+    message = str(excinfo.value)
+    assert message.startswith("--resume-from-step=4: the checkpoint in ") and "\n" not in message, message
+    assert "without the state of its training loop" in message and "not for resuming" in message
