@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import time
+import random
 import argparse
 import itertools
 from dataclasses import asdict
@@ -44,6 +45,8 @@ def build_parser():
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42,
+                        help="seed of the training prompts' order and of the rollouts (evaluation stays fixed)")
     # which model to start from: the SFT model by default (it already answers in the format the reward reads)
     parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl"],
                         help="checkpoint family to start from")
@@ -84,9 +87,9 @@ def check_args(args):
 # -----------------------------------------------------------------------------
 # Rollouts: sampling a group of completions and turning it into training rows
 
-def rollout_seed(step, example_index, sampling_step):
-    """Deterministic, distinct seed per (step, example, sampling call); ints hash the same in every process."""
-    return hash((step, example_index, sampling_step)) & 0x7FFFFFFF
+def rollout_seed(seed, step, example_index, sampling_step):
+    """Deterministic, distinct seed per (--seed, step, example, sampling call); ints hash the same in every process."""
+    return hash((seed, step, example_index, sampling_step)) & 0x7FFFFFFF
 
 
 @torch.no_grad()
@@ -98,12 +101,12 @@ def sample_groups(engine, tokenizer, task, examples, args, step):
     prompts = [tokenizer.render_for_completion(conversation) for _, conversation in examples]
     passes = args.num_samples // args.device_batch_size
     calls = [(i, sampling_step) for i in range(len(examples)) for sampling_step in range(passes)]  # example by example
-    sampled = [None] * len(calls)
     # one seed per (step, example, call): a rollout does not depend on which other rows share the batch
+    seeds = [rollout_seed(args.seed, step, examples[i][0], sampling_step) for i, sampling_step in calls]
+    sampled = [None] * len(calls)
     for call, seqs, msks in engine.generate_many([prompts[i] for i, _ in calls], num_samples=args.device_batch_size,
                                                  max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                 top_k=args.top_k if args.top_k > 0 else None,
-                                                 seeds=[rollout_seed(step, examples[i][0], s) for i, s in calls],
+                                                 top_k=args.top_k if args.top_k > 0 else None, seeds=seeds,
                                                  max_rows=len(examples) * args.num_samples):
         sampled[call] = (seqs, msks)
     device = engine.model.get_device()
@@ -189,7 +192,7 @@ def main(argv=None):
     # --- setup: runtime policies, device and processes, the checks that need the world size, wandb --------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type, args.seed)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     # every rank takes the same number of prompts per step, so their gradients average with equal weight
@@ -227,8 +230,9 @@ def main(argv=None):
     scale_initial_lrs(optimizer, args.init_lr_frac)
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
 
-    # rank r cycles through r, r+W, ... of the (seed-42 shuffled) train set forever
-    example_indices = itertools.cycle(range(rank, len(train_task), world_size))
+    # one --seed order of the train set; rank r cycles through its r-th, (r+W)-th, ... problems forever
+    order = random.Random(args.seed).sample(range(len(train_task)), len(train_task))
+    example_indices = itertools.cycle(order[rank::world_size])
     # the RL model keeps the tag of the model it started from (d<depth> unless --model-tag named another)
     checkpoint_dir = checkpoint_dir_for("rl", args.model_tag or f"d{model.config.n_layer}")
 
@@ -257,7 +261,7 @@ def main(argv=None):
                 raise NanochatError(f"RL diverged: the weights are non-finite at step {step}; not saving it "
                                     f"(lower the learning rates or --init-lr-frac)")
             if rank == 0:  # the weights are the same on every rank: one writer
-                meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config,
+                meta_data = dict(step=step, model_config=asdict(model.config), user_config=user_config, seed=args.seed,
                                  pass_at_k=pass_at_k, source=args.source)
                 save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta_data, rank=rank)
                 print0(f"✅ Saved model checkpoint to {checkpoint_dir}")

@@ -57,8 +57,9 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     assert (targets[:, len(prompt) - 1] >= 0).all()     # the first sampled token is
     assert set(rewards.tolist()) <= {0.0, 1.0}
     assert all(len(prompt) < n <= len(prompt) + 6 for n in lengths)
-    # deterministic and distinct seeds per (step, example, sampling call)
-    assert rollout_seed(1, 2, 0) == rollout_seed(1, 2, 0) != rollout_seed(1, 2, 1)
+    # deterministic and distinct seeds per (--seed, step, example, sampling call)
+    assert rollout_seed(42, 1, 2, 0) == rollout_seed(42, 1, 2, 0) != rollout_seed(42, 1, 2, 1)
+    assert rollout_seed(42, 1, 2, 0) != rollout_seed(43, 1, 2, 0)
     again = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)[0]
     assert torch.equal(again[0], inputs)
 
@@ -160,3 +161,49 @@ def test_command_line_turns_a_bad_value_into_one_error_line(base_dir):
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: --num-samples=6 must be a multiple of --device-batch-size=4"]
+
+
+def test_seed_sets_the_rollouts(rl_env):
+    """--seed is part of every rollout's sampling seed: the same seed samples the same completions, another seed
+    others (at temperature 1)."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from tasks.gsm8k import GSM8K
+    from scripts.chat_rl import sample_groups, build_parser
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    task = GSM8K("main", "train")
+
+    def rollouts(seed):
+        args = build_parser().parse_args(["--device-batch-size=4", "--num-samples=4", "--max-new-tokens=8",
+                                          f"--seed={seed}"])
+        return sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, task[0])], args, step=3)[0][0]
+    assert torch.equal(rollouts(1), rollouts(1)) and not torch.equal(rollouts(1), rollouts(2))
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(rl_env, monkeypatch):
+    """Two RL runs with the same --seed take the same prompts in the same order and end with the same weights;
+    another seed takes the prompts in another order. The seed is in the checkpoint meta and the report section."""
+    from nanochat.checkpoint_manager import load_model
+    from scripts import chat_rl
+    prompts = []  # the training problems each run samples, in order
+    sample_groups = chat_rl.sample_groups
+
+    def recording(engine, tokenizer, task, examples, args, step):
+        prompts[-1].extend(i for i, _ in examples)
+        return sample_groups(engine, tokenizer, task, examples, args, step)
+    monkeypatch.setattr(chat_rl, "sample_groups", recording)
+
+    def reinforce(seed):
+        prompts.append([])
+        result = chat_rl.main(["--device-type=cpu", "--num-steps=2", "--device-batch-size=2", "--num-samples=2",
+                               "--examples-per-step=2", "--max-new-tokens=6", "--eval-every=2", "--eval-examples=2",
+                               "--temperature=1", f"--seed={seed}"])
+        model, _, meta = load_model("rl", "cpu", phase="eval")
+        assert meta["seed"] == seed
+        return result, model.state_dict()
+    (first, first_weights), (again, again_weights), _ = reinforce(5), reinforce(5), reinforce(6)
+    assert first["history"] == again["history"] and prompts[0] == prompts[1]
+    assert all(torch.equal(first_weights[k], again_weights[k]) for k in first_weights)
+    assert len(prompts[0]) == 4 and prompts[2] != prompts[0]
+    assert "- seed: 6" in (rl_env / "report" / "chat-rl.md").read_text()
