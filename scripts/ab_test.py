@@ -33,6 +33,7 @@ Imports no torch (the parent of the runs should not hold a GPU context), and mat
 import os
 import re
 import sys
+import json
 import math
 import time
 import shlex
@@ -41,7 +42,6 @@ import subprocess
 
 from nanochat.cli import run
 from nanochat.errors import NanochatError
-from scripts.sweep_results import aligned, load_summary
 
 FIRST_SEED = 42   # base_train's default seed
 ALPHA = 0.05      # significance level; the intervals are 1 - ALPHA = 95%
@@ -186,10 +186,14 @@ def results_dir(name):
     return base_dir, os.path.join(base_dir, "ab_results", name)
 
 
-def read_summary(path, since=None):
+def read_summary(path):
     """A run's summary.json (path: the file or its checkpoint dir), checked for a val bpb."""
     path = os.path.join(path, "summary.json") if os.path.isdir(path) else path
-    summary = load_summary(path, since)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON
+        raise NanochatError(f"cannot read {path} ({e}); only a finished base_train run writes it") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("val_bpb"), (int, float)):
         raise NanochatError(f"{path} has no val_bpb (was the run's validation off, --eval-every=-1?)")
     return {**summary, "path": path}
@@ -208,6 +212,9 @@ def train_runs(args):
         flags = shlex.split(args.common) + shlex.split(args.a if arm == "A" else args.b)
         command = launcher + ["-m", "scripts.base_train", *flags, f"--seed={seed}", f"--model-tag={tag}"]
         log_path = os.path.join(out_dir, f"{tag}.log")
+        summary_path = os.path.join(base_dir, "base_checkpoints", tag, "summary.json")
+        if os.path.exists(summary_path):  # an earlier test's, of the same name: it must not pass for this run's
+            os.remove(summary_path)
         print(f"[{i}/{len(plan)}] {arm} seed {seed}: {shlex.join(command)}", flush=True)
         start = time.time()
         with open(log_path, "w") as log:
@@ -216,7 +223,7 @@ def train_runs(args):
             with open(log_path, errors="replace") as log:
                 last = ([line.strip() for line in log if line.strip()] or ["(empty log)"])[-1]
             raise NanochatError(f"{arm} seed {seed} failed (exit {code}): {last} (full log: {log_path})")
-        summary = read_summary(os.path.join(base_dir, "base_checkpoints", tag), since=start)
+        summary = read_summary(summary_path)
         runs[arm].append(summary)
         print(f"    val bpb {summary['val_bpb']:.4f} in {time.time() - start:.0f}s (log: {log_path})", flush=True)
     return runs
@@ -237,7 +244,8 @@ def arm_table(runs, key):
         rows.append([arm, str(len(values)), ",".join(str(s.get("seed", "?")) for s in summaries),
                      fmt(*mean_interval(values)), " ".join(f"{v:.4f}" for v in values),
                      f"{sum(eval_se) / len(eval_se):.4f}" if None not in eval_se else "-"])
-    return aligned(rows)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def verdict(name, a, b, lower_is_better):

@@ -105,7 +105,7 @@ def find_row(rows, kind, key):
 
 def load_summary(summary_path, since=None):
     if not os.path.exists(summary_path):
-        raise NanochatError(f"{summary_path} not found: base_train did not finish (see its log)")
+        raise NanochatError(f"{summary_path} not found: base_train did not finish (see its log next to the results CSV)")
     if since is not None and os.path.getmtime(summary_path) < since:
         raise NanochatError(f"{summary_path} is older than this run: base_train did not write a new summary (see its log)")
     try:

@@ -146,7 +146,8 @@ def test_identical_runs_warn_that_chance_cannot_be_measured(tmp_path, monkeypatc
     (["--a=", "--b=", "--common=--depth=4 --model-tag x"], "--common sets --model-tag"),
     (["--a=", "--b=", "--seeds=0"], "--seeds=0 must be at least 1"),
     (["--a=", "--b=", "--name=../up"], "--name='../up' must be a plain name"),
-    (["--a-runs", "nowhere", "--b-runs", "nowhere"], "nowhere not found: base_train did not finish"),
+    (["--a-runs", "nowhere", "--b-runs", "nowhere"], "cannot read nowhere ([Errno 2] No such file or directory: "
+                                                     "'nowhere'); only a finished base_train run writes it"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -164,7 +165,7 @@ def test_summary_without_val_bpb_is_one_error_line(tmp_path, monkeypatch, capsys
     code, _, err = run_tool(capsys, "--a-runs", a, "--b-runs", a)
     assert code == 1 and err.startswith("error: ") and "has no val_bpb" in err
     code, _, err = run_tool(capsys, "--a-runs", str(tmp_path / "b"), "--b-runs", a)
-    assert code == 1 and err.startswith("error: ") and "summary.json is not valid JSON" in err
+    assert code == 1 and err.startswith("error: cannot read ") and "summary.json (Expecting property name" in err
 
 
 def test_the_tool_never_imports_torch():
