@@ -7,8 +7,7 @@ Also here: the flags every script that loads one model to use it shares (add_mod
 
 import sys
 
-from nanochat.common import int_in
-from nanochat.errors import NanochatError
+from nanochat.errors import NanochatError  # imports nothing: run() serves torch-free tools too (scripts.ab_test)
 
 
 def run(main):
@@ -24,6 +23,7 @@ def add_model_flags(parser, default_source):
     """The flags of the scripts that load one model to use it: which checkpoint (-i/--source, -g/--model-tag,
     -s/--step) and on which device. default_source=None makes -i/--source required. They feed
     checkpoint_manager.load_model (or resolve_checkpoint, then build_model)."""
+    from nanochat.common import int_in  # here, not at the top: nanochat.common imports torch
     # (the families of checkpoint_manager.CHECKPOINT_SOURCES, spelled out: this module imports no model code)
     parser.add_argument("-i", "--source", type=str, default=default_source, required=default_source is None,
                         choices=["base", "sft", "rl"], help="checkpoint family to load: base|sft|rl")

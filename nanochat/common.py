@@ -118,8 +118,9 @@ def _choose_compute_dtype():
 
 COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _choose_compute_dtype()
 
-def compute_init(device_type="cuda"):
-    """Seed, set precision flags and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
+def compute_init(device_type="cuda", seed=42):
+    """Seed torch's generators (every rank alike: ranks build identical initial weights), set precision flags and,
+    under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     if device_type not in ("cuda", "mps", "cpu"):
         raise NanochatError(f"--device-type={device_type} is not one of cuda, cpu, mps")
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -127,9 +128,8 @@ def compute_init(device_type="cuda"):
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise NanochatError("--device-type=mps but MPS is not available (try --device-type=cpu)")
 
-    torch.manual_seed(42)
+    torch.manual_seed(seed)  # (the CPU generator and every device's)
     if device_type == "cuda":
-        torch.cuda.manual_seed(42)
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
     ddp, rank, local_rank, world_size = get_dist_info()

@@ -72,6 +72,8 @@ def build_parser():
                    help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
     g.add_argument("--fp8", action="store_true", help="train Linear layers in FP8 (CUDA compute capability >= 8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="FP8 scaling recipe (tensorwise is faster)")
+    # what differs between repeats of one recipe (scripts/ab_test runs several seeds per recipe)
+    g.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42, help="seed of the weight init and of the training data order")
     # depth is the one dial: width, heads and (through the plan) batch size, learning rates and horizon follow from it
     g = parser.add_argument_group("model architecture")
     g.add_argument("--depth", type=int_in("[1, inf)"), default=20, help="number of transformer layers: the one dial that sizes everything")
@@ -459,7 +461,7 @@ def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, 
     rank's loader resumes."""
     meta = {"val_bpb": state.val_bpb, "model_config": dataclasses.asdict(plan.model_config), "user_config": user_config,
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-            "total_batch_size": plan.total_batch_size}
+            "total_batch_size": plan.total_batch_size, "seed": args.seed}
     resume.save_resumable(checkpoint_dir, "base", state.step, orig_model, optimizer, meta,
                           {k: getattr(state, k) for k in LOOP_FIELDS}, resume_state, state.last_good_step,
                           args.keep_last, rank, world_size, device)
@@ -490,6 +492,7 @@ def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, wor
         "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
         "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
         "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
+        "seed": args.seed, "val_curve": [[row["step"], row["val_bpb"]] for row in state.history["val"]],
     }
     # the sweeps (runs/miniseries.sh, runs/scaling_laws.sh) read their rows from this file, never from the log
     summary_path = os.path.join(checkpoint_dir, "summary.json")  # beside the last step's checkpoint
@@ -519,7 +522,7 @@ def main(argv=None):
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     print_banner()
     device_type = args.device_type or autodetect_device_type()
-    _, rank, _, world_size, device = compute_init(device_type)
+    _, rank, _, world_size, device = compute_init(device_type, args.seed)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     if args.fp8:
@@ -569,7 +572,8 @@ def main(argv=None):
     state, loader_states = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
     # on another world size the loader reshards the old ranks' states (every document of the epoch once)
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_states=loader_states)
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_states=loader_states,
+        seed=args.seed)
     # each batch comes with the loader state that resumes at it, which is what a checkpoint saves (see the helper)
     batches = with_resume_states(loader)
 

@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import time
+import random
 import argparse
 import dataclasses
 
@@ -48,6 +49,8 @@ def build_parser():
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42,
+                        help="seed of the training prompts' order and of the rollouts (evaluation stays fixed)")
     # which model to start from: the SFT model by default (it already answers in the format the reward reads)
     parser.add_argument("--source", type=str, default="sft", choices=["sft", "base", "rl"],
                         help="checkpoint family to start from")
@@ -90,17 +93,17 @@ def check_args(args):
 # -----------------------------------------------------------------------------
 # Prompts and rollouts: which problems a step trains on, sampling a group of completions for each, training rows
 
-def step_example_indices(step, examples_per_step, rank, world_size, num_examples):
-    """The train-set indices rank trains on at step: the step's examples_per_step consecutive problems (cycling over
-    the epochs), dealt round-robin to the ranks. A function of the step alone: a resumed run, on any number of
-    processes, trains on the same problems as the uninterrupted one."""
+def step_example_indices(step, examples_per_step, rank, world_size, order):
+    """The train-set indices rank trains on at step: the step's examples_per_step consecutive problems of order (the
+    --seed shuffle of the train set, cycled over the epochs), dealt round-robin to the ranks. A function of the step
+    alone: a resumed run, on any number of processes, trains on the same problems as the uninterrupted one."""
     first = step * examples_per_step
-    return [(first + k) % num_examples for k in range(rank, examples_per_step, world_size)]
+    return [order[(first + k) % len(order)] for k in range(rank, examples_per_step, world_size)]
 
 
-def rollout_seed(step, example_index, sampling_step):
-    """Deterministic, distinct seed per (step, example, sampling call); ints hash the same in every process."""
-    return hash((step, example_index, sampling_step)) & 0x7FFFFFFF
+def rollout_seed(seed, step, example_index, sampling_step):
+    """Deterministic, distinct seed per (--seed, step, example, sampling call); ints hash the same in every process."""
+    return hash((seed, step, example_index, sampling_step)) & 0x7FFFFFFF
 
 
 @torch.no_grad()
@@ -117,7 +120,7 @@ def sample_groups(engine, tokenizer, task, examples, args, step):
     for call, seqs, msks in engine.generate_many([prompts[i] for i, _ in calls], num_samples=args.device_batch_size,
                                                  max_tokens=args.max_new_tokens, temperature=args.temperature,
                                                  top_k=args.top_k if args.top_k > 0 else None,
-                                                 seeds=[rollout_seed(step, examples[i][0], s) for i, s in calls],
+                                                 seeds=[rollout_seed(args.seed, step, examples[i][0], s) for i, s in calls],
                                                  max_rows=len(examples) * args.num_samples):
         sampled[call] = (seqs, msks)
     device = engine.model.get_device()
@@ -230,7 +233,7 @@ def load_resumed_optimizer(optimizer, checkpoint_dir, step, device, rank, world_
 def save(checkpoint_dir, state, model, optimizer, args, user_config, rank, world_size, device):
     """Checkpoint after state.step updates (resume.save_resumable: every rank, never a non-finite state)."""
     meta = dict(model_config=dataclasses.asdict(model.config), user_config=user_config, pass_at_k=state.pass_at_k,
-                source=args.source)
+                source=args.source, seed=args.seed)
     resume.save_resumable(checkpoint_dir, "rl", state.step, model, optimizer, meta,
                           {k: getattr(state, k) for k in LOOP_FIELDS}, None, state.last_good_step, args.keep_last,
                           rank, world_size, device)
@@ -253,7 +256,7 @@ def main(argv=None):
     # --- setup: runtime policies, device and processes, the checks that need the world size, wandb --------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type, args.seed)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     # every rank takes the same number of prompts per step, so their gradients average with equal weight
@@ -289,6 +292,7 @@ def main(argv=None):
     if args.resume_from_step > num_steps:
         raise NanochatError(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_steps} steps)")
     examples_per_rank = args.examples_per_step // world_size
+    order = random.Random(args.seed).sample(range(len(train_task)), len(train_task))  # the --seed order of the problems
     print0(f"Calculated number of steps: {num_steps}")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
     print0(f"Calculated examples per rank: {examples_per_rank}")
@@ -342,7 +346,7 @@ def main(argv=None):
                 break
 
             # one optimization step: rollouts + policy gradient, one example at a time (gradients accumulate)
-            example_indices = step_example_indices(step, args.examples_per_step, rank, world_size, len(train_task))
+            example_indices = step_example_indices(step, args.examples_per_step, rank, world_size, order)
             step_rewards, step_lengths, losses = train_step(model, engine, tokenizer, train_task, example_indices, args,
                                                             step, num_steps, scaler)
             # step statistics, averaged over ranks

@@ -72,6 +72,8 @@ def build_parser():
                         help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"],
                         help="torch.compile the model and the optimizer math (auto: always on CUDA, on CPU for long runs)")
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=42,
+                        help="seed of the training mixture's conversation order (the validation slice stays fixed)")
     # which base model
     parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
     parser.add_argument("--model-step", type=int_in("[0, inf)"), default=None, help="base checkpoint step (default: last)")
@@ -252,7 +254,8 @@ def build_mixture(args):
     for split, rows in parts.items():
         if sum(len(t) for _, t in rows) == 0:
             raise NanochatError(f"the SFT {split} mixture is empty (no part could be loaded); see the lines above")
-    train_task = TaskMixture([t for _, t in parts["train"]])
+    train_task = TaskMixture([t for _, t in parts["train"]], seed=args.seed)
+    # the validation mixture keeps its own seed: every run, whatever its --seed, is measured on the same conversations
     val_task = TaskMixture([t for _, t in parts["val"]])
     counts = Counter()
     for name, task in parts["train"]:
@@ -431,7 +434,7 @@ def main(argv=None):
     # --- setup: runtime policies, device and processes, wandb ---------------------------------------------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type, args.seed)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     wandb_run = init_wandb("nanochat-sft", args.run, user_config, rank == 0)
@@ -561,7 +564,7 @@ def main(argv=None):
         checkpoint_dir = checkpoint_dir_for("sft", args.model_tag or f"d{orig_model.config.n_layer}")
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
                         dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
-                             user_config=user_config, max_seq_len=T, device_batch_size=B,
+                             user_config=user_config, seed=args.seed, max_seq_len=T, device_batch_size=B,
                              total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
                         rank=rank, sync_ranks=ddp)  # every rank writes its optimizer shard, rank 0 the rest
         stats = {"Training mixture": mixture_description,

@@ -1,7 +1,7 @@
 """
 The task machinery shared by every dataset in tasks/:
 - Task: a lightweight sliced view (start/stop/step) over a dataset of conversations, plus how to grade answers;
-- TaskMixture: a deterministic seed-42 shuffle of several tasks;
+- TaskMixture: a deterministic seeded shuffle of several tasks (seed 42 unless told);
 - single_turn: the example of a one-question task (user asks, assistant answers);
 - MultipleChoiceTask, multiple_choice_example, render_mc: the exact multiple-choice prompt and its grading;
 - where data comes from: a local copy (env NANOCHAT_LOCAL_DATA), else the Hugging Face hub (nanochat/hub.py);
@@ -75,14 +75,14 @@ class Task:
 
 
 class TaskMixture(Task):
-    """Several tasks shuffled together with a fixed seed: same tasks and lengths -> same order, every run.
+    """Several tasks shuffled together with a fixed seed: same tasks, lengths and seed -> same order, every run.
     Pass a task twice to oversample it."""
 
-    def __init__(self, tasks, **slice_kwargs):
+    def __init__(self, tasks, seed=42, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.tasks = tasks
         self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        random.Random(42).shuffle(self.index_map)  # interleave the tasks through the whole mixture
+        random.Random(seed).shuffle(self.index_map)  # interleave the tasks through the whole mixture
 
     def num_examples(self):
         return len(self.index_map)

@@ -424,3 +424,43 @@ def test_core_failing_in_training_is_reported_with_its_type(monkeypatch, capsys)
     out = capsys.readouterr().out
     assert out.startswith("Step 00008 | CORE metric failed (KeyError: 'centered_results')") and "skipped" not in out
     assert model.training  # back in training mode after the failed evaluation
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(train_dir):
+    """Two runs with the same --seed and flags give the same step losses, val bpb and final weights bit for bit;
+    another seed gives other weights. The seed is in the checkpoint meta, summary.json and the report section."""
+    args = TINY + ["--num-iterations=3", "--eval-every=1"]
+    runs = {tag: run_train(train_dir, args + [f"--seed={seed}", f"--model-tag={tag}"])
+            for tag, seed in (("first", 7), ("again", 7), ("other", 8))}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    weights = {tag: torch.load(ckpt_dir(train_dir, tag) / "model_000003.pt") for tag in runs}
+    assert step_losses(runs["first"].stdout) == step_losses(runs["again"].stdout)
+    assert val_bpbs(runs["first"].stdout) == val_bpbs(runs["again"].stdout)
+    assert all(torch.equal(weights["first"][k], weights["again"][k]) for k in weights["first"])
+    assert not torch.equal(weights["first"]["transformer.wte.weight"], weights["other"]["transformer.wte.weight"])
+    assert step_losses(runs["first"].stdout) != step_losses(runs["other"].stdout)
+    summary = json.loads((ckpt_dir(train_dir, "first") / "summary.json").read_text())
+    logged = val_bpbs(runs["first"].stdout)  # (printed with 6 decimals)
+    assert summary["seed"] == 7 and [step for step, _ in summary["val_curve"]] == sorted(logged) == [0, 1, 2, 3]
+    assert all(abs(bpb - logged[step]) < 1e-6 for step, bpb in summary["val_curve"])
+    assert json.loads((ckpt_dir(train_dir, "other") / "meta_000003.json").read_text())["seed"] == 8
+    assert "- seed: 8" in (train_dir / "report" / "base-model-training.md").read_text()
+
+
+def test_seed_sets_the_initial_weights():
+    """main seeds through compute_init before it builds the model: the seed alone decides the initial weights."""
+    from nanochat.common import compute_init
+    from scripts.base_train import build_parser, training_plan, build_model_and_optimizer
+
+    def initial_weights(seed):
+        args = build_parser().parse_args(TINY + ["--num-iterations=1", f"--seed={seed}"])
+        plan = training_plan(args, 512, 2 * T, print0=lambda *a, **k: None)
+        compute_init("cpu", args.seed)
+        model, _ = build_model_and_optimizer(args, plan, torch.device("cpu"), None, 0, use_compile=False)
+        return model.state_dict()
+    first, again, other = initial_weights(1), initial_weights(1), initial_weights(2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["transformer.wte.weight"], other["transformer.wte.weight"])
+    assert build_parser().parse_args([]).seed == 42  # the seed compute_init always used: default runs keep their init

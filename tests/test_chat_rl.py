@@ -62,8 +62,9 @@ def test_rollouts_train_only_sampled_tokens(rl_env, tiny_tokenizer):
     assert (targets[:, len(prompt) - 1] >= 0).all()     # the first sampled token is
     assert set(rewards.tolist()) <= {0.0, 1.0}
     assert all(len(prompt) < n <= len(prompt) + 6 for n in lengths)
-    # deterministic and distinct seeds per (step, example, sampling call)
-    assert rollout_seed(1, 2, 0) == rollout_seed(1, 2, 0) != rollout_seed(1, 2, 1)
+    # deterministic and distinct seeds per (--seed, step, example, sampling call)
+    assert rollout_seed(42, 1, 2, 0) == rollout_seed(42, 1, 2, 0) != rollout_seed(42, 1, 2, 1)
+    assert rollout_seed(42, 1, 2, 0) != rollout_seed(43, 1, 2, 0)
     again = sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, conversation)], args, 0)[0]
     assert torch.equal(again[0], inputs)
 
@@ -192,11 +193,12 @@ def test_step_prompts_are_a_function_of_the_step(rl_env):
     """The prompts of a step are its examples_per_step consecutive problems (cycling), dealt to the ranks: the same
     problems on any number of processes."""
     from scripts.chat_rl import step_example_indices
-    assert step_example_indices(0, 4, 0, 1, 7) == [0, 1, 2, 3]
-    assert step_example_indices(1, 4, 0, 1, 7) == [4, 5, 6, 0]  # wraps into the next epoch
+    order = [6, 2, 0, 5, 1, 3, 4]  # a --seed shuffle of 7 problems
+    assert step_example_indices(0, 4, 0, 1, order) == [6, 2, 0, 5]
+    assert step_example_indices(1, 4, 0, 1, order) == [1, 3, 4, 6]  # wraps into the next epoch
     for step in range(5):
-        one = step_example_indices(step, 4, 0, 1, 7)
-        two = [step_example_indices(step, 4, rank, 2, 7) for rank in (0, 1)]
+        one = step_example_indices(step, 4, 0, 1, order)
+        two = [step_example_indices(step, 4, rank, 2, order) for rank in (0, 1)]
         assert sorted(two[0] + two[1]) == sorted(one) and len(two[0]) == len(two[1]) == 2
 
 
@@ -295,3 +297,49 @@ def test_resuming_an_old_checkpoint_says_why_not(rl_env, tiny_tokenizer, tiny_mo
     message = str(excinfo.value)
     assert message.startswith("--resume-from-step=4: the checkpoint in ") and "\n" not in message, message
     assert "without the state of its training loop" in message and "not for resuming" in message
+
+
+def test_seed_sets_the_rollouts(rl_env):
+    """--seed is part of every rollout's sampling seed: the same seed samples the same completions, another seed
+    others (at temperature 1)."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from tasks.gsm8k import GSM8K
+    from scripts.chat_rl import sample_groups, build_parser
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    task = GSM8K("main", "train")
+
+    def rollouts(seed):
+        args = build_parser().parse_args(["--device-batch-size=4", "--num-samples=4", "--max-new-tokens=8",
+                                          f"--seed={seed}"])
+        return sample_groups(Engine(model, tokenizer), tokenizer, task, [(0, task[0])], args, step=3)[0][0]
+    assert torch.equal(rollouts(1), rollouts(1)) and not torch.equal(rollouts(1), rollouts(2))
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(rl_env, monkeypatch):
+    """Two RL runs with the same --seed take the same prompts in the same order and end with the same weights;
+    another seed takes the prompts in another order. The seed is in the checkpoint meta and the report section."""
+    from nanochat.checkpoint_manager import load_model
+    from scripts import chat_rl
+    prompts = []  # the training problems each run samples, in order
+    sample_groups = chat_rl.sample_groups
+
+    def recording(engine, tokenizer, task, examples, args, step):
+        prompts[-1].extend(i for i, _ in examples)
+        return sample_groups(engine, tokenizer, task, examples, args, step)
+    monkeypatch.setattr(chat_rl, "sample_groups", recording)
+
+    def reinforce(seed):
+        prompts.append([])
+        result = chat_rl.main(["--device-type=cpu", "--num-steps=2", "--device-batch-size=2", "--num-samples=2",
+                               "--examples-per-step=2", "--max-new-tokens=6", "--eval-every=2", "--eval-examples=2",
+                               "--temperature=1", f"--seed={seed}"])
+        model, _, meta = load_model("rl", "cpu", phase="eval")
+        assert meta["seed"] == seed
+        return result, model.state_dict()
+    (first, first_weights), (again, again_weights), _ = reinforce(5), reinforce(5), reinforce(6)
+    assert first["history"] == again["history"] and prompts[0] == prompts[1]
+    assert all(torch.equal(first_weights[k], again_weights[k]) for k in first_weights)
+    assert len(prompts[0]) == 4 and prompts[2] != prompts[0]
+    assert "- seed: 6" in (rl_env / "report" / "chat-rl.md").read_text()

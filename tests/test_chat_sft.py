@@ -272,3 +272,38 @@ def test_full_disk_at_the_save_is_one_clear_line(chat_env, full_disk):
     assert message.startswith("could not save the checkpoint of step 1") and "\n" not in message, message
     assert "No space left on device" in message
     assert os.listdir(chat_env / "chatsft_checkpoints" / "d2") == []
+
+
+def test_seed_sets_the_mixture_order():
+    """--seed shuffles the training mixture (TaskMixture's seed); 42, the default, is the order it always had."""
+    import random
+    from tasks.common import TaskMixture
+    parts = [ListTask([conversation(f"{name}{i}", "ok") for i in range(20)]) for name in "ab"]
+
+    def order(mixture):
+        return [example["messages"][0]["content"] for example in mixture]
+    assert order(TaskMixture(parts, seed=1)) == order(TaskMixture(parts, seed=1)) != order(TaskMixture(parts, seed=2))
+    before = [(t, i) for t in range(2) for i in range(20)]
+    random.Random(42).shuffle(before)  # what TaskMixture did before it took a seed
+    assert order(TaskMixture(parts)) == [f"{'ab'[t]}{i}" for t, i in before]
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(chat_env):
+    """Two SFT runs with the same --seed give the same losses and weights bit for bit; another seed trains on the
+    mixture in another order. The seed is in the checkpoint meta and the report section."""
+    from scripts import chat_sft
+
+    def finetune(seed):
+        result = chat_sft.main(["--device-type=cpu", "--num-iterations=3", "--device-batch-size=2", "--eval-every=-1",
+                                "--eval-tokens=256", "--chatcore-every=-1", "--simple-spelling-size=20",
+                                "--spelling-bee-size=20", f"--seed={seed}"])
+        checkpoint = chat_env / "chatsft_checkpoints" / "d2"
+        assert json.loads((checkpoint / "meta_000003.json").read_text())["seed"] == seed
+        return result, torch.load(checkpoint / "model_000003.pt")
+    (first, first_weights), (again, again_weights), (other, other_weights) = finetune(5), finetune(5), finetune(6)
+    assert first["history"] == again["history"]
+    assert all(torch.equal(first_weights[k], again_weights[k]) for k in first_weights)
+    assert [r["loss"] for r in first["history"]["train"]] != [r["loss"] for r in other["history"]["train"]]
+    assert not torch.equal(first_weights["lm_head.weight"], other_weights["lm_head.weight"])
+    assert "- seed: 6" in (chat_env / "report" / "chat-sft.md").read_text()

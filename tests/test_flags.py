@@ -40,7 +40,7 @@ ENTRY_POINTS = [
         "--weight-decay": "-1", "--adam-beta1": "1 2", "--adam-beta2": "1 -0.1", "--warmup-ratio": "1.5",
         "--warmup-steps": "-1", "--warmdown-ratio": "1.01", "--final-lr-frac": "2", "--resume-from-step": "-2",
         "--save-every": "0", "--keep-last": "0", "--eval-every": "0", "--eval-tokens": "0", "--core-metric-every": "0",
-        "--core-metric-max-per-task": "0", "--sample-every": "0"}),
+        "--core-metric-max-per-task": "0", "--sample-every": "0", "--seed": "4294967296"}),
     ("scripts.chat_sft", call_main("scripts.chat_sft"), [], {
         "--model-step": "-1", "--load-optimizer": "2", "--mmlu-epochs": "-1", "--gsm8k-epochs": "-1",
         "--identity-epochs": "-1", "--simple-spelling-size": "-1", "--spelling-bee-size": "-1", "--num-iterations": "0",
@@ -48,13 +48,13 @@ ENTRY_POINTS = [
         "--unembedding-lr": "-1", "--matrix-lr": "-1", "--weight-decay": "-1", "--init-lr-frac": "-1",
         "--warmup-ratio": "1.5", "--warmdown-ratio": "1.5", "--final-lr-frac": "1.5", "--eval-every": "0",
         "--eval-tokens": "0", "--chatcore-every": "0", "--chatcore-max-cat": "0", "--chatcore-max-sample": "0",
-        "--chatcore-max-new-tokens": "0", "--dry-run": "2"}),
+        "--chatcore-max-new-tokens": "0", "--dry-run": "2", "--seed": "4294967296"}),
     ("scripts.chat_rl", call_main("scripts.chat_rl"), [], {
         "--model-step": "-1", "--num-epochs": "0", "--num-steps": "0", "--device-batch-size": "0",
         "--examples-per-step": "0", "--num-samples": "0", "--max-new-tokens": "0", "--temperature": "-0.1",
         "--top-k": "-1", "--embedding-lr": "-1", "--unembedding-lr": "-1", "--matrix-lr": "-1", "--weight-decay": "-1",
         "--init-lr-frac": "-1", "--eval-every": "0", "--eval-examples": "0", "--save-every": "0", "--keep-last": "0",
-        "--resume-from-step": "-2"}),
+        "--resume-from-step": "-2", "--seed": "4294967296"}),
     ("scripts.chat_eval", call_main("scripts.chat_eval"), ["-i", "sft"], {
         "--step": "-1", "--max-problems": "0", "--batch-size": "0", "--temperature": "-1", "--max-new-tokens": "0",
         "--num-samples": "0", "--top-k": "-1", "--rows": "0"}),
@@ -79,7 +79,7 @@ ENTRY_POINTS = [
     ("nanochat.engine", call_main("nanochat.engine"), [], {"--step": "-1", "--max-tokens": "0"}),
     ("scripts.offline_corpus", call_main("scripts.offline_corpus"), [], {
         "--max-chars": "0", "--max-doc-chars": "0", "--num-workers": "0"}),
-]  # not scripts/sweep_results.py: the sweeps call it twice per run and it stays free of torch (nanochat.common imports it)
+]  # not scripts/sweep_results.py nor scripts/ab_test.py: they stay free of torch (nanochat.common imports it)
 ENTRY = {name: (run, argv) for name, run, argv, _ in ENTRY_POINTS}
 BAD_VALUES = [(name, flag, ["nan", "inf", "-inf", "-5", *extra.split()])
               for name, _, _, flags in ENTRY_POINTS for flag, extra in flags.items()]

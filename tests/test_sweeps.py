@@ -393,7 +393,7 @@ def launched_modules(script_text):
     return launches
 
 
-@pytest.mark.parametrize("script", ["speedrun.sh", "runcpu.sh", "miniseries.sh", "scaling_laws.sh"])
+@pytest.mark.parametrize("script", ["speedrun.sh", "runcpu.sh", "miniseries.sh", "scaling_laws.sh", "ab.sh"])
 def test_run_scripts_use_flags_the_stage_scripts_define(script):
     text = (REPO_ROOT / "runs" / script).read_text()
     assert subprocess.run(["bash", "-n", str(REPO_ROOT / "runs" / script)]).returncode == 0
