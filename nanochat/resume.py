@@ -59,14 +59,15 @@ def check_resume(stage, checkpoint_dir, step, world_size, user_config):
         meta = ckpt.load_meta(checkpoint_dir, step)
     except ckpt.CheckpointError as e:
         raise NanochatError(f"--resume-from-step={step}: {e}") from None
-    saved_stage, version = meta.get("stage", "base"), meta.get("format_version", 1)
-    if saved_stage != stage or version > FORMAT_VERSION:
-        raise NanochatError(f"--resume-from-step={step}: {checkpoint_dir} holds a {saved_stage} checkpoint of format "
-                            f"{version}; this is a {stage} run of format {FORMAT_VERSION}")
+    # first: a final model of any stage written before stages were recorded has no loop state (and no stage)
     if "loop_state" not in meta:
         raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} is a final model without "
                             f"the state of its training loop (written before {stage} runs could resume); it loads "
                             f"for inference and as a starting point, not for resuming")
+    saved_stage, version = meta.get("stage", "base"), meta.get("format_version", 1)
+    if saved_stage != stage or version > FORMAT_VERSION:
+        raise NanochatError(f"--resume-from-step={step}: {checkpoint_dir} holds a {saved_stage} checkpoint of format "
+                            f"{version}; this is a {stage} run of format {FORMAT_VERSION}")
     saved_world = meta.get("world_size", 1)
     if saved_world != world_size and version < 2:
         raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} was saved by {saved_world} "

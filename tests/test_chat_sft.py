@@ -100,7 +100,7 @@ def conversation(user, assistant):
 
 
 def test_targets_are_assistant_tokens_only(tiny_tokenizer):
-    from scripts.chat_sft import sft_batches
+    from nanochat.sft_dataloader import sft_batches
     tok = tiny_tokenizer
     conv = {"messages": [
         {"role": "user", "content": "What is two plus two?"},
@@ -130,19 +130,19 @@ def test_targets_are_assistant_tokens_only(tiny_tokenizer):
 
 
 def test_short_rows_never_clog_and_count_truncations(tiny_tokenizer):
-    from scripts.chat_sft import sft_batches, new_packing_stats
+    from nanochat.sft_dataloader import sft_batches
     tok = tiny_tokenizer
     long_user = " ".join(["word"] * 200)
     convs = [conversation(long_user, "ok")] * 30  # nothing of the assistant survives a 16-token row: skipped
     convs += [conversation("hi", " ".join(["answer"] * 100))] * 30  # too long: truncated, still trainable
     convs += [conversation("hi", "short")] * 30
-    stats = new_packing_stats()
-    loader = sft_batches(ListTask(convs), tok, B=4, T=16, device="cpu", stats=stats, buffer_size=10)
+    loader = sft_batches(ListTask(convs), tok, B=4, T=16, device="cpu", buffer_size=10)
     for _ in range(20):
-        x, y, _ = next(loader)
+        x, y, state = next(loader)
         assert x.shape == (4, 16) and y.shape == (4, 16)
         assert (x[:, 0] == tok.get_bos_token_id()).all()
         assert ((y >= 0).sum(dim=1) > 0).all()  # every row trains on something: no pure-padding rows
+    stats = state["stats"]
     assert stats["truncated"] > 0 and stats["skipped"] > 0
     assert stats["padding"] < stats["tokens"] * 0.5
 
