@@ -1,7 +1,9 @@
 """
 SFT on a tiny model: the packing loader (assistant-only targets, truncation instead of clogging, every row starts
-with BOS), the step loss (a micro-batch without supervised tokens gives no NaN), and scripts.chat_sft end to end
-(finite losses, checkpoint under chatsft_checkpoints, the "Chat SFT" report section, missing base checkpoint).
+with BOS; its state resumes exactly and redistributes over another number of ranks, traced conversation by
+conversation), the step loss (a micro-batch without supervised tokens gives no NaN), and scripts.chat_sft end to end
+(finite losses, checkpoint under chatsft_checkpoints, the "Chat SFT" report section, missing base checkpoint; resume:
+bit-identical, SIGTERM, kill -9 during a save, an old final checkpoint, divergence, 2 gloo processes -> 1).
 Everything runs offline on hand-made data in a temp NANOCHAT_LOCAL_DATA.
 """
 
