@@ -4,6 +4,7 @@ Supervised finetuning (SFT): turn a base model into a chat model.
     python -m scripts.chat_sft
     NANOCHAT_OFFLINE=1 python -m scripts.chat_sft --num-iterations=200        # only data already on disk
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=my_sft
+    python -m scripts.chat_sft --save-every=100 --resume-from-step=300      # resume a run (same flags, any world size)
 
 What it does:
 - loads the base checkpoint; batch geometry (--max-seq-len, --device-batch-size, --total-batch-size) and the
@@ -19,7 +20,12 @@ What it does:
 - the loss is a token mean over the whole optimizer step, so a micro-batch with zero supervised tokens adds zero
   gradient instead of a 0/0 NaN;
 - evaluates validation loss / bpb and ChatCORE (categorical and generative chat tasks) during training, saves to
-  <base>/chatsft_checkpoints/<tag>/ and writes the "Chat SFT" report section.
+  <base>/chatsft_checkpoints/<tag>/ and writes the "Chat SFT" report section;
+- resumes like base_train (nanochat.resume): --save-every / --keep-last / --resume-from-step, SIGTERM/SIGINT save a
+  checkpoint at the next step boundary and exit 0, a non-finite loss or state stops the run and is never saved. The
+  checkpoint holds the loop state and every rank's loader state (packing position and buffer, nanochat.sft_dataloader),
+  so a resumed run is bit-identical on the same number of processes; on another number the optimizer state and the
+  conversations not yet used are redistributed (no conversation of the epoch twice, none skipped).
 """
 
 import os
@@ -31,14 +37,15 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import math
 import time
 import argparse
+import dataclasses
 from collections import Counter
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
+from nanochat import resume
 from nanochat.checkpoint_manager import (resolve_checkpoint, build_model, checkpoint_dir_for, load_optimizer_state,
-                                         save_checkpoint, is_finite_state, CheckpointError)
+                                         load_checkpoint, load_meta, CheckpointError)
 from nanochat.auto_batch import auto_device_batch_size, positive_int_or_auto
 from nanochat.cli import run
 from nanochat.common import (NanochatError, compute_init, compute_cleanup, print0, autodetect_device_type, get_base_dir,
@@ -47,6 +54,7 @@ from nanochat.common import (NanochatError, compute_init, compute_cleanup, print
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss, keep_batches
 from nanochat.report import get_report
+from nanochat.sft_dataloader import sft_batches, resume_state
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_gc, make_grad_scaler, finish_step,
                                scale_initial_lrs, is_due, any_rank, init_wandb)
@@ -113,8 +121,12 @@ def build_parser():
     parser.add_argument("--chatcore-max-cat", type=int_in("[1, inf)", -1), default=-1, help="max problems per categorical task (-1 = all)")
     parser.add_argument("--chatcore-max-sample", type=int_in("[1, inf)"), default=24, help="max problems per generative task")
     parser.add_argument("--chatcore-max-new-tokens", type=int_in("[1, inf)"), default=256, help="max tokens per generative answer")
-    # output
+    # output and checkpoints: a resumed run must be launched with the same flags (the schedules follow from them);
+    # only what the loop accumulated (step, progress, loss EMA, history, RNG and loader states) comes from the checkpoint
     parser.add_argument("--dry-run", type=int_in("[0, 1]"), default=0, help="1 = do not save a checkpoint or write the report")
+    parser.add_argument("--resume-from-step", type=int_in("[0, inf)", -1), default=-1, help="resume from the checkpoint at this step (-1 = fresh run); pass the same flags as the original run")
+    parser.add_argument("--save-every", type=int_in("[1, inf)", -1), default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument("--keep-last", type=int_in("[1, inf)", -1), default=-1, help="after each save keep only the last K checkpoints, to bound disk use (-1 = keep all)")
     return parser
 
 # -----------------------------------------------------------------------------
@@ -167,11 +179,14 @@ def resolve_inherited(args, meta):
                    f"did you pass in a good --device-batch-size to this script?")
 
 
-def build_optimizer(model, args, device, rank, world_size, use_compile):
+def build_optimizer(model, args, device, rank, world_size, use_compile, resumed_state=None):
     """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
-    (every rank warm-starts or none does)."""
+    (every rank warm-starts or none does); a resumed run's takes resumed_state, the state its checkpoint saved."""
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
+    if resumed_state is not None:
+        optimizer.load_state_dict(resumed_state)  # each group's initial_lr too: the LR schedule continues where it was
+        return optimizer
     base_state = None
     if args.load_optimizer:
         try:
@@ -266,94 +281,73 @@ def build_mixture(args):
     return train_task, val_task, description, unavailable
 
 # -----------------------------------------------------------------------------
-# Data loader: BOS-aligned best-fit packing of rendered conversations
+# Loop state and resuming: everything the loop carries from step to step. The LOOP_FIELDS go into the checkpoint
+# meta, with the RNG states and every rank's loader state, so that a resumed run continues bit-exactly.
 
-def new_packing_stats():
-    return dict(conversations=0, truncated=0, skipped=0, tokens=0, padding=0)
+@dataclasses.dataclass
+class LoopState:
+    step: int = 0
+    progress: float = 0.0           # in [0, 1]: by steps with --num-iterations, else by conversations used
+    smooth_train_loss: float = 0.0
+    total_training_time: float = 0.0
+    val_bpb: float = None
+    val_loss: float = None
+    min_val_bpb: float = float("inf")
+    chatcore: float = None
+    history: dict = dataclasses.field(default_factory=lambda: {"train": [], "val": [], "chatcore": []})  # the report's
+    zero_supervised_steps: int = 0
+    unavailable_evals: list = dataclasses.field(default_factory=list)  # chat tasks found unavailable: not retried
+    last_good_step: int = None      # the newest checkpoint known to be finite (not saved)
 
-
-def rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats):
-    """Yields (ids, mask) of this rank's conversations (rank, rank + W, ... wrapping around) forever, each truncated to
-    one row of `capacity` tokens, with the epoch it was fetched in; (None, epoch) for a conversation of which nothing
-    the assistant says survives: it is skipped (a conversation that never fits would clog the packing buffer)."""
-    # rank r renders conversations r, r + W, ...: the ranks share no row, and together they see each once per epoch
-    cursor, epoch, skipped_in_a_row = rank, 1, 0
-    while True:
-        index = cursor
-        cursor += world_size
-        if cursor >= len(dataset):
-            cursor -= len(dataset)
-            epoch += 1
-        try:
-            ids, mask = tokenizer.render_conversation(dataset[index])
-        except (AssertionError, ValueError, KeyError, TypeError) as e:
-            raise NanochatError(f"conversation #{index} of the SFT mixture is malformed ({e!r}); "
-                                f"fix or remove that row in its source file") from e
-        stats["conversations"] += 1
-        if not any(mask[1:capacity]):
-            stats["skipped"] += 1
-            skipped_in_a_row += 1
-            # a whole pass without a trainable conversation means there is none: stop instead of looping forever
-            if skipped_in_a_row > len(dataset):
-                raise NanochatError("no conversation in the mixture has any assistant token to train on "
-                                    f"(with --max-seq-len={capacity - 1}); check the data or use a longer --max-seq-len")
-            yield None, epoch
-            continue
-        skipped_in_a_row = 0
-        stats["truncated"] += len(ids) > capacity
-        yield (ids[:capacity], mask[:capacity]), epoch
+    def record(self, split, entry):
+        rows = [r for r in self.history[split] if r["step"] != entry["step"]]  # a resumed step replaces its old entry
+        self.history[split] = rows + [entry]
 
 
-def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, stats=None, buffer_size=100):
-    """
-    Yields (inputs, targets, progress) forever; inputs/targets are (B, T) int64 on device, targets = -1 where no loss.
-    progress = dict(consumed, epoch) counts conversations used (packed or skipped) by all ranks (this rank's view).
+# the LoopState fields saved under meta["loop_state"] (step, val_bpb, val_loss and chatcore are top-level meta keys)
+LOOP_FIELDS = ("progress", "smooth_train_loss", "total_training_time", "min_val_bpb", "history",
+               "zero_supervised_steps", "unavailable_evals")
 
-    Each row holds T+1 tokens: whole conversations chosen best-fit from a small buffer (the longest one that still
-    fits, the first among equals), then BOS padding.
-    """
-    # Best fit from a buffer of buffer_size conversations keeps padding low while staying close to the data order.
-    # Every row starts at a conversation's BOS, so no row opens mid-conversation, and padding only ever sits at the
-    # end of a row, where causal attention cannot let it change a real token.
-    stats = stats if stats is not None else new_packing_stats()
-    capacity, bos = T + 1, tokenizer.get_bos_token_id()  # T + 1 tokens: inputs are the first T, targets the last T
-    conversations = rendered_conversations(dataset, tokenizer, capacity, rank, world_size, stats)
-    consumed, buffer = rank, []
-    use_pinned = torch.device(device).type == "cuda"
-    # (the buffer refills before each choice, so the best fit is over buffer_size candidates every time)
-    while True:
-        rows_ids, rows_mask = [], []
-        for _ in range(B):
-            row_ids, row_mask = [], []
-            while len(row_ids) < capacity:
-                while len(buffer) < buffer_size:
-                    conversation, epoch = next(conversations)
-                    if conversation is None:
-                        consumed += world_size  # a skipped conversation still counts as seen for the epoch
-                    else:
-                        buffer.append(conversation)
-                remaining = capacity - len(row_ids)
-                fitting = [j for j, (ids, _) in enumerate(buffer) if len(ids) <= remaining]
-                if not fitting:
-                    # nothing fits the tail of this row: pad it (never happens on an empty row, everything fits one)
-                    stats["padding"] += remaining
-                    row_ids += [bos] * remaining
-                    row_mask += [0] * remaining
-                    break
-                ids, mask = buffer.pop(max(fitting, key=lambda j: len(buffer[j][0])))
-                row_ids += ids
-                row_mask += mask
-                consumed += world_size
-            rows_ids.append(row_ids)
-            rows_mask.append(row_mask)
-        ids = torch.tensor(rows_ids, dtype=torch.long)
-        # loss only where the assistant speaks (padding has mask 0 too)
-        targets = torch.where(torch.tensor(rows_mask, dtype=torch.bool), ids, -1)
-        batch = torch.stack([ids[:, :-1], targets[:, 1:]])  # inputs and targets in one host-to-device copy
-        stats["tokens"] += B * capacity
-        # pinned memory lets the copy to the GPU run while the host packs the next batch
-        inputs, targets = (batch.pin_memory() if use_pinned else batch).to(device, non_blocking=use_pinned)
-        yield inputs, targets, dict(consumed=consumed, epoch=epoch)
+
+def restore_loop_state(meta, rank, device_type):
+    """(LoopState, every old rank's loader state) from a checkpoint's meta; also restores this rank's RNG states."""
+    state = LoopState(step=meta["step"], val_bpb=meta["val_bpb"], val_loss=meta["val_loss"], chatcore=meta["chatcore"],
+                      last_good_step=meta["step"], **{k: meta["loop_state"][k] for k in LOOP_FIELDS})
+    resume.restore_rng_states(meta, rank, device_type)
+    return state, meta["dataloader_state_dicts"]
+
+
+def load_resumed_weights(orig_model, checkpoint_dir, step, device, rank):
+    """Put the weights of the checkpoint we resume from into orig_model; returns this rank's optimizer state of it."""
+    try:
+        model_data, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        orig_model.load_state_dict(model_data, strict=True)
+    except (CheckpointError, RuntimeError) as e:
+        raise NanochatError(f"--resume-from-step={step}: {e}") from None
+    print0(f"Resumed model weights from {checkpoint_dir} at step {step}")
+    return optimizer_data
+
+
+def save(checkpoint_dir, state, orig_model, optimizer, args, user_config, mixture, loader_state, rank, world_size, device):
+    """Checkpoint after state.step updates (resume.save_resumable: never a non-finite one); loader_state is where this
+    rank's loader resumes."""
+    meta = dict(val_bpb=state.val_bpb, val_loss=state.val_loss, chatcore=state.chatcore,
+                model_config=dataclasses.asdict(orig_model.config), user_config=user_config,
+                max_seq_len=args.max_seq_len, device_batch_size=args.device_batch_size,
+                total_batch_size=args.total_batch_size, mixture=mixture, seed=args.seed)
+    resume.save_resumable(checkpoint_dir, "sft", state.step, orig_model, optimizer, meta,
+                          {k: getattr(state, k) for k in LOOP_FIELDS}, loader_state, state.last_good_step,
+                          args.keep_last, rank, world_size, device)
+    state.last_good_step = state.step  # what a divergence error points to
+
+
+def total_packing_stats(stats, device):
+    """The packing counts of every rank, summed (one rank's alone undercounts a multi-process run)."""
+    if not is_ddp_initialized():
+        return stats
+    counts = torch.tensor(list(stats.values()), dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return dict(zip(stats, counts.tolist()))
 
 # -----------------------------------------------------------------------------
 # The loss of one optimizer step, and validation
@@ -381,22 +375,21 @@ def train_step(model, batches, grad_accum_steps, scaler, device, world_size):
     """Forward and backward of one optimizer step: grad_accum_steps micro-batches, the gradients accumulating (the
     update is the caller's finish_step). All micro-batches are fetched first, so that the loss can be normalized by
     the step's supervised-token count (all ranks), which keeps zero-token micro-batches from producing 0/0. Returns
-    (loss sum, supervised tokens, conversations consumed by the furthest rank), all ranks, and the epoch."""
+    (loss sum, supervised tokens, conversations used so far), all ranks, and this rank's loader state after the step."""
     fetched = [next(batches) for _ in range(grad_accum_steps)]
     micro_batches = [(x, y) for x, y, _ in fetched]
-    position = fetched[-1][2]  # where the loader stands after the last micro-batch
-    num_supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro_batches)), device=device)
-    consumed = torch.tensor(float(position["consumed"]), device=device)
-    # every rank divides by the same global count (so the averaged gradient is the mean over all tokens), and takes
-    # the furthest rank's position as the progress (so every rank reaches the end of the mixture at the same step)
+    loader_state = fetched[-1][2]  # where the loader stands after the last micro-batch
+    counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in micro_batches), loader_state["used"]], device=device)
+    # every rank divides by the same global count (so the averaged gradient is the mean over all tokens), and the
+    # progress counts the conversations every rank used (so every rank reaches the end of the mixture at one step)
     if is_ddp_initialized():
-        dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
-        dist.all_reduce(consumed, op=dist.ReduceOp.MAX)
-    loss_sum = torch.tensor(backward_token_mean(model, micro_batches, num_supervised.item(), world_size, scaler),
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    num_supervised, used = counts.tolist()
+    loss_sum = torch.tensor(backward_token_mean(model, micro_batches, num_supervised, world_size, scaler),
                             device=device)
     if is_ddp_initialized():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-    return loss_sum.item(), num_supervised.item(), consumed.item(), position["epoch"]
+    return loss_sum.item(), num_supervised, used, loader_state
 
 
 def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
@@ -430,13 +423,19 @@ def main(argv=None):
     user_config = dict(vars(args))  # the flags as given (before inheritance), for the report and the meta
     # which base checkpoint (tag and step), checked now; its files are read once the device is known
     base_checkpoint = resolve_checkpoint("base", args.model_tag, args.model_step)
+    # the SFT model keeps the base model's tag (d<depth> unless --model-tag named another)
+    depth = load_meta(*base_checkpoint)["model_config"]["n_layer"]
+    checkpoint_dir = checkpoint_dir_for("sft", args.model_tag or f"d{depth}")
 
-    # --- setup: runtime policies, device and processes, wandb ---------------------------------------------------
+    # --- setup: runtime policies, device and processes, the resume checkpoint, wandb -----------------------------
     freeze_gc()  # the GC policy (nanochat.training): what exists now lives as long as the run
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type, args.seed)
+    _, rank, _, world_size, device = compute_init(device_type, args.seed)
     keep_freed_memory(device_type)  # the allocator policy on CPU: freed step buffers stay in the heap for reuse
     print0(f"Compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    # the resume checkpoint is checked (complete, readable, this stage's) before wandb and the model
+    resuming = args.resume_from_step >= 0
+    resume_meta = resume.check_resume("sft", checkpoint_dir, args.resume_from_step, world_size, user_config) if resuming else None
     wandb_run = init_wandb("nanochat-sft", args.run, user_config, rank == 0)
 
     # --- build: the base model and the settings it passes on, batch geometry, optimizer, data ---------------------
@@ -462,128 +461,151 @@ def main(argv=None):
     # allowed (the rotary cache covers a multiple of sequence_len), but pretraining never saw positions that far
     if T > orig_model.config.sequence_len:
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
+    # a resumed run trains on from the weights and optimizer state of its checkpoint
+    resumed_optimizer = load_resumed_weights(orig_model, checkpoint_dir, args.resume_from_step, device, rank) if resuming else None
     # the loop trains the compiled model; ChatCORE (varying shapes) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
-    optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
+    optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile, resumed_optimizer)
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
-    train_stats = new_packing_stats()  # what packing truncated, skipped and padded: printed and reported at the end
-    train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, stats=train_stats)
+    # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs); the
+    # loader starts from this rank's saved state, or its share of the old ranks' when the world size changed
+    state, loader_states = restore_loop_state(resume_meta, rank, device_type) if resuming else (LoopState(), None)
+    loader_state = resume_state(loader_states, rank, world_size)  # packing stats are printed and reported at the end
+    train_loader = sft_batches(train_dataset, tokenizer, B, T, device, rank, world_size, state=loader_state)
     token_bytes = get_token_bytes(device=device)  # bytes of text per token id, for bits per byte
     # MFU: the model's FLOPs per token x tokens per step, against the GPU's peak (known only on CUDA)
     flops_per_step = orig_model.estimate_flops() * args.total_batch_size
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device) if device_type == "cuda" else device_type)
 
-    # --- the loop: evaluations at step boundaries, then one optimizer step ---------------------------------------
-    # the loop's state, all of it local: an SFT run is short and does not resume
-    step, progress, smooth_train_loss, ema_beta, total_training_time = 0, 0.0, 0.0, 0.9, 0.0
-    min_val_bpb, val_bpb, val_loss = float("inf"), None, None
-    chatcore, unavailable_eval = None, set()  # chat tasks found unavailable are not retried at later evaluations
-    val_batches = None
-    history = {"train": [], "val": [], "chatcore": []}  # the report's curves
-    zero_supervised_steps = 0
-    while True:
-        # the end: the step count when given, else the first step boundary at which the mixture is used up
-        last_step = step >= args.num_iterations if args.num_iterations > 0 else progress >= 1.0
-        if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
-            model.eval()
-            if val_batches is None:  # rendered once, replayed at every evaluation
-                eval_steps = max(1, args.eval_tokens // (B * T * world_size))
-                val_batches = keep_batches(sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size), eval_steps)
-            # the loss on the assistant's tokens only (the same mask as training); bpb also counts their bytes
-            val_bpb, val_loss, val_tokens = evaluate_loss(model, val_batches, len(val_batches), token_bytes)
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
-                   f"({val_tokens:,} supervised tokens)")
-            history["val"].append(dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_per_step * step))
-            wandb_run.log({"step": step, "total_training_flops": flops_per_step * step, "val/bpb": val_bpb, "val/loss": val_loss})
-            model.train()
-        if is_due(step, args.chatcore_every, last_step):  # categorical (MC) and generative tasks, uncompiled model
-            chatcore, chatcore_results = evaluate_chatcore(orig_model, tokenizer, args, B, step, unavailable_eval)
-            history["chatcore"].append(dict(step=step, chatcore=chatcore, **chatcore_results))
-            wandb_run.log({"step": step, "chatcore_metric": chatcore, **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
-        if last_step:
-            break
+    # --- the loop: at each step boundary the signal check, evaluations and checkpoints; then one optimizer step ---
+    # SIGTERM/SIGINT (a preempted job, Ctrl-C) only set a flag; the finally below puts the previous handlers back
+    signals, restore_signal_handlers = resume.catch_stop_signals(rank)
+    try:
+        start_step, ema_beta, val_batches = state.step, 0.9, None
+        unavailable_evals = set(state.unavailable_evals)  # chat tasks found unavailable are not retried
+        print0(f"Starting training at step {start_step} (checkpoints: {checkpoint_dir})")
+        while True:
+            step = state.step
+            # the end: the step count when given, else the first step boundary at which the mixture is used up
+            last_step = step >= args.num_iterations if args.num_iterations > 0 else state.progress >= 1.0
+            resumed_here = resuming and step == start_step  # this step's checkpoint is the one we resumed from
+            saving = not args.dry_run and not resumed_here
+            stopped = resume.stop_requested(signals, device)  # every rank stops at the same boundary
+            if stopped:
+                if step > 0 and saving:
+                    save(checkpoint_dir, state, orig_model, optimizer, args, user_config, mixture_description,
+                         loader_state, rank, world_size, device)
+                if args.dry_run:
+                    print0(f"Stopped by signal at step {step} (--dry-run: no checkpoint written)")
+                else:
+                    resume.print_stopped(step)
+                break
+            if last_step or is_due(step, args.eval_every, last_step, at_step_zero=True):
+                model.eval()
+                if val_batches is None:  # rendered once, replayed at every evaluation
+                    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+                    val_batches = keep_batches(sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size), eval_steps)
+                # the loss on the assistant's tokens only (the same mask as training); bpb also counts their bytes
+                val_bpb, val_loss, val_tokens = evaluate_loss(model, val_batches, len(val_batches), token_bytes)
+                state.val_bpb, state.val_loss, state.min_val_bpb = val_bpb, val_loss, min(state.min_val_bpb, val_bpb)
+                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
+                       f"({val_tokens:,} supervised tokens)")
+                state.record("val", dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_per_step * step))
+                wandb_run.log({"step": step, "total_training_flops": flops_per_step * step, "val/bpb": val_bpb, "val/loss": val_loss})
+                model.train()
+            if is_due(step, args.chatcore_every, last_step):  # categorical (MC) and generative tasks, uncompiled model
+                state.chatcore, chatcore_results = evaluate_chatcore(orig_model, tokenizer, args, B, step, unavailable_evals)
+                state.unavailable_evals = sorted(unavailable_evals)
+                state.record("chatcore", dict(step=step, chatcore=state.chatcore, **chatcore_results))
+                wandb_run.log({"step": step, "chatcore_metric": state.chatcore, **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
+            # checkpoint (the step we resumed from is on disk already); the last step always saves
+            if (last_step or is_due(step, args.save_every, last_step)) and saving:
+                save(checkpoint_dir, state, orig_model, optimizer, args, user_config, mixture_description,
+                     loader_state, rank, world_size, device)
+            if last_step:
+                break
 
-        # one optimization step, timed between device synchronizations so dt is the step's own work
-        synchronize(device_type)
-        t0 = time.time()
-        loss_sum, num_supervised, consumed, epoch = train_step(model, train_loader, grad_accum_steps, scaler, device, world_size)
-        # with no supervised token anywhere the gradients are all zero: skip the update, or momentum and weight decay
-        # would still move the weights on a step that saw no data
-        if num_supervised == 0:
-            zero_supervised_steps += 1
-            print0(f"WARNING: step {step} has no supervised (assistant) tokens in any micro-batch; skipping its update")
-        # LR and momentum from the progress made before this step (so the first step runs at the initial LR and
-        # the last one does not waste its batch at LR 0); then record the progress including this step
-        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        finish_step(optimizer, scaler, lrm, momentum=muon_momentum(step), update=num_supervised > 0)
-        synchronize(device_type)
-        dt = time.time() - t0
-        step += 1
-        # progress in [0, 1]: by steps when --num-iterations is given, else by conversations used (furthest rank)
-        progress = step / args.num_iterations if args.num_iterations > 0 else consumed / len(train_dataset)
+            # one optimization step, timed between device synchronizations so dt is the step's own work
+            synchronize(device_type)
+            t0 = time.time()
+            loss_sum, num_supervised, used, loader_state = train_step(model, train_loader, grad_accum_steps, scaler,
+                                                                      device, world_size)
+            # with no supervised token anywhere the gradients are all zero: skip the update, or momentum and weight
+            # decay would still move the weights on a step that saw no data
+            if num_supervised == 0:
+                state.zero_supervised_steps += 1
+                print0(f"WARNING: step {step} has no supervised (assistant) tokens in any micro-batch; skipping its update")
+            # LR and momentum from the progress made before this step (so the first step runs at the initial LR and
+            # the last one does not waste its batch at LR 0); then record the progress including this step
+            lrm = lr_multiplier(state.progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            finish_step(optimizer, scaler, lrm, momentum=muon_momentum(step), update=num_supervised > 0)
+            synchronize(device_type)
+            dt = time.time() - t0
+            # the loss sum is over all ranks: a non-finite one stops every rank (under fp16 the GradScaler skips
+            # such steps instead)
+            if scaler is None and not math.isfinite(loss_sum):
+                raise resume.diverged(f"training loss became {loss_sum} at step {step} (non-finite)",
+                                      state.last_good_step, checkpoint_dir)
+            state.step = step = step + 1
+            # progress in [0, 1]: by steps when --num-iterations is given, else by conversations used (all ranks)
+            state.progress = step / args.num_iterations if args.num_iterations > 0 else used / len(train_dataset)
 
-        # the step's log line: an EMA of the per-token loss (debiased like Adam's moments, for the first steps) and
-        # throughput; the first 10 steps (compilation, warm-up) are left out of the training time
-        if num_supervised > 0:
-            smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * loss_sum / num_supervised
-        debiased = smooth_train_loss / (1 - ema_beta ** step)
-        if step > 10:
-            total_training_time += dt
-        tok_per_sec = int(args.total_batch_size / dt)
-        mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
-        print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
-               f"total time: {total_training_time / 60:.2f}m")
-        history["train"].append(dict(step=step, loss=debiased, flops=flops_per_step * step))
-        if step % 10 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_per_step * step,
-                           "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
-                           "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
-        # the GC policy: after the first step freeze what it built, then collect only every 5000 steps
-        manage_gc(step == 1, step)
-    release_gc()  # the loop is over: an in-process caller gets its collector back
+            # the step's log line: an EMA of the per-token loss (debiased like Adam's moments, for the first steps)
+            # and throughput; the first 10 steps (compilation, warm-up) are left out of the training time
+            if num_supervised > 0:
+                state.smooth_train_loss = ema_beta * state.smooth_train_loss + (1 - ema_beta) * loss_sum / num_supervised
+            debiased = state.smooth_train_loss / (1 - ema_beta ** step)
+            if step > 10:
+                state.total_training_time += dt
+            tok_per_sec = int(args.total_batch_size / dt)
+            mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
+            epoch = loader_state["epoch"]
+            print0(f"step {step:05d} ({100 * state.progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+                   f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
+                   f"total time: {state.total_training_time / 60:.2f}m")
+            state.record("train", dict(step=step, loss=debiased, flops=flops_per_step * step))
+            if step % 10 == 0:
+                wandb_run.log({"step": step, "total_training_flops": flops_per_step * step,
+                               "total_training_time": state.total_training_time, "train/loss": debiased,
+                               "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/epoch": epoch})
+            # the GC policy: after this run's first step freeze what it built, then collect only every 5000 steps
+            manage_gc(step == start_step + 1, step)
 
-    # --- wrap up: summary lines, the checkpoint (never a non-finite one) and the report --------------------------
-    print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f}MiB")
-    print0(f"Total training time: {total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
-    padding_fraction = train_stats["padding"] / max(train_stats["tokens"], 1)
-    print0(f"Packing: {train_stats['conversations']:,} conversations rendered, {train_stats['truncated']:,} truncated "
-           f"to fit {T + 1} tokens, {train_stats['skipped']:,} skipped (no assistant token left), "
-           f"padding {100 * padding_fraction:.2f}% of row tokens")
-    if zero_supervised_steps:
-        print0(f"Steps skipped for having no supervised tokens: {zero_supervised_steps}")
-    if not args.dry_run:
-        # checked on every rank (each holds its own optimizer shard) and decided together, before anything is written
-        if any_rank(not is_finite_state([orig_model.state_dict(), optimizer.state_dict()]), device):
-            raise NanochatError(f"SFT diverged: the weights or optimizer state are non-finite after step {step}; "
-                                f"nothing was saved (lower the learning rates)")
-        # the SFT model keeps the base model's tag (d<depth> unless --model-tag named another)
-        checkpoint_dir = checkpoint_dir_for("sft", args.model_tag or f"d{orig_model.config.n_layer}")
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                        dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
-                             user_config=user_config, seed=args.seed, max_seq_len=T, device_batch_size=B,
-                             total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
-                        rank=rank, sync_ranks=ddp)  # every rank writes its optimizer shard, rank 0 the rest
-        stats = {"Training mixture": mixture_description,
-                 "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
-                 "Training rows": len(train_dataset), "Number of iterations": step, "DDP world size": world_size,
-                 "Minimum validation bpb": min_val_bpb, "Final validation loss": val_loss,
-                 "Conversations truncated to fit": train_stats["truncated"],
-                 "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
-                 "Padding fraction": padding_fraction, "Total training time (m)": total_training_time / 60}
-        if chatcore is not None:  # (--chatcore-every=-1: no ChatCORE ran)
-            stats["ChatCORE during SFT"] = chatcore
-        report = get_report()
-        report.log(section="Chat SFT", data=[user_config, stats])
-        report.log_history("chat-sft", history)
-    wandb_run.finish()
-    compute_cleanup()
+        # --- wrap up: summary lines and the report; a run stopped by a signal is not finished, so it writes none --
+        train_stats = total_packing_stats(loader_state["stats"], device)
+        if not stopped:
+            print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f}MiB")
+            print0(f"Total training time: {state.total_training_time / 60:.2f}m")
+            print0(f"Minimum validation bpb: {state.min_val_bpb:.4f}")
+            padding_fraction = train_stats["padding"] / max(train_stats["tokens"], 1)
+            print0(f"Packing: {train_stats['conversations']:,} conversations rendered, {train_stats['truncated']:,} "
+                   f"truncated to fit {T + 1} tokens, {train_stats['skipped']:,} skipped (no assistant token left), "
+                   f"padding {100 * padding_fraction:.2f}% of row tokens")
+            if state.zero_supervised_steps:
+                print0(f"Steps skipped for having no supervised tokens: {state.zero_supervised_steps}")
+        if not stopped and not args.dry_run:
+            stats = {"Training mixture": mixture_description,
+                     "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
+                     "Training rows": len(train_dataset), "Number of iterations": state.step,
+                     "DDP world size": world_size, "Minimum validation bpb": state.min_val_bpb,
+                     "Final validation loss": state.val_loss,
+                     "Conversations truncated to fit": train_stats["truncated"],
+                     "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
+                     "Padding fraction": padding_fraction, "Total training time (m)": state.total_training_time / 60}
+            if state.chatcore is not None:  # (--chatcore-every=-1: no ChatCORE ran)
+                stats["ChatCORE during SFT"] = state.chatcore
+            report = get_report()
+            report.log(section="Chat SFT", data=[user_config, stats])
+            report.log_history("chat-sft", state.history)
+        wandb_run.finish()
+    finally:  # also after an error or a divergence: an in-process caller gets its handlers and GC back
+        restore_signal_handlers()
+        release_gc()
+        compute_cleanup()
     # what the run measured, for an in-process caller (the tests)
-    return dict(step=step, val_bpb=val_bpb, val_loss=val_loss, min_val_bpb=min_val_bpb, chatcore=chatcore,
-                stats=train_stats, history=history)
+    return dict(step=state.step, val_bpb=state.val_bpb, val_loss=state.val_loss, min_val_bpb=state.min_val_bpb,
+                chatcore=state.chatcore, stats=train_stats, history=state.history, stopped=stopped)
 
 
 if __name__ == "__main__":

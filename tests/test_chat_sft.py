@@ -1,13 +1,21 @@
 """
 SFT on a tiny model: the packing loader (assistant-only targets, truncation instead of clogging, every row starts
-with BOS), the step loss (a micro-batch without supervised tokens gives no NaN), and scripts.chat_sft end to end
-(finite losses, checkpoint under chatsft_checkpoints, the "Chat SFT" report section, missing base checkpoint).
+with BOS; its state resumes exactly and redistributes over another number of ranks, traced conversation by
+conversation), the step loss (a micro-batch without supervised tokens gives no NaN), and scripts.chat_sft end to end
+(finite losses, checkpoint under chatsft_checkpoints, the "Chat SFT" report section, missing base checkpoint; resume:
+bit-identical, SIGTERM, kill -9 during a save, an old final checkpoint, divergence, 2 gloo processes -> 1).
 Everything runs offline on hand-made data in a temp NANOCHAT_LOCAL_DATA.
 """
 
 import json
 import math
 import os
+import sys
+import time
+import signal
+import pathlib
+import subprocess
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -100,7 +108,7 @@ def conversation(user, assistant):
 
 
 def test_targets_are_assistant_tokens_only(tiny_tokenizer):
-    from scripts.chat_sft import sft_batches
+    from nanochat.sft_dataloader import sft_batches
     tok = tiny_tokenizer
     conv = {"messages": [
         {"role": "user", "content": "What is two plus two?"},
@@ -130,19 +138,19 @@ def test_targets_are_assistant_tokens_only(tiny_tokenizer):
 
 
 def test_short_rows_never_clog_and_count_truncations(tiny_tokenizer):
-    from scripts.chat_sft import sft_batches, new_packing_stats
+    from nanochat.sft_dataloader import sft_batches
     tok = tiny_tokenizer
     long_user = " ".join(["word"] * 200)
     convs = [conversation(long_user, "ok")] * 30  # nothing of the assistant survives a 16-token row: skipped
     convs += [conversation("hi", " ".join(["answer"] * 100))] * 30  # too long: truncated, still trainable
     convs += [conversation("hi", "short")] * 30
-    stats = new_packing_stats()
-    loader = sft_batches(ListTask(convs), tok, B=4, T=16, device="cpu", stats=stats, buffer_size=10)
+    loader = sft_batches(ListTask(convs), tok, B=4, T=16, device="cpu", buffer_size=10)
     for _ in range(20):
-        x, y, _ = next(loader)
+        x, y, state = next(loader)
         assert x.shape == (4, 16) and y.shape == (4, 16)
         assert (x[:, 0] == tok.get_bos_token_id()).all()
         assert ((y >= 0).sum(dim=1) > 0).all()  # every row trains on something: no pure-padding rows
+    stats = state["stats"]
     assert stats["truncated"] > 0 and stats["skipped"] > 0
     assert stats["padding"] < stats["tokens"] * 0.5
 
@@ -307,3 +315,345 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(chat_env):
     assert [r["loss"] for r in first["history"]["train"]] != [r["loss"] for r in other["history"]["train"]]
     assert not torch.equal(first_weights["lm_head.weight"], other_weights["lm_head.weight"])
     assert "- seed: 6" in (chat_env / "report" / "chat-sft.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# The loader's state: exact resume, and redistribution over another number of ranks
+
+
+def single_token_words(tokenizer, count):
+    """Words that stay one token each when concatenated (' foo bar' -> [' foo', ' bar'])."""
+    words = [s for s in (tokenizer.decode([t]) for t in range(tokenizer.get_vocab_size()))
+             if len(s) > 2 and s[0] == " " and s[1:].isalpha() and s[1:].islower() and len(tokenizer.encode(s)) == 1]
+    assert len(words) >= count
+    return words[:count]
+
+
+class TracedTask:
+    """Conversation i says which it is (two words) and how many times it had been used (from the rows) when fetched:
+    a fetch for a second use of a conversation renders differently from its first, so the rows tell the uses apart."""
+    def __init__(self, tokenizer, length):
+        self.words = single_token_words(tokenizer, 23)
+        self.length, self.uses = length, Counter()
+        self.identify = {}
+        for i in range(length):
+            for use in (1, 2, 3):
+                ids, _ = tokenizer.render_conversation(self.conversation(i, use))
+                self.identify[tuple(ids)] = (i, use)
+        assert len(self.identify) == 3 * length and len({len(k) for k in self.identify}) == 1  # unique, equal lengths
+        self.conversation_len = len(next(iter(self.identify)))
+
+    def conversation(self, i, use):
+        w = self.words
+        return {"messages": [{"role": "user", "content": w[i // 10] + w[10 + i % 10]},
+                             {"role": "assistant", "content": w[19 + use]}]}
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.conversation(i, self.uses[i] + 1)
+
+    def used_in(self, x, y, bos):
+        """(conversation, use) of every conversation packed in a batch, row by row; updates the use counts."""
+        found = []
+        for inputs, targets in zip(x.tolist(), y.tolist()):
+            row = inputs + [targets[-1] if targets[-1] >= 0 else bos]
+            starts = [j for j, t in enumerate(row) if t == bos] + [len(row)]
+            segments = [tuple(row[a:b]) for a, b in zip(starts, starts[1:]) if b - a > 1]  # (padding is lone BOS)
+            found += [self.identify[s] for s in segments]
+        self.uses.update(i for i, _ in found)
+        return found
+
+
+@pytest.mark.parametrize("phases", [
+    [(2, [3, 2]), 1],               # 2 -> 1 (the old ranks unevenly far: one batch apart)
+    [(1, [3]), 2],                  # 1 -> 2
+    [(2, [3, 1]), (3, [1, 2, 0]), 1],  # 2 -> 3 -> 1: a resharded state reshards again
+])
+def test_every_conversation_of_the_epoch_is_used_once_across_world_size_changes(tiny_tokenizer, phases):
+    """Ranks simulated in process (rank, world_size): each phase's loaders start from the previous phase's last
+    states; the last phase runs until every conversation was used. Within the epoch none is used twice (each use
+    of a conversation renders it differently, so a second use shows in the rows) and none is skipped."""
+    from nanochat.sft_dataloader import sft_batches, resume_state
+    tok = tiny_tokenizer
+    bos = tok.get_bos_token_id()
+    task = TracedTask(tok, 80)  # long enough that no rank reaches the next epoch before the last phase
+    T = 2 * task.conversation_len - 1  # exactly two conversations per row: a rank uses 2 x B per batch
+    uses_by_rank = []  # every (conversation, use) a rank packed, in order, per phase
+
+    def run_phase(world_size, batches_per_rank, states):
+        loaders = [sft_batches(task, tok, B=2, T=T, device="cpu", rank=r, world_size=world_size,
+                               state=resume_state(states, r, world_size), buffer_size=4) for r in range(world_size)]
+        last = [resume_state(states, r, world_size) for r in range(world_size)]
+        used = [[] for _ in range(world_size)]
+        for round_ in range(max(batches_per_rank) if batches_per_rank else 100):
+            if not batches_per_rank and all(task.uses[i] > 0 for i in range(len(task))):
+                break  # the epoch is used up
+            for r, loader in enumerate(loaders):
+                if batches_per_rank and round_ >= batches_per_rank[r]:
+                    continue
+                x, y, last[r] = next(loader)
+                used[r] += task.used_in(x, y, bos)
+        uses_by_rank.extend(used)
+        return last
+
+    states = None
+    for phase in phases[:-1]:
+        states = run_phase(*phase, states)
+        json.loads(json.dumps(states))  # the states go into a JSON meta
+    run_phase(phases[-1], None, states)
+    first_uses = Counter(i for used in uses_by_rank for i, use in used if use == 1)
+    assert first_uses == Counter(range(len(task))), "a conversation of the epoch used twice or never"
+    for used in uses_by_rank:  # a rank goes on to the next epoch only once it has used its share of this one
+        assert [use for _, use in used] == sorted(use for _, use in used), used
+
+
+def test_loader_resumes_exactly_at_the_next_batch(tiny_tokenizer):
+    """On the same number of ranks the state of batch k resumes at batch k + 1, also after a reshard and past the end
+    of an epoch (the buffer is re-rendered, its conversations are not counted twice)."""
+    from nanochat.sft_dataloader import sft_batches, resume_state
+    tok = tiny_tokenizer
+    convs = [conversation("hi" + " there" * (i % 5), "answer" + " more" * (i % 7)) for i in range(23)]
+    start = [resume_state(None, r, 2) for r in range(2)]
+    start[1] = next(sft_batches(ListTask(convs), tok, B=2, T=24, device="cpu", rank=1, world_size=2, buffer_size=5))[2]
+    start = [resume_state(start, r, 3) for r in range(3)]  # the 2 -> 3 reshard leaves pending positions
+    for rank in range(3):
+        def loader(state):
+            return sft_batches(ListTask(convs), tok, B=2, T=24, device="cpu", rank=rank, world_size=3, state=state,
+                               buffer_size=5)
+        uninterrupted = [next(b) for b in [loader(start[rank])] for _ in range(12)]
+        resumed = [next(b) for b in [loader(json.loads(json.dumps(uninterrupted[4][2])))] for _ in range(7)]
+        for (x, y, state), (x2, y2, state2) in zip(uninterrupted[5:], resumed):
+            assert torch.equal(x, x2) and torch.equal(y, y2) and state == state2
+        assert uninterrupted[-1][2]["epoch"] >= 2  # the run went past the end of the epoch
+
+
+def test_resharding_keeps_every_position_once(tiny_tokenizer):
+    """The positions a set of states has yet to use (buffers, pending, strides up to a horizon) are the same before
+    and after a reshard, 2 -> 3 -> 1 -> 2, also near the end of an epoch where ranks stand in different epochs."""
+    from nanochat.sft_dataloader import sft_batches, resume_state
+    tok = tiny_tokenizer
+    convs = [conversation("q" + " word" * (i % 4), "a" + " reply" * (i % 9)) for i in range(11)]
+
+    def ahead(states, horizon=400):
+        world = len(states)
+        return Counter(p for s in states for p in [*s["buffer"], *s["pending"], *range(s["cursor"], horizon, world)])
+    states = [resume_state(None, r, 2) for r in range(2)]
+    for world_size, batches in ((2, [3, 5]), (3, [2, 0, 4]), (1, [3]), (2, [1, 1])):
+        states = [resume_state(states, r, world_size) for r in range(world_size)]
+        for r, n in enumerate(batches):
+            loader = sft_batches(ListTask(convs), tok, B=1, T=20, device="cpu", rank=r, world_size=world_size,
+                                 state=states[r], buffer_size=3)
+            for _ in range(n):
+                states[r] = next(loader)[2]
+        for new_world in (1, 2, 3, 5):
+            resharded = [resume_state(states, r, new_world) for r in range(new_world)]
+            assert ahead(resharded) == ahead(states), (world_size, new_world)
+            assert all(v == 1 for v in ahead(resharded).values())
+            assert sum(s["used"] for s in resharded) == sum(s["used"] for s in states)
+    assert len({s["epoch"] for s in states}) >= 1 and max(s["epoch"] for s in states) >= 2
+
+# -----------------------------------------------------------------------------
+# Resume end to end: bit-identical, SIGTERM, kill -9 during a save, old checkpoints, 2 processes -> 1
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# a small mixture (28 rows: ~12 steps of 128 tokens for one pass), eager (a pass over the mixture counts as a long run)
+SMALL = ["--device-type=cpu", "--compile=off", "--device-batch-size=2", "--eval-tokens=256", "--chatcore-every=-1",
+         "--mmlu-epochs=0", "--gsm8k-epochs=0", "--identity-epochs=1", "--simple-spelling-size=6",
+         "--spelling-bee-size=6"]
+
+
+def step_lines(out):
+    """{step: the line without its timings} of the per-step lines."""
+    return {int(l.split()[1]): " | ".join(p for p in l.split(" | ") if not p.startswith(("dt:", "tok/sec:", "total time:")))
+            for l in out.splitlines() if l.startswith("step ")}
+
+
+def sft_dir(base_dir):
+    return pathlib.Path(base_dir) / "chatsft_checkpoints" / "d2"
+
+
+def optimizer_file(directory, step):
+    (path,) = directory.glob(f"optim_{step:06d}*.pt")  # one file per rank, or one for all (same world size here)
+    return path
+
+
+def assert_same_tensors(a, b):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and all(assert_same_tensors(x, y) is None for x, y in zip(a, b))
+    else:
+        assert a == b
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(chat_env, capsys):
+    from scripts import chat_sft
+    args = SMALL + ["--save-every=4", "--eval-every=4"]
+    full = chat_sft.main(args)
+    out_full = capsys.readouterr().out
+    end = full["step"]
+    assert end > 5 and f"step {end:05d} (" in out_full
+    d = sft_dir(chat_env)
+    full_model, full_optim = torch.load(d / f"model_{end:06d}.pt"), torch.load(optimizer_file(d, end))
+    resumed = chat_sft.main(args + ["--resume-from-step=4"])
+    out_resumed = capsys.readouterr().out
+    assert f"Resuming from step 4 of {d}: saved by 1 process(es), now 1" in out_resumed
+    a, b = step_lines(out_full), step_lines(out_resumed)
+    assert sorted(b) == list(range(5, end + 1)), b
+    assert all(a[s] == b[s] for s in b), [(a[s], b[s]) for s in b if a[s] != b[s]]
+    assert resumed["step"] == end and resumed["val_bpb"] == full["val_bpb"]
+    assert resumed["history"] == full["history"]  # the report's curves: the saved part and the rest
+    assert resumed["stats"] == full["stats"]  # the packing counts of the whole run, not of its second half
+    assert_same_tensors(full_model, torch.load(d / f"model_{end:06d}.pt"))
+    assert_same_tensors(full_optim, torch.load(optimizer_file(d, end)))
+    meta = json.loads((d / f"meta_{end:06d}.json").read_text())
+    assert meta["stage"] == "sft" and meta["world_size"] == 1 and meta["loop_state"]["progress"] >= 1.0
+    assert set(meta["dataloader_state_dict"]) >= {"cursor", "pending", "buffer", "used", "stats"}
+
+
+def sft_env(**extra):
+    env = dict(os.environ)  # the chat_env fixture's base dir, local data and offline switch
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NANOCHAT_DTYPE="float32", **extra)
+    return env
+
+
+def chat_sft_cmd(args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, "-m", "scripts.chat_sft", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "scripts.chat_sft", *args]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(chat_env):
+    proc = subprocess.Popen(chat_sft_cmd(SMALL + ["--num-iterations=100000", "--eval-every=-1"]), cwd=REPO,
+                            env=sft_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 00002 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen[-50:])
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    step = int(output.split("Stopped by signal at step ")[1].split(";")[0])
+    assert step >= 2 and f"resume with --resume-from-step={step}" in output
+    from nanochat.checkpoint_manager import complete_steps
+    assert complete_steps(str(sft_dir(chat_env))) == [step]
+    meta = json.loads((sft_dir(chat_env) / f"meta_{step:06d}.json").read_text())
+    assert meta["step"] == step and meta["loop_state"]["history"]["train"][-1]["step"] == step
+    assert not (chat_env / "report" / "chat-sft.md").exists()  # a preempted run is not a finished run
+
+
+# Run in the child: the write of step 2's model stops the process (SIGSTOP) after a few bytes, inside
+# save_checkpoint's atomic write; the test sees the temp file and kills the process with SIGKILL.
+STOP_IN_SAVE = """
+import os, signal, sys
+from nanochat import checkpoint_manager
+from nanochat.cli import run
+from scripts.chat_sft import main
+real_write = checkpoint_manager.atomic_write
+def stopping_write(path, write_fn, mode="wb"):
+    if os.path.basename(path) != "model_000002.pt":
+        return real_write(path, write_fn, mode)
+    def partial(f):
+        f.write(b"half a model")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real_write(path, partial, mode)
+checkpoint_manager.atomic_write = stopping_write
+run(lambda: main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_leaves_the_previous_step_loadable(chat_env):
+    d = sft_dir(chat_env)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_IN_SAVE, *SMALL, "--num-iterations=6", "--save-every=1",
+                             "--eval-every=-1"], cwd=REPO, env=sft_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(d.glob("model_000002.pt.tmp.*")):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.time() < deadline, "no save of step 2 started"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL, inside the save of step 2
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    from nanochat.checkpoint_manager import complete_steps, load_checkpoint, load_model
+    assert complete_steps(str(d)) == [1]
+    model, _, meta = load_model("sft", "cpu", phase="eval")
+    assert meta["step"] == 1 and model.config.n_layer == 2
+    _, optimizer_data, _ = load_checkpoint(str(d), 1, "cpu", load_optimizer=True)
+    assert optimizer_data
+
+
+def test_an_old_final_sft_checkpoint_loads_but_does_not_resume(chat_env, tiny_model_factory, tiny_tokenizer, capsys):
+    """A checkpoint of chat_sft from before it could resume (a final model, no stage, no loop state) still loads for
+    chatting and as chat_rl's start; resuming from it is one line saying why not."""
+    from nanochat.checkpoint_manager import save_checkpoint, load_model
+    from nanochat.cli import run
+    from scripts import chat_sft
+    model = tiny_model_factory(tiny_tokenizer.get_vocab_size())
+    old_meta = dict(step=7, val_bpb=2.5, val_loss=1.9, model_config=asdict(model.config), user_config={},
+                    max_seq_len=SEQ_LEN, device_batch_size=2, total_batch_size=2 * SEQ_LEN, mixture="", chatcore=None)
+    save_checkpoint(str(sft_dir(chat_env)), 7, model.state_dict(), None, old_meta)
+    loaded, _, meta = load_model("sft", "cpu", phase="eval")
+    assert meta["step"] == 7 and loaded.config.n_layer == 2
+    with pytest.raises(SystemExit) as excinfo:
+        run(lambda: chat_sft.main(SMALL + ["--resume-from-step=7"]))
+    err = capsys.readouterr().err.strip()
+    assert excinfo.value.code == 1 and "\n" not in err, err
+    assert err.startswith("error: --resume-from-step=7:") and "without the state of its training loop" in err
+
+
+def test_divergence_stops_with_one_line_and_saves_nothing_non_finite(chat_env):
+    from scripts import chat_sft
+    from nanochat.resume import TrainingDiverged
+    from nanochat.checkpoint_manager import complete_steps, is_finite_state
+    with pytest.raises(TrainingDiverged) as excinfo:
+        chat_sft.main(SMALL + ["--num-iterations=8", "--save-every=1", "--eval-every=-1", "--embedding-lr=3e11",
+                               "--unembedding-lr=8e9", "--matrix-lr=2e10"])
+    message = str(excinfo.value)
+    assert "non-finite" in message and "\n" not in message
+    d = sft_dir(chat_env)
+    steps = complete_steps(str(d)) if d.exists() else []
+    for step in steps:
+        assert is_finite_state(torch.load(d / f"model_{step:06d}.pt"))
+        assert is_finite_state(torch.load(optimizer_file(d, step)))
+    assert (f"last good checkpoint is step {steps[-1]}" if steps else "no checkpoint of this run") in message
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_one(chat_env):
+    """2 gloo processes save at step 2; one process resumes (2 micro-steps for the same 256-token steps), takes the
+    conversations the two ranks had not used, and finishes the pass over the mixture."""
+    args = SMALL + ["--total-batch-size=256", "--save-every=2", "--eval-every=-1"]
+    two = subprocess.run(chat_sft_cmd(args, nproc=2), cwd=REPO, env=sft_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "gradient accumulation steps: 1" in two.stdout
+    end = max(step_lines(two.stdout))
+    one = subprocess.run(chat_sft_cmd(args + ["--resume-from-step=2"]), cwd=REPO, env=sft_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    out = one.stdout
+    assert f"Resuming from step 2 of {sft_dir(chat_env)}: saved by 2 process(es), now 1" in out
+    assert "the loader states of 2 rank(s) are redistributed over 1" in out
+    assert "gradient accumulation steps: 2" in out
+    steps = step_lines(out)
+    assert min(steps) == 3 and abs(max(steps) - end) <= 1  # one pass over the mixture, as the 2-process run made
+    meta = json.loads((sft_dir(chat_env) / f"meta_{max(steps):06d}.json").read_text())
+    assert meta["world_size"] == 1 and meta["loop_state"]["progress"] >= 1.0
