@@ -415,7 +415,7 @@ def fitting_device_batch_size(args, device, device_type, world_size):
                                   args.fp8_recipe if args.fp8 else None)
 
 
-def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile):
+def build_model_and_optimizer(args, plan, device, checkpoint_dir, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
     # built on the meta device and then allocated once on the target device: no throwaway CPU copy of the weights
     with torch.device("meta"):
@@ -426,7 +426,7 @@ def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_comp
     if args.resume_from_step >= 0:
         try:
             model_data, optim_data, _ = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                            load_optimizer=True, rank=rank)
+                                                            load_optimizer=True)
             model.load_state_dict(model_data, strict=True, assign=True)
         except (ckpt.CheckpointError, RuntimeError) as e:
             raise NanochatError(f"--resume-from-step={args.resume_from_step}: {e}") from None
@@ -446,7 +446,7 @@ def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_comp
                                       adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale, compile=use_compile)
     # a resumed optimizer also gets back each group's initial_lr, so the schedules continue where they were
     if optim_data is not None:
-        optimizer.load_state_dict(optim_data)
+        optimizer.load_resharded(optim_data)  # saved by any number of processes
     return model, optimizer
 
 # -----------------------------------------------------------------------------
@@ -517,8 +517,8 @@ def stop_diverged(what, last_good_step, checkpoint_dir):
 
 
 def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, resume_state, rank, world_size, device):
-    """Checkpoint after state.step updates (never a non-finite one): every rank writes its optimizer shard, rank 0
-    the rest. resume_state is where the loader resumes."""
+    """Checkpoint after state.step updates (never a non-finite one): every rank sends its optimizer shard to rank 0,
+    which writes the files. resume_state is where the loader resumes."""
     # a diverged state can have finite losses for a while (the update that broke it comes after the loss): check the
     # state itself, on every rank (each holds its own optimizer shard), before writing anything
     # (a rank that skipped this check would wait forever in the save's barrier)
@@ -533,8 +533,8 @@ def save(checkpoint_dir, state, orig_model, optimizer, plan, args, user_config, 
             "total_batch_size": plan.total_batch_size, "world_size": world_size,
             "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
             "loop_state": {**{k: getattr(state, k) for k in LOOP_FIELDS}, "rng_states": rng_states}}
-    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank,
-                         sync_ranks=True)  # a failed save (full disk) is a CheckpointSaveError: one line, exit 1
+    ckpt.save_checkpoint(checkpoint_dir, state.step, orig_model.state_dict(), optimizer.consolidated_state_dict(),
+                         meta, rank=rank, sync_ranks=True)  # a failed save (full disk): CheckpointSaveError, one line
     state.last_good_step = state.step  # what stop_diverged points to
     # pruning runs after the new checkpoint is complete, so there is always at least one to resume from
     if rank == 0 and args.keep_last > 0:
@@ -636,7 +636,7 @@ def main(argv=None):
     # --- build: model and optimizer (restored when resuming), the loop state and the train loader -----------------
     # compile is decided on the whole horizon, not the steps left, so that a resumed run decides alike
     use_compile = should_compile(device_type, args.compile, N)
-    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile)
+    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, use_compile)
     # the loop trains the compiled model; evaluations with varying shapes (CORE, samples) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     for key, value in plan.param_counts.items():

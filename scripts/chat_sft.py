@@ -165,7 +165,7 @@ def resolve_inherited(args, meta):
                    f"did you pass in a good --device-batch-size to this script?")
 
 
-def build_optimizer(model, args, device, rank, world_size, use_compile):
+def build_optimizer(model, args, device, use_compile):
     """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
     (every rank warm-starts or none does)."""
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -173,7 +173,7 @@ def build_optimizer(model, args, device, rank, world_size, use_compile):
     base_state = None
     if args.load_optimizer:
         try:
-            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
+            base_state = load_optimizer_state("base", args.model_tag, args.model_step)  # any world size
         except CheckpointError as e:
             print0(f"WARNING: could not read the base optimizer state ({e})")
     # all ranks or none: ranks with different optimizer states would apply different updates to one model
@@ -183,7 +183,7 @@ def build_optimizer(model, args, device, rank, world_size, use_compile):
         # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
         hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
-            optimizer.load_state_dict(base_state)  # validates before it changes anything
+            optimizer.load_resharded(base_state)  # validates before it changes anything
             for group, hyper in zip(optimizer.param_groups, hyperparams):
                 group.update(hyper)
             print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
@@ -461,7 +461,7 @@ def main(argv=None):
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
     # the loop trains the compiled model; ChatCORE (varying shapes) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
-    optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile)
+    optimizer = build_optimizer(orig_model, args, device, use_compile)
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
     train_stats = new_packing_stats()  # what packing truncated, skipped and padded: printed and reported at the end
@@ -559,11 +559,11 @@ def main(argv=None):
                                 f"nothing was saved (lower the learning rates)")
         # the SFT model keeps the base model's tag (d<depth> unless --model-tag named another)
         checkpoint_dir = checkpoint_dir_for("sft", args.model_tag or f"d{orig_model.config.n_layer}")
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.consolidated_state_dict(),
                         dict(step=step, val_bpb=val_bpb, val_loss=val_loss, model_config=asdict(orig_model.config),
                              user_config=user_config, max_seq_len=T, device_batch_size=B,
                              total_batch_size=args.total_batch_size, mixture=mixture_description, chatcore=chatcore),
-                        rank=rank, sync_ranks=ddp)  # every rank writes its optimizer shard, rank 0 the rest
+                        rank=rank, sync_ranks=ddp)  # every rank sends its optimizer shard, rank 0 writes the files
         stats = {"Training mixture": mixture_description,
                  "Unavailable mixture parts": "; ".join(unavailable) if unavailable else "none",
                  "Training rows": len(train_dataset), "Number of iterations": step, "DDP world size": world_size,

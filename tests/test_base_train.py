@@ -131,7 +131,7 @@ def test_resume_is_bit_exact(train_dir):
     d = ckpt_dir(train_dir)
     assert (d / "complete_000003.json").exists() and (d / "complete_000006.json").exists()
     full_model = torch.load(d / "model_000006.pt")
-    full_optim = torch.load(d / "optim_000006_rank0.pt")
+    full_optim = torch.load(d / "optim_000006.pt")
     summary = json.loads((d / "summary.json").read_text())
     assert summary["num_iterations"] == 6 and summary["tokens_trained"] == 6 * 256 and summary["val_bpb"] is not None
 
@@ -144,7 +144,7 @@ def test_resume_is_bit_exact(train_dir):
     resumed_model = torch.load(d / "model_000006.pt")
     for k in full_model:
         assert torch.equal(full_model[k], resumed_model[k]), k
-    resumed_optim = torch.load(d / "optim_000006_rank0.pt")
+    resumed_optim = torch.load(d / "optim_000006.pt")
     for k, state in full_optim["state"].items():
         for name, value in state.items():
             other = resumed_optim["state"][k][name]
@@ -186,7 +186,7 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
         scale = m1[k].abs().max().item()
         assert (m2[k] - m1[k]).abs().max().item() <= 1e-2 * scale + 1e-5, k
     d = ckpt_dir(train_dir)
-    assert (d / "optim_000004_rank0.pt").exists() and (d / "optim_000004_rank1.pt").exists()
+    assert (d / "optim_000004.pt").exists()  # the optimizer state of both ranks, consolidated
     # resuming the 2-process checkpoint with 1 process is refused with one clear line
     bad = run_train(train_dir, args + ["--resume-from-step=4"])
     assert bad.returncode != 0
