@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanochat import common
+from nanochat import common, optim
 from nanochat.cli import run
 from nanochat.common import NanochatError, atomic_write
 from nanochat import checkpoint_manager as ckpt
@@ -102,7 +102,7 @@ def test_find_largest_model_and_last_step_integers(tmp_path):
         ckpt.find_largest_model(str(tmp_path / "nope"))
 
 
-def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_model_factory):
+def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_model_factory, monkeypatch):
     save_tokenizer(tiny_tokenizer, base_dir)
     model = tiny_model_factory(tiny_tokenizer.get_vocab_size())
     opt = model.setup_optimizer()
@@ -120,6 +120,13 @@ def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_mod
         assert torch.equal(model(x), loaded(x))
     optim_state = ckpt.load_optimizer_state("base")
     assert len(optim_state) == 1 and len(optim_state[0]["param_groups"]) == len(opt.param_groups)
+    # chat_sft's warm start on another number of processes: rank 1 of 2 takes the second half of the wte rows
+    monkeypatch.setattr(optim, "rank_and_world", lambda: (1, 2))
+    warm = model.setup_optimizer()
+    warm.load_resharded(optim_state)
+    wte = model.transformer.wte.weight
+    half = wte.shape[0] // 2
+    assert torch.equal(warm.state[wte]["exp_avg"], opt.state[wte]["exp_avg"][half:])
     loaded5, _, _ = ckpt.load_model("base", "cpu", phase="train", model_tag="d2", step=4)
     assert loaded5.training
     with pytest.raises(ValueError, match="unknown checkpoint source"):
