@@ -14,6 +14,7 @@ model on more ranks, from the shapes alone (nothing is allocated).
 import os
 import math
 import time
+import shutil
 import argparse
 import tempfile
 import statistics
@@ -72,14 +73,14 @@ def timed(fn, world):
     return time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Per-rank vs consolidated optimizer checkpoints: time and size")
     parser.add_argument("--depth", type=int, default=12, help="model depth to time (config_from_depth)")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
     parser.add_argument("--plan-depth", type=int, default=None, help="only print the memory plan of this depth")
     parser.add_argument("--plan-world", type=int, default=8, help="ranks of the memory plan")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every measurement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plan_depth is not None:
         plan(args.plan_depth, args.plan_world, args.vocab_size)
         return
@@ -137,7 +138,6 @@ def main():
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        import shutil
         shutil.rmtree(root)
 
 
