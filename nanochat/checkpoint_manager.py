@@ -5,8 +5,13 @@ Layout under the base dir: base_checkpoints/<tag>/, chatsft_checkpoints/<tag>/, 
 Files for step 123:
     model_000123.pt            model state dict (rank 0)
     meta_000123.json           metadata: config, user flags, loop/dataloader state (rank 0)
-    optim_000123_rank<r>.pt    optimizer state of rank r (sharded: one file per rank)
+    optim_000123.pt            optimizer state as one process would hold it, for any world size (rank 0)
     complete_000123.json       completion marker, written LAST (rank 0)
+The optimizer's state is sharded over the ranks while training; MuonAdamW.consolidated_state_dict gathers it onto rank 0
+(a collective every rank calls), and a run of any number of processes takes its part back with load_resharded. One
+file in the one-process layout rather than torch.distributed.checkpoint's per-rank files: see nanochat/optim.py.
+Checkpoints written before held optim_000123_rank<r>.pt, one file per rank: they still load, on any number of
+processes (the loader joins the per-rank files).
 Every file is written atomically (temp file, fsync, rename), and a checkpoint only counts once its completion marker
 exists, so a run killed in the middle of saving never leaves a half-written checkpoint that "latest step" would pick.
 What a killed save or prune leaves behind (temp files, files of steps without a marker) is removed by the next save.
@@ -79,7 +84,11 @@ def model_path(checkpoint_dir, step):
 def meta_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
 
-def optim_path(checkpoint_dir, step, rank):
+def optim_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")
+
+def rank_optim_path(checkpoint_dir, step, rank):
+    """Where checkpoints written before the consolidated layout kept rank `rank`'s optimizer shard."""
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
 
 def marker_path(checkpoint_dir, step):
@@ -180,9 +189,10 @@ def save_failure_reason(error):
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, sync_ranks=False):
     """
-    Rank 0 writes model + meta; any rank given optimizer_data writes its own shard; rank 0 writes the completion
-    marker last. With sync_ranks=True (every rank calls this, e.g. base_train under torchrun) rank 0 waits at a
-    barrier for all shards before writing the marker. Leave it False when only rank 0 calls save_checkpoint.
+    Rank 0 writes model + meta + optimizer_data (optimizer.consolidated_state_dict(), which every rank computes
+    together and only rank 0 gets; None for no optimizer state), then the completion marker last. With
+    sync_ranks=True (every rank calls this, e.g. base_train under torchrun) every rank returns once the checkpoint is
+    complete. Leave it False when only rank 0 calls save_checkpoint.
     Non-finite weights or optimizer state raise ValueError before anything is written (callers that run on
     several ranks check first, together, so that no rank is left waiting at a barrier).
     """
@@ -193,23 +203,18 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     if rank == 0:
         if os.path.exists(marker_path(checkpoint_dir, step)):
             os.remove(marker_path(checkpoint_dir, step))  # overwriting a step: it is incomplete until we finish
-        remove_leftovers(checkpoint_dir)  # no other rank writes here before the barrier below
-    if sync_ranks and world_size > 1:
-        torch.distributed.barrier()  # nobody writes a shard before the old marker is gone
+        remove_leftovers(checkpoint_dir)
     written = [model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step)] if rank == 0 else []
-    written += [optim_path(checkpoint_dir, step, rank)] if optimizer_data is not None else []
+    written += [optim_path(checkpoint_dir, step)] if rank == 0 and optimizer_data is not None else []
     try:
         if rank == 0:
             atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
             log0(f"Saved model parameters to: {model_path(checkpoint_dir, step)}")
             _atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
             log0(f"Saved metadata to: {meta_path(checkpoint_dir, step)}")
-        if optimizer_data is not None:
-            atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
-            logger.info(f"Saved optimizer state to: {optim_path(checkpoint_dir, step, rank)}")
-        if sync_ranks and world_size > 1:
-            torch.distributed.barrier()  # every shard is on disk
-        if rank == 0:
+            if optimizer_data is not None:
+                atomic_write(optim_path(checkpoint_dir, step), lambda f: torch.save(optimizer_data, f))
+                log0(f"Saved optimizer state to: {optim_path(checkpoint_dir, step)}")
             marker = {"step": step, "world_size": world_size, "has_optimizer": optimizer_data is not None}
             _atomic_json_save(marker, marker_path(checkpoint_dir, step))
     except (OSError, RuntimeError) as e:  # a full disk: an OSError, or torch's zip writer's RuntimeError over it
@@ -219,6 +224,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         raise CheckpointSaveError(f"could not save the checkpoint of step {step} in {checkpoint_dir} "
                                   f"({save_failure_reason(e)}); its partial files were removed; "
                                   f"{previous_step_hint(checkpoint_dir, step)}") from None
+    if sync_ranks and world_size > 1:
+        torch.distributed.barrier()  # nobody goes on (prunes, exits) before the checkpoint is complete
 
 
 def prune_checkpoints(checkpoint_dir, keep):
@@ -226,7 +233,7 @@ def prune_checkpoints(checkpoint_dir, keep):
     for step in complete_steps(checkpoint_dir)[:-keep]:
         os.remove(marker_path(checkpoint_dir, step))
         for path in [model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step),
-                     *glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))]:
+                     optim_path(checkpoint_dir, step), *glob.glob(rank_optim_path(checkpoint_dir, step, "*"))]:
             if os.path.exists(path):
                 os.remove(path)
         log0(f"Removed checkpoint {step} from {checkpoint_dir} (keeping the last {keep})")
@@ -245,12 +252,12 @@ def _read(path, checkpoint_dir, step, read_fn):
     raise CheckpointError(f"{path} is unreadable ({reason}); {previous_step_hint(checkpoint_dir, step)}")
 
 
-def _load_tensors(path, checkpoint_dir, step, device):
+def _load_tensors(path, checkpoint_dir, step, device, mmap=False):
     """A state dict saved by torch.save (tensors only), refused when it holds NaN or inf (a diverged run)."""
     def load(path):
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before it refuses them
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=device, weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     data = _read(path, checkpoint_dir, step, load)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a state dict; {previous_step_hint(checkpoint_dir, step)}")
@@ -272,20 +279,34 @@ def load_meta(checkpoint_dir, step):
     return _read(meta_path(checkpoint_dir, step), checkpoint_dir, step, _json_load)
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+def _load_optimizer(checkpoint_dir, step):
+    """The optimizer state of a complete checkpoint as MuonAdamW.load_resharded takes it: the per-rank state dicts
+    of the run that saved it (one consolidated state dict; a checkpoint written before holds one file per rank).
+    Memory-mapped on the CPU: a rank copies only the rows it keeps. None when the checkpoint has no optimizer state."""
+    paths = [optim_path(checkpoint_dir, step)]
+    if not os.path.exists(paths[0]):
+        saved_world = _read(marker_path(checkpoint_dir, step), checkpoint_dir, step, _json_load).get("world_size", 1)
+        paths = [rank_optim_path(checkpoint_dir, step, rank) for rank in range(saved_world)]
+        if not os.path.exists(paths[0]):
+            return None
+    for path in paths:
+        if not os.path.exists(path):
+            raise CheckpointError(f"optimizer shard {path} is missing; {previous_step_hint(checkpoint_dir, step)}")
+    return [_load_tensors(path, checkpoint_dir, step, "cpu", mmap=True) for path in paths]
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False):
     """Returns (model_data, optimizer_data or None, meta) of the complete checkpoint at step (a caller that did not
-    get the step from resolve_checkpoint, e.g. a resume). Raises CheckpointError with a clear message."""
+    get the step from resolve_checkpoint, e.g. a resume); optimizer_data is for optimizer.load_resharded, on any number
+    of processes. Raises CheckpointError with a clear message."""
     if not is_complete(checkpoint_dir, step):
         raise CheckpointError(f"no complete checkpoint for step {step} in {checkpoint_dir} "
                               f"(expected {os.path.basename(model_path(checkpoint_dir, step))} and its completion marker)")
     model_data = _load_tensors(model_path(checkpoint_dir, step), checkpoint_dir, step, device)
-    optimizer_data = None
-    if load_optimizer:
-        path = optim_path(checkpoint_dir, step, rank)
-        if not os.path.exists(path):
-            raise CheckpointError(f"optimizer shard {path} is missing (the checkpoint was saved with a different "
-                                  f"number of processes, or without optimizer state)")
-        optimizer_data = _load_tensors(path, checkpoint_dir, step, device)
+    optimizer_data = _load_optimizer(checkpoint_dir, step) if load_optimizer else None
+    if load_optimizer and optimizer_data is None:
+        raise CheckpointError(f"the checkpoint of step {step} in {checkpoint_dir} has no optimizer state "
+                              f"({os.path.basename(optim_path(checkpoint_dir, step))} is missing)")
     return model_data, optimizer_data, load_meta(checkpoint_dir, step)
 
 
@@ -360,18 +381,10 @@ def load_model(source, device, phase, model_tag=None, step=None):
     return build_model(*resolve_checkpoint(source, model_tag, step), device, phase)
 
 
-def load_optimizer_state(source, device, rank, world_size=1, model_tag=None, step=None):
-    """This rank's optimizer state dict of a checkpoint, or None when it has none that a run of world_size processes
-    can use: the state is sharded per rank, so it only fits under as many processes as saved it."""
+def load_optimizer_state(source, model_tag=None, step=None):
+    """A checkpoint's optimizer state for optimizer.load_resharded (any number of processes), or None without one."""
     checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
-    saved_world_size = _read(marker_path(checkpoint_dir, step), checkpoint_dir, step, _json_load).get("world_size")
-    path = optim_path(checkpoint_dir, step, rank)
-    if saved_world_size not in (None, world_size):
-        log0(f"WARNING: the optimizer state in {checkpoint_dir} was saved by {saved_world_size} process(es) and this "
-             f"run has {world_size}: not using it")
-        return None
-    if not os.path.exists(path):
-        log0(f"No optimizer state at {path}")
-        return None
-    log0(f"Loading optimizer state from {path}")
-    return _load_tensors(path, checkpoint_dir, step, device)
+    optimizer_data = _load_optimizer(checkpoint_dir, step)
+    log0(f"No optimizer state in {checkpoint_dir} at step {step}" if optimizer_data is None else
+         f"Loaded the optimizer state of step {step} from {checkpoint_dir}")
+    return optimizer_data

@@ -111,8 +111,8 @@ def save_resumable(checkpoint_dir, stage, step, orig_model, optimizer, meta, loo
     meta = {**meta, "step": step, "stage": stage, "format_version": FORMAT_VERSION, "world_size": world_size,
             "dataloader_state_dict": loader_states[0], "dataloader_state_dicts": loader_states,
             "loop_state": {**loop_state, "rng_states": rng_states}}
-    ckpt.save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank,
-                         sync_ranks=True)  # a failed save (full disk) is a CheckpointSaveError: one line, exit 1
+    ckpt.save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.consolidated_state_dict(), meta,
+                         rank=rank, sync_ranks=True)  # a failed save (full disk) is a CheckpointSaveError: one line, exit 1
     # pruning runs after the new checkpoint is complete, so there is always at least one to resume from
     if rank == 0 and keep_last > 0:
         ckpt.prune_checkpoints(checkpoint_dir, keep_last)

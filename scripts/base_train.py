@@ -367,7 +367,7 @@ def fitting_device_batch_size(args, device, device_type, world_size):
                                   args.fp8_recipe if args.fp8 else None)
 
 
-def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile):
+def build_model_and_optimizer(args, plan, device, checkpoint_dir, use_compile):
     """(orig_model, optimizer): the model on device (restored when resuming) and its optimizer."""
     # built on the meta device and then allocated once on the target device: no throwaway CPU copy of the weights
     with torch.device("meta"):
@@ -378,7 +378,7 @@ def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_comp
     if args.resume_from_step >= 0:
         try:
             model_data, optim_data, _ = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                            load_optimizer=True, rank=rank)
+                                                            load_optimizer=True)
             model.load_state_dict(model_data, strict=True, assign=True)
         except (ckpt.CheckpointError, RuntimeError) as e:
             raise NanochatError(f"--resume-from-step={args.resume_from_step}: {e}") from None
@@ -398,7 +398,7 @@ def build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_comp
                                       adam_betas=adam_betas, scalar_lr=args.scalar_lr * scale, compile=use_compile)
     # a resumed optimizer also gets back each group's initial_lr, so the schedules continue where they were
     if optim_data is not None:
-        optimizer.load_state_dict(optim_data)
+        optimizer.load_resharded(optim_data)  # saved by any number of processes
     return model, optimizer
 
 # -----------------------------------------------------------------------------
@@ -559,7 +559,7 @@ def main(argv=None):
     # --- build: model and optimizer (restored when resuming), the loop state and the train loader -----------------
     # compile is decided on the whole horizon, not the steps left, so that a resumed run decides alike
     use_compile = should_compile(device_type, args.compile, N)
-    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, rank, use_compile)
+    orig_model, optimizer = build_model_and_optimizer(args, plan, device, checkpoint_dir, use_compile)
     # the loop trains the compiled model; evaluations with varying shapes (CORE, samples) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
     for key, value in plan.param_counts.items():

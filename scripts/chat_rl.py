@@ -220,14 +220,13 @@ def restore_loop_state(meta, rank, device_type):
     return state
 
 
-def load_resumed_optimizer(optimizer, checkpoint_dir, step, device, rank, world_size):
+def load_resumed_optimizer(optimizer, checkpoint_dir, step):
     """Put the optimizer state of the checkpoint we resume from into optimizer (its moments, and each group's
-    initial_lr, so that the LR schedule continues where it was)."""
-    optimizer_data = load_optimizer_state("rl", device, rank, world_size, os.path.basename(checkpoint_dir), step)
+    initial_lr, so that the LR schedule continues where it was), resharded for this run's number of processes."""
+    optimizer_data = load_optimizer_state("rl", os.path.basename(checkpoint_dir), step)
     if optimizer_data is None:
-        raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} has no optimizer state "
-                            f"for rank {rank} of {world_size} process(es)")
-    optimizer.load_state_dict(optimizer_data)
+        raise NanochatError(f"--resume-from-step={step}: the checkpoint in {checkpoint_dir} has no optimizer state")
+    optimizer.load_resharded(optimizer_data)
 
 
 def save(checkpoint_dir, state, model, optimizer, args, user_config, rank, world_size, device):
@@ -302,7 +301,7 @@ def main(argv=None):
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     scale_initial_lrs(optimizer, args.init_lr_frac)
     if resuming:
-        load_resumed_optimizer(optimizer, checkpoint_dir, args.resume_from_step, device, rank, world_size)
+        load_resumed_optimizer(optimizer, checkpoint_dir, args.resume_from_step)
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs)
     state = restore_loop_state(resume_meta, rank, device_type) if resuming else LoopState()

@@ -179,18 +179,18 @@ def resolve_inherited(args, meta):
                    f"did you pass in a good --device-batch-size to this script?")
 
 
-def build_optimizer(model, args, device, rank, world_size, use_compile, resumed_state=None):
+def build_optimizer(model, args, device, use_compile, resumed_state=None):
     """A fresh optimizer (LRs x --init-lr-frac) that, with --load-optimizer=1, takes the base run's momentum buffers
     (every rank warm-starts or none does); a resumed run's takes resumed_state, the state its checkpoint saved."""
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
     if resumed_state is not None:
-        optimizer.load_state_dict(resumed_state)  # each group's initial_lr too: the LR schedule continues where it was
+        optimizer.load_resharded(resumed_state)  # each group's initial_lr too: the LR schedule continues where it was
         return optimizer
     base_state = None
     if args.load_optimizer:
         try:
-            base_state = load_optimizer_state("base", device, rank, world_size, args.model_tag, args.model_step)
+            base_state = load_optimizer_state("base", args.model_tag, args.model_step)  # any world size
         except CheckpointError as e:
             print0(f"WARNING: could not read the base optimizer state ({e})")
     # all ranks or none: ranks with different optimizer states would apply different updates to one model
@@ -200,7 +200,7 @@ def build_optimizer(model, args, device, rank, world_size, use_compile, resumed_
         # the saved groups carry end-of-pretraining (near zero) LRs: keep only the buffers
         hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
-            optimizer.load_state_dict(base_state)  # validates before it changes anything
+            optimizer.load_resharded(base_state)  # validates before it changes anything
             for group, hyper in zip(optimizer.param_groups, hyperparams):
                 group.update(hyper)
             print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
@@ -317,10 +317,11 @@ def restore_loop_state(meta, rank, device_type):
     return state, meta["dataloader_state_dicts"]
 
 
-def load_resumed_weights(orig_model, checkpoint_dir, step, device, rank):
-    """Put the weights of the checkpoint we resume from into orig_model; returns this rank's optimizer state of it."""
+def load_resumed_weights(orig_model, checkpoint_dir, step, device):
+    """Put the weights of the checkpoint we resume from into orig_model; returns its optimizer state (for
+    optimizer.load_resharded: saved by any number of processes)."""
     try:
-        model_data, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        model_data, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True)
         orig_model.load_state_dict(model_data, strict=True)
     except (CheckpointError, RuntimeError) as e:
         raise NanochatError(f"--resume-from-step={step}: {e}") from None
@@ -462,10 +463,10 @@ def main(argv=None):
     if T > orig_model.config.sequence_len:
         print0(f"NOTE: --max-seq-len={T} is longer than the base model's sequence_len={orig_model.config.sequence_len}")
     # a resumed run trains on from the weights and optimizer state of its checkpoint
-    resumed_optimizer = load_resumed_weights(orig_model, checkpoint_dir, args.resume_from_step, device, rank) if resuming else None
+    resumed_optimizer = load_resumed_weights(orig_model, checkpoint_dir, args.resume_from_step, device) if resuming else None
     # the loop trains the compiled model; ChatCORE (varying shapes) and saving use orig_model
     model = torch.compile(orig_model, dynamic=False, fullgraph=True) if use_compile else orig_model
-    optimizer = build_optimizer(orig_model, args, device, rank, world_size, use_compile, resumed_optimizer)
+    optimizer = build_optimizer(orig_model, args, device, use_compile, resumed_optimizer)
     scaler = make_grad_scaler(device_type)  # only under fp16 compute (NANOCHAT_DTYPE=float16)
     train_dataset, val_dataset, mixture_description, unavailable = build_mixture(args)
     # resuming restores the loop state and the RNGs after the model is built (building draws from the RNGs); the

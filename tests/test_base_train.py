@@ -131,7 +131,7 @@ def test_resume_is_bit_exact(train_dir):
     d = ckpt_dir(train_dir)
     assert (d / "complete_000003.json").exists() and (d / "complete_000006.json").exists()
     full_model = torch.load(d / "model_000006.pt")
-    full_optim = torch.load(d / "optim_000006_rank0.pt")
+    full_optim = torch.load(d / "optim_000006.pt")
     summary = json.loads((d / "summary.json").read_text())
     assert summary["num_iterations"] == 6 and summary["tokens_trained"] == 6 * 256 and summary["val_bpb"] is not None
 
@@ -144,7 +144,7 @@ def test_resume_is_bit_exact(train_dir):
     resumed_model = torch.load(d / "model_000006.pt")
     for k in full_model:
         assert torch.equal(full_model[k], resumed_model[k]), k
-    resumed_optim = torch.load(d / "optim_000006_rank0.pt")
+    resumed_optim = torch.load(d / "optim_000006.pt")
     for k, state in full_optim["state"].items():
         for name, value in state.items():
             other = resumed_optim["state"][k][name]
@@ -198,6 +198,7 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
         assert f"gradient accumulation steps: {accum}" in out
         assert sorted(step_losses(out)) == [2, 3]
         assert abs(val_bpbs(out)[4] - bpb1[4]) <= 0.02 * bpb1[4], (val_bpbs(out), bpb1)
+    assert (ckpt_dir(train_dir) / "optim_000004.pt").exists()  # both ranks' optimizer state, consolidated
     assert json.loads((ckpt_dir(train_dir) / "meta_000004.json").read_text())["world_size"] == 1
     assert json.loads((ckpt_dir(single_dir) / "meta_000004.json").read_text())["world_size"] == 2
 
@@ -250,7 +251,7 @@ def test_divergence_never_saves_a_non_finite_checkpoint(train_dir):
         return all(finite(v) for v in obj) if isinstance(obj, (list, tuple)) else True
     for step in steps:
         assert finite(torch.load(d / f"model_{step:06d}.pt")), step
-        assert finite(torch.load(d / f"optim_{step:06d}_rank0.pt")), step
+        assert finite(torch.load(d / f"optim_{step:06d}.pt")), step
     assert steps and f"last good checkpoint is step {steps[-1]}" in errors[0], errors[0]
     assert not (d / "summary.json").exists()
 

@@ -1,6 +1,7 @@
 """
 The benchmarks run and report what they promise, at the smallest size: dev/bench_train.py (training throughput),
-dev/bench_serving.py (a load test of the chat server) and scripts/infer_bench.py (prefill and decode speed).
+dev/bench_serving.py (a load test of the chat server), scripts/infer_bench.py (prefill and decode speed) and
+dev/bench_checkpoint.py (optimizer checkpoint layouts).
 """
 
 import json
@@ -10,6 +11,14 @@ import pytest
 from nanochat.errors import NanochatError
 from scripts import chat_web
 from test_chat_web import LiveServer, build_tiny_chat_model, make_args, make_worker, save_tiny_checkpoint, server  # noqa: F401
+
+
+def test_bench_checkpoint_smoke(capsys):
+    from dev.bench_checkpoint import main
+    main(["--depth=1", "--vocab-size=256", "--rounds=1"])
+    main(["--plan-depth=2", "--plan-world=8"])
+    out = capsys.readouterr().out
+    assert "per-rank: save" in out and "consolidated: save" in out and "d2 on 8 ranks: optimizer state" in out
 
 
 def test_bench_train_smoke(capsys):

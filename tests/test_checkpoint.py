@@ -1,6 +1,8 @@
 """
 checkpoint_manager: file layout and names, atomic writes + completion marker, incomplete checkpoints ignored,
-model rebuild (build_model / load_model), optimizer shards, unusable files, pruning, tags; loss_eval.evaluate_bpb against a hand computation.
+model rebuild (build_model / load_model), unusable files, pruning, tags; the optimizer state saved by 2 gloo processes
+resumed on 1 and the other way round (also from the per-rank layout of before); loss_eval.evaluate_bpb against a hand
+computation.
 """
 
 import io
@@ -16,12 +18,15 @@ import subprocess
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from nanochat import common
+from nanochat import common, optim
 from nanochat.cli import run
 from nanochat.common import NanochatError, atomic_write
 from nanochat import checkpoint_manager as ckpt
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss, keep_batches
+from conftest import make_tiny_model
 
 
 def save_tokenizer(tokenizer, base_dir):
@@ -39,16 +44,16 @@ def model_meta(model, step, **extra):
 def test_layout_names_and_marker(tmp_path):
     d = tmp_path / "base_checkpoints" / "d2"
     ckpt.save_checkpoint(str(d), 123, {"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {"step": 123, "x": float("inf")}, rank=0)
-    ckpt.save_checkpoint(str(d), 123, None, {"state": {}, "param_groups": []}, None, rank=1)
     names = sorted(os.listdir(d))
-    assert names == ["complete_000123.json", "meta_000123.json", "model_000123.pt", "optim_000123_rank0.pt", "optim_000123_rank1.pt"]
+    assert names == ["complete_000123.json", "meta_000123.json", "model_000123.pt", "optim_000123.pt"]
     meta = json.loads((d / "meta_000123.json").read_text())
     assert meta["x"] == float("inf")
     assert not any(".tmp" in n for n in names)
-    model_data, optim_data, meta = ckpt.load_checkpoint(str(d), 123, "cpu", load_optimizer=True, rank=1)
-    assert torch.equal(model_data["w"], torch.ones(2)) and optim_data == {"state": {}, "param_groups": []}
-    with pytest.raises(FileNotFoundError, match="optimizer shard"):
-        ckpt.load_checkpoint(str(d), 123, "cpu", load_optimizer=True, rank=2)
+    model_data, optim_data, meta = ckpt.load_checkpoint(str(d), 123, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["w"], torch.ones(2)) and optim_data == [{"state": {}, "param_groups": []}]
+    ckpt.save_checkpoint(str(d), 124, {"w": torch.ones(2)}, None, {}, rank=0)
+    with pytest.raises(ckpt.CheckpointError, match="step 124 in .* has no optimizer state"):
+        ckpt.load_checkpoint(str(d), 124, "cpu", load_optimizer=True)
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
@@ -97,7 +102,7 @@ def test_find_largest_model_and_last_step_integers(tmp_path):
         ckpt.find_largest_model(str(tmp_path / "nope"))
 
 
-def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_model_factory):
+def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_model_factory, monkeypatch):
     save_tokenizer(tiny_tokenizer, base_dir)
     model = tiny_model_factory(tiny_tokenizer.get_vocab_size())
     opt = model.setup_optimizer()
@@ -113,9 +118,15 @@ def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_mod
         assert k1 == k2 and torch.equal(v1, v2)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    optim_state = ckpt.load_optimizer_state("base", "cpu", rank=0)
-    assert optim_state is not None and len(optim_state["param_groups"]) == len(opt.param_groups)
-    assert ckpt.load_optimizer_state("base", "cpu", rank=3) is None
+    optim_state = ckpt.load_optimizer_state("base")
+    assert len(optim_state) == 1 and len(optim_state[0]["param_groups"]) == len(opt.param_groups)
+    # chat_sft's warm start on another number of processes: rank 1 of 2 takes the second half of the wte rows
+    monkeypatch.setattr(optim, "rank_and_world", lambda: (1, 2))
+    warm = model.setup_optimizer()
+    warm.load_resharded(optim_state)
+    wte = model.transformer.wte.weight
+    half = wte.shape[0] // 2
+    assert torch.equal(warm.state[wte]["exp_avg"], opt.state[wte]["exp_avg"][half:])
     loaded5, _, _ = ckpt.load_model("base", "cpu", phase="train", model_tag="d2", step=4)
     assert loaded5.training
     with pytest.raises(ValueError, match="unknown checkpoint source"):
@@ -228,9 +239,9 @@ def test_non_finite_optimizer_state_is_refused_at_load(tmp_path):
     d = str(tmp_path / "d2")
     for step in (2, 4):
         ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {0: {"m": torch.ones(2)}}}, {}, rank=0)
-    torch.save({"state": {0: {"m": torch.tensor([1.0, float("inf")])}}}, ckpt.optim_path(d, 4, 0))
+    torch.save({"state": {0: {"m": torch.tensor([1.0, float("inf")])}}}, ckpt.optim_path(d, 4))
     assert ckpt.load_checkpoint(d, 4, "cpu")[0]["w"].item() == 1.0  # the weights alone are fine
-    with pytest.raises(ckpt.CheckpointError, match="optim_000004_rank0.pt holds NaN or infinite values.*step is 2"):
+    with pytest.raises(ckpt.CheckpointError, match="optim_000004.pt holds NaN or infinite values.*step is 2"):
         ckpt.load_checkpoint(d, 4, "cpu", load_optimizer=True)
 
 
@@ -288,22 +299,25 @@ def test_orphans_of_a_killed_prune_or_save_are_removed_on_save(tmp_path):
     for step in (2, 4, 6):
         ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
     os.remove(ckpt.marker_path(d, 2))  # prune_checkpoints was killed right after removing the marker of step 2
-    os.remove(ckpt.optim_path(d, 4, 0))  # ... and the one of step 4 after removing its marker and optimizer shard
+    os.remove(ckpt.optim_path(d, 4))  # ... and the one of step 4 after removing its marker and optimizer state
     os.remove(ckpt.marker_path(d, 4))
     torch.save({"w": torch.ones(1)}, ckpt.model_path(d, 7))  # a save of step 7 killed before its marker
+    torch.save({}, ckpt.rank_optim_path(d, 7, 1))  # ... or by the per-rank layout of before
     ckpt.save_checkpoint(d, 8, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
     assert sorted(os.listdir(d)) == sorted(f"{kind}_{s:06d}{ext}" for s in (6, 8) for kind, ext in
-                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", "_rank0.pt")))
+                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", ".pt")))
 
 
 def test_prune_keeps_last_k(tmp_path):
     d = str(tmp_path / "d2")
     for step in (2, 4, 6, 8):
         ckpt.save_checkpoint(d, step, {"w": torch.ones(1)}, {"state": {}}, {}, rank=0)
+    for rank in (0, 1):  # step 4 also holds the per-rank optimizer files of a checkpoint written before
+        torch.save({"state": {}}, ckpt.rank_optim_path(d, 4, rank))
     ckpt.prune_checkpoints(d, 2)
     assert ckpt.complete_steps(d) == [6, 8]
     assert sorted(os.listdir(d)) == sorted(f"{kind}_{s:06d}{ext}" for s in (6, 8) for kind, ext in
-                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", "_rank0.pt")))
+                                           (("model", ".pt"), ("meta", ".json"), ("complete", ".json"), ("optim", ".pt")))
 
 
 @pytest.mark.parametrize("tag", ["../../x", "a/b", "..", "/abs", ""])
@@ -352,3 +366,99 @@ def test_training_scripts_take_checkpoint_locations_from_checkpoint_manager():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in stage_dirs]
         assert not literals, f"{path.name} writes {literals} by hand; use checkpoint_manager.checkpoint_dir_for"
+
+
+# -----------------------------------------------------------------------------
+# The optimizer state on another number of processes: a tiny GPT (3 layers: Muon groups of 3 matrices, so the second
+# of 2 ranks keeps a padding matrix) trained 3 steps by 2 gloo processes or by 1, checkpointed, resumed on 2 and on 1
+
+VOCAB, ROWS, SEQ = 256, 2, 16  # each rank's batch: 2 rows of 16 tokens
+
+
+def rank_batch(step, rank):
+    tokens = torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(1000 * step + rank))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_step(model, optimizer, step, ranks):
+    """One step on the rows of `ranks`: a process holding both ranks' rows has the mean loss of the two ranks."""
+    x, y = (torch.cat(parts) for parts in zip(*(rank_batch(step, rank) for rank in ranks)))
+    model(x, y).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+def update_of_step(model, optimizer, step, ranks):
+    """How one step changes the weights."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, optimizer, step, ranks)
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+def resumed_at_step_3(checkpoint_dir, with_optimizer_state=True):
+    model_data, optim_data, _ = ckpt.load_checkpoint(str(checkpoint_dir), 3, "cpu", load_optimizer=True)
+    model = make_tiny_model(VOCAB, n_layer=3, sequence_len=SEQ, seed=1)  # another init: weights come from the file
+    model.load_state_dict(model_data)
+    optimizer = model.setup_optimizer()
+    if with_optimizer_state:
+        optimizer.load_resharded(optim_data)
+    return model, optimizer
+
+
+def _two_process_resume_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = os.path.join(out_dir, "two"), os.path.join(out_dir, "per_rank")
+    model = make_tiny_model(VOCAB, n_layer=3, sequence_len=SEQ)
+    optimizer = model.setup_optimizer()
+    for step in range(3):
+        train_step(model, optimizer, step, [rank])
+    ckpt.save_checkpoint(out[0], 3, model.state_dict(), optimizer.consolidated_state_dict(), {}, rank=rank,
+                         sync_ranks=True)
+    # the same checkpoint as this code wrote it before: one optimizer file per rank
+    ckpt.save_checkpoint(out[1], 3, model.state_dict(), None, {}, rank=rank, sync_ranks=True)
+    torch.save(optimizer.state_dict(), ckpt.rank_optim_path(out[1], 3, rank))
+    dist.barrier()
+    updates = {"uninterrupted": update_of_step(model, optimizer, 3, [rank])}
+    for name in ("two", "per_rank", "one"):
+        updates[name] = update_of_step(*resumed_at_step_3(os.path.join(out_dir, name)), 3, [rank])
+    if rank == 0:
+        torch.save(updates, os.path.join(out_dir, "two_process_updates.pt"))
+    dist.destroy_process_group()
+
+
+def assert_same_update(a, b):
+    """Equal up to the order of float reductions: the 1-process backward sums 4 rows where 2 ranks average two sums of 2,
+    a relative difference of a few fp32 ulps (~1e-7) in the gradients. The step carries it into the update without
+    amplifying it much (AdamW divides by a second moment built over 3 steps; Muon normalizes), so 1e-4 of the largest
+    entry of each update leaves a wide margin; a step without the saved optimizer state is off by far more."""
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4 * b[k].abs().max().item() + 1e-12, msg=k)
+
+
+@pytest.mark.slow
+def test_optimizer_state_resumes_on_another_number_of_processes(tmp_path):
+    """2 -> 2 (bit for bit), 2 -> 1 and 1 -> 2: the first step after the resume, on the same batch, makes the update
+    of the uninterrupted run. The same for a checkpoint in the per-rank layout of before."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    model = make_tiny_model(VOCAB, n_layer=3, sequence_len=SEQ)
+    optimizer = model.setup_optimizer()
+    for step in range(3):
+        train_step(model, optimizer, step, [0, 1])
+    ckpt.save_checkpoint(str(tmp_path / "one"), 3, model.state_dict(), optimizer.consolidated_state_dict(), {})
+    one_process_update = update_of_step(model, optimizer, 3, [0, 1])
+    mp.spawn(_two_process_resume_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(os.listdir(tmp_path / "two")) == ["complete_000003.json", "meta_000003.json", "model_000003.pt",
+                                                    "optim_000003.pt"]
+    two = torch.load(tmp_path / "two_process_updates.pt")
+    for name in ("two", "per_rank"):  # on as many processes as saved: bit-identical
+        assert all(torch.equal(two[name][k], two["uninterrupted"][k]) for k in two["uninterrupted"]), name
+        assert_same_update(update_of_step(*resumed_at_step_3(tmp_path / name), 3, [0, 1]), two["uninterrupted"])
+    assert_same_update(two["one"], one_process_update)
+    with pytest.raises(AssertionError):  # the saved optimizer state is what makes the updates agree
+        assert_same_update(update_of_step(*resumed_at_step_3(tmp_path / "two", False), 3, [0, 1]), two["uninterrupted"])
+    # a per-rank file gone missing is one line naming it
+    os.remove(ckpt.rank_optim_path(str(tmp_path / "per_rank"), 3, 1))
+    with pytest.raises(ckpt.CheckpointError) as excinfo:
+        ckpt.load_checkpoint(str(tmp_path / "per_rank"), 3, "cpu", load_optimizer=True)
+    assert "optim_000003_rank1.pt is missing" in str(excinfo.value) and "\n" not in str(excinfo.value)

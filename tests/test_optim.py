@@ -1,6 +1,7 @@
 """
 MuonAdamW: the stacked/sharded implementation against a plain per-matrix reference, AdamW against torch's AdamW,
-Muon's orthogonality, convergence, state_dict resume, and 2 gloo processes == 1 process.
+Muon's orthogonality, convergence, state_dict resume, 2 gloo processes == 1 process, and the state moved between
+world sizes (consolidated on save, resharded on load).
 """
 
 import os
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanochat import optim
 from nanochat.optim import MuonAdamW, POLAR_EXPRESS_COEFFS
 
 
@@ -212,6 +214,77 @@ def test_deterministic_and_state_dict_resume(tmp_path):
         assert torch.equal(p, r)  # bit-exact
 
 
+# -----------------------------------------------------------------------------
+# The state between world sizes
+
+def assert_same_state(a, b):
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for index, entry in a["state"].items():
+        assert entry.keys() == b["state"][index].keys()
+        for key, value in entry.items():
+            other = b["state"][index][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
+
+
+def state_as_rank(monkeypatch, rank, world, saved):
+    """The state dict that rank `rank` of a `world`-process run holds after load_resharded(saved)."""
+    monkeypatch.setattr(optim, "rank_and_world", lambda: (rank, world))
+    opt = build_optimizer(to_params(make_params()))
+    opt.load_resharded(saved)
+    return opt.state_dict()
+
+
+def expected_rows(full, rank, per_rank):
+    """Rows rank*per_rank.. of full, zeros past its end: written out one row at a time."""
+    out = torch.zeros((per_rank, *full.shape[1:]))
+    for j in range(per_rank):
+        if rank * per_rank + j < len(full):
+            out[j] = full[rank * per_rank + j]
+    return out
+
+
+def test_state_reshards_between_any_world_sizes(monkeypatch):
+    """The one-process state split for N ranks as the sharded step keeps it (AdamW: 'big' by rows when they split
+    evenly, 'odd', 'emb', 'lam' whole; Muon: ceil(K/N) matrices each, zero-padded, trailing ranks owning none),
+    then joined and split again for M ranks: the same state as splitting the one-process state for M directly."""
+    P = to_params(make_params())
+    opt = build_optimizer(P)
+    for step in range(3):
+        set_grads(P, make_grads(step, 0)); opt.step()
+    full = opt.state_dict()
+    # state_dict indices: emb 0, big 1, odd 2 | lam 3 | sq 4-6 (state on 4) | tall 7-8 (on 7) | wide 9
+    sharded = {1: lambda world: 128 // world if world in (2, 4) else None,
+               4: lambda world: math.ceil(3 / world), 7: lambda world: math.ceil(2 / world), 9: lambda world: 1}
+    assert sorted(full["state"]) == [0, 1, 2, 3, 4, 7, 9]
+    for saved_world in (1, 2, 3, 4):
+        shards = [state_as_rank(monkeypatch, rank, saved_world, [full]) for rank in range(saved_world)]
+        for rank, shard in enumerate(shards):
+            for index, entry in full["state"].items():
+                per_rank = sharded.get(index, lambda world: None)(saved_world)
+                for key, value in entry.items():
+                    if torch.is_tensor(value):
+                        want = expected_rows(value, rank, per_rank) if per_rank else value
+                        assert torch.equal(shard["state"][index][key], want), (saved_world, rank, index, key)
+        # wide (K=1) on 2 ranks and sq (K=3) on 4: the last rank owns no matrix, its buffers are padding
+        if saved_world in (2, 4):
+            assert not shards[-1]["state"][4 if saved_world == 4 else 9]["momentum_buffer"].any()
+        for world in (1, 2, 3, 4):
+            for rank in range(world):
+                assert_same_state(state_as_rank(monkeypatch, rank, world, shards),
+                                  state_as_rank(monkeypatch, rank, world, [full]))
+        assert_same_state(state_as_rank(monkeypatch, 0, 1, shards), full)
+
+
+def test_state_of_another_model_is_refused(monkeypatch):
+    P = to_params(make_params())
+    opt = build_optimizer(P)
+    set_grads(P, make_grads(0, 0)); opt.step()
+    saved = opt.state_dict()
+    saved["state"][4]["momentum_buffer"] = saved["state"][4]["momentum_buffer"][:2]  # 2 stacked matrices, not 3
+    with pytest.raises(ValueError, match="parameter 4 has 2 rows where this model has 3"):
+        state_as_rank(monkeypatch, 0, 2, [saved])
+
+
 @pytest.mark.slow
 def test_compiled_matches_eager_and_schedule_never_recompiles():
     """The compiled update functions equal the eager ones while lr/momentum/betas/weight decay change every step,
@@ -289,3 +362,65 @@ def test_two_process_gloo_matches_single_process(tmp_path, compile):
         assert torch.equal(a, b)  # ranks agree exactly after the all-gathers
         assert torch.equal(a, c) and torch.equal(b, d)  # resume from a sharded state_dict is exact
         torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _consolidating_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    P = to_params(make_params())
+    opt = build_optimizer(P)
+    for step in range(3):
+        set_grads(P, make_grads(step, rank)); opt.step()
+    consolidated = opt.consolidated_state_dict()
+    assert (consolidated is None) == (rank != 0)
+    if rank == 0:
+        torch.save({"consolidated": consolidated, "params": [p.detach().clone() for p in all_params(P)]},
+                   os.path.join(out_dir, "consolidated.pt"))
+    torch.save(opt.state_dict(), os.path.join(out_dir, f"shard{rank}.pt"))
+    dist.barrier()
+    # a resume on as many ranks from the consolidated state: the next two steps are bit-identical
+    Q = to_params(make_params())
+    for q, p in zip(all_params(Q), all_params(P)):
+        q.data.copy_(p.detach())
+    resumed = build_optimizer(Q)
+    resumed.load_resharded([torch.load(os.path.join(out_dir, "consolidated.pt"))["consolidated"]])
+    for step in range(3, 5):
+        set_grads(P, make_grads(step, rank)); opt.step()
+        set_grads(Q, make_grads(step, rank)); resumed.step()
+    assert all(torch.equal(p, q) for p, q in zip(all_params(P), all_params(Q)))
+    if rank == 0:
+        torch.save([p.detach().clone() for p in all_params(P)], os.path.join(out_dir, "final.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_state_consolidates_to_the_single_process_state(tmp_path):
+    """2 gloo ranks gather their shards (AdamW rows, Muon chunks with padding, a rank owning nothing) into the state
+    one process has after the same steps, which a single process resumes from (and 2 ranks, bit for bit)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_consolidating_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
+    saved = torch.load(tmp_path / "consolidated.pt")
+    # joining the per-rank states on one process gives exactly what the gather wrote
+    joined = build_optimizer(to_params(make_params()))
+    joined.load_resharded([torch.load(tmp_path / f"shard{rank}.pt") for rank in (0, 1)])
+    assert_same_state(joined.state_dict(), saved["consolidated"])
+    # ... which is the state of one process fed the rank-averaged grads, up to the order of float reductions
+    P = to_params(make_params())
+    opt = build_optimizer(P)
+    averaged = [[(a + b) / 2 for a, b in zip(make_grads(step, 0), make_grads(step, 1))] for step in range(5)]
+    for step in range(3):
+        set_grads(P, averaged[step]); opt.step()
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(saved["consolidated"]["state"][index][key], value, rtol=1e-4, atol=1e-6)
+    # 2 -> 1: one process resumed from the consolidated state ends where the 2 ranks ended
+    R = to_params(make_params())
+    for r, p in zip(all_params(R), saved["params"]):
+        r.data.copy_(p)
+    resumed = build_optimizer(R)
+    resumed.load_resharded([saved["consolidated"]])
+    for step in range(3, 5):
+        set_grads(R, averaged[step]); resumed.step()
+    for r, p in zip(all_params(R), torch.load(tmp_path / "final.pt")):
+        torch.testing.assert_close(r.detach(), p, rtol=1e-4, atol=1e-5)
