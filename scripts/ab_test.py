@@ -179,6 +179,9 @@ def welch_interval(se, df):
 # -----------------------------------------------------------------------------
 # Runs: trained here, or collected from their summary.json
 
+SUMMARY_LINE = "Wrote run summary to "  # what base_train prints when it has written summary.json
+
+
 def results_dir(name):
     # nanochat.common.get_base_dir's location, without importing that module: it imports torch, which on a GPU
     # machine would start CUDA in this process for as long as the runs take
@@ -199,6 +202,16 @@ def read_summary(path):
     return {**summary, "path": path}
 
 
+def written_summary(log_path):
+    """The summary.json a finished base_train run says it wrote (a run stopped early writes none: an older file of
+    the same tag must not pass for its result)."""
+    with open(log_path, errors="replace") as log:
+        paths = [line.split(SUMMARY_LINE, 1)[1].strip() for line in log if SUMMARY_LINE in line]
+    if not paths:
+        raise NanochatError(f"the run wrote no summary.json (stopped before its end?); see {log_path}")
+    return paths[-1]
+
+
 def train_runs(args):
     """Train both arms, alternating A and B seed by seed; returns {arm: [summary, ...]}."""
     base_dir, out_dir = results_dir(args.name)
@@ -212,9 +225,6 @@ def train_runs(args):
         flags = shlex.split(args.common) + shlex.split(args.a if arm == "A" else args.b)
         command = launcher + ["-m", "scripts.base_train", *flags, f"--seed={seed}", f"--model-tag={tag}"]
         log_path = os.path.join(out_dir, f"{tag}.log")
-        summary_path = os.path.join(base_dir, "base_checkpoints", tag, "summary.json")
-        if os.path.exists(summary_path):  # an earlier test's, of the same name: it must not pass for this run's
-            os.remove(summary_path)
         print(f"[{i}/{len(plan)}] {arm} seed {seed}: {shlex.join(command)}", flush=True)
         start = time.time()
         with open(log_path, "w") as log:
@@ -223,7 +233,7 @@ def train_runs(args):
             with open(log_path, errors="replace") as log:
                 last = ([line.strip() for line in log if line.strip()] or ["(empty log)"])[-1]
             raise NanochatError(f"{arm} seed {seed} failed (exit {code}): {last} (full log: {log_path})")
-        summary = read_summary(summary_path)
+        summary = read_summary(written_summary(log_path))
         runs[arm].append(summary)
         print(f"    val bpb {summary['val_bpb']:.4f} in {time.time() - start:.0f}s (log: {log_path})", flush=True)
     return runs

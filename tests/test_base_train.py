@@ -459,7 +459,7 @@ def test_seed_sets_the_initial_weights():
         args = build_parser().parse_args(TINY + ["--num-iterations=1", f"--seed={seed}"])
         plan = training_plan(args, 512, 2 * T, print0=lambda *a, **k: None)
         compute_init("cpu", args.seed)
-        model, _ = build_model_and_optimizer(args, plan, torch.device("cpu"), None, 0, use_compile=False)
+        model, _ = build_model_and_optimizer(args, plan, torch.device("cpu"), None, use_compile=False)
         return model.state_dict()
     first, again, other = initial_weights(1), initial_weights(1), initial_weights(2)
     assert all(torch.equal(first[k], again[k]) for k in first)

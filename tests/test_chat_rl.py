@@ -210,7 +210,7 @@ def test_resume_is_bit_identical(rl_env, rewards_that_vary, capsys):
     full = chat_rl.main(RESUME_RUN)
     full_out = capsys.readouterr().out
     d = rl_env / "chatrl_checkpoints" / "d2"
-    full_model, full_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004_rank0.pt")
+    full_model, full_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004.pt")
     assert full_model.keys() == torch.load(d / "model_000002.pt").keys()
     assert any(not torch.equal(full_model[k], torch.load(d / "model_000002.pt")[k]) for k in full_model), "nothing trained"
 
@@ -221,7 +221,7 @@ def test_resume_is_bit_identical(rl_env, rewards_that_vary, capsys):
     after_2 = [line for line in step_lines(full_out) if not line.startswith(("Step 0", "Step 1", "Step 2 | Pass"))]
     assert len(after_2) == 11 and step_lines(resumed_out) == after_2, (step_lines(full_out), step_lines(resumed_out))
     assert resumed["history"] == full["history"] and resumed["pass_at_k"] == full["pass_at_k"]
-    resumed_model, resumed_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004_rank0.pt")
+    resumed_model, resumed_optim = torch.load(d / "model_000004.pt"), torch.load(d / "optim_000004.pt")
     for k in full_model:
         assert torch.equal(full_model[k], resumed_model[k]), k
     assert full_optim["param_groups"] == resumed_optim["param_groups"]
@@ -253,7 +253,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(rl_env):
     assert step >= 2 and stopped[0].endswith(f"resume with --resume-from-step={step} (and the same flags)")
     from nanochat.checkpoint_manager import complete_steps, load_meta
     d = str(rl_env / "chatrl_checkpoints" / "d2")
-    assert complete_steps(d) == [step] and os.path.exists(os.path.join(d, f"optim_{step:06d}_rank0.pt"))
+    assert complete_steps(d) == [step] and os.path.exists(os.path.join(d, f"optim_{step:06d}.pt"))
     meta = load_meta(d, step)
     assert meta["stage"] == "rl" and len(meta["loop_state"]["history"]["train"]) == step
     assert not (rl_env / "report" / "chat-rl.md").exists()  # a preempted run is not a finished run
