@@ -48,7 +48,8 @@ ENTRY_POINTS = [
         "--unembedding-lr": "-1", "--matrix-lr": "-1", "--weight-decay": "-1", "--init-lr-frac": "-1",
         "--warmup-ratio": "1.5", "--warmdown-ratio": "1.5", "--final-lr-frac": "1.5", "--eval-every": "0",
         "--eval-tokens": "0", "--chatcore-every": "0", "--chatcore-max-cat": "0", "--chatcore-max-sample": "0",
-        "--chatcore-max-new-tokens": "0", "--dry-run": "2", "--seed": "4294967296"}),
+        "--chatcore-max-new-tokens": "0", "--dry-run": "2", "--seed": "4294967296", "--save-every": "0", "--keep-last": "0",
+        "--resume-from-step": "-2"}),
     ("scripts.chat_rl", call_main("scripts.chat_rl"), [], {
         "--model-step": "-1", "--num-epochs": "0", "--num-steps": "0", "--device-batch-size": "0",
         "--examples-per-step": "0", "--num-samples": "0", "--max-new-tokens": "0", "--temperature": "-0.1",
