@@ -96,9 +96,13 @@ def _compress_coords(coords):
 
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
-        device="cuda", resume_state_dict=None, buffer_size=1000):
-    """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`."""
+        device="cuda", resume_state_dict=None, buffer_size=1000, one_pass=False):
+    """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`.
+    one_pass: every rank reads the whole split once, as one process would, and the generator ends with it (an
+    evaluation slice: the same rows whatever the world size, none repeated)."""
     _, rank, _, world_size = get_dist_info()
+    if one_pass:
+        rank, world_size = 0, 1
     stream = _DocumentStream(split, rank, world_size)
     row_capacity = T + 1
 
@@ -153,8 +157,10 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         for _ in range(B):
             row = []
             while len(row) < row_capacity:
-                while len(buffer) < buffer_size:
+                while len(buffer) < buffer_size and not (one_pass and stream.position()["epoch"] > 1):
                     add_docs(*stream.next_slice(tokenizer_batch_size))
+                if not buffer:  # one pass is over (the unfinished row is dropped)
+                    return
                 remaining = row_capacity - len(row)
                 i = bisect.bisect_right(by_len, (remaining, float("inf"))) - 1
                 if i >= 0:
