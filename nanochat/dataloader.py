@@ -96,12 +96,14 @@ def _compress_coords(coords):
 
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
-        device="cuda", resume_state_dict=None, buffer_size=1000, one_pass=False):
+        device="cuda", resume_state_dict=None, buffer_size=1000, eval_slice=False):
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`.
-    one_pass: every rank reads the whole split once, as one process would, and the generator ends with it (an
-    evaluation slice: the same rows whatever the world size, none repeated)."""
+    eval_slice: the rows of an evaluation instead: every rank reads the whole split once, as one process would, and
+    rows take the documents in order (the last one of a row cropped), so the same rows whatever the world size, none
+    repeated, and neighbouring rows no more alike than neighbouring documents (best fit would sort them by length);
+    the generator ends with the split."""
     _, rank, _, world_size = get_dist_info()
-    if one_pass:
+    if eval_slice:
         rank, world_size = 0, 1
     stream = _DocumentStream(split, rank, world_size)
     row_capacity = T + 1
@@ -157,11 +159,15 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         for _ in range(B):
             row = []
             while len(row) < row_capacity:
-                while len(buffer) < buffer_size and not (one_pass and stream.position()["epoch"] > 1):
+                while len(buffer) < buffer_size and not (eval_slice and stream.position()["epoch"] > 1):
                     add_docs(*stream.next_slice(tokenizer_batch_size))
-                if not buffer:  # one pass is over (the unfinished row is dropped)
+                if not buffer:  # the evaluation's one pass is over (the unfinished row is dropped)
                     return
                 remaining = row_capacity - len(row)
+                if eval_slice:  # the document that arrived first, cropped to the room left
+                    seq = next(iter(buffer))
+                    row.extend(take(bisect.bisect_left(by_len, (len(buffer[seq][0]), seq)))[:remaining])
+                    continue
                 i = bisect.bisect_right(by_len, (remaining, float("inf"))) - 1
                 if i >= 0:
                     # the largest doc that fits whole; among equal lengths the one that arrived first

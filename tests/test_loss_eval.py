@@ -121,6 +121,24 @@ def test_slice_is_independent_of_batch_size_and_world_size(val_split, monkeypatc
             assert slice_rows(eval_batches(val_split, "val", 6 * T, T, 2, "cpu")) == rows[rank::world_size]
 
 
+def test_slice_rows_are_the_documents_in_order(val_split, train_dir):
+    """Rows take the split's documents in order, the last one of a row cropped (best fit would group documents by
+    length, making neighbouring rows alike and the standard error too small)."""
+    import pyarrow.parquet as pq
+    texts = pq.read_table(train_dir / "base_data_local" / "shard_00001.parquet").column("text").to_pylist()
+    docs = val_split.encode(texts, prepend=val_split.get_bos_token_id())
+    row_len = 2 * len(docs[0]) + 30  # two whole documents and a crop of the third
+    expected, queue = [], [list(d) for d in docs]
+    while queue:
+        row = []
+        while queue and len(row) < row_len:
+            row += queue.pop(0)[:row_len - len(row)]
+        if len(row) == row_len:  # the split's unfinished last row is dropped
+            expected.append((row[:-1], row[1:]))
+    rows = slice_rows(eval_batches(val_split, "val", 100 * row_len, row_len - 1, 4, "cpu"))
+    assert rows == expected and len(rows) == NUM_VAL_DOCS // 3
+
+
 def test_slice_ends_with_the_split(val_split, capsys):
     rows = slice_rows(eval_batches(val_split, "val", 100 * T, T, 8, "cpu"))
     assert len(rows) == NUM_VAL_DOCS and len({tuple(y) for _, y in rows}) == NUM_VAL_DOCS  # no document twice
