@@ -8,8 +8,8 @@ Special tokens have 0 bytes in token_bytes and are left out of both sums, as are
 The slice (eval_batches) is the first num_tokens // sequence_len rows of the split as ONE process packs them, whatever
 the batch size and the number of processes, so base_train's validation and base_eval measure the same tokens (both
 default to EVAL_TOKENS) and the same checkpoint gets the same number in both. Its rows are stretches of consecutive
-documents (not best fit, which sorts documents by length: on the offline corpus neighbouring best-fit rows correlated
-0.33 in bpb and 32-row chunks varied 1.5x more than the standard error said; in order, 0.07 and as it said).
+documents, not best fit, which groups documents by length: on the offline corpus (runcpu's model at step 120), best-fit
+rows in 32-row chunks spread 0.41 bpb where the standard error said 0.09; rows in order, 0.12 where it said 0.13.
 """
 
 import itertools
@@ -39,7 +39,7 @@ class BpbEstimate(NamedTuple):
 
 
 def format_bpb(bpb, se, tokens, digits=6):
-    """'0.964512 ± 0.003120 (65,536 tokens)': a bpb always shows its standard error and how many tokens it covers."""
+    """'1.395101 ± 0.032404 (97,792 tokens)': a bpb always shows its standard error and how many tokens it covers."""
     return f"{bpb:.{digits}f} ± {se:.{digits}f} ({tokens:,} tokens)"
 
 
@@ -91,8 +91,8 @@ def eval_batches(tokenizer, split, num_tokens, sequence_len, batch_size, device)
     """This rank's share of the slice: the first max(1, num_tokens // sequence_len) rows of `split`, packed as one
     process does in one pass, documents in order (all rows if the split holds fewer), rank r taking rows r, r+W, ...,
     in batches of batch_size rows. Rows do not depend on the batch size (the packer fills them one after the other),
-    so neither does the slice. The last batch is padded with rows of ignored targets (a compiled model keeps one shape). Kept as
-    int32 (half the memory) in a list that every evaluation replays: tokenizing the slice again would cost seconds."""
+    so neither does the slice. The last batch is padded with rows of ignored targets (a compiled model keeps one
+    shape). Kept as int32 (half the memory) in a list that every evaluation replays: tokenizing again costs seconds."""
     _, rank, _, world_size = get_dist_info()
     num_rows = max(1, num_tokens // sequence_len)
     rows = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 1, sequence_len, split, device="cpu",
