@@ -16,6 +16,7 @@ get_bos_token_id().
 """
 
 import csv
+import math
 import os
 import random
 import time
@@ -221,6 +222,23 @@ def core_metric(centered_results):
     return sum(values) / len(values) if values else float("nan")
 
 
+def accuracy_se(accuracy, n):
+    """Standard error of an accuracy over n examples (correct or not: a binomial count), as the half-width of the
+    Wilson score interval at one sigma: (sqrt(c (n - c) / n + 1/4)) / (n + 1) for c correct. For large n it is the
+    usual sqrt(p (1 - p) / n); unlike that, it stays positive at 0/n and n/n (which n examples cannot prove exact),
+    e.g. 1/4 for one example right or wrong."""
+    correct = accuracy * n
+    return math.sqrt(correct * (n - correct) / n + 0.25) / (n + 1)
+
+
+def core_metric_se(centered_ses):
+    """Standard error of CORE from the tasks' centered standard errors (each task's accuracy SE / (1 - baseline), the
+    centering being linear). Tasks are scored on different examples, so their errors are independent and the variance
+    of their mean is the sum of their variances over the number of tasks squared."""
+    values = list(centered_ses.values())
+    return math.sqrt(sum(se * se for se in values)) / len(values) if values else float("nan")
+
+
 def core_label(labels, max_per_task=-1):
     """"full (22/22 tasks)" or "partial (k/22 tasks)", plus "; N per task" when tasks were cut to N examples, so a
     partial or subsampled score is never mistaken for a full one."""
@@ -305,9 +323,11 @@ def gpt2_targets(bundle_dir, labels):
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
-    """Run every available CORE task. Returns dict(results, centered_results, core_metric, num_tasks, total_tasks,
-    skipped, partial, subsampled, core_label, gpt2_targets). Missing tasks are skipped and named; CORE is then the
-    mean over the rest, `partial` is True and gpt2_targets holds GPT-2's CORE on the same tasks (all their examples).
+    """Run every available CORE task. Returns dict(results, centered_results, centered_se, num_examples, core_metric,
+    core_metric_se, num_tasks, total_tasks, skipped, partial, subsampled, core_label, gpt2_targets): per task its
+    accuracy, centered accuracy with its standard error and number of examples. Missing tasks are skipped and named;
+    CORE is then the mean over the rest, `partial` is True and gpt2_targets holds GPT-2's CORE on the same tasks (all
+    their examples).
     `subsampled`: max_per_task cut the tasks. All ranks must call this together under torchrun; all get the same
     numbers."""
     bundle_dir = resolve_bundle_dir(bundle_dir)
@@ -317,43 +337,55 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
     # read and check every file first, so a corrupt line stops us before any model work
     prepared = [(label, task_meta, shuffle_and_truncate(load_jsonl(data_path, task_meta["task_type"]), max_per_task),
                  baseline) for label, task_meta, data_path, baseline in tasks]
-    results, centered_results = {}, {}
+    results, centered_results, centered_se, num_examples = {}, {}, {}, {}
     for label, task_meta, data, baseline in prepared:
         t0 = time.time()
         print0(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... ", end="")
         accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
         results[label], centered_results[label] = accuracy, centered_accuracy(accuracy, baseline)
-        print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
+        se, num_examples[label] = accuracy_se(accuracy, len(data)), len(data)
+        centered_se[label] = se / (1.0 - 0.01 * baseline)
+        print0(f"accuracy: {accuracy:.4f} ± {se:.4f} ({len(data)} examples) | centered: {centered_results[label]:.4f} "
+               f"| time: {time.time() - t0:.2f}s")
     labels = list(results)
     partial = not set(CORE_TASK_LABELS) <= set(labels)
-    return dict(results=results, centered_results=centered_results, core_metric=core_metric(centered_results),
+    return dict(results=results, centered_results=centered_results, centered_se=centered_se, num_examples=num_examples,
+                core_metric=core_metric(centered_results), core_metric_se=core_metric_se(centered_se),
                 num_tasks=len(labels), total_tasks=len(CORE_TASK_LABELS), skipped=[label for label, _ in skipped],
                 partial=partial, subsampled=max_per_task > 0, core_label=core_label(labels, max_per_task),
                 gpt2_targets=gpt2_targets(bundle_dir, labels) if partial else {})
 
 
 def format_core(out):
-    """'0.2219' for a full score; '0.1234 partial (20/22 tasks; 16 per task; same tasks: GPT-2 124M 0.1157, ...)'
-    otherwise."""
+    """'0.2219 ± 0.0031 (9,000 examples)' for a full score; '0.1234 ± 0.0210 partial (20/22 tasks; 16 per task; 320
+    examples; same tasks: GPT-2 124M 0.1157, ...)' otherwise. (Results saved before CORE had a standard error lack it
+    and the count.)"""
     value = f"{out['core_metric']:.4f}"
+    if "core_metric_se" in out:
+        value += f" ± {out['core_metric_se']:.4f}"
+    details = [f"{sum(out['num_examples'].values()):,} examples"] if "num_examples" in out else []
     if not (out["partial"] or out["subsampled"]):
-        return value
+        return f"{value} ({details[0]})" if details else value
     targets = ", ".join(f"{name} {score:.4f}" for name, score in out.get("gpt2_targets", {}).items())
-    label = out["core_label"] if not targets else f"{out['core_label'][:-1]}; same tasks: {targets})"
-    return f"{value} {label}"
+    details += [f"same tasks: {targets}"] if targets else []
+    return f"{value} {out['core_label'][:-1]}{''.join('; ' + d for d in details)})"
 
 
 def write_core_csv(path, out):
-    """The padded results table: Task, Accuracy, Centered; skipped tasks marked; the CORE row, then for a partial
+    """The padded results table: Task, Accuracy, Centered (as in the bundle's GPT-2 tables), then the centered
+    accuracy's standard error and the number of examples; skipped tasks marked; the CORE row, then for a partial
     score GPT-2's CORE on the same tasks."""
-    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}, {'SE':<10}, {'Examples':<10}"]
     for label in out["results"]:
-        lines.append(f"{label:<35}, {out['results'][label]:<10.6f}, {out['centered_results'][label]:<10.6f}")
+        lines.append(f"{label:<35}, {out['results'][label]:<10.6f}, {out['centered_results'][label]:<10.6f}, "
+                     f"{out['centered_se'][label]:<10.6f}, {out['num_examples'][label]:<10}")
     for label in out["skipped"]:
-        lines.append(f"{label:<35}, {'skipped':<10}, {'skipped':<10}")
+        lines.append(f"{label:<35}, {'skipped':<10}, {'skipped':<10}, {'':<10}, {'':<10}")
     core_row = f"CORE {out['core_label']}" if out["partial"] or out["subsampled"] else "CORE"
-    lines.append(f"{core_row:<35}, {'':<10}, {out['core_metric']:<10.6f}")
+    num_examples = sum(out["num_examples"].values())
+    lines.append(f"{core_row:<35}, {'':<10}, {out['core_metric']:<10.6f}, {out['core_metric_se']:<10.6f}, "
+                 f"{num_examples:<10}")
     for name, target in out.get("gpt2_targets", {}).items():  # what GPT-2 scores on the same (partial) task set
-        lines.append(f"{name + ' same tasks':<35}, {'':<10}, {target:<10.6f}")
+        lines.append(f"{name + ' same tasks':<35}, {'':<10}, {target:<10.6f}, {'':<10}, {'':<10}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

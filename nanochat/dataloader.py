@@ -178,10 +178,16 @@ def _reshard(states, world_size, stream):
 
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
-        device="cuda", resume_states=None, buffer_size=1000, seed=None):
+        device="cuda", resume_states=None, buffer_size=1000, seed=None, eval_slice=False):
     """Infinite generator of (inputs (B,T) int64, targets (B,T) int64, state_dict) on `device`. resume_states: the
-    state_dicts of every rank of the run to continue (index = rank); seed: shuffle each row group's documents."""
+    state_dicts of every rank of the run to continue (index = rank); seed: shuffle each row group's documents.
+    eval_slice: the rows of an evaluation instead: every rank reads the whole split once, as one process would, and
+    rows take the documents in order (the last one of a row cropped), so the same rows whatever the world size, none
+    repeated, and neighbouring rows no more alike than neighbouring documents (best fit would sort them by length);
+    the generator ends with the split."""
     _, rank, _, world_size = get_dist_info()
+    if eval_slice:
+        rank, world_size = 0, 1
     stream = _DocumentStream(split, rank, world_size, seed)
     row_capacity = T + 1
 
@@ -235,9 +241,15 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         for _ in range(B):
             row = []
             while len(row) < row_capacity:
-                while len(buffer) < buffer_size:
+                while len(buffer) < buffer_size and not (eval_slice and stream.position()["epoch"] > 1):
                     add_docs(*stream.next_slice(tokenizer_batch_size))
+                if not buffer:  # the evaluation's one pass is over (the unfinished row is dropped)
+                    return
                 remaining = row_capacity - len(row)
+                if eval_slice:  # the document that arrived first, cropped to the room left
+                    seq = next(iter(buffer))
+                    row.extend(take(bisect.bisect_left(by_len, (len(buffer[seq][0]), seq)))[:remaining])
+                    continue
                 i = bisect.bisect_right(by_len, (remaining, float("inf"))) - 1
                 if i >= 0:
                     # the largest doc that fits whole; among equal lengths the one that arrived first

@@ -7,7 +7,7 @@ report.md with an environment header, training-curve plots and a summary table o
 
 In code: get_report().log("Base model training", [config_dict, {"Minimum validation bpb": 0.95}, "free text\\n"])
          get_report().log_history("base-training", {"train": [{"step", "loss", "flops"}...],
-                                                    "val": [{"step", "val_bpb", "flops"}...]})
+                                                    "val": [{"step", "val_bpb", "val_bpb_se", "flops"}...]})
 Only rank 0 writes; other ranks get a DummyReport whose methods do nothing.
 
 The wall-clock total runs to the last stage that finished, RL included; metrics are read from "- key: value" lines by
@@ -214,11 +214,15 @@ def plot_history(name, history, out_dir):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, (split, y_key, title) in zip(axes, panels):
             # NaN/inf are dropped, and on the log FLOPs axis so is step 0 (it has spent 0 FLOPs)
-            points = [(r[x_key], r[y_key]) for r in history.get(split, [])
+            points = [(r[x_key], r[y_key], r.get(y_key + "_se")) for r in history.get(split, [])
                       if r.get(x_key) is not None and math.isfinite(r[y_key]) and (x_key == "step" or r[x_key] > 0)]
             if points:
-                xs, ys = zip(*points)
+                xs, ys, ses = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+                if all(se is not None and math.isfinite(se) for se in ses):  # a band of one standard error
+                    ax.fill_between(xs, [y - se for y, se in zip(ys, ses)], [y + se for y, se in zip(ys, ses)],
+                                    alpha=0.3, label="± 1 standard error")
+                    ax.legend(fontsize=8)
                 if x_key == "flops":
                     ax.set_xscale("log")
             else:
@@ -258,15 +262,19 @@ class Report:
 
     def log_history(self, name, history):
         """Store a training history (train loss / val bpb vs step and FLOPs) for the plots made by generate().
-        Entries are stored as plain numbers; ValueError names an entry without step or value."""
+        Entries are stored as plain numbers, with the value's standard error (e.g. val_bpb_se) when they have one;
+        ValueError names an entry without step or value."""
         clean = {}
         for split, value_key in (("train", "loss"), ("val", "val_bpb")):
             clean[split] = []
             for row in history.get(split, []):
                 if not isinstance(row, dict) or "step" not in row or value_key not in row:
                     raise ValueError(f"each history[{split!r}] entry needs 'step' and {value_key!r} (got {row!r})")
-                clean[split].append({"step": int(row["step"]), value_key: float(row[value_key]),
-                                     "flops": None if row.get("flops") is None else float(row["flops"])})
+                entry = {"step": int(row["step"]), value_key: float(row[value_key]),
+                         "flops": None if row.get("flops") is None else float(row["flops"])}
+                if row.get(value_key + "_se") is not None:
+                    entry[value_key + "_se"] = float(row[value_key + "_se"])
+                clean[split].append(entry)
         path = os.path.join(self.report_dir, f"history-{slugify(name)}.json")
         write_text(path, json.dumps({"name": name, "history": clean}))
         return path

@@ -1,5 +1,7 @@
 """
-Evaluate a base model: prompt samples, bits per byte on the train/val splits, and the CORE metric.
+Evaluate a base model: prompt samples, bits per byte on the train/val splits, and the CORE metric, each with its
+standard error. The val bpb is measured on the rows base_train's validation uses (the first --split-tokens of the
+split, packed as by one process): with the defaults a checkpoint gets the same val bpb here as in its training log.
 
 Examples:
     python -m scripts.base_eval                                   # everything, latest base checkpoint
@@ -21,11 +23,10 @@ from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.cli import run
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_base_dir, int_in, print0
 from nanochat.core_eval import evaluate_core, format_core, write_core_csv
-from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import SAMPLE_PROMPTS, Engine
 from nanochat.errors import NanochatError
 from nanochat.eval_bundle import resolve_bundle_dir
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import EVAL_TOKENS, evaluate_bpb, eval_batches, format_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -60,25 +61,19 @@ def run_samples(model, tokenizer, engine=None):
     return samples, unconditioned
 
 
-def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, world_size, token_bytes=None):
-    tokens_per_step = device_batch_size * sequence_len * world_size
-    if split_tokens < tokens_per_step:
-        raise NanochatError(f"--split-tokens={split_tokens} is less than one step of {tokens_per_step} tokens "
-                            f"(device batch {device_batch_size} x sequence {sequence_len} x world {world_size})")
-    steps = split_tokens // tokens_per_step
-    if split_tokens != steps * tokens_per_step:
-        print0(f"Adjusting split_tokens from {split_tokens} to {steps * tokens_per_step} (a multiple of {tokens_per_step})")
+def run_bpb(model, tokenizer, device, device_batch_size, sequence_len, split_tokens, token_bytes=None):
+    """{split: BpbEstimate} on the first rows of the train and val splits: the val rows are those base_train's
+    validation evaluates with the same --eval-tokens, so a checkpoint gets the same val bpb in both."""
     token_bytes = get_token_bytes(device=device) if token_bytes is None else token_bytes
     bpb = {}
     for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, device_batch_size, sequence_len, split,
-                                                                device=device)
-        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
-        print0(f"{split} bpb: {bpb[split]:.6f}")
+        batches = eval_batches(tokenizer, split, split_tokens, sequence_len, device_batch_size, device)
+        bpb[split] = evaluate_bpb(model, batches, token_bytes)
+        print0(f"{split} bpb: {bpb[split]}")
     return bpb
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate a base model: samples, bits per byte, CORE")
     # what to evaluate
     parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
@@ -91,11 +86,16 @@ def main(argv=None):
                         help="local unzipped eval_bundle folder (else env NANOCHAT_EVAL_BUNDLE, else download)")
     # bits per byte
     parser.add_argument("--device-batch-size", type=int_in("[1, inf)"), default=32, help="per-device batch rows for bpb")
-    parser.add_argument("--split-tokens", type=int_in("[1, inf)"), default=40 * 524288, help="tokens per split for bpb")
+    parser.add_argument("--split-tokens", type=int_in("[1, inf)"), default=EVAL_TOKENS,
+                        help="tokens per split for bpb (the default is base_train's --eval-tokens: the same val rows)")
     # runtime
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     # cheap checks first: bad flags, no checkpoint, no bundle
     modes = parse_eval_modes(args.eval)
@@ -103,7 +103,7 @@ def main(argv=None):
         checkpoint = resolve_checkpoint("base", args.model_tag, args.step)
     bundle_dir = resolve_bundle_dir(args.bundle_dir) if "core" in modes else None
 
-    _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
+    _, rank, _, _, device = compute_init(args.device_type or autodetect_device_type())
 
     # the model under evaluation: one of ours, or any transformers causal LM
     engine = token_bytes = None
@@ -128,9 +128,8 @@ def main(argv=None):
             samples, unconditioned = run_samples(model, tokenizer, engine)
     if "bpb" in modes:
         print0(RULE + "\nBPB Evaluation\n" + RULE)
-        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, world_size,
-                      token_bytes)
-        summary.update({f"{split} bpb": value for split, value in bpb.items()})
+        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, sequence_len, args.split_tokens, token_bytes)
+        summary.update({f"{split} bpb": format_bpb(v.bpb, v.se, v.tokens, digits=4) for split, v in bpb.items()})
     if "core" in modes:
         print0(RULE + "\nCORE Evaluation\n" + RULE)
         core_out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, bundle_dir=bundle_dir)
@@ -146,7 +145,8 @@ def main(argv=None):
 
     get_report().log("Base model evaluation", [
         summary,
-        core_out["centered_results"] if core_out else None,
+        {label: f"{centered:.4f} ± {core_out['centered_se'][label]:.4f} ({core_out['num_examples'][label]} examples)"
+         for label, centered in core_out["centered_results"].items()} if core_out else None,
         {f"sample {i}": s for i, s in enumerate(samples)},
         {f"unconditioned {i}": s for i, s in enumerate(unconditioned)},
     ])

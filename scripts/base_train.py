@@ -41,12 +41,12 @@ from nanochat.common import (NanochatError, compute_init, compute_cleanup, print
                              get_peak_flops, int_in, float_in, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, atomic_write,
                              synchronize, peak_memory_mib, should_compile)
 from nanochat.core_eval import evaluate_core, format_core
-from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit, tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.engine import Engine, SAMPLE_PROMPTS
 from nanochat.eval_bundle import BundleUnavailable
 from nanochat.flash_attention import get_backend
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.loss_eval import evaluate_bpb, keep_batches
+from nanochat.loss_eval import EVAL_TOKENS, evaluate_bpb, eval_batches, format_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_gc, make_grad_scaler, finish_step,
@@ -114,7 +114,7 @@ def build_parser():
     # so they run rarely and always at the end
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int_in("[1, inf)", -1), default=250, help="validation bpb every N steps (-1 = off)")
-    g.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=80 * 524288, help="tokens per validation bpb evaluation")
+    g.add_argument("--eval-tokens", type=int_in("[1, inf)"), default=EVAL_TOKENS, help="tokens per validation bpb evaluation (the first rows of the val split, as base_eval's)")
     g.add_argument("--core-metric-every", type=int_in("[1, inf)", -1), default=2000, help="CORE metric every N steps and at the end (-1 = off)")
     g.add_argument("--core-metric-max-per-task", type=int_in("[1, inf)", -1), default=500, help="examples per CORE task (-1 = all)")
     g.add_argument("--sample-every", type=int_in("[1, inf)", -1), default=2000, help="print greedy samples every N steps and at the end (-1 = off)")
@@ -479,7 +479,10 @@ def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, wor
         return
     total_flops = plan.flops_per_token * plan.total_tokens
     core, mfu = state.core_results, state.mfu
-    core_score = core["core_metric"] if core else None
+    core_score, core_se = (core["core_metric"], core.get("core_metric_se")) if core else (None, None)
+    # the final evaluation's standard error and size (an evaluation always runs at the last step when any runs)
+    final_val = state.history["val"][-1] if state.history["val"] else {}
+    val_se, val_tokens = final_val.get("val_bpb_se"), final_val.get("val_tokens")
     ratio = plan.total_tokens / plan.num_scaling_params
     summary = {
         "model_tag": os.path.basename(checkpoint_dir), "depth": args.depth, "model_dim": plan.model_config.n_embd,
@@ -488,8 +491,9 @@ def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, wor
         "num_scaling_params": plan.num_scaling_params, "param_counts": plan.param_counts,
         "flops_per_token": plan.flops_per_token, "num_iterations": plan.num_iterations,
         "total_batch_size": plan.total_batch_size, "tokens_trained": plan.total_tokens, "param_data_ratio": ratio,
-        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "min_val_bpb": min_val_bpb,
-        "core_score": core_score, "core_partial": bool(core.get("partial")) if core else None,
+        "total_training_flops": total_flops, "val_bpb": state.val_bpb, "val_bpb_se": val_se, "val_tokens": val_tokens,
+        "min_val_bpb": min_val_bpb, "core_score": core_score, "core_score_se": core_se,
+        "core_partial": bool(core.get("partial")) if core else None,
         "train_time_sec": state.total_training_time, "mfu": mfu, "peak_memory_mib": peak_mib,
         "world_size": world_size, "device_type": device_type, "fp8": args.fp8, "checkpoint_dir": checkpoint_dir,
         "seed": args.seed, "val_curve": [[row["step"], row["val_bpb"]] for row in state.history["val"]],
@@ -503,7 +507,9 @@ def wrap_up(args, plan, state, checkpoint_dir, tokenizer, user_config, rank, wor
              "Number of training tokens": plan.total_tokens, "Tokens : Scaling params ratio": ratio,
              "Total batch size": plan.total_batch_size, "DDP world size": world_size,
              "warmup_iters": plan.warmup_iters, "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac}
-    results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": state.val_bpb, "CORE metric estimate": core_score,
+    final_bpb = format_bpb(state.val_bpb, val_se, val_tokens, digits=4) if val_tokens else state.val_bpb
+    results = {"Minimum validation bpb": min_val_bpb, "Final validation bpb": final_bpb,
+               "CORE metric estimate": format_core(core) if core else None,
                "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a", "Total training flops": f"{total_flops:e}",
                "Total training time": f"{state.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mib:.2f}MiB"}
     report = get_report()
@@ -599,18 +605,19 @@ def main(argv=None):
             # on the uncompiled one, whose input shapes vary
             flops_so_far = plan.flops_per_token * plan.total_batch_size * step
             if is_due(step, args.eval_every, last_step, at_step_zero=True):
-                if val_batches is None:
-                    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
-                    val_batches = keep_batches(tokenizing_distributed_data_loader_bos_bestfit(
-                        tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device), eval_steps)
+                if val_batches is None:  # the same rows as base_eval's (see nanochat.loss_eval)
+                    val_batches = eval_batches(tokenizer, "val", args.eval_tokens, args.max_seq_len,
+                                               args.device_batch_size, device)
                 # bits per byte of text: unlike the loss in nats per token, comparable across vocabularies
                 with evaluating(orig_model, args.fp8):
-                    state.val_bpb = evaluate_bpb(model, val_batches, len(val_batches), token_bytes)
-                print0(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
+                    val = evaluate_bpb(model, val_batches, token_bytes)
+                state.val_bpb = val.bpb
+                print0(f"Step {step:05d} | Validation bpb: {val}")
                 state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-                state.record("val", {"step": step, "val_bpb": state.val_bpb, "flops": flops_so_far})
+                state.record("val", {"step": step, "val_bpb": val.bpb, "val_bpb_se": val.se, "val_tokens": val.tokens,
+                                     "flops": flops_so_far})
                 wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                               "total_training_time": state.total_training_time, "val/bpb": state.val_bpb})
+                               "total_training_time": state.total_training_time, "val/bpb": val.bpb, "val/bpb_se": val.se})
             if is_due(step, args.core_metric_every, last_step):
                 results = evaluate_core_metric(orig_model, tokenizer, device, args, step)
                 if results is not None:

@@ -12,7 +12,8 @@ Two kinds of task:
   -n samples is correct (pass@n). Problems are decoded together, -r sequences (problems x samples) per forward.
 
 ChatCORE = mean over the six tasks of (accuracy - chance) / (1 - chance): 0 is chance, 1 is perfect. ChatCORE-5 is
-the same without SpellingBee. A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line
+the same without SpellingBee. Every accuracy and ChatCORE is printed and logged with its standard error and the number
+of problems it covers (tasks/evaluate.py says how). A task whose data cannot be had (e.g. offline, nothing cached) is skipped with a line
 saying so, and ChatCORE is then printed and logged as partial (k/6 tasks) so it is never mistaken for a full score.
 """
 
@@ -26,7 +27,7 @@ from nanochat.engine import Engine
 from nanochat.errors import NanochatError
 from nanochat.execution import isolation
 from nanochat.report import get_report
-from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, run_chat_evals
+from tasks.evaluate import ALL_TASKS, BASELINES, chatcore_lines, format_accuracy, run_chat_evals
 
 # -----------------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ def main(argv=None):
         print0(f"Tasks skipped because their data is unavailable: {', '.join(skipped)}")
 
     # Skipped tasks appear under their own name (the report's summary table picks rows by task name)
-    task_lines = {t: (results[t] if t in results else "skipped (data unavailable)") for t in task_names}
+    task_lines = {t: (format_accuracy(*results[t]) if t in results else "skipped (data unavailable)") for t in task_names}
     get_report().log(section=f"Chat evaluation {args.source}", data=[vars(args), task_lines, chatcore])
     compute_cleanup()
     return results

@@ -52,7 +52,7 @@ from nanochat.common import (NanochatError, compute_init, compute_cleanup, print
                              is_offline, get_peak_flops, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized,
                              synchronize, peak_memory_mib, int_in, float_in, should_compile)
 from nanochat.engine import Engine
-from nanochat.loss_eval import evaluate_loss, keep_batches
+from nanochat.loss_eval import evaluate_bpb, format_bpb, keep_batches
 from nanochat.report import get_report
 from nanochat.sft_dataloader import sft_batches, resume_state
 from nanochat.tokenizer import get_token_bytes
@@ -60,7 +60,7 @@ from nanochat.training import (keep_freed_memory, freeze_gc, manage_gc, release_
                                scale_initial_lrs, is_due, any_rank, init_wandb)
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks.evaluate import ALL_TASKS, BASELINES, run_chat_evals, chatcore_from_results
+from tasks.evaluate import ALL_TASKS, BASELINES, run_chat_evals, chatcore_from_results, format_accuracy
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
@@ -404,17 +404,18 @@ def evaluate_chatcore(model, tokenizer, args, batch_size, step, unavailable):
                                       Engine(model, tokenizer), max_problems=caps, batch_size=batch_size,
                                       max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0)
     unavailable.update(skipped)
-    for task_name, accuracy in results.items():
-        print0(f"  {task_name}: {100 * accuracy:.2f}%")
-    chatcore, label = chatcore_from_results(results)
-    chatcore_cat, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
+    for task_name, (accuracy, problems) in results.items():
+        print0(f"  {task_name}: {format_accuracy(accuracy, problems)}")
+    chatcore, chatcore_se, label = chatcore_from_results(results)
+    chatcore_cat, chatcore_cat_se, _ = chatcore_from_results(results, [t for t in ALL_TASKS if BASELINES[t] > 0])
     # NaN when no task of a kind was available: printed and logged as such, never as a misleading 0
-    chatcore = float("nan") if chatcore is None else chatcore
-    chatcore_cat = float("nan") if chatcore_cat is None else chatcore_cat
+    chatcore, chatcore_se, chatcore_cat, chatcore_cat_se = (float("nan") if v is None else v for v in
+                                                            (chatcore, chatcore_se, chatcore_cat, chatcore_cat_se))
     partial = "" if label == "full" else f" {label}"
-    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}{partial}")
+    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} ± {chatcore_se:.4f} | "
+           f"ChatCORE_cat: {chatcore_cat:.4f} ± {chatcore_cat_se:.4f}{partial}")
     model.train()
-    return chatcore, results
+    return chatcore, {task_name: accuracy for task_name, (accuracy, _) in results.items()}
 
 # -----------------------------------------------------------------------------
 
@@ -508,12 +509,13 @@ def main(argv=None):
                     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
                     val_batches = keep_batches(sft_batches(val_dataset, tokenizer, B, T, device, rank, world_size), eval_steps)
                 # the loss on the assistant's tokens only (the same mask as training); bpb also counts their bytes
-                val_bpb, val_loss, val_tokens = evaluate_loss(model, val_batches, len(val_batches), token_bytes)
-                state.val_bpb, state.val_loss, state.min_val_bpb = val_bpb, val_loss, min(state.min_val_bpb, val_bpb)
-                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f} | Validation loss: {val_loss:.4f} "
-                       f"({val_tokens:,} supervised tokens)")
-                state.record("val", dict(step=step, val_bpb=val_bpb, val_loss=val_loss, flops=flops_per_step * step))
-                wandb_run.log({"step": step, "total_training_flops": flops_per_step * step, "val/bpb": val_bpb, "val/loss": val_loss})
+                val = evaluate_bpb(model, val_batches, token_bytes)
+                state.val_bpb, state.val_loss, state.min_val_bpb = val.bpb, val.loss, min(state.min_val_bpb, val.bpb)
+                print0(f"Step {step:05d} | Validation bpb: {val.bpb:.4f} ± {val.se:.4f} | Validation loss: {val.loss:.4f} "
+                       f"({val.tokens:,} supervised tokens)")
+                state.record("val", dict(step=step, val_bpb=val.bpb, val_bpb_se=val.se, val_loss=val.loss,
+                                         flops=flops_per_step * step))
+                wandb_run.log({"step": step, "total_training_flops": flops_per_step * step, "val/bpb": val.bpb, "val/loss": val.loss})
                 model.train()
             if is_due(step, args.chatcore_every, last_step):  # categorical (MC) and generative tasks, uncompiled model
                 state.chatcore, chatcore_results = evaluate_chatcore(orig_model, tokenizer, args, B, step, unavailable_evals)
@@ -591,6 +593,7 @@ def main(argv=None):
                      "Training rows": len(train_dataset), "Number of iterations": state.step,
                      "DDP world size": world_size, "Minimum validation bpb": state.min_val_bpb,
                      "Final validation loss": state.val_loss,
+                     "Final validation bpb": format_bpb(val.bpb, val.se, val.tokens, digits=4),
                      "Conversations truncated to fit": train_stats["truncated"],
                      "Conversations skipped (no assistant token after truncation)": train_stats["skipped"],
                      "Padding fraction": padding_fraction, "Total training time (m)": state.total_training_time / 60}

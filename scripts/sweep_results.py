@@ -10,8 +10,9 @@ One small tool shared by both sweeps, so they record, skip and display results t
 
 Rows are read from the summary.json that scripts/base_train.py writes next to its checkpoint, never scraped from the
 training log (scraped lines silently give empty columns when the wording changes).
-The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time) follow so
-the plots need nothing else.
+The CSV starts with the columns the user docs list, in their order; a few extra columns (FLOPs, wall time, and the
+standard errors of val bpb and CORE with the number of val tokens) follow so the plots, error bars included, need
+nothing else. A CSV written before the newest extra columns existed is read as is and gains them when rewritten.
 
 The sweeps call this tool twice per training run, so it imports no torch: bad input is a NanochatError (nanochat.errors
 imports nothing), turned into the `error:` line and exit 1 by main itself rather than nanochat.cli.run, whose module
@@ -33,13 +34,14 @@ from nanochat.errors import NanochatError  # imports nothing: this tool stays fr
 MINISERIES_COLUMNS = [
     "depth", "model_dim", "num_params", "num_scaling_params", "num_iterations", "tokens_trained",
     "param_data_ratio", "val_bpb", "core_score", "train_time_sec",
-    "total_training_flops", "wall_time_sec",
+    "total_training_flops", "wall_time_sec", "val_bpb_se", "val_tokens", "core_score_se",
 ]
 SCALING_COLUMNS = [
     "flops_budget", "depth", "model_dim", "params_wte", "params_value_embeds", "params_lm_head",
     "params_transformer", "params_scalars", "params_total", "num_iterations", "tokens_trained", "val_bpb",
     "core_score", "train_time_sec",
-    "num_scaling_params", "param_data_ratio", "total_training_flops", "wall_time_sec",
+    "num_scaling_params", "param_data_ratio", "total_training_flops", "wall_time_sec", "val_bpb_se", "val_tokens",
+    "core_score_se",
 ]
 COLUMNS = {"miniseries": MINISERIES_COLUMNS, "scaling": SCALING_COLUMNS}
 # The scaling columns of the param_counts groups in summary.json
@@ -60,7 +62,8 @@ def log(msg):
 
 
 def read_rows(csv_path, kind):
-    """Rows of an existing results CSV as dicts ([] if the file does not exist). Refuses a foreign header."""
+    """Rows of an existing results CSV as dicts ([] if the file does not exist). Refuses a foreign header; an older
+    one (the current columns but the newest extras) is read, those cells empty."""
     if not os.path.exists(csv_path):
         return []
     with open(csv_path, newline="") as f:
@@ -68,7 +71,7 @@ def read_rows(csv_path, kind):
         header = next(reader, None)
         if header is None:
             return []
-        if header != COLUMNS[kind]:
+        if header != COLUMNS[kind][:len(header)]:
             raise NanochatError(f"{csv_path} has columns {','.join(header)} but a {kind} results file needs "
                                 f"{','.join(COLUMNS[kind])}; move the old file aside (or use another series name/label) and re-run")
         return [dict(zip(header, row)) for row in reader if row]
@@ -135,6 +138,10 @@ def summary_to_row(summary, kind, wall_time=None, flops_budget=None):
         "val_bpb": fmt_float(summary["val_bpb"], 6),
         # empty (not 0.0) when CORE was not computed: a zero would read as a real, terrible score
         "core_score": fmt_float(summary["core_score"], 6),
+        # (empty for a summary written before base_train recorded standard errors)
+        "val_bpb_se": fmt_float(summary.get("val_bpb_se"), 6),
+        "val_tokens": summary.get("val_tokens") or "",
+        "core_score_se": fmt_float(summary.get("core_score_se"), 6),
         "train_time_sec": fmt_float(summary["train_time_sec"], 1),
         "total_training_flops": f"{float(summary['total_training_flops']):.6e}",
         "wall_time_sec": fmt_float(wall_time, 1),
@@ -181,6 +188,11 @@ def numbers(rows, column):
     return [float(row[column]) if row.get(column) not in (None, "") else float("nan") for row in rows]
 
 
+def error_bars(values):
+    """Standard errors as error bar lengths: none drawn (0) where a row has no standard error."""
+    return [v if math.isfinite(v) else 0.0 for v in values]
+
+
 def fit_optimum(log_params, bpbs):
     """Fit bpb = a*x^2 + b*x + c in x = log10(params); return (x_opt, bpb_opt, coeffs) or None if no interior minimum."""
     import numpy as np
@@ -199,17 +211,20 @@ def plot_miniseries(rows, plot_path):
     import matplotlib.pyplot as plt
     depths = [r["depth"] for r in rows]
     bpb, core = numbers(rows, "val_bpb"), numbers(rows, "core_score")
+    bpb_se, core_se = error_bars(numbers(rows, "val_bpb_se")), error_bars(numbers(rows, "core_score_se"))
     flops, params = numbers(rows, "total_training_flops"), numbers(rows, "num_params")
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [(axes[0, 0], flops, bpb, "total training FLOPs", "val bpb"),
-              (axes[0, 1], flops, core, "total training FLOPs", "CORE"),
-              (axes[1, 0], params, bpb, "parameters", "val bpb"),
-              (axes[1, 1], params, core, "parameters", "CORE")]
-    for ax, xs, ys, xlabel, ylabel in panels:
-        points = [(x, y, d) for x, y, d in zip(xs, ys, depths) if math.isfinite(x) and math.isfinite(y) and x > 0]
+    panels = [(axes[0, 0], flops, bpb, bpb_se, "total training FLOPs", "val bpb"),
+              (axes[0, 1], flops, core, core_se, "total training FLOPs", "CORE"),
+              (axes[1, 0], params, bpb, bpb_se, "parameters", "val bpb"),
+              (axes[1, 1], params, core, core_se, "parameters", "CORE")]
+    for ax, xs, ys, errs, xlabel, ylabel in panels:
+        points = [(x, y, e, d) for x, y, e, d in zip(xs, ys, errs, depths)
+                  if math.isfinite(x) and math.isfinite(y) and x > 0]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-            for x, y, d in points:
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o-",
+                        capsize=3)
+            for x, y, _, d in points:
                 ax.annotate(f"d{d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             ax.set_xscale("log")
         else:
@@ -217,7 +232,7 @@ def plot_miniseries(rows, plot_path):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    fig.suptitle("miniseries: val bpb and CORE vs compute and size")
+    fig.suptitle("miniseries: val bpb and CORE vs compute and size (bars: ± 1 standard error)")
     fig.tight_layout()
     save_figure(fig, plot_path)
     plt.close(fig)
@@ -250,7 +265,9 @@ def plot_scaling(rows, plot_path):
     for i, o in enumerate(optima):
         color = f"C{i % 10}"
         xs = [p[0] for p in o["points"]]
-        ax.plot(xs, [p[1] for p in o["points"]], "o", color=color, label=f"{o['budget']:.3g} FLOPs")
+        errs = error_bars(numbers([p[2] for p in o["points"]], "val_bpb_se"))
+        ax.errorbar(xs, [p[1] for p in o["points"]], yerr=errs, fmt="o", capsize=3, color=color,
+                    label=f"{o['budget']:.3g} FLOPs")
         for x, y, r in o["points"]:
             ax.annotate(f"d{r['depth']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         if o["fit"]:
@@ -262,7 +279,7 @@ def plot_scaling(rows, plot_path):
     ax.set_xscale("log")
     ax.set_xlabel("scaling parameters (transformer matrices + lm_head)")
     ax.set_ylabel("val bpb")
-    ax.set_title("val bpb vs model size at fixed FLOPs (star = fitted optimum)")
+    ax.set_title("val bpb (± 1 SE) vs model size at fixed FLOPs (star = fitted optimum)")
     ax.grid(True, alpha=0.3)
     if optima:
         ax.legend(fontsize=8)
@@ -301,7 +318,7 @@ def print_scaling_optima(rows):
     optima = scaling_optima(rows)
     if not optima:
         return
-    lines = [["flops_budget", "best_depth", "best_val_bpb", "fitted_opt_params", "fitted_opt_bpb"]]
+    lines = [["flops_budget", "best_depth", "best_val_bpb", "se", "fitted_opt_params", "fitted_opt_bpb"]]
     for o in optima:
         _, best_bpb, best_row = o["best"]
         if o["fit"]:
@@ -309,7 +326,8 @@ def print_scaling_optima(rows):
             fit_cols = [f"{10 ** x_opt:.4g}", f"{bpb_opt:.6f}"]
         else:
             fit_cols = ["n/a (<3 depths or no minimum)", "-"]
-        lines.append([f"{o['budget']:.3g}", str(best_row["depth"]), f"{best_bpb:.6f}"] + fit_cols)
+        se = best_row.get("val_bpb_se") or "-"
+        lines.append([f"{o['budget']:.3g}", str(best_row["depth"]), f"{best_bpb:.6f}", se] + fit_cols)
     print("Optimum per budget (quadratic fit of val bpb in log10 scaling params):")
     print(aligned(lines))
 
@@ -335,14 +353,15 @@ def cmd_append(args):
     elif summary.get("core_partial"):
         log(f"NOTE: the CORE score for d={d} is partial (some eval-bundle tasks were missing): not comparable "
             "with published full CORE scores")
-    core_text = row["core_score"] or "n/a"
+    bpb_text = f"{row['val_bpb']} ± {row['val_bpb_se'] or '?'}"
+    core_text = f"{row['core_score']} ± {row['core_score_se'] or '?'}" if row["core_score"] else "n/a"
     if args.kind == "miniseries":
         log(f"Training d={d}: params={row['num_params']}, scaling params={row['num_scaling_params']}, "
-            f"iters={row['num_iterations']}, ratio={row['param_data_ratio']}, val bpb={row['val_bpb']}, "
+            f"iters={row['num_iterations']}, ratio={row['param_data_ratio']}, val bpb={bpb_text}, "
             f"CORE={core_text}, time={row['train_time_sec']}s")
     else:
         log(f"  Params: {row['params_total']} (transformer: {row['params_transformer']}), "
-            f"Iters: {row['num_iterations']}, Val BPB: {row['val_bpb']}, CORE: {core_text}")
+            f"Iters: {row['num_iterations']}, Val BPB: {bpb_text}, CORE: {core_text}")
     existing = find_row(rows, args.kind, row)
     if existing is not None:
         rows.remove(existing)  # a deliberate re-run replaces its old row instead of duplicating it

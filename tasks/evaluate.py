@@ -1,12 +1,16 @@
 """
 The chat benchmarks: which tasks exist, how a model is scored on each (categorical or generative), and ChatCORE.
-Used by scripts/chat_eval.py and by chat_sft's periodic evaluation.
+Used by scripts/chat_eval.py and by chat_sft's periodic evaluation. Every accuracy comes with the number of problems
+it covers, from which its standard error follows (nanochat.core_eval.accuracy_se), and ChatCORE's from those.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import DownloadError, get_dist_info, is_ddp_initialized, print0
+from nanochat.core_eval import accuracy_se
 from nanochat.errors import NanochatError
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -38,13 +42,13 @@ class TaskUnavailable(NanochatError):
 # Evaluation loops
 
 def final_accuracy(num_passed, total, device):
-    """Sum the counts over ranks (when distributed), print the final line, return the accuracy."""
+    """Sum the counts over ranks (when distributed), print the final line, return (accuracy, problems)."""
     if is_ddp_initialized():
         counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         num_passed, total = counts.tolist()
     print0(f"Final: {num_passed}/{total} ({100 * num_passed / max(total, 1):.2f}%)")
-    return num_passed / max(total, 1)
+    return num_passed / max(total, 1), total
 
 
 def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
@@ -94,7 +98,7 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None, rows=32):
-    """Accuracy of the model on one task (raises TaskUnavailable when its data cannot be had)."""
+    """(accuracy, problems) of the model on one task (raises TaskUnavailable when its data cannot be had)."""
     try:
         task_object = TASK_BUILDERS[task_name]()
     except (OSError, DownloadError, NanochatError) as e:
@@ -107,7 +111,8 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
 
 
 def run_chat_evals(task_names, model, tokenizer, engine, max_problems=None, **kwargs):
-    """({task: accuracy}, [tasks skipped because their data is unavailable]) over task_names, with a line per task.
+    """({task: (accuracy, problems)}, [tasks skipped because their data is unavailable]) over task_names, with a line
+    per task.
     max_problems: one cap for every task, or {task: cap}; kwargs go to run_chat_eval."""
     results, skipped = {}, []
     for task_name in task_names:
@@ -119,31 +124,42 @@ def run_chat_evals(task_names, model, tokenizer, engine, max_problems=None, **kw
             print0(f"SKIPPED {task_name}: its data is not available ({e})")
             skipped.append(task_name)
             continue
-        print0(f"{task_name} accuracy: {100 * results[task_name]:.2f}%")
+        print0(f"{task_name} accuracy: {format_accuracy(*results[task_name])}")
     return results, skipped
 
 
+def format_accuracy(accuracy, problems):
+    """'0.2500 ± 0.0306 (200 examples)'"""
+    return f"{accuracy:.4f} ± {accuracy_se(accuracy, problems):.4f} ({problems:,} examples)"
+
+
 def chatcore_from_results(results, task_names=ALL_TASKS):
-    """(value, label): the mean centered accuracy over those of task_names that ran, labelled "full" or
-    "partial (k/n tasks)"; (None, "no task evaluated") when none of them ran."""
+    """(value, standard error, label): the mean centered accuracy over those of task_names that ran, labelled "full"
+    or "partial (k/n tasks)"; (None, None, "no task evaluated") when none of them ran. Centering is linear, so a task's
+    centered SE is its accuracy SE / (1 - chance); tasks are scored on different problems, so their errors are
+    independent and the mean's SE is the root of the summed variances over the number of tasks."""
     ran = [t for t in task_names if t in results]
     if not ran:
-        return None, "no task evaluated"
-    value = sum((results[t] - BASELINES[t]) / (1.0 - BASELINES[t]) for t in ran) / len(ran)
+        return None, None, "no task evaluated"
+    value = sum((results[t][0] - BASELINES[t]) / (1.0 - BASELINES[t]) for t in ran) / len(ran)
+    se = math.sqrt(sum((accuracy_se(*results[t]) / (1.0 - BASELINES[t])) ** 2 for t in ran)) / len(ran)
     label = "full" if len(ran) == len(task_names) else f"partial ({len(ran)}/{len(task_names)} tasks)"
-    return value, label
+    return value, se, label
 
 
 def chatcore_lines(results, requested=ALL_TASKS):
-    """{"ChatCORE metric": "0.1234", "ChatCORE-5 metric": "0.1000 partial (4/5 tasks)"} for each variant whose tasks
-    were all requested (a skipped task makes it partial), so a partial value is never mistaken for a full one."""
+    """{"ChatCORE metric": "0.1234 ± 0.0101 (1,500 examples)", "ChatCORE-5 metric": "0.1000 ± 0.0120 partial (4/5
+    tasks; 800 examples)"} for each variant whose tasks were all requested (a skipped task makes it partial), so a
+    partial value is never mistaken for a full one."""
     lines = {}
     for key, task_names in CHATCORE_VARIANTS.items():
         if not set(task_names) <= set(requested):
             continue
-        value, label = chatcore_from_results(results, task_names)
+        value, se, label = chatcore_from_results(results, task_names)
         if value is None:
             lines[key] = f"n/a ({label})"
-        else:
-            lines[key] = f"{value:.4f}" if label == "full" else f"{value:.4f} {label}"
+            continue
+        examples = f"{sum(results[t][1] for t in task_names if t in results):,} examples"
+        details = f"({examples})" if label == "full" else f"{label[:-1]}; {examples})"
+        lines[key] = f"{value:.4f} ± {se:.4f} {details}"
     return lines

@@ -114,7 +114,9 @@ def step_losses(text):
 
 
 def val_bpbs(text):
-    return {int(l.split()[1]): float(l.split()[-1]) for l in lines_with(text, "Step ") if "Validation bpb" in l}
+    """{step: bpb} from the 'Step 00006 | Validation bpb: 2.345678 ± 0.012345 (512 tokens)' lines."""
+    return {int(l.split()[1]): float(l.split("Validation bpb: ")[1].split()[0])
+            for l in lines_with(text, "Step ") if "Validation bpb" in l}
 
 
 def ckpt_dir(base_dir, tag="d2"):

@@ -6,6 +6,7 @@ bad-input paths (missing checkpoint, unknown task, a sandbox that refuses to run
 """
 
 import json
+import math
 import os
 from dataclasses import asdict
 
@@ -89,11 +90,11 @@ def test_categorical_eval_takes_argmax_letter(tiny_tokenizer):
     from tasks.evaluate import run_categorical_eval
     task = MCTask(["B", "A", "B", "D", "B", "C", "B"])  # 4 of 7 answers are B
     model = AlwaysLetterModel(tiny_tokenizer, "B")
-    accuracy = run_categorical_eval(task, tiny_tokenizer, model, batch_size=3)
-    assert accuracy == pytest.approx(4 / 7)
+    accuracy, problems = run_categorical_eval(task, tiny_tokenizer, model, batch_size=3)
+    assert accuracy == pytest.approx(4 / 7) and problems == 7
     assert len(model.calls) == 3  # ceil(7 / 3) batched forwards
     model = AlwaysLetterModel(tiny_tokenizer, "D")
-    assert run_categorical_eval(task, tiny_tokenizer, model, batch_size=8, max_problems=4) == pytest.approx(1 / 4)
+    assert run_categorical_eval(task, tiny_tokenizer, model, batch_size=8, max_problems=4) == (pytest.approx(1 / 4), 4)
 
 
 class RecordingTask:
@@ -126,29 +127,40 @@ def test_generative_eval_batches_problems(tiny_tokenizer, tiny_model_factory):
         runs = []
         for rows, expected_rows in zip((1, 7), most_rows):
             task, counter = RecordingTask(5), RowCounter(model)
-            accuracy = run_generative_eval(task, tiny_tokenizer, model, Engine(counter, tiny_tokenizer), num_samples=num_samples,
-                                           max_new_tokens=10, temperature=temperature, top_k=50, rows=rows)
+            accuracy, problems = run_generative_eval(task, tiny_tokenizer, model, Engine(counter, tiny_tokenizer),
+                                                     num_samples=num_samples, max_new_tokens=10,
+                                                     temperature=temperature, top_k=50, rows=rows)
+            assert problems == 5
             assert max(counter.rows) == expected_rows
             runs.append((accuracy, task.graded))
         assert runs[0] == runs[1] and len(runs[0][1]) == 5 and 0 < runs[0][0] < 1
 
 
-def test_chatcore_centering():
-    from tasks.evaluate import CHATCORE_VARIANTS, chatcore_from_results, chatcore_lines, ALL_TASKS
-    results = {t: 0.25 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}
-    results.update({"GSM8K": 0.5, "HumanEval": 0.0, "SpellingBee": 1.0})
-    value, label = chatcore_from_results(results)
+def test_chatcore_centering_and_standard_error():
+    from nanochat.core_eval import accuracy_se
+    from tasks.evaluate import CHATCORE_VARIANTS, chatcore_from_results, chatcore_lines, format_accuracy, ALL_TASKS
+    results = {t: (0.25, 100) for t in ("ARC-Easy", "ARC-Challenge", "MMLU")}  # (accuracy, problems)
+    results.update({"GSM8K": (0.5, 4), "HumanEval": (0.0, 4), "SpellingBee": (1.0, 4)})
+    value, se, label = chatcore_from_results(results)
     assert label == "full" and value == pytest.approx((0 + 0 + 0 + 0.5 + 0 + 1.0) / 6)
-    value, label = chatcore_from_results(results, CHATCORE_VARIANTS["ChatCORE-5 metric"])
+    # each task's SE centered as its accuracy is (/ (1 - chance)); independent tasks: root of summed variances / 6
+    centered_se = [accuracy_se(0.25, 100) / 0.75] * 3 + [accuracy_se(0.5, 4), accuracy_se(0.0, 4), accuracy_se(1.0, 4)]
+    assert se == pytest.approx(math.sqrt(sum(s * s for s in centered_se)) / 6)
+    assert accuracy_se(0.0, 4) == pytest.approx(0.1)  # 0 of 4 solved is no certainty of 0
+    value, se5, label = chatcore_from_results(results, CHATCORE_VARIANTS["ChatCORE-5 metric"])
     assert label == "full" and value == pytest.approx(0.5 / 5)  # the 5-task value leaves SpellingBee out
-    assert chatcore_lines(results) == {"ChatCORE metric": "0.2500", "ChatCORE-5 metric": "0.1000"}
+    assert se5 == pytest.approx(math.sqrt(sum(s * s for s in centered_se[:5])) / 5)
+    assert chatcore_lines(results) == {"ChatCORE metric": f"0.2500 ± {se:.4f} (312 examples)",
+                                       "ChatCORE-5 metric": f"0.1000 ± {se5:.4f} (308 examples)"}
+    assert format_accuracy(0.25, 100) == f"0.2500 ± {accuracy_se(0.25, 100):.4f} (100 examples)"
     del results["HumanEval"]
-    value, label = chatcore_from_results(results)
+    value, se, label = chatcore_from_results(results)
     assert label == "partial (5/6 tasks)" and value == pytest.approx(1.5 / 5)
-    assert chatcore_lines(results) == {"ChatCORE metric": "0.3000 partial (5/6 tasks)",
-                                       "ChatCORE-5 metric": "0.1250 partial (4/5 tasks)"}
+    _, se5, _ = chatcore_from_results(results, CHATCORE_VARIANTS["ChatCORE-5 metric"])
+    assert chatcore_lines(results) == {"ChatCORE metric": f"0.3000 ± {se:.4f} partial (5/6 tasks; 308 examples)",
+                                       "ChatCORE-5 metric": f"0.1250 ± {se5:.4f} partial (4/5 tasks; 304 examples)"}
     assert chatcore_lines(results, ["MMLU", "GSM8K"]) == {}  # neither variant's task list was asked for
-    assert chatcore_from_results({}) == (None, "no task evaluated")
+    assert chatcore_from_results({}) == (None, None, "no task evaluated")
     assert len(ALL_TASKS) == 6
 
 # -----------------------------------------------------------------------------
@@ -172,12 +184,13 @@ def test_chat_eval_selected_tasks(eval_env, capsys):
         letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
         predicted = conversation["letters"][int(logits[letter_ids].argmax())]
         correct += predicted == conversation["messages"][-1]["content"]
-    assert results["MMLU"] == correct / 3
-    assert results["GSM8K"] == 0.0  # 8 greedy tokens of an untrained model hold no "#### <answer>"
+    assert results["MMLU"] == (correct / 3, 3)
+    assert results["GSM8K"] == (0.0, 3)  # 8 greedy tokens of an untrained model hold no "#### <answer>"
     assert "MMLU accuracy:" in out and "GSM8K accuracy:" in out and "Final: " in out
     assert "ChatCORE metric" not in out  # only over the default task list
     report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
-    assert "## Chat evaluation sft" in report and "- MMLU: " in report and "ChatCORE" not in report
+    assert "## Chat evaluation sft" in report and "ChatCORE" not in report
+    assert f"- MMLU: {correct / 3:.4f} ± " in report and "(3 examples)" in report
 
 
 def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
@@ -186,12 +199,12 @@ def test_chat_eval_default_tasks_offline_is_partial(eval_env, capsys):
     out = capsys.readouterr().out
     assert set(results) == {"MMLU", "GSM8K", "SpellingBee"}
     assert "SKIPPED ARC-Easy" in out and "SKIPPED HumanEval" in out
-    assert "ChatCORE metric: " in out and "partial (3/6 tasks)" in out
-    assert "ChatCORE-5 metric: " in out and "partial (2/5 tasks)" in out
+    assert "ChatCORE metric: " in out and "partial (3/6 tasks; 6 examples)" in out
+    assert "ChatCORE-5 metric: " in out and "partial (2/5 tasks; 4 examples)" in out
     report = (eval_env / "report" / "chat-evaluation-sft.md").read_text()
     assert "- ARC-Challenge: skipped (data unavailable)" in report
-    assert "- ChatCORE metric: " in report and "partial (3/6 tasks)" in report
-    assert "- ChatCORE-5 metric: " in report and "partial (2/5 tasks)" in report
+    assert "- ChatCORE metric: " in report and "partial (3/6 tasks; 6 examples)" in report
+    assert "- ChatCORE-5 metric: " in report and "partial (2/5 tasks; 4 examples)" in report
 
 
 def test_missing_checkpoint_is_a_clear_error(base_dir, capsys):

@@ -1,8 +1,7 @@
 """
 checkpoint_manager: file layout and names, atomic writes + completion marker, incomplete checkpoints ignored,
 model rebuild (build_model / load_model), unusable files, pruning, tags; the optimizer state saved by 2 gloo processes
-resumed on 1 and the other way round (also from the per-rank layout of before); loss_eval.evaluate_bpb against a hand
-computation.
+resumed on 1 and the other way round (also from the per-rank layout of before).
 """
 
 import io
@@ -11,7 +10,6 @@ import json
 import sys
 import time
 import errno
-import math
 import pickle
 import datetime
 import subprocess
@@ -25,7 +23,6 @@ from nanochat import common, optim
 from nanochat.cli import run
 from nanochat.common import NanochatError, atomic_write
 from nanochat import checkpoint_manager as ckpt
-from nanochat.loss_eval import evaluate_bpb, evaluate_loss, keep_batches
 from conftest import make_tiny_model
 
 
@@ -131,55 +128,6 @@ def test_build_model_load_model_and_optimizer(base_dir, tiny_tokenizer, tiny_mod
     assert loaded5.training
     with pytest.raises(ValueError, match="unknown checkpoint source"):
         ckpt.load_model("nope", "cpu", phase="eval")
-
-
-def test_evaluate_bpb_matches_hand_computation():
-    V = 8
-    token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 2, 4], dtype=torch.int32)  # token 0 is "special"
-
-    class Fixed(torch.nn.Module):
-        def forward(self, x, y, loss_reduction="mean"):
-            return (y.float().abs() + 1).reshape(-1) * 0.5  # any deterministic per-token loss
-
-    y1 = torch.tensor([[1, 2, 0, -1], [7, 3, 3, 5]])
-    y2 = torch.tensor([[6, -1, -1, 4], [0, 0, 2, 1]])
-    batches = [(torch.zeros_like(y1), y1), (torch.zeros_like(y2), y2)]
-    nats, nbytes = 0.0, 0
-    for _, y in batches:
-        for t in y.reshape(-1).tolist():
-            if t >= 0 and token_bytes[t] > 0:
-                nats += (abs(t) + 1) * 0.5
-                nbytes += int(token_bytes[t])
-    bpb = evaluate_bpb(Fixed(), iter(batches), 2, token_bytes)
-    assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-6)
-    # the mean loss is over every non-ignored target, special tokens included
-    targets = [t for _, y in batches for t in y.reshape(-1).tolist() if t >= 0]
-    bpb2, mean_loss, num_tokens = evaluate_loss(Fixed(), iter(batches), 2, token_bytes)
-    assert bpb2 == bpb and num_tokens == len(targets)
-    assert math.isclose(mean_loss, sum((t + 1) * 0.5 for t in targets) / len(targets), rel_tol=1e-6)
-    assert evaluate_bpb(Fixed(), iter([(y1, torch.full_like(y1, -1))]), 1, token_bytes) == float("inf")
-
-
-def test_kept_batches_are_copies_that_every_evaluation_replays():
-    token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 2, 4], dtype=torch.int32)
-
-    class Targets(torch.nn.Module):
-        def forward(self, x, y, loss_reduction="mean"):
-            assert x.dtype == y.dtype == torch.int64  # the model sees the loader's dtype, not the kept int32
-            return (y.float().abs() + 1).reshape(-1) * 0.5
-
-    def reusing_loader():  # like the CUDA loaders: every batch is written into the same buffers
-        x, y = torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64)
-        for k in range(100):
-            x.fill_(k % 8), y.copy_(torch.arange(8).reshape(2, 4).roll(k) % 8)
-            yield x, y, {"k": k}
-
-    fresh = evaluate_bpb(Targets(), reusing_loader(), 3, token_bytes)
-    kept = keep_batches(reusing_loader(), 3)
-    assert len(kept) == 3 and all(x.dtype == y.dtype == torch.int32 for x, y in kept)
-    assert [int(x[0, 0]) for x, _ in kept] == [0, 1, 2]  # not three views of the last batch
-    assert evaluate_bpb(Targets(), kept, len(kept), token_bytes) == fresh
-    assert evaluate_bpb(Targets(), kept, len(kept), token_bytes) == fresh  # a list replays
 
 
 # -----------------------------------------------------------------------------

@@ -227,6 +227,25 @@ def test_shuffle_and_fewshot_seeds_are_the_references():
     assert sample_fewshot(data, 5, 0) == []
 
 
+def test_accuracy_standard_error_at_the_edges():
+    from nanochat.core_eval import accuracy_se
+    # the Wilson interval's half-width at one sigma: sqrt(c (n - c) / n + 1/4) / (n + 1) for c of n right
+    assert accuracy_se(0.0, 1) == accuracy_se(1.0, 1) == 0.25  # one example, wrong or right: far from certain
+    assert accuracy_se(0.0, 4) == accuracy_se(1.0, 4) == pytest.approx(0.1)  # 0/4, 4/4: not the plug-in 0
+    assert accuracy_se(0.25, 4) == pytest.approx(0.2)  # 1 of 4: sqrt(3/4 + 1/4) / 5
+    assert accuracy_se(0.5, 2) == pytest.approx(math.sqrt(0.75) / 3)
+    assert accuracy_se(0.2, 10) == pytest.approx(accuracy_se(0.8, 10))  # right and wrong are symmetric
+    assert 0 < accuracy_se(0.0, 1000) < accuracy_se(0.0, 10) < accuracy_se(0.0, 1)  # shrinks with n, never 0
+    for p in (0.05, 0.3, 0.5):  # many examples: the textbook sqrt(p (1 - p) / n)
+        assert accuracy_se(p, 100000) == pytest.approx(math.sqrt(p * (1 - p) / 100000), rel=1e-3)
+
+
+def test_core_standard_error_propagates_the_centered_task_errors():
+    from nanochat.core_eval import core_metric_se
+    assert core_metric_se({"a": 0.3, "b": 0.4}) == pytest.approx(0.25)  # sqrt(0.09 + 0.16) / 2
+    assert core_metric_se({"a": 0.1}) == pytest.approx(0.1)
+
+
 def test_centered_accuracy_and_core_mean():
     assert centered_accuracy(0.6, 50) == pytest.approx(0.2)
     assert centered_accuracy(0.2566, 9.1) == pytest.approx(0.182178, abs=1e-6)  # GPT-2 language id, from the bundle
@@ -280,9 +299,12 @@ def test_gpt2_targets_and_format_on_tiny_tables(tmp_path):
     full = {**subsampled, "partial": False, "core_label": "full (22/22 tasks; 16 per task)", "gpt2_targets": {}}
     assert core_eval.format_core(full) == "0.0500 full (22/22 tasks; 16 per task)"
     core_eval.write_core_csv(str(tmp_path / "full.csv"), {**full, "results": {"a": 0.5}, "centered_results": {"a": 0.1},
-                                                          "skipped": []})
+                                                          "centered_se": {"a": 0.2}, "num_examples": {"a": 16},
+                                                          "core_metric_se": 0.2, "skipped": []})
     rows = [[c.strip() for c in line.split(",")] for line in (tmp_path / "full.csv").read_text().splitlines()]
-    assert rows[-1] == ["CORE full (22/22 tasks; 16 per task)", "", "0.050000"]
+    assert rows[0] == ["Task", "Accuracy", "Centered", "SE", "Examples"]  # the GPT-2 tables' columns first
+    assert rows[1] == ["a", "0.500000", "0.100000", "0.200000", "16"]
+    assert rows[-1] == ["CORE full (22/22 tasks; 16 per task)", "", "0.050000", "0.200000", "16"]
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +358,16 @@ def test_evaluate_core_on_handmade_bundle(tmp_path, base_dir):
     assert out["results"] == pytest.approx({"mc_task": 3 / 7, "schema_task": 3 / 5, "lm_task": 0.5})
     assert out["centered_results"] == pytest.approx({"mc_task": (3 / 7 - 0.25) / 0.75, "schema_task": 0.2,
                                                      "lm_task": 0.5})
+    # each task's SE (3 right of 7, of 5, of 6) scaled by its centering (baselines 25%, 50%, 0%), then CORE's
+    wilson = {"mc_task": math.sqrt(3 * 4 / 7 + 0.25) / 8, "schema_task": math.sqrt(3 * 2 / 5 + 0.25) / 6,
+              "lm_task": math.sqrt(3 * 3 / 6 + 0.25) / 7}
+    centered_se = {"mc_task": wilson["mc_task"] / 0.75, "schema_task": wilson["schema_task"] / 0.5,
+                   "lm_task": wilson["lm_task"]}
+    assert out["centered_se"] == pytest.approx(centered_se) and out["num_examples"] == {"mc_task": 7, "schema_task": 5,
+                                                                                        "lm_task": 6}
+    core_se = math.sqrt(sum(se * se for se in centered_se.values())) / 3
+    assert out["core_metric_se"] == pytest.approx(core_se) and 0.16 < core_se < 0.17
+    assert format_core(out).startswith(f"{out['core_metric']:.4f} ± {core_se:.4f} partial (0/22 tasks; 18 examples)")
 
 
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path, base_dir):
@@ -369,7 +401,7 @@ def test_real_bundle_small_run(base_dir, tmp_path):
     rows = [[c.strip() for c in line.split(",")] for line in csv_path.read_text().splitlines()]
     assert rows[-3][0] == "CORE partial (20/22 tasks; 2 per task)"
     assert float(rows[-3][2]) == pytest.approx(out["core_metric"], abs=1e-6)
-    assert rows[-2:] == [["GPT-2 124M same tasks", "", "0.115684"], ["GPT-2 1.5B same tasks", "", "0.252728"]]
+    assert rows[-2:] == [["GPT-2 124M same tasks", "", "0.115684", "", ""], ["GPT-2 1.5B same tasks", "", "0.252728", "", ""]]
 
 
 def test_real_bundle_with_real_tiny_gpt(base_dir, tiny_model_factory, request):
@@ -593,11 +625,16 @@ def test_cli_end_to_end_with_real_checkpoint(tmp_path, base_dir, tiny_model_fact
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Skipping task missing_task: missing file" in out
-    assert re.search(r"CORE metric: \S+ partial \(0/22 tasks; 4 per task\)", out)  # subsampled: labelled so
-    assert "train bpb: " in out and "val bpb: " in out and "Unconditioned samples:" in out
-    assert "Adjusting split_tokens from 300 to 256" in out
+    # subsampled: labelled so, with its standard error and the examples it covers (3 tasks x 4)
+    assert re.search(r"CORE metric: \S+ ± \S+ partial \(0/22 tasks; 4 per task; 12 examples\)", out)
+    # bpb over whole rows: 300 tokens are 4 rows of the model's 64; the val split (2 documents) holds only 2 rows
+    assert re.search(r"train bpb: \S+ ± \S+ \(256 tokens\)", out)
+    assert "the val split holds 2 rows of 64 tokens, fewer than the 4 asked for" in out
+    assert re.search(r"val bpb: \S+ ± \S+ \(128 tokens\)", out)
+    assert "Unconditioned samples:" in out
     csv_text = (base_dir / "base_eval" / "base_model_000003.csv").read_text()
     assert csv_text.splitlines()[0].startswith("Task") and "missing_task" in csv_text and "skipped" in csv_text
     assert csv_text.splitlines()[-1].startswith("CORE partial (0/22 tasks; 4 per task)")
     section = (base_dir / "report" / "base-model-evaluation.md").read_text()
     assert "- CORE metric: " in section and "- val bpb: " in section and "- sample 0: " in section
+    assert re.search(r"- mc_task: \S+ ± \S+ \(4 examples\)", section)  # each task's centered accuracy

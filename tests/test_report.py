@@ -29,7 +29,8 @@ def set_timestamp(path, when):
 def fake_history(n=5):
     return {
         "train": [{"step": s, "loss": 5.0 - 0.3 * s, "flops": 1e12 * (s + 1)} for s in range(n)],
-        "val": [{"step": s, "val_bpb": 2.0 - 0.1 * s, "flops": 1e12 * (s + 1)} for s in range(0, n, 2)],
+        "val": [{"step": s, "val_bpb": 2.0 - 0.1 * s, "val_bpb_se": 0.01, "val_tokens": 4096, "flops": 1e12 * (s + 1)}
+                for s in range(0, n, 2)],
     }
 
 
@@ -62,9 +63,13 @@ def run_fake_pipeline(report_dir, start):
     stages = [
         ("Tokenizer training", [{"vocab_size": 65536, "train_time": 20.5}]),
         ("Tokenizer evaluation", ["### Comparison with GPT-2\n\n| Text Type | Bytes |\n|---|---|\n| news | 1819 |\n"]),
-        ("Base model training", [{"depth": 10}, {"Minimum validation bpb": 0.9539, "Final validation bpb": 0.9541}]),
-        ("Base model evaluation", [{"Model": "base_model (step 5075)", "CORE metric": "0.1266 partial (20/22 tasks)",
-                                    "train bpb": 0.9586, "val bpb": 0.9540}, {"hellaswag": 0.0746}]),
+        ("Base model training", [{"depth": 10}, {"Minimum validation bpb": 0.9539,
+                                                 "Final validation bpb": "0.9541 ± 0.0012 (20,971,520 tokens)"}]),
+        ("Base model evaluation", [{"Model": "base_model (step 5075)",
+                                    "CORE metric": "0.1266 ± 0.0031 partial (20/22 tasks; 9,000 examples)",
+                                    "train bpb": "0.9586 ± 0.0013 (20,971,520 tokens)",
+                                    "val bpb": "0.9541 ± 0.0012 (20,971,520 tokens)"},
+                                   {"hellaswag": "0.0746 ± 0.0051 (10,042 examples)"}]),
         ("Chat SFT", [{"run": "x", "Number of iterations": 701}, {"Minimum validation bpb": 0.85}]),
         ("Chat evaluation sft", [{"source": "sft", "task_name": "GSM8K"},
                                  {"ARC-Easy": 0.266, "ARC-Challenge": 0.2662, "MMLU": 0.2533, "GSM8K": 0.0,
@@ -104,11 +109,11 @@ def test_reset_generate_end_to_end(tmp_path, monkeypatch):
     # summary table
     summary = text[text.index("## Summary"):]
     table = summary[summary.index("| Metric"):].split("\n\n")[0].splitlines()
-    assert table[0].split("|")[1:5] == [" Metric             ", " BASE                         ",
-                                        " SFT                          ", " RL                           "]
+    assert [c.strip() for c in table[0].split("|")[1:5]] == ["Metric", "BASE", "SFT", "RL"]
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:5]] for l in table[2:]}
-    assert rows["CORE"] == ["0.1266 partial (20/22 tasks)", "-", "-"]
-    assert rows["val bpb"] == ["0.9540", "-", "-"]
+    # the numbers keep their standard error and how much data they cover
+    assert rows["CORE"] == ["0.1266 ± 0.0031 partial (20/22 tasks; 9,000 examples)", "-", "-"]
+    assert rows["val bpb"] == ["0.9541 ± 0.0012 (20,971,520 tokens)", "-", "-"]
     assert rows["GSM8K"] == ["-", "0.0000", "0.0129"]  # task_name: GSM8K lines are not taken for scores
     assert rows["ChatCORE (6 tasks)"] == ["-", "0.0079", "-"]
     assert rows["ChatCORE (5 tasks)"] == ["-", "0.0095", "-"]
@@ -139,6 +144,21 @@ def test_generate_without_reset(tmp_path, monkeypatch, capsys):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## Chat SFT" in text and "Total wall clock time: unknown" in text and "[bloat data missing]" in text
     assert "Did you forget to run" in capsys.readouterr().out
+
+
+def test_history_keeps_the_standard_error_and_plots_its_band(tmp_path, monkeypatch):
+    import matplotlib.axes
+    r = Report(str(tmp_path))
+    stored = json.loads(Path(r.log_history("base-training", fake_history())).read_text())["history"]
+    assert stored["val"][0] == {"step": 0, "val_bpb": 2.0, "val_bpb_se": 0.01, "flops": 1e12}
+    assert "loss_se" not in stored["train"][0]  # a value without a standard error stays without
+    bands = []
+    original = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, lower, upper, **kw: bands.append((list(x), lower, upper)) or original(
+                            self, x, lower, upper, **kw))
+    assert report_mod.plot_history("base-training", stored, str(tmp_path))
+    assert bands[0] == ([0, 2, 4], pytest.approx([1.99, 1.79, 1.59]), pytest.approx([2.01, 1.81, 1.61]))  # vs step
 
 
 def test_bad_history_is_rejected(tmp_path):

@@ -62,8 +62,8 @@ def test_the_tool_never_imports_torch():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
-def fake_summary(path, depth, val_bpb, core=0.1, flops=1e15):
-    """A summary.json shaped like the one base_train writes (param groups included)."""
+def fake_summary(path, depth, val_bpb, core=0.1, flops=1e15, se=0.002):
+    """A summary.json shaped like the one base_train writes (param groups and standard errors included)."""
     dim = depth * 64
     groups = {"wte": 512 * dim, "value_embeds": 512 * dim * (depth // 2), "lm_head": 512 * dim,
               "transformer_matrices": 12 * depth * dim * dim, "scalars": 2 * depth}
@@ -72,7 +72,8 @@ def fake_summary(path, depth, val_bpb, core=0.1, flops=1e15):
     summary = {"depth": depth, "model_dim": dim, "num_params": groups["total"], "num_scaling_params": scaling,
                "param_counts": groups, "num_iterations": 100 * depth, "tokens_trained": 100 * depth * 4096,
                "param_data_ratio": 100 * depth * 4096 / scaling, "total_training_flops": flops,
-               "val_bpb": val_bpb, "core_score": core, "train_time_sec": 12.5 * depth, "min_val_bpb": val_bpb}
+               "val_bpb": val_bpb, "core_score": core, "train_time_sec": 12.5 * depth, "min_val_bpb": val_bpb,
+               "val_bpb_se": se, "val_tokens": 20971520, "core_score_se": None if core is None or se is None else 5 * se}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary))
     return summary
@@ -93,6 +94,7 @@ def test_miniseries_rows_table_plot_and_skip(tmp_path):
         out = run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", summary,
                              "--wall-time", 30).stdout
         assert f"Training d={depth}: params={expected['num_params']}" in out
+        assert f"val bpb={bpb:.6f} ± 0.002000" in out
         assert run_sweep_tool("done", "--kind", "miniseries", "--csv", results, "--depth", depth).returncode == 0
     rows = read_csv(results)
     with open(results) as f:
@@ -106,6 +108,9 @@ def test_miniseries_rows_table_plot_and_skip(tmp_path):
     assert int(d4["num_params"]) == s4["num_params"] and int(d4["num_scaling_params"]) == s4["num_scaling_params"]
     assert int(d4["tokens_trained"]) == s4["tokens_trained"] and float(d4["val_bpb"]) == 1.5
     assert float(d4["core_score"]) == 0.05 and rows[0]["core_score"] == ""  # missing CORE stays empty, not 0.0
+    # every number with its standard error and the val tokens it covers (extra columns, after the documented ones)
+    assert (d4["val_bpb_se"], d4["val_tokens"], d4["core_score_se"]) == ("0.002000", "20971520", "0.010000")
+    assert rows[0]["core_score_se"] == ""
     assert float(d4["total_training_flops"]) == 4e14
     # re-appending the same depth replaces the row instead of duplicating it
     fake_summary(tmp_path / "d4" / "summary.json", 4, 1.4)
@@ -118,6 +123,41 @@ def test_miniseries_rows_table_plot_and_skip(tmp_path):
     assert lines[0] == "Results:" and lines[1].split()[:3] == ["depth", "model_dim", "num_params"]
     assert lines[2].split()[0] == "2" and lines[3].split()[0] == "4"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_draw_standard_errors_as_error_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from scripts import sweep_results
+    bars = []
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, yerr=None, **kw: bars.append((list(y), list(yerr))) or original(
+                            self, x, y, yerr=yerr, **kw))
+    for depth, bpb, se in ((2, 1.8, 0.004), (4, 1.5, None)):  # d4's summary predates standard errors
+        summary = fake_summary(tmp_path / f"d{depth}" / "summary.json", depth, bpb, core=0.05, se=se)
+        run_sweep_tool("append", "--kind", "miniseries", "--csv", tmp_path / "m.csv", "--summary",
+                       tmp_path / f"d{depth}" / "summary.json")
+        run_sweep_tool("append", "--kind", "scaling", "--csv", tmp_path / "s.csv", "--summary",
+                       tmp_path / f"d{depth}" / "summary.json", "--flops-budget", "1e15")
+    assert summary["val_bpb_se"] is None
+    sweep_results.plot_miniseries(sweep_results.read_rows(str(tmp_path / "m.csv"), "miniseries"), str(tmp_path / "m.png"))
+    # bpb and CORE vs FLOPs, then vs params; no bar (0) where there is no standard error
+    assert bars[:2] == [([1.8, 1.5], [0.004, 0.0]), ([0.05, 0.05], [0.02, 0.0])]
+    bars.clear()
+    sweep_results.plot_scaling(sweep_results.read_rows(str(tmp_path / "s.csv"), "scaling"), str(tmp_path / "s.png"))
+    assert bars == [([1.8, 1.5], [0.004, 0.0])]
+
+
+def test_a_results_file_from_before_the_standard_errors_is_read_and_upgraded(tmp_path):
+    from scripts import sweep_results
+    old_columns = sweep_results.MINISERIES_COLUMNS[:sweep_results.MINISERIES_COLUMNS.index("val_bpb_se")]
+    results = tmp_path / "results.csv"
+    results.write_text(",".join(old_columns) + "\n" + ",".join("2" if c == "depth" else "1" for c in old_columns) + "\n")
+    assert run_sweep_tool("done", "--kind", "miniseries", "--csv", results, "--depth", 2).returncode == 0
+    fake_summary(tmp_path / "d4" / "summary.json", 4, 1.5)
+    run_sweep_tool("append", "--kind", "miniseries", "--csv", results, "--summary", tmp_path / "d4" / "summary.json")
+    rows = read_csv(results)
+    assert [r["depth"] for r in rows] == ["2", "4"] and rows[0]["val_bpb_se"] == "" and rows[1]["val_bpb_se"] == "0.002000"
 
 
 def test_scaling_rows_skip_by_budget_and_fitted_optimum(tmp_path):
@@ -337,6 +377,8 @@ def test_miniseries_end_to_end_on_cpu(tiny_base):
         assert int(row["num_scaling_params"]) == summary["num_scaling_params"] > 0
         assert int(row["num_iterations"]) == 4 and int(row["tokens_trained"]) == 4 * 128
         assert 0 < float(row["val_bpb"]) < 20 and row["core_score"] == ""
+        assert float(row["val_bpb_se"]) == pytest.approx(summary["val_bpb_se"], abs=1e-6) and summary["val_bpb_se"] > 0
+        assert int(row["val_tokens"]) == summary["val_tokens"] == 256
         assert int(row["model_dim"]) == summary["model_dim"]
     assert (results / "cpu_miniseries_d1_train.log").stat().st_size > 0
     assert (results / "miniseries.png").read_bytes()[:4] == b"\x89PNG"
