@@ -112,3 +112,20 @@ def full_disk(monkeypatch):
     def write_nothing(path, write_fn, mode="wb"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(checkpoint_manager, "atomic_write", write_nothing)
+
+
+def terminate_after_line(proc, prefix, timeout=240):
+    """SIGTERM proc (started with text stdout, stderr merged in) once it prints a line starting with prefix: a step
+    has trained and the handlers are in place. Waits on the output, not on a clock. Returns all it printed."""
+    import time
+    import signal
+    seen = []
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen[-50:])
+    rest, _ = proc.communicate(timeout=120)
+    return "".join(seen) + rest

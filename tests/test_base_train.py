@@ -10,14 +10,14 @@ documents in arrival order, so 1 process with 2 micro-steps sees exactly the doc
 import os
 import sys
 import json
-import time
 import random
-import signal
 import pathlib
 import subprocess
 
 import pytest
 import torch
+
+from conftest import terminate_after_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T = 64                 # --max-seq-len
@@ -209,16 +209,7 @@ def test_two_processes_match_one_process_with_accumulation(train_dir, tmp_path):
 def test_sigterm_saves_checkpoint_and_exits_zero(train_dir):
     proc = subprocess.Popen(base_train_cmd(TINY + ["--num-iterations=100000", "--eval-every=-1"]), cwd=REPO,
                             env=env_for(train_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.time() + 180
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 00002/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(seen[-50:])
-    rest, _ = proc.communicate(timeout=120)
-    output = "".join(seen) + rest
+    output = terminate_after_line(proc, "step 00002/")
     assert proc.returncode == 0, output[-3000:]
     assert "Stopped by signal at step" in output
     step = int(output.split("Stopped by signal at step ")[1].split(";")[0])

@@ -9,7 +9,6 @@ cannot be resumed. Hand-made GSM8K rows, offline.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -17,7 +16,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import RowCounter, REPO_ROOT
+from conftest import RowCounter, REPO_ROOT, terminate_after_line
 
 
 def save_tiny_sft(base_dir, tokenizer, make_tiny_model, step=4, stage_dir="chatsft_checkpoints"):
@@ -238,14 +237,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(rl_env):
     # unbuffered: the line we wait for arrives when it is printed, not when a pipe buffer fills
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:  # a step's line means the handlers are in place and a step has trained
-        seen.append(line)
-        if line.startswith("Step 1/100000 | Average reward"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    output = "".join(seen) + rest
+    output = terminate_after_line(proc, "Step 1/100000 | Average reward")
     assert proc.returncode == 0, output[-3000:]
     stopped = [line for line in output.splitlines() if line.startswith("Stopped by signal at step ")]
     assert len(stopped) == 1, output[-3000:]

@@ -22,6 +22,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import terminate_after_line
+
 SEQ_LEN = 64
 
 
@@ -538,16 +540,7 @@ def chat_sft_cmd(args, nproc=1):
 def test_sigterm_saves_a_checkpoint_and_exits_zero(chat_env):
     proc = subprocess.Popen(chat_sft_cmd(SMALL + ["--num-iterations=100000", "--eval-every=-1"]), cwd=REPO,
                             env=sft_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 00002 "):
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(seen[-50:])
-    rest, _ = proc.communicate(timeout=120)
-    output = "".join(seen) + rest
+    output = terminate_after_line(proc, "step 00002 ")
     assert proc.returncode == 0, output[-3000:]
     step = int(output.split("Stopped by signal at step ")[1].split(";")[0])
     assert step >= 2 and f"resume with --resume-from-step={step}" in output
