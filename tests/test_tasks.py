@@ -478,6 +478,7 @@ def test_humaneval_helpers():
     assert extract_program("  def f(): pass  ") == "def f(): pass"
 
 
+@pytest.mark.usefixtures("sandbox_uid")  # runs programs in the sandbox (conftest.py)
 def test_humaneval_hand_made(local_dir):
     row = {"task_id": "T/0", "prompt": "import math\n\ndef root(x):\n    \"\"\"sqrt\"\"\"\n",
            "canonical_solution": "    return math.sqrt(x)\n", "entry_point": "root",
@@ -496,6 +497,7 @@ def test_humaneval_hand_made(local_dir):
     assert not task.evaluate(conv, "def root(x):\n    return x")
 
 
+@pytest.mark.usefixtures("sandbox_uid")  # runs programs in the sandbox (conftest.py)
 def test_humaneval_real_rows(real_data):
     from tasks.humaneval import HumanEval
     task = HumanEval()
