@@ -55,8 +55,9 @@ def base_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def single_thread():
-    """For files of tiny-tensor tests: a second intra-op thread only adds spin-wait contention on a shared 2-core
-    machine (~50x slower). Opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    """One intra-op thread for the test whatever an earlier test set (one is also this file's default): a second only
+    adds spin-wait contention to tiny tensors on a shared 2-core machine (~50x slower). Opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
