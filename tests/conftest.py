@@ -107,7 +107,11 @@ def sandbox_uid():
     """For tests that run programs in nanochat.execution's sandbox. The programs run as uid 65534, whose process limit
     (RLIMIT_NPROC) the kernel counts across the machine, so a fork bomb of one test would leave a sandboxed program of
     another (a pytest-xdist worker, another run of the suite) unable to start: one such test at a time per machine."""
-    fd = os.open(os.path.join(tempfile.gettempdir(), "nanochat-tests-sandbox.lock"), os.O_RDONLY | os.O_CREAT, 0o444)
+    path = os.path.join(tempfile.gettempdir(), "nanochat-tests-sandbox.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)  # not O_CREAT: a sticky /tmp refuses that on another user's file
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o444)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
