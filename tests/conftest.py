@@ -16,8 +16,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # One intra-op thread per test process: the tensors here are tiny, and a second thread only adds spin-wait
-# contention (tests/test_hf.py took 2.3x the CPU time with two on a busy 2-core machine). dev/test.sh runs one
-# pytest-xdist worker per core instead.
+# contention (tests/test_hf.py took 2-4x the CPU time with two on a busy 2-core machine). dev/test.sh runs one
+# pytest-xdist worker per CPU instead.
 torch.set_num_threads(1)
 
 
