@@ -18,4 +18,6 @@ if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [
     ($APT_GET update -qq; DEBIAN_FRONTEND=noninteractive $APT_GET install -y -qq bubblewrap >/dev/null) \
         || echo "[setup] could not install bubblewrap; the sandbox tests of bwrap isolation will be skipped"
 fi
-python -m pytest "$@"
+# one pytest-xdist worker per CPU (logical: a 2-vCPU machine may count one physical core), each running whole files
+# (module-scoped fixtures are built once); -n 0 runs the tests in this process
+python -m pytest -n logical --dist loadfile "$@"

@@ -4,8 +4,10 @@ Everything here is small enough to build in seconds on a 2-core CPU and needs no
 """
 
 import os
+import fcntl
 import inspect
 import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -13,7 +15,10 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread per test process: the tensors here are tiny, and a second thread only adds spin-wait
+# contention (tests/test_hf.py took 2-4x the CPU time with two on a busy 2-core machine). dev/test.sh runs one
+# pytest-xdist worker per CPU instead.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,8 +55,9 @@ def base_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def single_thread():
-    """For files of tiny-tensor tests: a second intra-op thread only adds spin-wait contention on a shared 2-core
-    machine (~50x slower). Opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    """One intra-op thread for the test whatever an earlier test set (one is also this file's default): a second only
+    adds spin-wait contention to tiny tensors on a shared 2-core machine (~50x slower). Opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -94,6 +100,23 @@ class RowCounter:
     def forward(self, ids, kv_cache=None):
         self.rows.append(ids.size(0))
         return self.model.forward(ids, kv_cache=kv_cache)
+
+
+@pytest.fixture
+def sandbox_uid():
+    """For tests that run programs in nanochat.execution's sandbox. The programs run as uid 65534, whose process limit
+    (RLIMIT_NPROC) the kernel counts across the machine, so a fork bomb of one test would leave a sandboxed program of
+    another (a pytest-xdist worker, another run of the suite) unable to start: one such test at a time per machine."""
+    path = os.path.join(tempfile.gettempdir(), "nanochat-tests-sandbox.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)  # not O_CREAT: a sticky /tmp refuses that on another user's file
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o444)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

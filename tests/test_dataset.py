@@ -67,7 +67,8 @@ class FlakyServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # a short poll interval: shutdown() waits for the serving loop to look at its flag (0.5 s by default)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -121,6 +122,8 @@ def test_download_retries_and_never_partial(base_dir, monkeypatch):
 
 
 def test_download_failures_leave_no_files(base_dir, monkeypatch):
+    import nanochat.common
+    monkeypatch.setattr(nanochat.common.time, "sleep", lambda seconds: None)  # keep the retries, skip the waiting
     with FlakyServer(failures=(), always_fail={"shard_00001.parquet"}, garbage={"shard_00002.parquet"}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         ok, requested = dataset.download_shards(3, "climbmix", num_workers=3, retries=2)
@@ -155,6 +158,8 @@ def test_cli_offline_exit_code(base_dir):
 
 
 def test_failed_shard_exit(base_dir, monkeypatch):
+    import nanochat.common
+    monkeypatch.setattr(nanochat.common.time, "sleep", lambda seconds: None)  # keep the retries, skip the waiting
     with FlakyServer(failures=(), always_fail={"shard_00000.parquet"}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         with pytest.raises(DataError, match="1 shards failed to download; run the same command again"):

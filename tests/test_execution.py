@@ -32,6 +32,7 @@ from tasks.humaneval import run_tests
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
 SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter `nobody` can run, unlike one under a 0700 home
+pytestmark = pytest.mark.usefixtures("sandbox_uid")  # conftest.py: one test running sandboxed programs at a time
 
 
 @pytest.fixture(params=["bwrap", "nobody", "rlimits"])

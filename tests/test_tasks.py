@@ -178,7 +178,8 @@ class FakeHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll interval: shutdown() waits for the serving loop to look at its flag (0.5 s by default)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -478,6 +479,7 @@ def test_humaneval_helpers():
     assert extract_program("  def f(): pass  ") == "def f(): pass"
 
 
+@pytest.mark.usefixtures("sandbox_uid")  # runs programs in the sandbox (conftest.py)
 def test_humaneval_hand_made(local_dir):
     row = {"task_id": "T/0", "prompt": "import math\n\ndef root(x):\n    \"\"\"sqrt\"\"\"\n",
            "canonical_solution": "    return math.sqrt(x)\n", "entry_point": "root",
@@ -496,6 +498,7 @@ def test_humaneval_hand_made(local_dir):
     assert not task.evaluate(conv, "def root(x):\n    return x")
 
 
+@pytest.mark.usefixtures("sandbox_uid")  # runs programs in the sandbox (conftest.py)
 def test_humaneval_real_rows(real_data):
     from tasks.humaneval import HumanEval
     task = HumanEval()
