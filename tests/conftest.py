@@ -152,3 +152,11 @@ def terminate_after_line(proc, prefix, timeout=240):
         assert time.time() < deadline, "".join(seen[-50:])
     rest, _ = proc.communicate(timeout=120)
     return "".join(seen) + rest
+
+
+def script_cmd(module, args, nproc=1):
+    """The command line of `python -m <module>`, under torchrun (--standalone) when nproc > 1."""
+    import sys
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", module, *args]

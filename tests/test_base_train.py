@@ -8,7 +8,6 @@ documents in arrival order, so 1 process with 2 micro-steps sees exactly the doc
 """
 
 import os
-import sys
 import json
 import random
 import pathlib
@@ -17,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import terminate_after_line
+from conftest import script_cmd, terminate_after_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T = 64                 # --max-seq-len
@@ -88,10 +87,7 @@ def env_for(base_dir, **extra):
 
 
 def base_train_cmd(args, nproc=1):
-    if nproc == 1:
-        return [sys.executable, "-m", "scripts.base_train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "scripts.base_train", *args]
+    return script_cmd("scripts.base_train", args, nproc)
 
 
 def run_train(base_dir, args, nproc=1, timeout=240, **env_extra):

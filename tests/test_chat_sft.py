@@ -22,7 +22,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import terminate_after_line
+from conftest import script_cmd, terminate_after_line
 
 SEQ_LEN = 64
 
@@ -530,10 +530,7 @@ def sft_env(**extra):
 
 
 def chat_sft_cmd(args, nproc=1):
-    if nproc == 1:
-        return [sys.executable, "-m", "scripts.chat_sft", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "scripts.chat_sft", *args]
+    return script_cmd("scripts.chat_sft", args, nproc)
 
 
 @pytest.mark.slow
